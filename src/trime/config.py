@@ -1,0 +1,242 @@
+"""Typed configuration: one dataclass per concern, TOML presets, and argparse flags made from fields.
+
+Precedence is dataclass default < preset file < command-line flag. Every field has help text and,
+where the original release has a flag, that flag's spelling (``--softmax-temp``, ``--mem-size`` ...).
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trime.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None, **kw: Any) -> Any:
+    """A dataclass field with CLI metadata."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only Transformer LM with fairseq ``transformer_lm`` semantics (spec §1)."""
+
+    arch: str = opt("custom", "architecture name (informational; presets set it)")
+    n_layers: int = opt(2, "number of decoder layers", "--decoder-layers")
+    d_model: int = opt(64, "model width d", "--decoder-embed-dim")
+    d_ffn: int = opt(256, "feed-forward width", "--decoder-ffn-embed-dim")
+    n_heads: int = opt(4, "attention heads", "--decoder-attention-heads")
+    dropout: float = opt(0.1, "dropout after embeddings and sub-layers", "--dropout")
+    attention_dropout: float = opt(0.0, "dropout on attention probabilities", "--attention-dropout")
+    activation_dropout: float = opt(0.0, "dropout after the FFN activation", "--activation-dropout")
+    final_norm: bool = opt(True, "final LayerNorm after the last layer (off = fairseq --no-decoder-final-norm)")
+    scale_embedding: bool = opt(True, "multiply token embeddings by sqrt(d)")
+    adaptive_input: bool = opt(False, "adaptive input embeddings", "--adaptive-input")
+    adaptive_input_factor: float = opt(4.0, "adaptive input width divisor per band", "--adaptive-input-factor")
+    adaptive_input_cutoff: list[int] = opt([], "adaptive input band cutoffs", "--adaptive-input-cutoff")
+    adaptive_softmax_cutoff: list[int] = opt([], "adaptive softmax cutoffs (empty: plain softmax)", "--adaptive-softmax-cutoff")
+    adaptive_softmax_factor: float = opt(4.0, "adaptive softmax width divisor per cluster", "--adaptive-softmax-factor")
+    adaptive_softmax_dropout: float = opt(0.0, "dropout inside the adaptive softmax", "--adaptive-softmax-dropout")
+    tie_adaptive_weights: bool = opt(False, "tie adaptive softmax word weights to adaptive input embeddings", "--tie-adaptive-weights")
+    tie_adaptive_proj: bool = opt(False, "tie adaptive softmax tail projections to adaptive input projections", "--tie-adaptive-proj")
+    share_input_output_embed: bool = opt(True, "tie the plain softmax to the input embedding", "--share-decoder-input-output-embed")
+    max_positions: int = opt(512, "largest sequence the model accepts (= training tokens-per-sample)")
+    vocab_size: int = opt(0, "vocabulary size (set from dict.txt when 0)")
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.adaptive_input and self.tie_adaptive_weights and self.adaptive_input_cutoff != self.adaptive_softmax_cutoff:
+            raise ConfigError("tied adaptive weights need equal adaptive input and softmax cutoffs")
+        if self.tie_adaptive_weights and not (self.adaptive_input and self.adaptive_softmax_cutoff):
+            raise ConfigError("--tie-adaptive-weights needs --adaptive-input and --adaptive-softmax-cutoff")
+
+
+CRITERIA = ("ce", "trime", "trime_long", "trime_ext")
+
+
+@dataclass
+class TrainConfig:
+    """Data, objective, optimisation and bookkeeping of one training run (spec §2–4, §9)."""
+
+    data: str = opt("", "prepared data directory (dict.txt, train.npy, valid.npy)")
+    save_dir: str = opt("runs/tiny", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
+    tokens_per_sample: int = opt(256, "segment length L", "--tokens-per-sample")
+    max_tokens: int = opt(2048, "tokens per batch per process (a multiple of L)", "--max-tokens")
+    update_freq: int = opt(1, "batches accumulated per optimizer step", "--update-freq")
+    criterion: str = opt("ce", "training objective", "--criterion", CRITERIA)
+    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", ("last_ffn_input", "final"))
+    ce_warmup_epoch: int = opt(0, "plain cross-entropy for the first N epochs", "--ce-warmup-epoch")
+    keep_order: bool = opt(False, "consecutive segments, identity order every epoch (long memory)", "--keep-order")
+    train_mem_size: int = opt(0, "trime_long across ranks: tokens of memory per group (0: one batch)", "--train-mem-size")
+    cross_sent_ratio: float = opt(0.9, "trime_ext: probability of hiding the own segment", "--cross-sent-ratio")
+    predefined_batches: str = opt("", "JSON list of segment ids giving the training order (BM25)", "--predefined-batches")
+    chunk_size: int = opt(1024, "query rows per chunk of the memory loss", "--chunk-size")
+    optimizer: str = opt("adam", "optimizer", "--optimizer", ("adam", "nag"))
+    lr: float = opt(5e-4, "peak learning rate", "--lr")
+    momentum: float = opt(0.99, "NAG momentum", "--momentum")
+    adam_betas: list[float] = opt([0.9, 0.98], "Adam betas", "--adam-betas")
+    adam_eps: float = opt(1e-8, "Adam epsilon", "--adam-eps")
+    weight_decay: float = opt(0.0, "weight decay (decoupled for Adam)", "--weight-decay")
+    lr_scheduler: str = opt("inverse_sqrt", "learning-rate schedule", "--lr-scheduler", ("inverse_sqrt", "cosine", "fixed"))
+    warmup_updates: int = opt(0, "linear warm-up updates", "--warmup-updates")
+    warmup_init_lr: float = opt(1e-7, "learning rate at update 0 of the warm-up", "--warmup-init-lr")
+    cosine_min_lr: float = opt(0.0, "cosine floor (fairseq's --lr in cosine mode)", "--cosine-min-lr")
+    lr_period_updates: int = opt(0, "cosine first period (0: max-update minus warm-up)", "--lr-period-updates")
+    t_mult: float = opt(1.0, "cosine period multiplier", "--t-mult")
+    lr_shrink: float = opt(0.1, "cosine shrink per period", "--lr-shrink")
+    clip_norm: float = opt(0.0, "gradient clipping norm (0: off)", "--clip-norm")
+    max_update: int = opt(0, "stop after this many updates (0: no limit)", "--max-update")
+    max_epoch: int = opt(0, "stop after this many epochs (0: no limit)", "--max-epoch")
+    max_time: float = opt(0.0, "stop after this many minutes (0: no limit)", "--max-time")
+    seed: int = opt(1, "random seed", "--seed")
+    amp: str = opt("auto", "autocast dtype (auto: bf16 on CUDA/CPU when supported)", "--amp", ("auto", "none", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
+    log_interval: int = opt(10, "updates between log lines", "--log-interval")
+    save_interval_updates: int = opt(0, "also checkpoint every N updates (0: each epoch)", "--save-interval-updates")
+    valid_subset: str = opt("valid", "split used for validation", "--valid-subset")
+    max_valid_tokens: int = opt(0, "validate on at most this many tokens (0: all)", "--max-valid-tokens")
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_sample <= 0:
+            raise ConfigError("--tokens-per-sample must be positive")
+        if self.max_tokens < self.tokens_per_sample or self.max_tokens % self.tokens_per_sample:
+            raise ConfigError(
+                f"--max-tokens {self.max_tokens} must be a positive multiple of --tokens-per-sample {self.tokens_per_sample}"
+            )
+        if self.update_freq < 1:
+            raise ConfigError("--update-freq must be at least 1")
+        if not 0.0 <= self.cross_sent_ratio <= 1.0:
+            raise ConfigError("--cross-sent-ratio must be in [0, 1]")
+        if self.criterion == "trime_ext" and not self.predefined_batches:
+            raise ConfigError("--criterion trime_ext needs --predefined-batches (make it with `trime bm25 batches`)")
+        if self.criterion == "trime_long" and not self.keep_order:
+            raise ConfigError("--criterion trime_long needs --keep-order (consecutive segments)")
+
+
+@dataclass
+class EvalConfig:
+    """Sliding-window evaluation with any set of memories (spec §5)."""
+
+    data: str = opt("", "prepared data directory")
+    path: str = opt("", "checkpoint (a trime run directory or checkpoint directory)", "--path")
+    gen_subset: str = opt("valid", "split to score", "--gen-subset")
+    context_window: int = opt(0, "tokens of context before each scored block", "--context-window")
+    sample_break_mode: str = opt("none", "block boundaries", "--sample-break-mode", ("none", "complete"))
+    tokens_per_sample: int = opt(0, "window length (0: the checkpoint's)", "--tokens-per-sample")
+    batch_size: int = opt(1, "windows per forward pass", "--max-sentences")
+    max_eval_tokens: int = opt(0, "score at most this many tokens (0: the whole split)", "--max-eval-tokens")
+    amp: str = opt("none", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
+    output_word_probs: str = opt("", "write per-token log-probabilities (natural log) to this .npy", "--output-word-probs")
+    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", ("last_ffn_input", "final"))
+    softmax_temp: float = opt(1.0, "temperature τ dividing memory scores (never token logits)", "--softmax-temp")
+    use_local: bool = opt(False, "local memory: earlier positions of the window", "--use-local")
+    use_long: bool = opt(False, "long-term memory: FIFO of earlier scored positions", "--use-long")
+    mem_size: int = opt(0, "FIFO length of the long-term memory", "--mem-size")
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    return typing.get_type_hints(cls)[f.name]
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of dataclass ``cls``; defaults stay None so presets can fill them."""
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        t = _field_type(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": None}
+        help_ = f.metadata.get("help", "") + f" (default: {default})"
+        if t is bool:
+            group.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, help=help_, **kw)
+            continue
+        if typing.get_origin(t) is list:
+            inner = typing.get_args(t)[0]
+            group.add_argument(flag_name(f), type=_list_parser(inner), metavar="A,B,...", help=help_, **kw)
+            continue
+        group.add_argument(flag_name(f), type=t, choices=f.metadata.get("choices"), help=help_, **kw)
+
+
+def _list_parser(inner: type):
+    def parse(text: str) -> list:
+        try:
+            return [inner(x) for x in text.replace(" ", ",").split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {inner.__name__}") from None
+
+    return parse
+
+
+def overrides_from_args(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
+    prefix = cls.__name__ + "."
+    return {k[len(prefix) :]: v for k, v in vars(ns).items() if k.startswith(prefix) and v is not None}
+
+
+def build(cls: type, *layers: dict[str, Any], source: str = "") -> Any:
+    """Make ``cls`` from dicts applied in order (later wins); unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        unknown = sorted(set(layer) - names)
+        if unknown:
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"unknown {cls.__name__} key {unknown[0]!r}{where}")
+        merged.update(layer)
+    try:
+        return cls(**merged)
+    except TypeError as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def resolve_preset(name: str) -> Path:
+    """A preset is a path to a TOML file or the name of one in configs/."""
+    p = Path(name)
+    if p.suffix == ".toml" and p.exists():
+        return p
+    q = CONFIG_DIR / f"{name}.toml"
+    if q.exists():
+        return q
+    known = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.toml")))
+    raise ConfigError(f"unknown preset {name!r} (known: {known})")
+
+
+def load_preset(name: str) -> dict[str, dict[str, Any]]:
+    """Read a preset: a TOML file with [model], [train], [eval] ... tables.
+
+    A preset may say ``base = "other"`` at the top level to start from another preset.
+    """
+    path = resolve_preset(name)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    base = data.pop("base", None)
+    out: dict[str, dict[str, Any]] = load_preset(base) if base else {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a table")
+        out.setdefault(section, {}).update(table)
+    out.setdefault("_source", {})["path"] = str(path)
+    return out
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

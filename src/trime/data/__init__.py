@@ -1,0 +1,1 @@
+"""Data: dictionaries, corpora, token arrays, blocks and batches."""

@@ -1,0 +1,1 @@
+"""Memory: the joint softmax over token embeddings and memory entries, masks, caches, datastores."""

@@ -1,0 +1,1 @@
+"""Models: the fairseq-compatible Transformer LM and its adaptive input/softmax."""
