@@ -145,6 +145,29 @@ class EvalConfig:
     use_local: bool = opt(False, "local memory: earlier positions of the window", "--use-local")
     use_long: bool = opt(False, "long-term memory: FIFO of earlier scored positions", "--use-long")
     mem_size: int = opt(0, "FIFO length of the long-term memory", "--mem-size")
+    use_external: bool = opt(False, "external memory: k nearest datastore entries join the joint softmax", "--use-external")
+    dstore: str = opt("", "datastore directory (trime datastore build)", "--dstore-filename")
+    indexfile: str = opt("", "faiss index file (trime index build)", "--indexfile")
+    k: int = opt(1024, "neighbours retrieved per scored token", "--k")
+    probe: int = opt(8, "faiss nprobe (IVF lists searched)", "--probe")
+    use_interp: bool = opt(False, "kNN-LM interpolation with the retrieved neighbours", "--use-interp")
+    lmbda: float = opt(0.0, "interpolation weight λ of the kNN distribution", "--lmbda")
+    interp_temp: float = opt(1.0, "temperature T of the kNN distribution (raw scores / T)", "--interp-temp")
+    save_neighbors: str = opt("", "cache what rescoring needs in this directory (for trime sweep)", "--save-neighbors")
+    original_tail_quirk: bool = opt(False, "reproduce the original TRIME code's adaptive-softmax tail bug (spec §5.2)", "--original-tail-quirk")
+    trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+
+    def __post_init__(self) -> None:
+        if self.use_long and not self.use_local:
+            raise ConfigError("--use-long needs --use-local (as in the original)")
+        if self.use_long and self.mem_size <= 0:
+            raise ConfigError("--use-long needs --mem-size > 0")
+        if (self.use_external or self.use_interp) and not (self.dstore and self.indexfile):
+            raise ConfigError("--use-external/--use-interp need --dstore-filename and --indexfile")
+        if self.softmax_temp <= 0 or self.interp_temp <= 0:
+            raise ConfigError("temperatures must be positive")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ConfigError("--lmbda must be in [0, 1]")
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:

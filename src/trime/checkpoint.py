@@ -1,0 +1,129 @@
+"""Checkpoints: a directory of safetensors weights, JSON config, the dictionary and trainer state.
+
+    checkpoint_dir/
+      model.safetensors   weights (tied parameters stored once)
+      config.json         {"model": ModelConfig, "train": TrainConfig | null}
+      dict.txt            the vocabulary the embeddings are indexed by
+      trainer.pt          optimizer / schedule / RNG / data position (only for resuming; tensors and
+                          plain containers, loaded with weights_only=True: no pickled code runs)
+      meta.json           written last; a directory without it is incomplete
+
+Loading never runs pickled code; original fairseq ``.pt`` files go through
+``trime.model.fairseq_import`` and need ``--trust-checkpoint`` only for payloads beyond its allow-list.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trime import io
+from trime.config import ModelConfig, build
+from trime.errors import CheckpointError
+
+WEIGHTS, CONFIG, DICT, TRAINER = "model.safetensors", "config.json", "dict.txt", "trainer.pt"
+
+
+def state_dict_unique(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with each shared (tied) storage kept once, contiguous, on CPU."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        key = t.data_ptr()
+        if key in seen and t.numel() > 0:
+            continue
+        seen.add(key)
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    dict_path: str | Path,
+    *,
+    train_cfg: Any = None,
+    trainer_state: dict | None = None,
+    **meta: Any,
+) -> Path:
+    """Write a checkpoint directory atomically (replacing an older one at the same path)."""
+    path = Path(path)
+    with io.atomic_dir(path, overwrite=True) as tmp:
+        save_file(state_dict_unique(model), str(tmp / WEIGHTS))
+        cfg = {"model": _asdict(model_cfg), "train": _asdict(train_cfg) if train_cfg is not None else None}
+        io.write_json(tmp / CONFIG, cfg)
+        shutil.copyfile(dict_path, tmp / DICT)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER)
+        io.write_meta(tmp, "checkpoint", vocab_size=model_cfg.vocab_size, **meta)
+    return path
+
+
+def _asdict(cfg: Any) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory from a run directory (best, else last) or a checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if path.is_dir() and not (path / CONFIG).exists():
+        for name in ("checkpoint_best", "checkpoint_last"):
+            if io.is_complete(path / name):
+                return path / name
+        raise CheckpointError(f"{path}: not a checkpoint directory (no {CONFIG}) and no complete checkpoint_best/last inside")
+    if path.is_dir() and not io.is_complete(path):
+        raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json); it was not finished writing")
+    return path
+
+
+def read_config(ckpt_dir: Path) -> dict:
+    try:
+        return json.loads((ckpt_dir / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt_dir}: unreadable {CONFIG} ({e})") from None
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: bool = False):
+    """Load (model in eval mode, ModelConfig, checkpoint dir) from a trime checkpoint or run directory.
+
+    A fairseq ``.pt`` file is converted on the fly (see trime.model.fairseq_import).
+    """
+    from trime.model.transformer import build_model
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".pt":
+        from trime.model.fairseq_import import load_fairseq_checkpoint
+
+        state, model_cfg, _ = load_fairseq_checkpoint(path, trust=trust)
+        ckpt_dir = path.parent
+    else:
+        ckpt_dir = resolve(path)
+        model_cfg = build(ModelConfig, read_config(ckpt_dir)["model"], source=str(ckpt_dir / CONFIG))
+        try:
+            state = load_file(str(ckpt_dir / WEIGHTS))
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise CheckpointError(f"{ckpt_dir / WEIGHTS}: cannot read weights ({e})") from None
+    model = build_model(model_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval(), model_cfg, ckpt_dir
+
+
+def load_trainer_state(ckpt_dir: str | Path) -> dict | None:
+    p = Path(ckpt_dir) / TRAINER
+    if not p.exists():
+        return None
+    return torch.load(p, map_location="cpu", weights_only=True)

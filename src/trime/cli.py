@@ -1,0 +1,139 @@
+"""The ``trime`` command. Each subcommand parses flags into config dataclasses and calls one
+library function; a user's mistake (TrimeError) prints one line and exits 2.
+
+    trime data fetch NAME            download a known corpus (shakespeare, wikitext-103, enwik8)
+    trime data prepare SRC --out D   dictionary + int32 token arrays
+    trime train DATA [--preset P]    train with CE or a TRIME objective (torchrun for many GPUs)
+    trime eval DATA --path CKPT      sliding-window evaluation with local / long / external memory
+    trime reproduce                  the main job: the whole pipeline on the offline default corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trime import config as C
+from trime.errors import TrimeError
+
+
+def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
+    return C.load_preset(ns.preset).get(section, {}) if getattr(ns, "preset", None) else {}
+
+
+def cmd_fetch(ns: argparse.Namespace) -> None:
+    from trime.data.fetch import fetch
+
+    out = fetch(ns.name, ns.out or f"data/{ns.name}", overwrite=ns.overwrite, mirror=ns.mirror)
+    print(f"| corpus {ns.name} in {out}")
+
+
+def cmd_prepare(ns: argparse.Namespace) -> None:
+    from trime.data.prepare import prepare, prepare_corpus
+
+    if ns.train or ns.valid or ns.test:
+        splits = {k: getattr(ns, k) for k in ("train", "valid", "test") if getattr(ns, k)}
+        out = prepare(splits, ns.out, char_level=bool(ns.char_level), dictionary=ns.dict, overwrite=ns.overwrite)
+    elif ns.src:
+        out = prepare_corpus(ns.src, ns.out, char_level=ns.char_level, dictionary=ns.dict, overwrite=ns.overwrite)
+    else:
+        raise TrimeError("give a corpus directory (train.txt, valid.txt, test.txt) or --train/--valid/--test files")
+    print(f"| prepared data in {out}")
+
+
+def cmd_train(ns: argparse.Namespace) -> None:
+    from trime.train import fit
+
+    model_cfg = C.build(C.ModelConfig, _preset_layers(ns, "model"), C.overrides_from_args(ns, C.ModelConfig))
+    train_layers = {**_preset_layers(ns, "train"), "data": ns.data}
+    cfg = C.build(C.TrainConfig, train_layers, C.overrides_from_args(ns, C.TrainConfig))
+    if ns.print_config:
+        import json
+
+        print(json.dumps({"model": C.to_dict(model_cfg), "train": C.to_dict(cfg)}, indent=2))
+        return
+    run_dir = fit(model_cfg, cfg)
+    print(f"| run directory {run_dir}")
+
+
+def cmd_eval(ns: argparse.Namespace) -> None:
+    from trime.evaluate import evaluate
+
+    layers = {**_preset_layers(ns, "eval"), "data": ns.data}
+    cfg = C.build(C.EvalConfig, layers, C.overrides_from_args(ns, C.EvalConfig))
+    if not cfg.path:
+        raise TrimeError("trime eval needs --path CHECKPOINT")
+    result = evaluate(cfg)
+    print(f"| {cfg.gen_subset}: {result.n_tokens} tokens scored")
+    print(result.line())
+
+
+def cmd_reproduce(ns: argparse.Namespace) -> None:
+    from trime.reproduce import reproduce
+
+    reproduce(preset=ns.preset, out=ns.out, corpus=ns.corpus, char_level=ns.char_level, minutes=ns.minutes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trime", description="Train and evaluate memory-augmented LMs (TRIME).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="fetch and prepare corpora").add_subparsers(dest="data_command", required=True)
+    f = data.add_parser("fetch", help="download a known corpus")
+    f.add_argument("name", help="shakespeare (offline default), wikitext-103 or enwik8")
+    f.add_argument("--out", help="corpus directory (default: data/NAME)")
+    f.add_argument("--mirror", help="base URL replacing the official one")
+    f.add_argument("--overwrite", action="store_true")
+    f.set_defaults(func=cmd_fetch)
+    pr = data.add_parser("prepare", help="build dict.txt and int32 token arrays")
+    pr.add_argument("src", nargs="?", help="corpus directory with train.txt, valid.txt, test.txt")
+    pr.add_argument("--out", required=True, help="output data directory")
+    for split in ("train", "valid", "test"):
+        pr.add_argument(f"--{split}", help=f"{split} file (instead of a corpus directory)")
+    pr.add_argument("--char-level", action=argparse.BooleanOptionalAction, default=None,
+                    help="raw bytes, one token per byte (default: the corpus's meta.json, else word level)")
+    pr.add_argument("--dict", help="reuse this dict.txt (e.g. a checkpoint's) instead of building one")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.set_defaults(func=cmd_prepare)
+
+    t = sub.add_parser("train", help="train a language model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("data", help="prepared data directory")
+    t.add_argument("--preset", help="a configs/*.toml name or path (model and train tables)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    C.add_arguments(t, C.ModelConfig, skip=("vocab_size",))
+    C.add_arguments(t, C.TrainConfig, skip=("data",))
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint with or without memories")
+    e.add_argument("data", help="prepared data directory")
+    e.add_argument("--preset", help="a configs/*.toml name or path (its [eval] table)")
+    C.add_arguments(e, C.EvalConfig, skip=("data",))
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("reproduce", help="the main job: prepare, train, evaluate and compare on one corpus")
+    r.add_argument("--preset", default="tiny", help="size preset (tiny for a CPU)")
+    r.add_argument("--out", default="runs/reproduce", help="directory for everything of this run")
+    r.add_argument("--corpus", default="shakespeare", help="a known corpus name or a corpus directory")
+    r.add_argument("--char-level", action="store_true", help="treat a corpus directory as raw bytes")
+    r.add_argument("--minutes", type=float, default=0.0, help="training time per model (0: the preset's)")
+    r.set_defaults(func=cmd_reproduce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        ns.func(ns)
+    except TrimeError as e:
+        print(f"trime: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("trime: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

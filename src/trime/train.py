@@ -1,0 +1,331 @@
+"""The training loop: one process or many under torchrun, CE or a TRIME objective.
+
+    run_dir/
+      config.json          the resolved model + train config (a resumed run must not change shapes)
+      log.jsonl            one line per logged update and per validation
+      checkpoint_last/     written every --save-interval-updates and at each epoch end
+      checkpoint_best/     the lowest validation loss so far (validation uses the run's criterion)
+
+A killed run restarts from checkpoint_last: the epoch's batch list is a pure function of
+(seed, epoch, rank), so the run skips the batches it already consumed and restores the RNG state;
+at most one checkpoint interval of work is repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trime import distributed as dist
+from trime import io
+from trime.checkpoint import load_trainer_state, save_checkpoint, state_dict_unique
+from trime.config import ModelConfig, TrainConfig, build, to_dict
+from trime.data.batching import epoch_batches, valid_batches
+from trime.data.blocks import num_segments, segment
+from trime.errors import ConfigError, DataError
+from trime.losses import compute_loss
+from trime.model.transformer import build_model
+from trime.optim import build_optimizer, schedule, set_lr
+
+LN2 = math.log(2)
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint's trainer state."""
+
+    epoch: int = 1
+    batches_done: int = 0  # batches of this rank consumed in the current epoch
+    updates: int = 0
+    best_valid: float = float("inf")
+    train_seconds: float = 0.0
+
+
+class Objective(torch.nn.Module):
+    """Model + criterion in one forward, so data parallelism sees the output layer's use."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, gather: Callable | None):
+        super().__init__()
+        self.model, self.cfg, self.gather = model, cfg, gather
+        self.generator = torch.Generator().manual_seed(cfg.seed + 7919 * dist.rank())
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, use_ce: bool = False):
+        out = self.model(inputs)
+        res = compute_loss(
+            self.cfg.criterion, out, targets, self.model.head,
+            keytype=self.cfg.knn_keytype, use_ce=use_ce, gather=self.gather,
+            cross_sent_ratio=self.cfg.cross_sent_ratio, chunk_size=self.cfg.chunk_size,
+            training=self.training, generator=self.generator,
+        )
+        n = torch.tensor(float(res.n_targets), device=res.loss.device)
+        return res.loss, n, torch.tensor(float(res.ce_sum), device=res.loss.device)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """None (fp32), torch.bfloat16 or torch.float16; 'auto' picks bf16 where the hardware has it."""
+    if amp == "none":
+        return None
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def make_batch(tokens: np.ndarray, ids: np.ndarray, L: int, device: torch.device):
+    """(inputs (B, L), targets (B, L)) int64 of the given segment ids."""
+    pairs = [segment(tokens, int(s), L) for s in ids]
+    inp = torch.from_numpy(np.stack([p[0] for p in pairs]))
+    tgt = torch.from_numpy(np.stack([p[1] for p in pairs]))
+    return inp.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
+
+
+def _load_data(cfg: TrainConfig, model_cfg: ModelConfig):
+    from trime.data.prepare import load_dictionary, load_split
+
+    dictionary = load_dictionary(cfg.data)
+    if model_cfg.vocab_size == 0:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(dictionary))
+    elif model_cfg.vocab_size != len(dictionary):
+        raise DataError(f"{cfg.data}/dict.txt has {len(dictionary)} types but the model expects {model_cfg.vocab_size}")
+    if model_cfg.max_positions < cfg.tokens_per_sample:
+        model_cfg = dataclasses.replace(model_cfg, max_positions=cfg.tokens_per_sample)
+    train = load_split(cfg.data, "train")
+    valid = load_split(cfg.data, cfg.valid_subset)
+    if cfg.max_valid_tokens:
+        valid = valid[: cfg.max_valid_tokens]
+    return model_cfg, train, valid
+
+
+def _batch_order(cfg: TrainConfig, n_segments: int):
+    if cfg.predefined_batches:
+        from trime.bm25 import load_batch_order
+
+        return "predefined", load_batch_order(cfg.predefined_batches, n_segments)
+    return ("consecutive" if cfg.keep_order else "shuffled"), None
+
+
+def _group_size(cfg: TrainConfig) -> int:
+    """Ranks whose memories are gathered together (num_comb_shards, spec §3.1)."""
+    world = dist.world_size()
+    if cfg.criterion == "trime_ext":
+        return world
+    if cfg.criterion != "trime_long" or world == 1:
+        return 1
+    c = cfg.train_mem_size // cfg.max_tokens if cfg.train_mem_size else 1
+    if cfg.train_mem_size % cfg.max_tokens or world % c:
+        raise ConfigError(f"--train-mem-size {cfg.train_mem_size} must be a multiple of --max-tokens that divides the ranks")
+    return c
+
+
+def _prepare_run_dir(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Write config.json for a new run; refuse to resume with a different model or data shape."""
+    resolved = {"model": to_dict(model_cfg), "train": to_dict(cfg)}
+    path = run_dir / "config.json"
+    if path.exists():
+        old = io.read_json(path)
+        if old["model"] != resolved["model"]:
+            raise ConfigError(f"{run_dir}: holds a run of another model; use another --save-dir")
+        for key in ("tokens_per_sample", "max_tokens", "criterion", "data", "seed", "keep_order", "predefined_batches"):
+            if old["train"].get(key) != resolved["train"][key]:
+                raise ConfigError(f"{run_dir}: resuming with a different --{key.replace('_', '-')}; use another --save-dir")
+    elif dist.is_main():
+        io.write_json(path, resolved)
+
+
+def validate(objective: Objective, tokens: np.ndarray, cfg: TrainConfig, device, amp) -> float:
+    """Base-2 loss per token of the run's criterion on consecutive validation segments."""
+    L, B = cfg.tokens_per_sample, cfg.max_tokens // cfg.tokens_per_sample
+    objective.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for ids in valid_batches(num_segments(len(tokens), L), B, dist.rank(), dist.world_size()):
+            inputs, targets = make_batch(tokens, ids, L, device)
+            with autocast(device, amp):
+                loss, n, _ = objective(inputs, targets)
+            total += torch.stack([loss.double(), n.double()])
+    objective.train()
+    loss_sum, n = dist.all_reduce_sum(total).tolist()
+    return loss_sum / max(n, 1) / LN2
+
+
+def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress], None] | None = None) -> Path:
+    """Train (or resume) a run in ``cfg.save_dir``; returns the run directory."""
+    dist.init()
+    device = pick_device(cfg.device)
+    amp = autocast_dtype(cfg.amp, device)
+    model_cfg, train_tokens, valid_tokens = _load_data(cfg, model_cfg)
+    run_dir = Path(cfg.save_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_run_dir(run_dir, model_cfg, cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg).to(device)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    lr_at = schedule(cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    group = _group_size(cfg)
+    objective = Objective(model, cfg, dist.make_group_gather(group) if group > 1 else None)
+    progress = _resume(run_dir, model, optimizer, objective, scaler, device)
+    wrapped = dist.wrap_ddp(objective)
+    n_seg = num_segments(len(train_tokens), cfg.tokens_per_sample)
+    mode, order = _batch_order(cfg, n_seg)
+    loop = _Loop(cfg, model_cfg, run_dir, model, objective, wrapped, optimizer, scaler, lr_at, device, amp)
+    loop.run(progress, train_tokens, valid_tokens, mode, order, n_seg, group, on_step)
+    dist.barrier()
+    return run_dir
+
+
+def _resume(run_dir: Path, model, optimizer, objective, scaler, device) -> Progress:
+    last = run_dir / "checkpoint_last"
+    if not io.is_complete(last):
+        return Progress()
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)), strict=False)
+    state = load_trainer_state(last)
+    if state is None:
+        raise DataError(f"{last}: no trainer state to resume from")
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+    rng = state["rng"][min(dist.rank(), len(state["rng"]) - 1)]
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    objective.generator.set_state(rng["criterion"])
+    p = Progress(**state["progress"])
+    if dist.is_main():
+        print(f"| resuming {run_dir} at epoch {p.epoch}, update {p.updates}")
+    return p
+
+
+class _Loop:
+    """The update loop; split from fit() to keep each step readable."""
+
+    def __init__(self, cfg, model_cfg, run_dir, model, objective, wrapped, optimizer, scaler, lr_at, device, amp):
+        self.cfg, self.model_cfg, self.run_dir = cfg, model_cfg, run_dir
+        self.model, self.objective, self.wrapped = model, objective, wrapped
+        self.optimizer, self.scaler, self.lr_at, self.device, self.amp = optimizer, scaler, lr_at, device, amp
+        self.log = io.JsonlLogger(run_dir / "log.jsonl", enabled=dist.is_main())
+        self.start_time = time.time()
+
+    def done(self, p: Progress) -> bool:
+        cfg = self.cfg
+        return bool(
+            (cfg.max_update and p.updates >= cfg.max_update)
+            or (cfg.max_epoch and p.epoch > cfg.max_epoch)
+            or (cfg.max_time and p.train_seconds >= cfg.max_time * 60)
+        )
+
+    def run(self, p: Progress, train_tokens, valid_tokens, mode, order, n_seg, group, on_step) -> None:
+        cfg = self.cfg
+        B = cfg.max_tokens // cfg.tokens_per_sample
+        while not self.done(p):
+            batches = epoch_batches(
+                n_seg, B, p.epoch, mode=mode, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size(),
+                num_comb_shards=group if mode == "consecutive" else 1, order=order,
+            )
+            if not batches:
+                raise DataError(f"{cfg.data}: the training split has fewer than {B * dist.world_size()} segments of {cfg.tokens_per_sample} tokens")
+            total = len(batches) // cfg.update_freq
+            bar = tqdm(total=total, initial=p.batches_done // cfg.update_freq, desc=f"epoch {p.epoch}",
+                       disable=not dist.is_main(), dynamic_ncols=True, leave=False)
+            while p.batches_done + cfg.update_freq <= len(batches) and not self.done(p):
+                group_ids = batches[p.batches_done : p.batches_done + cfg.update_freq]
+                stats = self.update(group_ids, train_tokens, use_ce=p.epoch <= cfg.ce_warmup_epoch, p=p)
+                p.batches_done += cfg.update_freq
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
+                if p.updates % cfg.log_interval == 0:
+                    self.log.log(kind="train", epoch=p.epoch, update=p.updates, **stats)
+                if cfg.save_interval_updates and p.updates % cfg.save_interval_updates == 0:
+                    self.save(p, best=False)
+                if on_step is not None:
+                    on_step(p)
+            bar.close()
+            if p.batches_done + cfg.update_freq > len(batches):  # the epoch is complete
+                self.end_epoch(p, valid_tokens)
+        if self.done(p) and p.batches_done:
+            self.save(p, best=False)
+
+    def end_epoch(self, p: Progress, valid_tokens) -> None:
+        valid = validate(self.objective, valid_tokens, self.cfg, self.device, self.amp)
+        improved = valid < p.best_valid
+        p.best_valid = min(p.best_valid, valid)
+        if dist.is_main():
+            print(f"| epoch {p.epoch:03d} | valid loss {valid:.4f} | valid ppl {2 ** valid:.2f} | updates {p.updates}")
+        self.log.log(kind="valid", epoch=p.epoch, update=p.updates, loss=valid, ppl=2**valid)
+        p.epoch += 1
+        p.batches_done = 0
+        self.save(p, best=improved)
+
+    def update(self, group_ids, tokens, use_ce: bool, p: Progress) -> dict:
+        cfg, device = self.cfg, self.device
+        t0 = time.time()
+        lr = self.lr_at(p.updates)
+        set_lr(self.optimizer, lr)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, ce
+        for k, ids in enumerate(group_ids):
+            inputs, targets = make_batch(tokens, ids, cfg.tokens_per_sample, device)
+            sync = k == len(group_ids) - 1
+            with (nullcontext() if sync else dist.no_sync(self.wrapped)):
+                with autocast(device, self.amp):
+                    loss, n, ce = self.wrapped(inputs, targets, use_ce)
+                self.scaler.scale(loss).backward()
+            totals += torch.stack([loss.detach().double(), n.double(), ce.double()])
+        totals = dist.all_reduce_sum(totals)
+        n_total = max(totals[1].item(), 1.0)
+        self.scaler.unscale_(self.optimizer)
+        scale = dist.world_size() / n_total  # data parallel averages over ranks; fairseq divides by the global count
+        for prm in self.model.parameters():
+            if prm.grad is not None:
+                prm.grad.mul_(scale)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        p.updates += 1
+        dt = time.time() - t0
+        p.train_seconds += dt
+        return {
+            "loss": totals[0].item() / n_total / LN2, "ce_loss": totals[2].item() / n_total / LN2,
+            "lr": lr, "gnorm": float(gnorm), "tokens_per_s": n_total / max(dt, 1e-9), "use_ce": use_ce,
+        }
+
+    def save(self, p: Progress, best: bool) -> None:
+        rng = {"torch": torch.get_rng_state(), "criterion": self.objective.generator.get_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        rngs = dist.all_gather_object(rng)
+        if not dist.is_main():
+            return
+        state = {"progress": dataclasses.asdict(p), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "rng": rngs}
+        dict_path = Path(self.cfg.data) / "dict.txt"
+        meta = {"epoch": p.epoch, "updates": p.updates, "best_valid": p.best_valid}
+        save_checkpoint(self.run_dir / "checkpoint_last", self.model, self.model_cfg, dict_path,
+                        train_cfg=self.cfg, trainer_state=state, **meta)
+        if best:
+            save_checkpoint(self.run_dir / "checkpoint_best", self.model, self.model_cfg, dict_path,
+                            train_cfg=self.cfg, **meta)

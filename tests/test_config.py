@@ -1,0 +1,55 @@
+"""Presets, precedence (default < preset < flag) and one-line errors."""
+
+import pytest
+
+from trime import config as C
+from trime.cli import build_parser
+from trime.errors import ConfigError
+
+
+def test_every_preset_loads_into_configs():
+    for path in sorted(C.CONFIG_DIR.glob("*.toml")):
+        preset = C.load_preset(path.stem)
+        C.build(C.ModelConfig, preset.get("model", {}), source=str(path))
+        if "train" in preset:
+            C.build(C.TrainConfig, preset["train"], source=str(path))
+        if "eval" in preset:
+            C.build(C.EvalConfig, preset["eval"], source=str(path))
+
+
+def test_flag_beats_preset_beats_default():
+    ns = build_parser().parse_args(["train", "DATA", "--preset", "micro", "--lr", "0.5", "--decoder-layers", "3"])
+    preset = C.load_preset("micro")
+    cfg = C.build(C.TrainConfig, preset["train"], {"data": "DATA"}, C.overrides_from_args(ns, C.TrainConfig))
+    model = C.build(C.ModelConfig, preset["model"], C.overrides_from_args(ns, C.ModelConfig))
+    assert cfg.lr == 0.5 and cfg.tokens_per_sample == 32 and cfg.clip_norm == 0.0
+    assert model.n_layers == 3 and model.d_model == 32
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlearning_rate = 1.0\n")
+    with pytest.raises(ConfigError, match="learning_rate.*bad.toml"):
+        C.build(C.TrainConfig, C.load_preset(str(bad))["train"], source=str(bad))
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ConfigError, match="tiny"):
+        C.load_preset("no-such-preset")
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError):
+        C.TrainConfig(tokens_per_sample=100, max_tokens=150)
+    with pytest.raises(ConfigError):
+        C.TrainConfig(criterion="trime_ext")
+    with pytest.raises(ConfigError):
+        C.EvalConfig(use_long=True, mem_size=10)
+    with pytest.raises(ConfigError):
+        C.ModelConfig(d_model=30, n_heads=4)
+
+
+def test_list_flags_parse():
+    ns = build_parser().parse_args(["train", "D", "--adaptive-softmax-cutoff", "20000,60000", "--adam-betas", "0.9,0.98"])
+    assert C.overrides_from_args(ns, C.ModelConfig)["adaptive_softmax_cutoff"] == [20000, 60000]
+    assert C.overrides_from_args(ns, C.TrainConfig)["adam_betas"] == [0.9, 0.98]

@@ -1,0 +1,112 @@
+"""trime eval against brute force: windows, vanilla scoring, local memory, long-term FIFO."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_data
+from tests.reference import joint_log_prob as ref_joint
+from trime import config as C
+from trime.checkpoint import load_model, save_checkpoint
+from trime.data.blocks import eval_windows, window
+from trime.data.prepare import load_dictionary, load_split
+from trime.evaluate import evaluate
+from trime.model.transformer import build_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = make_data(root, n_lines=120)
+    torch.manual_seed(0)
+    cfg = C.build(C.ModelConfig, C.load_preset("micro")["model"], {"vocab_size": len(load_dictionary(data))})
+    model = build_model(cfg)
+    ckpt = save_checkpoint(root / "ckpt", model, cfg, data / "dict.txt")
+    return data, ckpt
+
+
+def eval_cfg(data, ckpt, **kw):
+    return C.build(C.EvalConfig, {"data": str(data), "path": str(ckpt), "device": "cpu", "gen_subset": "valid"}, kw)
+
+
+def reference(data, ckpt, L, Cw, mode="none", local=False, mem_size=0, temp=1.0):
+    """Score every window with plain loops over positions and memory entries."""
+    model, _, _ = load_model(ckpt)
+    tokens = load_split(data, "valid")
+    fifo_k, fifo_v, out = [], [], []
+    for s, e, c in eval_windows(tokens, L, Cw, mode):
+        inp, _ = window(tokens, int(s), int(e), int(c))
+        labels = np.asarray(tokens[s - c : e], dtype=np.int64)
+        with torch.no_grad():
+            o = model(torch.from_numpy(inp)[None])
+            w = model.head.output_weight()
+            logits = (o.h[0] @ w.T).double()  # (T, V)
+        q = o.q[0].double()
+        d = q.shape[1]
+        new_k, new_v = [], []
+        for i in range(c, c + e - s):
+            y = int(labels[i])
+            log_z = torch.logsumexp(logits[i], 0).item()
+            tlp = logits[i, y].item() - log_z
+            if not local:
+                out.append(tlp)
+                continue
+            scores = [(q[i] @ q[j]).item() / math.sqrt(d) / temp for j in range(i)]
+            values = [int(labels[j]) for j in range(i)]
+            scores += [(q[i] @ k).item() / math.sqrt(d) / temp for k in fifo_k]
+            values += fifo_v
+            out.append(ref_joint([tlp], [log_z], [scores], [values], [y])[0] if scores else tlp)
+            new_k.append(q[i])
+            new_v.append(y)
+        if mem_size:
+            fifo_k, fifo_v = (fifo_k + new_k)[-mem_size:], (fifo_v + new_v)[-mem_size:]
+    return np.array(out)
+
+
+@pytest.mark.parametrize("mode,Cw", [("none", 0), ("none", 16), ("complete", 20)])
+def test_vanilla_matches_position_by_position(setup, mode, Cw):
+    data, ckpt = setup
+    res = evaluate(eval_cfg(data, ckpt, context_window=Cw, sample_break_mode=mode, batch_size=3))
+    ref = reference(data, ckpt, 32, Cw, mode)
+    assert res.n_tokens == len(load_split(data, "valid")) == len(ref)
+    np.testing.assert_allclose(res.log_probs, ref, atol=2e-5)
+    assert res.loss == pytest.approx(-ref.mean() / math.log(2), rel=1e-5)
+    assert res.line().startswith(f"Loss (base 2): {res.loss:.4f}, Perplexity: {2 ** res.loss:.2f}")
+
+
+def test_local_memory_matches_brute_force(setup):
+    data, ckpt = setup
+    res = evaluate(eval_cfg(data, ckpt, context_window=16, use_local=True, softmax_temp=0.7, batch_size=2))
+    np.testing.assert_allclose(res.log_probs, reference(data, ckpt, 32, 16, local=True, temp=0.7), atol=2e-5)
+
+
+def test_long_memory_fifo_matches_brute_force(setup):
+    data, ckpt = setup
+    res = evaluate(eval_cfg(data, ckpt, context_window=16, use_local=True, use_long=True, mem_size=40))
+    ref = reference(data, ckpt, 32, 16, local=True, mem_size=40)
+    np.testing.assert_allclose(res.log_probs, ref, atol=2e-5)
+    plain = evaluate(eval_cfg(data, ckpt, context_window=16, use_local=True))
+    assert not np.allclose(plain.log_probs, res.log_probs)
+
+
+def test_word_probs_file_and_token_limit(setup, tmp_path):
+    data, ckpt = setup
+    out = tmp_path / "wp.npy"
+    res = evaluate(eval_cfg(data, ckpt, max_eval_tokens=50, output_word_probs=str(out)))
+    assert res.n_tokens == 50
+    np.testing.assert_array_equal(np.load(out), res.log_probs)
+
+
+def test_wrong_dictionary_is_a_clear_error(setup, tmp_path):
+    from tests.fixtures import make_corpus
+    from trime.data.prepare import prepare_corpus
+    from trime.errors import CheckpointError
+
+    data, ckpt = setup
+    corpus = make_corpus(tmp_path / "c", n_lines=30)
+    (corpus / "train.txt").write_text("other words entirely\n" * 5)
+    other = prepare_corpus(corpus, tmp_path / "other")
+    with pytest.raises(CheckpointError, match="dictionary"):
+        evaluate(eval_cfg(other, ckpt))
