@@ -96,7 +96,8 @@ def read_config(ckpt_dir: Path) -> dict:
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: bool = False):
     """Load (model in eval mode, ModelConfig, checkpoint dir) from a trime checkpoint or run directory.
 
-    A fairseq ``.pt`` file is converted on the fly (see trime.model.fairseq_import).
+    A fairseq ``.pt`` file is converted on the fly (see trime.model.fairseq_import); its "checkpoint
+    dir" is then the file itself.
     """
     from trime.model.transformer import build_model
 
@@ -105,7 +106,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: b
         from trime.model.fairseq_import import load_fairseq_checkpoint
 
         state, model_cfg, _ = load_fairseq_checkpoint(path, trust=trust)
-        ckpt_dir = path.parent
+        ckpt_dir = path
     else:
         ckpt_dir = resolve(path)
         model_cfg = build(ModelConfig, read_config(ckpt_dir)["model"], source=str(ckpt_dir / CONFIG))
@@ -120,6 +121,13 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: b
     if missing or unexpected:
         raise CheckpointError(f"{ckpt_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device).eval(), model_cfg, ckpt_dir
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A short hash of a checkpoint's weights file (ties datastores and indexes to their model)."""
+    path = Path(path)
+    weights = path if path.is_file() else path / WEIGHTS
+    return io.sha256_file(weights)[:16]
 
 
 def load_trainer_state(ckpt_dir: str | Path) -> dict | None:

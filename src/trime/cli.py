@@ -69,6 +69,26 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     print(result.line())
 
 
+def cmd_datastore(ns: argparse.Namespace) -> None:
+    from trime.external import build_datastore
+
+    cfg = C.build(C.DatastoreConfig, {"data": ns.data}, C.overrides_from_args(ns, C.DatastoreConfig))
+    if not (cfg.path and cfg.out):
+        raise TrimeError("trime datastore build needs --path CHECKPOINT and --out DIR")
+    print(f"| datastore in {build_datastore(cfg)}")
+
+
+def cmd_index(ns: argparse.Namespace) -> None:
+    from trime.memory.index import build_index
+
+    cfg = C.build(C.IndexConfig, {"dstore": ns.dstore}, C.overrides_from_args(ns, C.IndexConfig))
+    out = cfg.out or str(Path(cfg.dstore) / f"knn.index.{cfg.metric}")
+    use_gpu = {"auto": "auto", "yes": True, "no": False}[cfg.use_gpu]
+    path = build_index(cfg.dstore, out, metric=cfg.metric, n_lists=cfg.n_lists or None, code_size=cfg.code_size or None,
+                       train_size=cfg.train_size, seed=cfg.seed, chunk=cfg.chunk, probe=cfg.probe, use_gpu=use_gpu)
+    print(f"| index in {path}")
+
+
 def cmd_reproduce(ns: argparse.Namespace) -> None:
     from trime.reproduce import reproduce
 
@@ -110,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--preset", help="a configs/*.toml name or path (its [eval] table)")
     C.add_arguments(e, C.EvalConfig, skip=("data",))
     e.set_defaults(func=cmd_eval)
+
+    ds = sub.add_parser("datastore", help="external memory keys and values").add_subparsers(dest="ds_command", required=True)
+    d = ds.add_parser("build", help="run a checkpoint over a split and store every scored position's key and next token")
+    d.add_argument("data", help="prepared data directory")
+    C.add_arguments(d, C.DatastoreConfig, skip=("data",))
+    d.set_defaults(func=cmd_datastore)
+    ix = sub.add_parser("index", help="faiss index over a datastore").add_subparsers(dest="ix_command", required=True)
+    i = ix.add_parser("build", help="build a faiss index (flat or IVF-PQ, sized from the datastore)")
+    i.add_argument("dstore", help="datastore directory")
+    C.add_arguments(i, C.IndexConfig, skip=("dstore",))
+    i.set_defaults(func=cmd_index)
 
     r = sub.add_parser("reproduce", help="the main job: prepare, train, evaluate and compare on one corpus")
     r.add_argument("--preset", default="tiny", help="size preset (tiny for a CPU)")

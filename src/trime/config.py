@@ -170,6 +170,40 @@ class EvalConfig:
             raise ConfigError("--lmbda must be in [0, 1]")
 
 
+@dataclass
+class DatastoreConfig:
+    """Keys and values of every scored position of a split (spec §6.1)."""
+
+    data: str = opt("", "prepared data directory")
+    path: str = opt("", "checkpoint whose memory keys are stored", "--path")
+    out: str = opt("", "datastore directory to write", "--out")
+    subset: str = opt("train", "split to store", "--gen-subset")
+    context_window: int = opt(0, "tokens of context before each stored block", "--context-window")
+    tokens_per_sample: int = opt(0, "window length (0: the checkpoint's)", "--tokens-per-sample")
+    batch_size: int = opt(8, "windows per forward pass", "--max-sentences")
+    key_dtype: str = opt("float16", "key precision on disk", "--key-dtype", ("float16", "float32"))
+    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", ("last_ffn_input", "final"))
+    amp: str = opt("auto", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
+    trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+
+
+@dataclass
+class IndexConfig:
+    """A faiss index over a datastore (spec §6.2)."""
+
+    dstore: str = opt("", "datastore directory")
+    out: str = opt("", "index file to write (default: DSTORE/knn.index.METRIC)", "--out")
+    metric: str = opt("ip", "similarity", "--dist", ("ip", "l2"))
+    n_lists: int = opt(0, "IVF lists (0: sized from the datastore; the original used 4096)", "--ncentroids")
+    code_size: int = opt(0, "PQ sub-quantizers (0: the largest divisor of d up to 64)", "--code-size")
+    train_size: int = opt(1_000_000, "keys sampled to train the quantizers", "--train-size")
+    seed: int = opt(1, "sampling seed", "--seed")
+    chunk: int = opt(500_000, "keys added at a time", "--num-keys-to-add-at-a-time")
+    probe: int = opt(8, "default nprobe stored with the index", "--probe")
+    use_gpu: str = opt("auto", "build on a GPU when faiss has one", "--use-gpu", ("auto", "yes", "no"))
+
+
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
     return typing.get_type_hints(cls)[f.name]
 

@@ -18,6 +18,7 @@ with s_ij = q_i·k_j / sqrt(d) / τ and the visible entries
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from trime import io
-from trime.checkpoint import DICT, load_model
+from trime.checkpoint import DICT, load_model, model_fingerprint
 from trime.config import EvalConfig
 from trime.data.blocks import eval_windows, window
 from trime.errors import CheckpointError
@@ -67,14 +68,14 @@ def _check_vocabulary(data_dir: Path, ckpt_dir: Path) -> None:
 class Scorer:
     """Scores windows one batch at a time, keeping the long-term FIFO between windows."""
 
-    def __init__(self, model, cfg: EvalConfig):
+    def __init__(self, model, cfg: EvalConfig, fingerprint: str | None = None):
         self.model, self.cfg = model, cfg
         self.fifo = MemoryFIFO(cfg.mem_size) if cfg.use_long else None
         self.external = None
         if cfg.use_external or cfg.use_interp:
-            from trime.memory.external import ExternalMemory
+            from trime.external import ExternalMemory
 
-            self.external = ExternalMemory.open(cfg, model.cfg)
+            self.external = ExternalMemory.open(cfg, model.cfg, fingerprint)
 
     def keys(self, out) -> torch.Tensor:
         return out.q if self.cfg.knn_keytype == "last_ffn_input" else out.h
@@ -115,9 +116,11 @@ class Scorer:
             self.fifo.append(keys[rows].detach(), targets)
         knn = None
         if self.external is not None:
+            from trime.external import joint_scores
+
             knn = self.external.search(queries)
             if cfg.use_external:
-                stats.append(score_stats(knn.scores * scale, knn.values, targets))
+                stats.append(score_stats(joint_scores(knn, queries.shape[-1], cfg.softmax_temp), knn.values, targets))
         if stats:
             log_zc = torch.logsumexp(torch.stack([s[0] for s in stats]), dim=0)
             log_pos = torch.logsumexp(torch.stack([s[1] for s in stats]), dim=0)
@@ -159,10 +162,12 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     L = cfg.tokens_per_sample or model_cfg.max_positions
     windows = eval_windows(tokens, L, cfg.context_window, cfg.sample_break_mode)
     batch_size = 1 if cfg.use_long else cfg.batch_size
-    scorer = Scorer(model, cfg)
+    fingerprint = model_fingerprint(ckpt_dir) if cfg.use_external or cfg.use_interp else None
+    scorer = Scorer(model, cfg, fingerprint)
     amp = autocast_dtype(cfg.amp, device)
     out = []
-    bar = tqdm(total=len(tokens), desc=f"eval {cfg.gen_subset}", unit="tok", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=len(tokens), desc=f"eval {cfg.gen_subset}", unit="tok", dynamic_ncols=True, leave=False,
+               disable=not sys.stderr.isatty())
     for inputs, labels, n_ctx, n_score in batches(tokens, windows, batch_size, device):
         with autocast(device, amp):
             out.append(scorer.score(inputs, labels, n_ctx, n_score).float().cpu())

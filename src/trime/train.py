@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -251,7 +252,7 @@ class _Loop:
                 raise DataError(f"{cfg.data}: the training split has fewer than {B * dist.world_size()} segments of {cfg.tokens_per_sample} tokens")
             total = len(batches) // cfg.update_freq
             bar = tqdm(total=total, initial=p.batches_done // cfg.update_freq, desc=f"epoch {p.epoch}",
-                       disable=not dist.is_main(), dynamic_ncols=True, leave=False)
+                       disable=not (dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
             while p.batches_done + cfg.update_freq <= len(batches) and not self.done(p):
                 group_ids = batches[p.batches_done : p.batches_done + cfg.update_freq]
                 stats = self.update(group_ids, train_tokens, use_ce=p.epoch <= cfg.ce_warmup_epoch, p=p)
@@ -260,6 +261,9 @@ class _Loop:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
                 if p.updates % cfg.log_interval == 0:
                     self.log.log(kind="train", epoch=p.epoch, update=p.updates, **stats)
+                    if bar.disable and dist.is_main():
+                        print(f"| epoch {p.epoch:03d} | update {p.updates} | loss {stats['loss']:.3f} | "
+                              f"lr {stats['lr']:.3g} | {stats['tokens_per_s']:.0f} tok/s", flush=True)
                 if cfg.save_interval_updates and p.updates % cfg.save_interval_updates == 0:
                     self.save(p, best=False)
                 if on_step is not None:
