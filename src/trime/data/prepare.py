@@ -1,0 +1,355 @@
+"""Binarise text or bytes into a data directory (spec §8, the front of DESIGN's flow of data).
+
+The result is what ``fairseq-preprocess --only-source`` makes (same dictionary, same ids), stored
+as numpy instead of fairseq's .bin/.idx::
+
+    out_dir/dict.txt        fairseq dict.txt, built from the train split only (or the one given)
+    out_dir/{split}.npy     int32 (n_tokens,) token stream, every line ended by eos
+    out_dir/meta.json       written last: {"kind": "data", "level": "word"|"char", "vocab_size",
+                            "dictionary": {"source", "sha256"}, "corpus": fetch's meta or null,
+                            "splits": {split: {"tokens", "lines", "unk", "replaced", "fingerprint",
+                                               "source", "source_sha256", "source_bytes"}}}
+
+``unk`` counts the ids equal to unk in the split; ``replaced`` is fairseq's "replaced by <unk>"
+count (out-of-dictionary tokens, not literal ``<unk>`` ones).
+
+Word level: files are read as fairseq reads them: UTF-8, universal newlines (``\\n``, ``\\r\\n``
+and a lone ``\\r`` end a line), whitespace tokens, one eos per line (an empty line is just eos).
+
+Char level (raw bytes, enwik8): the standard preparation writes every byte as its decimal value,
+space-separated, with byte 10 kept as a real newline, and fairseq then tokenises that text. So here
+every byte b != 10 is the token ``str(b)`` and byte 10 ends a line (eos); after the last byte 10,
+a final non-empty piece also gets its eos. Token count = n_bytes + (1 if the last byte is not 10).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from trime.data.dictionary import Dictionary
+from trime.errors import DataError
+from trime.io import (
+    atomic_dir,
+    fingerprint_array,
+    is_complete,
+    load_npy,
+    read_json,
+    read_meta,
+    save_npy,
+    sha256_file,
+    write_meta,
+)
+
+DICT = "dict.txt"
+CHUNK = 1 << 23  # bytes read at a time (8 MiB)
+NEWLINE = 10
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HINT = "run `trime data prepare` first"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=None, leave=False)
+
+
+def _byte_chunks(path: Path, whole_lines: bool) -> Iterator[tuple[int, bytes]]:
+    """(offset, data) pieces of the file; with ``whole_lines`` each non-final piece ends in b'\\n'."""
+    with open(path, "rb") as f:
+        offset, carry = 0, b""
+        while block := f.read(CHUNK):
+            data = carry + block if carry else block
+            cut = data.rfind(b"\n") + 1 if whole_lines else len(data)
+            if cut == 0:
+                carry = data
+                continue
+            yield offset, data[:cut]
+            offset, carry = offset + cut, data[cut:]
+        if carry:
+            yield offset, carry
+
+
+def _text_chunks(path: Path, desc: str) -> Iterator[str]:
+    """Decoded UTF-8 text of whole lines, newlines normalised to '\\n' (fairseq's text-mode read)."""
+    with _progress(path.stat().st_size, desc) as bar:
+        for offset, data in _byte_chunks(path, whole_lines=True):
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: not UTF-8 at byte offset {offset + e.start} ({e.reason}); "
+                    "word-level data must be UTF-8 (use char level for raw bytes)"
+                ) from None
+            if "\r" in text:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+            yield text
+            bar.update(len(data))
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a chunk from :func:`_text_chunks` (a final '\\n' does not start a new line)."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting (pass 1, train only)
+
+
+def count_words(path: str | os.PathLike) -> Counter:
+    """Whitespace-token counts of a text file, plus one ``</s>`` per line (as fairseq counts)."""
+    path = Path(path)
+    counts: Counter = Counter()
+    n_lines = 0
+    for text in _text_chunks(path, f"count {path.name}"):
+        counts.update(text.split())
+        n_lines += len(_lines(text))
+    counts["</s>"] += n_lines
+    return counts
+
+
+def _byte_histogram(path: Path, desc: str) -> tuple[np.ndarray, int]:
+    """(256,) int64 byte counts and the last byte of the file."""
+    hist = np.zeros(256, dtype=np.int64)
+    last = NEWLINE
+    with _progress(path.stat().st_size, desc) as bar:
+        for _, data in _byte_chunks(path, whole_lines=False):
+            hist += np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)
+            last = data[-1]
+            bar.update(len(data))
+    return hist, last
+
+
+def count_bytes(path: str | os.PathLike) -> Counter:
+    """Char-level token counts: ``str(b)`` for each byte b != 10, plus ``</s>`` per line."""
+    path = Path(path)
+    hist, last = _byte_histogram(path, f"count {path.name}")
+    counts = Counter({str(b): int(n) for b, n in enumerate(hist.tolist()) if n and b != NEWLINE})
+    counts["</s>"] += int(hist[NEWLINE]) + (last != NEWLINE)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding (pass 2)
+
+
+class _Lookup(dict):
+    """symbol -> id with unk for misses, counting them (fairseq's "replaced")."""
+
+    def __init__(self, dictionary: Dictionary):
+        super().__init__(dictionary.indices)
+        self.unk = dictionary.unk
+        self.misses = 0
+
+    def __missing__(self, key: str) -> int:
+        self.misses += 1
+        return self.unk
+
+
+def encode_words(path: str | os.PathLike, dictionary: Dictionary) -> tuple[np.ndarray, dict]:
+    """(n_tokens,) int32 ids of a text file (each line's tokens then eos) and {lines, replaced}."""
+    path = Path(path)
+    lookup = _Lookup(dictionary)
+    get, eos = lookup.__getitem__, dictionary.eos
+    out = array("i")
+    assert out.itemsize == 4
+    n_lines = 0
+    for text in _text_chunks(path, f"encode {path.name}"):
+        lines = _lines(text)
+        n_lines += len(lines)
+        for line in lines:
+            out.extend(map(get, line.split()))
+            out.append(eos)
+    ids = np.frombuffer(out, dtype=np.int32) if len(out) else np.zeros(0, dtype=np.int32)  # (n_tokens,)
+    return ids, {"lines": n_lines, "replaced": lookup.misses}
+
+
+def encode_bytes(path: str | os.PathLike, dictionary: Dictionary) -> tuple[np.ndarray, dict]:
+    """(n_tokens,) int32 ids of a file's bytes: byte b -> id of ``str(b)``, byte 10 -> eos."""
+    path = Path(path)
+    lut = np.array([dictionary.index(str(b)) for b in range(256)], dtype=np.int32)  # (256,)
+    lut[NEWLINE] = dictionary.eos
+    size = path.stat().st_size
+    ids = np.empty(size + 1, dtype=np.int32)  # (n_bytes + 1,)
+    hist = np.zeros(256, dtype=np.int64)
+    pos, last = 0, NEWLINE
+    with _progress(size, f"encode {path.name}") as bar:
+        for _, data in _byte_chunks(path, whole_lines=False):
+            a = np.frombuffer(data, dtype=np.uint8)
+            ids[pos : pos + len(a)] = lut[a]
+            hist += np.bincount(a, minlength=256)
+            pos, last = pos + len(a), data[-1]
+            bar.update(len(data))
+    if pos and last != NEWLINE:
+        ids[pos] = dictionary.eos
+        pos += 1
+    unk_bytes = (lut == dictionary.unk) & (np.arange(256) != NEWLINE)
+    stats = {"lines": int(hist[NEWLINE]) + (last != NEWLINE), "replaced": int(hist[unk_bytes].sum())}
+    return ids[:pos], stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Data directories
+
+
+def _check_sources(splits: dict, need_train: bool) -> dict[str, Path]:
+    if not splits:
+        raise DataError("no splits to prepare (expected at least a 'train' file)")
+    if need_train and "train" not in splits:
+        raise DataError("a 'train' split is needed to build the dictionary (or pass an existing dict.txt)")
+    sources = {}
+    for name, path in splits.items():
+        if not _SPLIT_NAME.match(str(name)):
+            raise DataError(f"bad split name {name!r} (letters, digits, '_', '.', '-')")
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{name} split: {path}: no such file")
+        if path.stat().st_size == 0:
+            raise DataError(f"{name} split: {path}: empty file")
+        sources[str(name)] = path
+    return sources
+
+
+def _resolve_dictionary(sources: dict[str, Path], char_level: bool, given) -> tuple[Dictionary, str]:
+    """The dictionary to encode with and where it came from ('train' or the given path)."""
+    if given is not None:
+        path = Path(given)
+        if path.is_dir():
+            path = path / DICT
+        return Dictionary.load(path), str(path.resolve())
+    counts = count_bytes(sources["train"]) if char_level else count_words(sources["train"])
+    return Dictionary.build(counts), "train"
+
+
+def _binarize(name: str, path: Path, d: Dictionary, char_level: bool, out: Path) -> dict:
+    """Encode one split into ``out/{name}.npy``; return its meta.json entry."""
+    ids, stats = encode_bytes(path, d) if char_level else encode_words(path, d)
+    save_npy(out / f"{name}.npy", ids)
+    return {
+        "tokens": int(len(ids)),
+        "lines": int(stats["lines"]),
+        "unk": int(np.count_nonzero(ids == d.unk)),
+        "replaced": int(stats["replaced"]),
+        "fingerprint": fingerprint_array(ids),
+        "source": str(path.resolve()),
+        "source_sha256": sha256_file(path),
+        "source_bytes": path.stat().st_size,
+    }
+
+
+def check_out_dir(out_dir: Path, kind: str, overwrite: bool) -> None:
+    """Refuse to replace anything but a complete artifact of the same kind (and that only with overwrite)."""
+    if not out_dir.exists():
+        return
+    if is_complete(out_dir):
+        found = read_json(out_dir / "meta.json").get("kind")
+        if found != kind:
+            raise DataError(f"{out_dir}: holds a {found!r} artifact, not {kind!r}; refusing to replace it")
+        if not overwrite:
+            raise DataError(f"{out_dir}: already exists (remove it or pass --overwrite)")
+    elif not out_dir.is_dir() or any(out_dir.iterdir()):
+        raise DataError(f"{out_dir}: exists and is not a trime {kind} directory; refusing to replace it")
+
+
+def _prepare(splits, out_dir, *, char_level: bool, dictionary, overwrite: bool, corpus: dict | None) -> Path:
+    sources = _check_sources(splits, need_train=dictionary is None)
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, "data", overwrite)
+    d, origin = _resolve_dictionary(sources, char_level, dictionary)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        d.save(tmp / DICT)
+        split_meta = {name: _binarize(name, path, d, char_level, tmp) for name, path in sources.items()}
+        write_meta(
+            tmp,
+            "data",
+            level="char" if char_level else "word",
+            vocab_size=len(d),
+            dictionary={"source": origin, "sha256": sha256_file(tmp / DICT)},
+            corpus=corpus,
+            splits=split_meta,
+        )
+    return out_dir
+
+
+def prepare(
+    splits: dict[str, str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    char_level: bool = False,
+    dictionary: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Binarise ``{split: file}`` into ``out_dir`` (module docstring); return ``out_dir``.
+
+    The dictionary is built from the ``train`` split unless ``dictionary`` (a dict.txt, or a data
+    directory holding one) is given, e.g. a checkpoint's vocabulary; other splits are encoded with
+    it, unknown tokens becoming unk. The directory is built under a temporary name and appears
+    complete (with meta.json) only at the end.
+    """
+    return _prepare(splits, out_dir, char_level=char_level, dictionary=dictionary, overwrite=overwrite, corpus=None)
+
+
+def prepare_corpus(
+    corpus_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    char_level: bool | None = None,
+    dictionary: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Binarise a corpus directory (train.txt required; valid.txt, test.txt optional).
+
+    When ``char_level`` is None it is taken from the corpus meta.json's ``level`` written by
+    :func:`trime.data.fetch.fetch` (word level when there is none).
+    """
+    corpus_dir = Path(corpus_dir)
+    if not corpus_dir.is_dir():
+        raise DataError(f"{corpus_dir}: no such corpus directory (run `trime data fetch` first)")
+    if not (corpus_dir / "train.txt").is_file():
+        raise DataError(f"{corpus_dir}: no train.txt in the corpus directory")
+    corpus = read_json(corpus_dir / "meta.json") if (corpus_dir / "meta.json").is_file() else None
+    if char_level is None:
+        char_level = bool(corpus and corpus.get("level") == "char")
+    splits = {s: corpus_dir / f"{s}.txt" for s in ("train", "valid", "test") if (corpus_dir / f"{s}.txt").exists()}
+    return _prepare(splits, out_dir, char_level=char_level, dictionary=dictionary, overwrite=overwrite, corpus=corpus)
+
+
+def read_data_meta(data_dir: str | os.PathLike) -> dict:
+    """The meta.json of a complete data directory (DataError with a hint otherwise)."""
+    try:
+        return read_meta(data_dir, kind="data")
+    except DataError as e:
+        raise DataError(f"{e}; {_HINT}") from None
+
+
+def load_dictionary(data_dir: str | os.PathLike) -> Dictionary:
+    """The dict.txt of a complete data directory."""
+    read_data_meta(data_dir)
+    return Dictionary.load(Path(data_dir) / DICT)
+
+
+def load_split(data_dir: str | os.PathLike, split: str) -> np.ndarray:
+    """(n_tokens,) int32 token stream of ``split``, memory-mapped read-only."""
+    meta = read_data_meta(data_dir)
+    splits = meta.get("splits", {})
+    if split not in splits:
+        have = ", ".join(sorted(splits)) or "none"
+        raise DataError(f"{data_dir}: no {split!r} split (has: {have}); {_HINT} with a {split} file")
+    ids = load_npy(Path(data_dir) / f"{split}.npy", mmap=True)
+    if ids.dtype != np.int32 or ids.ndim != 1 or len(ids) != splits[split]["tokens"]:
+        raise DataError(f"{data_dir}/{split}.npy: does not match meta.json; rerun `trime data prepare --overwrite`")
+    return ids
