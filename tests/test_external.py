@@ -133,3 +133,17 @@ def test_mismatched_datastore_is_refused(store, tmp_path):
     other = save_checkpoint(tmp_path / "other", build_model(cfg), cfg, data / "dict.txt")
     with pytest.raises(DatastoreError, match="dimension"):
         evaluate(C.build(C.EvalConfig, C.to_dict(ecfg(store, use_external=True)), {"path": str(other)}))
+
+
+def test_sweep_from_cached_neighbors_equals_a_full_rerun(store, tmp_path):
+    from trime.memory.neighbors import NeighborCache, sweep
+
+    flags = dict(use_local=True, use_long=True, mem_size=40, use_external=True, use_interp=True)
+    cache = tmp_path / "nb"
+    evaluate(ecfg(store, **flags, lmbda=0.2, save_neighbors=str(cache), neighbors_top=0))
+    grid = [{"softmax_temp": 0.8, "lmbda": 0.3, "interp_temp": 2.0}, {"softmax_temp": 1.4, "lmbda": 0.1, "interp_temp": 1.0}]
+    rows = sweep(NeighborCache.load(cache), grid)
+    for row, setting in zip(rows, grid):
+        full = evaluate(ecfg(store, **flags, **setting))
+        assert row["n_tokens"] == full.n_tokens
+        assert row["nll_sum"] / row["n_tokens"] == pytest.approx(-full.log_probs.astype(np.float64).mean(), abs=1e-5)

