@@ -1,0 +1,321 @@
+"""faiss index over a datastore's keys: build, load, search (spec §6.2, §6.3).
+
+Letters: R datastore rows, d key width, n queries, k neighbours.
+
+Kinds (chosen by :func:`plan_index` from R unless forced):
+- flat (IndexFlatIP / IndexFlatL2, exact) below ``flat_below`` = 262,144 rows. Why there: an
+  IVF index with 4·sqrt(R) lists scans about probe·R/lists = 2·sqrt(R) candidates at probe 8,
+  which is under the default k = 1024 neighbours until R ≈ 262k, so a smaller IVF index would
+  return holes; a flat index of that size costs ≤ 1 GiB (d = 1024, fp32) and is exact.
+- IVF-PQ (IndexIVFPQ, flat coarse quantizer of the same metric, m = code_size sub-quantizers of
+  n_bits bits) above. n_lists = 4·sqrt(R) rounded down to a power of two, at most 4096 (the
+  original's value) and at most R/39 (faiss wants ≥ 39 training points per centroid). code_size
+  = the largest m ≤ 64 dividing d with ≥ 4 dims per sub-quantizer that the faiss GPU kernels
+  support (d/m ≤ 32, m in their list); when none, the largest such divisor ≤ 64 (CPU only).
+  d = 1024 gives the original's 4096 × 64-byte codes; d = 32 gives 8 bytes. (Fewer than 4 dims
+  per sub-quantizer compresses little and makes training cost m k-means runs for nothing.)
+
+Training sample: all rows when R ≤ train_size, else train_size rows drawn without replacement by
+``np.random.default_rng(seed).choice(R, train_size, replace=False)`` (then sorted for memmap
+locality), cast to float32; faiss's k-means seeds are set to ``seed`` too. Same seed and same R
+give the same sample and the same index; the original used numpy's legacy global RNG, so its
+sample differs. The trained empty index is saved as ``<out>.trained`` (+ ``.trained.json``) and
+reused when its settings match. Rows are added in chunks with ids = row numbers; every
+``save_every`` rows the partial index is saved as ``<out>.partial`` so a killed build resumes.
+The final index is written under a temporary name and renamed, then ``<out>.json`` (metric,
+dim, rows, datastore fingerprint, kind, n_lists, code_size) is written LAST: an index without
+its sidecar is incomplete. GPU: with faiss-gpu and a visible GPU, training and adding run on one
+GPU (the original needed ≥ 2 and discarded its GPU copy, spec §11 item 9).
+
+Scores returned by :meth:`Index.search` are similarities, larger = closer: the inner product
+for metric ip, minus the *squared* L2 distance for l2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trime.errors import ConfigError, DatastoreError
+from trime.io import read_json, write_json
+from trime.memory.datastore import Datastore
+
+FLAT_BELOW = 1 << 18
+MAX_LISTS = 4096
+GPU_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
+GPU_SUBDIM = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
+
+
+def auto_n_lists(n_rows: int, cap: int = MAX_LISTS, n_train: int | None = None) -> int:
+    """4·sqrt(R) rounded down to a power of two, ≤ cap and ≤ (training rows)/39 (at least 1)."""
+    want = min(4 * math.sqrt(n_rows), cap, min(n_rows, n_train or n_rows) / 39)
+    return 1 << max(0, int(math.floor(math.log2(max(want, 1)))))
+
+
+def auto_code_size(dim: int, most: int = 64, min_subdim: int = 4) -> tuple[int, bool]:
+    """(m, gpu_ok): PQ sub-quantizers for width ``dim`` (module docstring)."""
+    divisors = [m for m in range(1, min(dim, most) + 1) if dim % m == 0 and (dim // m >= min_subdim or m == 1)]
+    gpu = [m for m in divisors if m in GPU_M and dim // m in GPU_SUBDIM]
+    return (gpu[-1], True) if gpu else (divisors[-1], False)
+
+
+def plan_index(n_rows: int, dim: int, *, metric: str = "ip", n_lists: int | None = None,
+               code_size: int | None = None, n_bits: int = 8, flat_below: int = FLAT_BELOW,
+               train_size: int = 1_000_000) -> dict:
+    """The index to build for R rows of width d (a plain dict, stored in the sidecar)."""
+    if metric not in ("ip", "l2"):
+        raise ConfigError(f"metric must be ip or l2, got {metric!r}")
+    if n_rows < flat_below and n_lists is None and code_size is None:
+        return {"kind": "flat", "metric": metric, "dim": dim, "n_lists": None, "code_size": None, "n_bits": None}
+    n_train = min(n_rows, train_size)
+    n_lists = n_lists or auto_n_lists(n_rows, n_train=n_train)
+    gpu_ok = True
+    if code_size is None:
+        code_size, gpu_ok = auto_code_size(dim)
+    if dim % code_size:
+        raise ConfigError(f"code size {code_size} must divide the key dimension {dim}")
+    if n_train < 39 * max(n_lists, 1 << n_bits):
+        raise ConfigError(f"{n_train} training rows are too few for IVF-PQ with {n_lists} lists and {n_bits}-bit codes "
+                          f"(need ≥ {39 * max(n_lists, 1 << n_bits)}); use a flat index or more training rows")
+    return {"kind": "ivfpq", "metric": metric, "dim": dim, "n_lists": n_lists, "code_size": code_size,
+            "n_bits": n_bits, "gpu_ok": gpu_ok}
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("faiss is not installed (pip install faiss-cpu, or faiss-gpu for CUDA)") from None
+    return faiss
+
+
+def _gpu_wanted(use_gpu) -> bool:
+    faiss = _faiss()
+    have = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if use_gpu is True and not have:
+        raise ConfigError("a GPU index was asked for but this faiss has no GPU support or sees no GPU")
+    return have and use_gpu is not False
+
+
+def _new_index(plan: dict, seed: int):
+    faiss = _faiss()
+    d, metric = plan["dim"], faiss.METRIC_INNER_PRODUCT if plan["metric"] == "ip" else faiss.METRIC_L2
+    flat = faiss.IndexFlatIP(d) if plan["metric"] == "ip" else faiss.IndexFlatL2(d)
+    if plan["kind"] == "flat":
+        return flat
+    index = faiss.IndexIVFPQ(flat, d, plan["n_lists"], plan["code_size"], plan["n_bits"], metric)
+    index.own_fields = True
+    flat.this.disown()  # the IVF index owns and frees its quantizer
+    index.cp.seed = seed
+    index.pq.cp.seed = seed
+    return index
+
+
+def _write_index(index, path: Path) -> None:
+    faiss = _faiss()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_stage(path: Path, key: dict):
+    """A saved stage (index file + JSON) if its key matches, else None."""
+    side = path.with_name(path.name + ".json")
+    if not (path.exists() and side.exists()):
+        return None, None
+    info = read_json(side)
+    if info.get("key") != key:
+        return None, None
+    return _faiss().read_index(str(path)), info
+
+
+def _save_stage(index, path: Path, key: dict, **info) -> None:
+    _write_index(index, path)
+    write_json(path.with_name(path.name + ".json"), {"key": key, **info})
+
+
+def _train(ds: Datastore, plan: dict, stage: Path, key: dict, *, train_size: int, seed: int, chunk: int, gpu: bool):
+    """The trained, empty index: from the ``.trained`` stage when it matches, else trained now."""
+    index = _new_index(plan, seed)
+    if plan["kind"] == "flat":
+        return index
+    cached, _ = _read_stage(stage, key)
+    if cached is not None:
+        return cached
+    from tqdm.auto import tqdm
+
+    n = min(train_size, ds.rows)
+    rng = np.random.default_rng(seed)
+    rows = np.arange(ds.rows) if n == ds.rows else np.sort(rng.choice(ds.rows, n, replace=False))
+    sample = np.concatenate([ds.take_keys(rows[i : i + chunk])
+                             for i in tqdm(range(0, n, chunk), desc="read training sample", unit="chunk")])  # (n, d)
+    faiss = _faiss()
+    if gpu:
+        gindex = _gpu_clone(index)
+        gindex.train(sample)
+        index = faiss.index_gpu_to_cpu(gindex)
+    else:
+        index.train(sample)
+    _save_stage(index, stage, key, trained_on=n)
+    return index
+
+
+def _gpu_clone(index):
+    faiss = _faiss()
+    res = faiss.StandardGpuResources()
+    opts = faiss.GpuClonerOptions()
+    opts.useFloat16 = True  # fp16 lookup tables, as the original searched; needed for 64-byte codes
+    gindex = faiss.index_cpu_to_gpu(res, torch.cuda.current_device() if torch.cuda.is_available() else 0, index, opts)
+    gindex.referenced_resources = res  # keep the resources alive as long as the index
+    return gindex
+
+
+def _add(ds: Datastore, index, partial: Path, key: dict, *, chunk: int, save_every: int, gpu: bool):
+    """Add every row (ids = row numbers) in chunks, resuming from ``<out>.partial``."""
+    from tqdm.auto import tqdm
+
+    faiss = _faiss()
+    cached, info = _read_stage(partial, key)
+    if cached is not None:
+        index = cached
+    start = int(info["added"]) if info else 0
+    work = _gpu_clone(index) if gpu else index
+    ivf = key["kind"] == "ivfpq"
+    since = 0
+    bar = tqdm(total=ds.rows, initial=start, desc="add keys", unit="row", unit_scale=True)
+    for a in range(start, ds.rows, chunk):
+        b = min(a + chunk, ds.rows)
+        x = ds.read_keys(a, b)  # (b − a, d) float32
+        if ivf:
+            work.add_with_ids(x, np.arange(a, b, dtype=np.int64))
+        else:
+            work.add(x)  # flat: ids are the insertion order = row numbers
+        bar.update(b - a)
+        since += b - a
+        if save_every and since >= save_every and b < ds.rows:
+            _save_stage(faiss.index_gpu_to_cpu(work) if gpu else work, partial, key, added=b)
+            since = 0
+    bar.close()
+    return faiss.index_gpu_to_cpu(work) if gpu else work
+
+
+def build_index(datastore_dir, out_path, *, metric: str = "ip", n_lists: int | None = None,
+                code_size: int | None = None, n_bits: int = 8, train_size: int = 1_000_000, seed: int = 1,
+                chunk: int = 500_000, probe: int = 8, use_gpu="auto", flat_below: int = FLAT_BELOW,
+                save_every: int = 10_000_000, overwrite: bool = False) -> Path:
+    """Build the faiss index of a complete datastore and write it to ``out_path`` (spec §6.2).
+
+    Returns ``out_path``. A complete index with the same settings is returned as is; one with
+    other settings is an error unless ``overwrite``. See the module docstring for the choices.
+    """
+    ds = Datastore.open(datastore_dir)
+    out = Path(out_path)
+    plan = plan_index(ds.rows, ds.dim, metric=metric, n_lists=n_lists, code_size=code_size, n_bits=n_bits,
+                      flat_below=flat_below, train_size=train_size)
+    key = {**plan, "rows": ds.rows, "datastore": ds.fingerprint, "train_size": train_size, "seed": seed}
+    side = out.with_name(out.name + ".json")
+    if out.exists() and side.exists():
+        old = read_json(side)
+        if old.get("key") == key:
+            return out
+        if not overwrite:
+            raise DatastoreError(f"{out}: an index with other settings is already there "
+                                 "(remove it or pass --overwrite)")
+    side.unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gpu = _gpu_wanted(use_gpu) and plan.get("gpu_ok", True)
+    stage = out.with_name(out.name + ".trained")
+    partial = out.with_name(out.name + ".partial")
+    index = _train(ds, plan, stage, key, train_size=train_size, seed=seed, chunk=chunk, gpu=gpu)
+    if plan["kind"] == "ivfpq":
+        index.nprobe = probe
+    index = _add(ds, index, partial, key, chunk=chunk, save_every=save_every, gpu=gpu)
+    if index.ntotal != ds.rows:
+        raise DatastoreError(f"{out}: index holds {index.ntotal} rows, the datastore {ds.rows}")
+    _write_index(index, out)
+    write_json(side, {"key": key, "kind": plan["kind"], "metric": metric, "dim": ds.dim, "rows": ds.rows,
+                      "datastore_fingerprint": ds.fingerprint, "n_lists": plan["n_lists"],
+                      "code_size": plan["code_size"], "probe": probe})
+    for p in (partial, partial.with_name(partial.name + ".json")):
+        p.unlink(missing_ok=True)
+    return out
+
+
+class Index:
+    """A built index, ready to search (spec §6.3). Open with :meth:`Index.open`."""
+
+    def __init__(self, index, info: dict, path: Path):
+        self.index, self.info, self.path = index, info, path
+        self.metric, self.dim, self.rows = info["metric"], int(info["dim"]), int(info["rows"])
+        self._warned_k = self._warned_holes = False
+
+    @classmethod
+    def open(cls, path, *, probe: int = 8, use_gpu="auto", mmap: bool = False) -> "Index":
+        """Read an index and its sidecar; set nprobe; clone to one GPU when wanted and possible.
+        ``mmap`` maps the file instead of reading it (CPU only; less RAM, slower first searches)."""
+        path = Path(path)
+        side = path.with_name(path.name + ".json")
+        if not (path.exists() and side.exists()):
+            raise DatastoreError(f"{path}: no complete index there (build it with `trime index build`)")
+        info = read_json(side)
+        faiss = _faiss()
+        gpu = _gpu_wanted(use_gpu)
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and not gpu else 0
+        index = faiss.read_index(str(path), flags)
+        if info["kind"] == "ivfpq":
+            faiss.extract_index_ivf(index).nprobe = probe
+        if gpu:
+            index = _gpu_clone(index)
+            if info["kind"] == "ivfpq":
+                index.nprobe = probe
+        return cls(index, info, path)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def check_datastore(self, ds: Datastore) -> None:
+        """Raise DatastoreError when this index was not built from ``ds``."""
+        if self.info["datastore_fingerprint"] != ds.fingerprint:
+            raise DatastoreError(f"{self.path}: built from datastore {self.info['datastore_fingerprint']}, "
+                                 f"not from {ds.dir} ({ds.fingerprint}); rebuild the index")
+
+    def search(self, queries, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k neighbours of queries (n, d) (tensor on any device, or array).
+
+        Returns (scores (n, k') float32, ids (n, k') int64, valid (n, k') bool) on the queries'
+        device (CPU for arrays), k' = min(k, index size) (a warning when clamped). Scores are
+        similarities: inner product (ip) or −squared distance (l2). Holes (faiss id −1, fewer
+        than k' hits in the probed lists) get score −inf, id 0 (a valid row, so gathers never
+        fail) and valid False.
+        """
+        device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
+        x = queries.detach().float().cpu().numpy() if torch.is_tensor(queries) else np.asarray(queries, np.float32)
+        x = np.ascontiguousarray(x)  # (n, d)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise DatastoreError(f"queries of shape {x.shape} do not match the index width {self.dim}")
+        k_eff = min(k, self.ntotal)
+        if k_eff < k and not self._warned_k:
+            warnings.warn(f"k = {k} is larger than the index ({self.ntotal} rows); searching k = {k_eff}", stacklevel=2)
+            self._warned_k = True
+        dist, ids = self.index.search(x, k_eff)  # (n, k'), (n, k')
+        scores = torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32))
+        if self.metric == "l2":
+            scores = -scores
+        ids = torch.from_numpy(ids.astype(np.int64, copy=False))
+        valid = ids >= 0
+        if not bool(valid.all()):
+            if not self._warned_holes:
+                warnings.warn("the index returned fewer than k hits for some queries (raise --probe)", stacklevel=2)
+                self._warned_holes = True
+            scores = scores.masked_fill(~valid, float("-inf"))
+            ids = ids.masked_fill(~valid, 0)
+        return scores.to(device), ids.to(device), valid.to(device)
