@@ -217,6 +217,7 @@ class ReproduceConfig:
     dstore_context: int = opt(128, "context window when building the training-set datastores")
     k: int = opt(64, "neighbours retrieved from the datastore")
     probe: int = opt(8, "faiss nprobe")
+    n_lists: int = opt(0, "IVF lists of the datastore indexes (0: sized from the datastore)")
     softmax_temps: list[float] = opt([0.7, 0.85, 1.0, 1.2, 1.5], "τ grid tuned on valid")
     lmbdas: list[float] = opt([0.05, 0.1, 0.2, 0.3, 0.4], "λ grid tuned on valid")
     interp_temps: list[float] = opt([1.0, 2.0, 4.0, 8.0, 16.0], "kNN temperature grid tuned on valid")

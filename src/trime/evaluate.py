@@ -93,12 +93,18 @@ class Scorer:
 
         out = self.model(inputs)
         keys = select_keys(out, self.cfg.knn_keytype)  # (b, T, d)
-        results = []
-        for w in range(inputs.shape[0]):
-            rows = torch.arange(n_ctx[w], n_ctx[w] + n_score[w], device=inputs.device)  # (n,)
-            targets = labels[w, rows]
-            tok_logp, log_z = self.model.head.target_logp(out.h[w, rows], targets, tail_quirk=self.cfg.original_tail_quirk)
-            results.append(self.with_memory(keys[w], labels[w], rows, targets, tok_logp, log_z))
+        spans = [torch.arange(c, c + n, device=inputs.device) for c, n in zip(n_ctx, n_score)]
+        w_idx = torch.cat([torch.full_like(r, w) for w, r in enumerate(spans)])  # (n_all,)
+        p_idx = torch.cat(spans)  # (n_all,)
+        targets = labels[w_idx, p_idx]
+        tok_logp, log_z = self.model.head.target_logp(out.h[w_idx, p_idx], targets, tail_quirk=self.cfg.original_tail_quirk)
+        if not (self.cfg.use_local or self.external is not None or self.writer is not None):
+            return tok_logp
+        results, a = [], 0
+        for w, rows in enumerate(spans):
+            b = a + len(rows)
+            results.append(self.with_memory(keys[w], labels[w], rows, targets[a:b], tok_logp[a:b], log_z[a:b]))
+            a = b
         return torch.cat(results)
 
     def memory_scores(self, keys, labels, rows, targets) -> tuple[torch.Tensor | None, torch.Tensor | None]:

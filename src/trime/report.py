@@ -49,7 +49,7 @@ def plot_systems(results: dict, path: Path) -> None:
         ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
     ax.set_xlabel("test perplexity (lower is better)")
     ax.set_xlim(min(vals) * 0.9, max(vals) * 1.08)
-    ax.set_title(f"{results['corpus']} / preset {results['preset']}", fontsize=9)
+    ax.set_title(f"{Path(results['corpus']).name} / preset {results['preset']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -130,7 +130,7 @@ class Pipeline:
         index = d / "knn.index.ip"
         if not index.exists():
             self.say(f"faiss index of {name}")
-        build_index(d, index, metric="ip", probe=self.rc.probe)
+        build_index(d, index, metric="ip", probe=self.rc.probe, n_lists=self.rc.n_lists or None)
         return d, index
 
     # 4. evaluation -------------------------------------------------------------------------
