@@ -76,14 +76,17 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
-    if path.is_dir() and not (path / CONFIG).exists():
-        for name in ("checkpoint_best", "checkpoint_last"):
-            if io.is_complete(path / name):
-                return path / name
-        raise CheckpointError(f"{path}: not a checkpoint directory (no {CONFIG}) and no complete checkpoint_best/last inside")
-    if path.is_dir() and not io.is_complete(path):
-        raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json); it was not finished writing")
-    return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (a fairseq checkpoint must end in .pt)")
+    if (path / WEIGHTS).exists():
+        if not io.is_complete(path):
+            raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json); it was not finished writing")
+        return path
+    for name in ("checkpoint_best", "checkpoint_last"):
+        if io.is_complete(path / name):
+            return path / name
+    raise CheckpointError(f"{path}: neither a checkpoint directory ({WEIGHTS}, {CONFIG}) nor a run with a complete "
+                          "checkpoint_best or checkpoint_last")
 
 
 def read_config(ckpt_dir: Path) -> dict:

@@ -242,6 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         t = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": None}
+        metavar = None if f.metadata.get("choices") else f.name.upper()
         help_ = f.metadata.get("help", "") + f" (default: {default})"
         if t is bool:
             group.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, help=help_, **kw)
@@ -250,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             inner = typing.get_args(t)[0]
             group.add_argument(flag_name(f), type=_list_parser(inner), metavar="A,B,...", help=help_, **kw)
             continue
-        group.add_argument(flag_name(f), type=t, choices=f.metadata.get("choices"), help=help_, **kw)
+        group.add_argument(flag_name(f), type=t, choices=f.metadata.get("choices"), metavar=metavar, help=help_, **kw)
 
 
 def _list_parser(inner: type):

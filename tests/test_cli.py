@@ -1,0 +1,64 @@
+"""The command line: a whole micro workflow, and one clear line with exit code 2 for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.fixtures import make_corpus
+
+
+def trime(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "trime", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_user_error(proc, words):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trime: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert words in lines[0], lines[0]
+
+
+def test_micro_workflow_end_to_end(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", n_lines=200)
+    assert trime("data", "prepare", corpus, "--out", tmp_path / "data").returncode == 0
+    p = trime("train", tmp_path / "data", "--preset", "micro", "--criterion", "trime", "--max-update", "4",
+              "--save-dir", tmp_path / "run")
+    assert p.returncode == 0, p.stderr
+    p = trime("eval", tmp_path / "data", "--path", tmp_path / "run", "--context-window", "16", "--use-local",
+              "--softmax-temp", "1.1", "--gen-subset", "test")
+    assert p.returncode == 0, p.stderr
+    assert "Loss (base 2): " in p.stdout and ", Perplexity: " in p.stdout
+
+
+def test_missing_corpus(tmp_path):
+    assert_user_error(trime("data", "prepare", tmp_path / "nope", "--out", tmp_path / "d"), "nope")
+
+
+def test_unknown_corpus_name(tmp_path):
+    assert_user_error(trime("data", "fetch", "wikitext-2000", "--out", tmp_path / "x"), "wikitext-2000")
+
+
+def test_non_utf8_word_level(tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_lines=20)
+    (corpus / "train.txt").write_bytes(b"caf\xe9 au lait\n")
+    assert_user_error(trime("data", "prepare", corpus, "--out", tmp_path / "d"), "UTF-8")
+    assert not (tmp_path / "d").exists()
+
+
+def test_train_without_data(tmp_path):
+    assert_user_error(trime("train", tmp_path / "nodata", "--preset", "micro", "--save-dir", tmp_path / "r"), "nodata")
+
+
+def test_checkpoint_without_config(tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_lines=30)
+    assert trime("data", "prepare", corpus, "--out", tmp_path / "d").returncode == 0
+    (tmp_path / "ckpt").mkdir()
+    assert_user_error(trime("eval", tmp_path / "d", "--path", tmp_path / "ckpt"), "ckpt")
+
+
+@pytest.mark.parametrize("flags,words", [(["--max-tokens", "100"], "--max-tokens"),
+                                         (["--criterion", "trime_ext"], "--predefined-batches")])
+def test_bad_flag_combinations(tmp_path, flags, words):
+    assert_user_error(trime("train", tmp_path, "--preset", "micro", *flags), words)
