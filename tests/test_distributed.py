@@ -1,0 +1,148 @@
+"""trime.distributed with 2 real CPU processes (gloo): the gathered trime_long loss (spec §3.2)."""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import reference as ref
+from trime import distributed as D
+from trime.losses import compute_loss
+
+B, L, D_MODEL, V, PAD = 2, 4, 6, 9, 1
+
+
+class TinyLM(nn.Module):
+    """A row-independent stand-in for the LM: h and q depend only on the token at the row."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D_MODEL)
+        self.to_h = nn.Linear(D_MODEL, D_MODEL)
+        self.to_q = nn.Linear(D_MODEL, D_MODEL)
+
+    def forward(self, tokens):
+        e = self.emb(tokens)  # (B, L, d)
+
+        class Out:
+            h, q = torch.tanh(self.to_h(e)), self.to_q(e)
+
+        return Out
+
+
+def _setup():
+    torch.manual_seed(0)
+    model, head = TinyLM(), ref.FakeHead(D_MODEL, V)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(2, V, (2 * B, L), generator=g)  # both ranks' batches, rank order
+    targets = torch.randint(2, V, (2 * B, L), generator=g)
+    targets[3, 2] = PAD
+    return model, head, tokens, targets
+
+
+def _params(model, head):
+    return list(model.parameters()) + list(head.parameters())
+
+
+def _worker(rank, world, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    D.init()
+    model, head, tokens, targets = _setup()
+    rows = slice(rank * B, (rank + 1) * B)
+    gather = D.make_group_gather(2)
+    res = compute_loss("trime_long", model(tokens[rows]), targets[rows], head, gather=gather)
+    grads = torch.autograd.grad(res.loss, _params(model, head))
+    keys = torch.randn(3, 2, requires_grad=True)
+    all_keys, all_values, offset, bounds = gather(keys, torch.full((3,), rank))
+    (key_grad,) = torch.autograd.grad((all_keys * torch.arange(6.0)[:, None]).sum(), keys)
+    varlen = D.all_gather_varlen(torch.arange(2 * (rank + 1) * 3.0).view(-1, 3) + 100 * rank)
+    result = {
+        "loss": res.loss.item(), "n": res.n_targets, "grads": [g.clone() for g in grads],
+        "offset": offset, "bounds": bounds, "values": all_values.tolist(), "key_grad": key_grad,
+        "varlen": varlen, "sum": D.all_reduce_sum(3.0 + rank), "obj": D.broadcast_object({"r": rank}),
+        "objs": D.all_gather_object(rank), "world": (D.rank(), D.world_size(), D.is_main()),
+    }
+    D.barrier()
+    torch.save(result, f"{path}/rank{rank}.pt")
+    D.cleanup()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist")
+    # fork: the children reuse the imported torch instead of importing it again (seconds on 2 cores)
+    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(path)), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the 2 gloo processes did not finish in 120 s")
+    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_gathered_trime_long_equals_one_process_over_the_concatenation(ranks):
+    model, head, tokens, targets = _setup()
+    whole = compute_loss("trime_long", model(tokens), targets, head)
+    assert sum(r["loss"] for r in ranks) == pytest.approx(whole.loss.item(), rel=1e-5, abs=1e-5)
+    assert sum(r["n"] for r in ranks) == whole.n_targets
+    assert [r["offset"] for r in ranks] == [0, 3] and ranks[1]["bounds"] == [0, 6]  # the 3-row gather below
+
+
+def test_other_ranks_keys_are_constants(ranks):
+    model, head, tokens, targets = _setup()
+    out = model(tokens)
+    N = B * L
+    q, y = out.q.reshape(2 * N, -1), targets.reshape(-1)
+    for r in range(2):
+        rows = slice(r * N, (r + 1) * N)
+
+        def gather(keys, values, r=r):  # the same stream with the other rank's rows detached
+            parts = [keys if s == r else q[s * N : (s + 1) * N].detach() for s in range(2)]
+            return torch.cat(parts), y, r * N, [0, 2 * N]
+
+        class Mine:
+            h, q = out.h[r * B : (r + 1) * B], out.q[r * B : (r + 1) * B]
+
+        res = compute_loss("trime_long", Mine, targets[r * B : (r + 1) * B], head, gather=gather)
+        want = torch.autograd.grad(res.loss, _params(model, head), retain_graph=True)
+        for got, w in zip(ranks[r]["grads"], want):
+            torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-4)
+        # and the gradient differs from letting rank r's loss reach every key of the stream
+        full = compute_loss("trime_long", out, targets, head)  # includes both ranks' queries
+        assert full.loss.item() != pytest.approx(res.loss.item())
+        assert rows.start == r * N
+    for r, res in enumerate(ranks):  # gather: only the local slice carries a gradient
+        assert torch.equal(res["key_grad"], torch.arange(6.0)[3 * r : 3 * r + 3, None].expand(3, 2))
+        assert res["values"] == [0, 0, 0, 1, 1, 1]
+
+
+def test_varlen_gather_and_small_helpers(ranks):
+    for r, res in enumerate(ranks):
+        shapes = [tuple(t.shape) for t in res["varlen"]]
+        assert shapes == [(2, 3), (4, 3)]
+        assert torch.equal(res["varlen"][1], torch.arange(12.0).view(4, 3) + 100)
+        assert res["sum"] == 7.0 and res["obj"] == {"r": 0} and res["objs"] == [0, 1]
+        assert res["world"] == (r, 2, r == 0)
+
+
+def test_single_process_helpers_are_identities():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert D.world_size() == 1 and D.rank() == 0 and D.is_main()
+    assert D.all_gather_varlen(x)[0] is x and D.all_reduce_sum(5) == 5
+    keys, values, offset, bounds = D.make_group_gather(1)(x, torch.zeros(3))
+    assert keys is x and offset == 0 and bounds == [0, 3]
+    model = nn.Linear(2, 2)
+    assert D.wrap_ddp(model) is model and D.broadcast_object(4) == 4 and D.all_gather_object(4) == [4]

@@ -1,0 +1,256 @@
+"""Training criteria (spec §2, §2.1, §3, §4) against brute-force loops in tests/reference.py."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import reference as ref
+from trime.errors import ConfigError, DataError
+from trime.losses import compute_loss
+from trime.memory import joint
+
+PAD = 1
+
+
+@dataclass
+class Out:  # the two fields of trime.model.transformer.LMOutput the losses read
+    h: torch.Tensor
+    q: torch.Tensor
+
+
+def _batch(B=3, L=5, d=4, V=7, seed=0, pads=None):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, L, d, generator=g, requires_grad=True)
+    q = torch.randn(B, L, d, generator=g, requires_grad=True)
+    targets = torch.randint(2, V, (B, L), generator=g)  # small V: many duplicate values
+    for b, t in ((0, L - 1), (B - 1, L // 2)) if pads is None else pads:
+        targets[b, t] = PAD
+    torch.manual_seed(seed)
+    return Out(h, q), targets, ref.FakeHead(d, V)
+
+
+def _ref(out, targets, head, pred, keys=None, values=None):
+    N = targets.numel()
+    h, q, y = out.h.reshape(N, -1), out.q.reshape(N, -1), targets.reshape(N)
+    keys = q if keys is None else keys
+    return ref.trime_loss(h, q, y, head, keys, y if values is None else values, pred, PAD)
+
+
+def _ce(out, targets, head):
+    tlp, _ = head.target_logp(out.h.reshape(targets.numel(), -1), targets.reshape(-1))
+    return -tlp[targets.reshape(-1) != PAD].sum().item()
+
+
+def test_trime_matches_loops_and_skips_pad():
+    out, y, head = _batch()
+    res = compute_loss("trime", out, y, head)
+    L, valid = y.shape[1], (y.reshape(-1) != PAD).tolist()
+    want = _ref(out, y, head, lambda i, j: ref.local_visible(i, j, L, valid))
+    assert math.isclose(res.loss.item(), want, rel_tol=1e-5)
+    assert res.loss.dtype == torch.float32 and res.loss.dim() == 0
+    assert res.n_targets == y.numel() - 2 == int((y != PAD).sum())
+    assert math.isclose(res.ce_sum, _ce(out, y, head), rel_tol=1e-6)
+    assert 0 < res.logs["mem_share"] < 1
+
+
+def test_trime_with_adaptive_head_matches_loops():
+    out, y, _ = _batch(V=9, seed=1)
+    head = ref.FakeAdaptiveHead(4, 9, cutoff=5)
+    res = compute_loss("trime", out, y, head)
+    L, valid = y.shape[1], (y.reshape(-1) != PAD).tolist()
+    want = _ref(out, y, head, lambda i, j: ref.local_visible(i, j, L, valid))
+    assert math.isclose(res.loss.item(), want, rel_tol=1e-5)
+
+
+def test_pad_rows_neither_scored_nor_in_memory():
+    out, y, head = _batch(seed=2)
+    base = compute_loss("trime", out, y, head).loss.item()
+    pad = (y == PAD)[..., None]
+    moved = Out(torch.where(pad, 100.0, out.h.detach()), torch.where(pad, -7.0, out.q.detach()))
+    for crit in ("trime", "trime_long"):
+        a = compute_loss(crit, Out(out.h.detach(), out.q.detach()), y, head).loss.item()
+        b = compute_loss(crit, moved, y, head).loss.item()
+        assert a == pytest.approx(b, rel=1e-6)
+    assert base == pytest.approx(compute_loss("trime", moved, y, head).loss.item(), rel=1e-6)
+
+
+def test_position_zero_and_empty_memory_give_exactly_ce():
+    out, y, head = _batch(B=4, L=1, pads=())  # every row is position 0 of its segment
+    ce = compute_loss("ce", out, y, head)
+    assert torch.equal(compute_loss("trime", out, y, head).loss, ce.loss)
+    out, y, head = _batch(B=1, L=6, pads=())  # one segment, own segment hidden: memory is empty
+    ext = compute_loss("trime_ext", out, y, head, cross_sent_ratio=1.0)
+    assert ext.logs["own_hidden"] == 1.0
+    assert torch.equal(ext.loss, compute_loss("ce", out, y, head).loss)
+
+
+def test_use_ce_switch_gives_ce_for_every_criterion():
+    out, y, head = _batch(seed=3)
+    ce = compute_loss("ce", out, y, head)
+    assert math.isclose(ce.loss.item(), _ce(out, y, head), rel_tol=1e-6)
+    for crit in ("trime", "trime_long", "trime_ext"):
+        res = compute_loss(crit, out, y, head, use_ce=True)
+        assert torch.equal(res.loss, ce.loss)
+        assert compute_loss(crit, out, y, head, training=False).loss.item() != ce.loss.item()
+
+
+def test_trime_long_same_device_matches_loops():
+    out, y, head = _batch(seed=4)
+    N, valid = y.numel(), (y.reshape(-1) != PAD).tolist()
+    res = compute_loss("trime_long", out, y, head)
+    want = _ref(out, y, head, lambda i, j: ref.long_visible(i, j, [0, N], valid))
+    assert math.isclose(res.loss.item(), want, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_trime_ext_in_batch_matches_loops(hidden):
+    out, y, head = _batch(seed=5)
+    L, valid = y.shape[1], (y.reshape(-1) != PAD).tolist()
+    res = compute_loss("trime_ext", out, y, head, cross_sent_ratio=float(hidden))
+    assert res.logs["own_hidden"] == float(hidden)
+    pred = lambda i, j: ref.ext_visible(i // L, i % L, j // L, j % L, hidden, valid[j])  # noqa: E731
+    assert math.isclose(res.loss.item(), _ref(out, y, head, pred), rel_tol=1e-5)
+
+
+def test_trime_ext_never_hides_in_evaluation_and_draws_from_the_generator():
+    out, y, head = _batch(B=1, L=3, pads=())
+    assert compute_loss("trime_ext", out, y, head, cross_sent_ratio=1.0, training=False).logs["own_hidden"] == 0.0
+    draws = []
+    for seed in (0, 0, 1):
+        g = torch.Generator().manual_seed(seed)
+        runs = [compute_loss("trime_ext", out, y, head, generator=g, cross_sent_ratio=0.5) for _ in range(40)]
+        draws.append([r.logs["own_hidden"] for r in runs])
+    assert draws[0] == draws[1] != draws[2]
+    assert 8 < sum(draws[0]) < 32
+
+
+def _fake_gather(streams, me, bounds=None):
+    """A 2-rank gather simulated in one process: other ranks' rows are constants (spec §3.2)."""
+    def gather(keys, values):
+        parts = [(keys, values) if r == me else (k.detach(), v) for r, (k, v) in enumerate(streams)]
+        offset = sum(p[0].shape[0] for p in parts[:me])
+        total = sum(p[0].shape[0] for p in parts)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), offset, bounds or [0, total]
+    return gather
+
+
+def test_trime_long_over_ranks_equals_concatenation():
+    out, y, head = _batch(B=4, L=3, seed=6)
+    halves = [(Out(out.h[2 * r : 2 * r + 2], out.q[2 * r : 2 * r + 2]), y[2 * r : 2 * r + 2]) for r in range(2)]
+    streams = [(o.q.reshape(-1, 4), t.reshape(-1)) for o, t in halves]
+    per_rank = [
+        compute_loss("trime_long", o, t, head, gather=_fake_gather(streams, r)) for r, (o, t) in enumerate(halves)
+    ]
+    whole = compute_loss("trime_long", out, y, head)
+    assert math.isclose(sum(r.loss.item() for r in per_rank), whole.loss.item(), rel_tol=1e-6)
+    assert sum(r.n_targets for r in per_rank) == whole.n_targets
+    (g_q,) = torch.autograd.grad(per_rank[1].loss, out.q)  # rank 1 must not reach rank 0's keys
+    assert not g_q[:2].any() and g_q[2:].any()
+
+
+def test_trime_long_groups_block_other_groups():
+    out, y, head = _batch(B=4, L=3, seed=7)
+    N = y.numel()
+    streams = [(out.q.reshape(N, -1)[6 * r : 6 * r + 6], y.reshape(N)[6 * r : 6 * r + 6]) for r in range(2)]
+    mine = Out(out.h[2:], out.q[2:])
+    res = compute_loss("trime_long", mine, y[2:], head, gather=_fake_gather(streams, 1, bounds=[0, 6, 12]))
+    alone = compute_loss("trime_long", mine, y[2:], head)  # group of its own: same memory
+    assert math.isclose(res.loss.item(), alone.loss.item(), rel_tol=1e-6)
+
+
+def test_trime_ext_over_ranks_sees_other_ranks_segments():
+    out, y, head = _batch(B=2, L=4, seed=8)
+    N, L = y.numel(), 4
+    streams = [(out.q.reshape(N, -1)[4 * r : 4 * r + 4], y.reshape(N)[4 * r : 4 * r + 4]) for r in range(2)]
+    mine = Out(out.h[1:], out.q[1:])
+    res = compute_loss("trime_ext", mine, y[1:], head, gather=_fake_gather(streams, 1), cross_sent_ratio=0.0)
+    valid = (y.reshape(N) != PAD).tolist()
+    pred = lambda i, j: ref.ext_visible(1, i, j // L, j % L, False, valid[j])  # noqa: E731
+    h, q, yy = out.h[1].reshape(4, -1), out.q[1].reshape(4, -1), y[1]
+    want = ref.trime_loss(h, q, yy, head, out.q.reshape(N, -1), y.reshape(N), pred, PAD)
+    assert math.isclose(res.loss.item(), want, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("crit", ["trime", "trime_long", "trime_ext"])
+def test_gradients_equal_dense_reference(crit):
+    out, y, head = _batch(seed=9)
+    B, L = y.shape
+    N, d = B * L, out.q.shape[-1]
+    res = compute_loss(crit, out, y, head, cross_sent_ratio=0.0, chunk_size=4)
+    params = [out.h, out.q, head.proj.weight]
+    got = torch.autograd.grad(res.loss, params)
+    yy, valid = y.reshape(N), (y.reshape(N) != PAD).tolist()
+    preds = {
+        "trime": lambda i, j: ref.local_visible(i, j, L, valid),
+        "trime_long": lambda i, j: ref.long_visible(i, j, [0, N], valid),
+        "trime_ext": lambda i, j: ref.ext_visible(i // L, i % L, j // L, j % L, False, valid[j]),
+    }
+    mask = ref.mask_from(preds[crit], N, N)
+    q = out.q.reshape(N, d)
+    scores = (q @ q.T / math.sqrt(d)).masked_fill(~mask, float("-inf"))
+    tlp, tln = head.target_logp(out.h.reshape(N, d), yy)
+    logp = joint.joint_log_prob(tlp, tln, scores, yy, yy)
+    dense = -logp[yy != PAD].sum()
+    assert math.isclose(res.loss.item(), dense.item(), rel_tol=1e-5)
+    for a, b in zip(got, torch.autograd.grad(dense, params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_final_keytype_uses_h():
+    out, y, head = _batch(seed=10)
+    swapped = Out(out.h, out.h)
+    final = compute_loss("trime", out, y, head, keytype="final")
+    assert torch.equal(final.loss, compute_loss("trime", swapped, y, head).loss)
+
+
+def test_bad_options_raise():
+    out, y, head = _batch()
+    with pytest.raises(ConfigError):
+        compute_loss("knn", out, y, head)
+    with pytest.raises(ConfigError):
+        compute_loss("trime", out, y, head, keytype="attn")
+
+
+def test_real_model_runs_every_criterion():
+    tr = pytest.importorskip("trime.model.transformer")
+    from trime.config import ModelConfig
+
+    cfg = ModelConfig(n_layers=1, d_model=16, d_ffn=32, n_heads=2, vocab_size=24, dropout=0.0,
+                      adaptive_softmax_cutoff=[8], adaptive_softmax_factor=2.0)
+    model = tr.build_model(cfg)
+    tokens = torch.randint(4, 24, (2, 6), generator=torch.Generator().manual_seed(0))
+    for crit in ("ce", "trime", "trime_long", "trime_ext"):
+        res = compute_loss(crit, model(tokens), tokens, model.head)
+        res.loss.backward()
+        assert torch.isfinite(res.loss) and res.n_targets == 12
+
+
+def test_trime_ext_keeps_to_its_memory_group():
+    out, y, head = _batch(B=4, L=3, seed=11)
+    N = y.numel()
+    streams = [(out.q.reshape(N, -1)[6 * r : 6 * r + 6], y.reshape(N)[6 * r : 6 * r + 6]) for r in range(2)]
+    mine = Out(out.h[2:], out.q[2:])
+    grouped = compute_loss("trime_ext", mine, y[2:], head, gather=_fake_gather(streams, 1, bounds=[0, 6, 12]),
+                           cross_sent_ratio=0.0)
+    alone = compute_loss("trime_ext", mine, y[2:], head, cross_sent_ratio=0.0)
+    assert math.isclose(grouped.loss.item(), alone.loss.item(), rel_tol=1e-6)
+
+
+def test_trime_ext_refuses_a_segment_twice():
+    out, y, head = _batch(B=2, L=3)
+    with pytest.raises(DataError):
+        compute_loss("trime_ext", out, y, head, seg_ids=torch.tensor([7, 7]))
+    ok = compute_loss("trime_ext", out, y, head, seg_ids=torch.tensor([7, 8]), cross_sent_ratio=0.0)
+    assert ok.loss.item() == compute_loss("trime_ext", out, y, head, cross_sent_ratio=0.0).loss.item()
+
+
+def test_memory_math_stays_float32_under_autocast():
+    out, y, head = _batch(seed=12)
+    want = compute_loss("trime_long", out, y, head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compute_loss("trime_long", out, y, head)
+        (g,) = torch.autograd.grad(got.loss, out.q)
+    assert got.loss.dtype == torch.float32 and torch.isfinite(g).all()
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-2)  # only the head's matmul is bf16
