@@ -165,12 +165,16 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the CPU clock is process time)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the rows for bench/run as JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.device)))
         return
     device = torch.device(args.device)
+    if args.json:
+        print(json.dumps(rows(device, args.reps)))
+        return
     clock = "wall" if device.type == "cuda" else "process CPU"
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     t = step_times(device, args.reps)
@@ -194,6 +198,22 @@ def main() -> None:
         print(f"{k:<12}{m[k]['peak_mib']:>10.1f}{m[k]['seconds']:>10.3f}")
     print(f"dense / chunked memory: {m['dense']['peak_mib'] / max(m['chunked']['peak_mib'], 1e-9):.1f}×; "
           f"loss difference {abs(m['dense']['loss'] - m['chunked']['loss']):.2e}")
+
+
+def rows(device, reps: int) -> list[dict]:
+    """The same measurements as bench/run rows (see bench/common.py)."""
+    t = step_times(device, reps)
+    out = []
+    for c, goal in (("trime", "≤ 1.03"), ("trime_long", "≤ 1.10")):
+        ratio = statistics.median(a / b for a, b in zip(t[c], t["ce"]))
+        what = "4 segments of memory" if c == "trime_long" else "local memory"
+        out.append({"bench": "loss", "measure": f"{c} step time ({what}) vs ce", "value": statistics.median(t[c]),
+                    "baseline": statistics.median(t["ce"]), "ratio": ratio, "goal": goal, "unit": "s"})
+    m = memory(device)
+    out.append({"bench": "loss", "measure": "peak memory, chunked vs dense joint softmax (12k-token memory)",
+                "value": m["chunked"]["peak_mib"], "baseline": m["dense"]["peak_mib"],
+                "ratio": m["chunked"]["peak_mib"] / max(m["dense"]["peak_mib"], 1e-9), "goal": "≤ 0.25", "unit": "MiB"})
+    return out
 
 
 if __name__ == "__main__":

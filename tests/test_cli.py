@@ -62,3 +62,21 @@ def test_checkpoint_without_config(tmp_path):
                                          (["--criterion", "trime_ext"], "--predefined-batches")])
 def test_bad_flag_combinations(tmp_path, flags, words):
     assert_user_error(trime("train", tmp_path, "--preset", "micro", *flags), words)
+
+
+def test_bm25_batches_feed_trime_ext(tmp_path):
+    import json
+
+    corpus = make_corpus(tmp_path / "corpus", n_lines=200)
+    assert trime("data", "prepare", corpus, "--out", tmp_path / "data").returncode == 0
+    p = trime("bm25", "batches", tmp_path / "data", "--tokens-per-sample", "32", "--out", tmp_path / "b.json")
+    assert p.returncode == 0, p.stderr
+    order = json.loads((tmp_path / "b.json").read_text())
+    assert sorted(order) == list(range(len(order)))
+    p = trime("train", tmp_path / "data", "--preset", "micro", "--criterion", "trime_ext", "--predefined-batches",
+              tmp_path / "b.json", "--max-update", "2", "--save-dir", tmp_path / "run")
+    assert p.returncode == 0, p.stderr
+    (tmp_path / "short.json").write_text(json.dumps(order[:-1]))
+    p = trime("train", tmp_path / "data", "--preset", "micro", "--criterion", "trime_ext", "--predefined-batches",
+              tmp_path / "short.json", "--max-update", "2", "--save-dir", tmp_path / "run2")
+    assert_user_error(p, "short.json")

@@ -112,6 +112,36 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
           f"--interp-temp {best['interp_temp']:g} --k {best['k']} -> Perplexity: {best['ppl']:.2f}")
 
 
+def cmd_bm25(ns: argparse.Namespace) -> None:
+    from trime import bm25, io
+
+    step = ns.bm25_command
+    if step == "batches":
+        bm25.bm25_batches(ns.data, ns.tokens_per_sample, ns.out, work_dir=ns.work_dir, seed=ns.seed, top_k=ns.top_k,
+                          num_shards=ns.num_shards, n_threads=ns.threads)
+    elif step == "segments":
+        from trime.data.prepare import load_dictionary, load_split
+
+        n = bm25.write_segments(load_split(ns.data, "train"), load_dictionary(ns.data).symbols, ns.tokens_per_sample, ns.out)
+        print(f"| {n} segments in {ns.out}")
+    elif step == "index":
+        bm25.build_index(ns.segments, ns.out)
+    elif step == "search":
+        bm25.search(ns.index, ns.segments, ns.out, top_k=ns.top_k, num_shards=ns.num_shards, shard_id=ns.shard_id,
+                    n_threads=ns.threads)
+    elif step == "chain":
+        n = io.read_meta(ns.index, "bm25_index")["n_segments"]
+        io.write_json(ns.out, bm25.chain(ns.results, n, seed=ns.seed))
+        print(f"| order of {n} segments in {ns.out}")
+
+
+def cmd_convert(ns: argparse.Namespace) -> None:
+    from trime.model.fairseq_import import convert
+
+    out = convert(ns.checkpoint, ns.out, dict_path=ns.dict, trust=ns.trust_checkpoint)
+    print(f"| trime checkpoint in {out}")
+
+
 def cmd_reproduce(ns: argparse.Namespace) -> None:
     from trime.reproduce import reproduce
 
@@ -173,6 +203,48 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--interp-temp", type=_floats, default=[1.0], help="kNN temperatures T")
     sw.add_argument("--k", type=_floats, default=None, help="neighbour counts (at most the cached k)")
     sw.set_defaults(func=cmd_sweep)
+
+    bm = sub.add_parser("bm25", help="BM25 batch order for trime_ext (--predefined-batches)")
+    bms = bm.add_subparsers(dest="bm25_command", required=True)
+    b = bms.add_parser("batches", help="the whole pipeline: segments, index, search, chain → a JSON list of segment ids")
+    b.add_argument("data", help="prepared data directory (its train split)")
+    b.add_argument("--out", required=True, help="JSON file to write")
+    b.add_argument("--work-dir", help="intermediate files (default: OUT without suffix + .work)")
+    for q in (b,):
+        q.add_argument("--tokens-per-sample", type=int, required=True, help="segment length L, as in training")
+        q.add_argument("--seed", type=int, default=1, help="seed of the fallback order")
+        q.add_argument("--top-k", type=int, default=20, help="hits per segment")
+        q.add_argument("--num-shards", type=int, default=1, help="search shards (resumable one by one)")
+        q.add_argument("--threads", type=int, default=0, help="search threads (0: all cores)")
+    b = bms.add_parser("segments", help="the training segments as JSON lines {id, contents}")
+    b.add_argument("data", help="prepared data directory")
+    b.add_argument("--tokens-per-sample", type=int, required=True)
+    b.add_argument("--out", required=True, help="JSON-lines file to write")
+    b = bms.add_parser("index", help="a BM25 index of the segments (bm25s format)")
+    b.add_argument("segments", help="JSON-lines file from `trime bm25 segments`")
+    b.add_argument("--out", required=True, help="index directory")
+    b = bms.add_parser("search", help="each segment's text as a query: its top-k segments, by shard")
+    b.add_argument("index", help="index directory")
+    b.add_argument("segments", help="the JSON-lines file the index was built from")
+    b.add_argument("--out", required=True, help="results directory (shard{k}.jsonl)")
+    b.add_argument("--top-k", type=int, default=20)
+    b.add_argument("--num-shards", type=int, default=1)
+    b.add_argument("--shard-id", type=int, default=None, help="do only this shard (e.g. one per machine)")
+    b.add_argument("--threads", type=int, default=0)
+    b = bms.add_parser("chain", help="chain similar segments into one order (a permutation of all ids)")
+    b.add_argument("results", help="results directory with every shard")
+    b.add_argument("--index", required=True, help="the index directory (for the segment count)")
+    b.add_argument("--out", required=True, help="JSON file to write")
+    b.add_argument("--seed", type=int, default=1)
+    bm.set_defaults(func=cmd_bm25)
+
+    cv = sub.add_parser("convert", help="convert a fairseq / original TRIME checkpoint (.pt) to a trime checkpoint")
+    cv.add_argument("checkpoint", help="fairseq checkpoint file (checkpoint_best.pt)")
+    cv.add_argument("--out", required=True, help="trime checkpoint directory to write")
+    cv.add_argument("--dict", help="the dict.txt of its data (default: dict.txt next to the .pt)")
+    cv.add_argument("--trust-checkpoint", action="store_true",
+                    help="allow pickled objects beyond the allow-list (runs code from the file: only for files you trust)")
+    cv.set_defaults(func=cmd_convert)
 
     r = sub.add_parser("reproduce", help="the main job: prepare, train, evaluate and compare on one corpus")
     r.add_argument("--preset", default="tiny", help="size preset (tiny for a CPU)")
