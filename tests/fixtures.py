@@ -38,3 +38,17 @@ def make_data(root: Path, n_lines: int = 300) -> Path:
 
     corpus = make_corpus(root / "corpus", n_lines)
     return prepare_corpus(corpus, root / "data-bin")
+
+
+def micro_checkpoint(root: Path, data: Path, seed: int = 0, **model) -> Path:
+    """A randomly initialised micro-preset model of the data's vocabulary, saved as a checkpoint."""
+    import torch
+
+    from trime import config as C
+    from trime.checkpoint import save_checkpoint
+    from trime.data.prepare import load_dictionary
+    from trime.model.transformer import build_model
+
+    torch.manual_seed(seed)
+    cfg = C.build(C.ModelConfig, C.load_preset("micro")["model"], {"vocab_size": len(load_dictionary(data)), **model})
+    return save_checkpoint(root / "ckpt", build_model(cfg), cfg, data / "dict.txt")

@@ -6,25 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_data
+from tests.fixtures import make_data, micro_checkpoint
 from tests.reference import joint_log_prob as ref_joint
 from trime import config as C
-from trime.checkpoint import load_model, save_checkpoint
+from trime.checkpoint import load_model
 from trime.data.blocks import eval_windows, window
-from trime.data.prepare import load_dictionary, load_split
+from trime.data.prepare import load_split
 from trime.evaluate import evaluate
-from trime.model.transformer import build_model
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = make_data(root, n_lines=120)
-    torch.manual_seed(0)
-    cfg = C.build(C.ModelConfig, C.load_preset("micro")["model"], {"vocab_size": len(load_dictionary(data))})
-    model = build_model(cfg)
-    ckpt = save_checkpoint(root / "ckpt", model, cfg, data / "dict.txt")
-    return data, ckpt
+    return data, micro_checkpoint(root, data)
 
 
 def eval_cfg(data, ckpt, **kw):

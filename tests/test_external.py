@@ -6,27 +6,24 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_data
+from tests.fixtures import make_data, micro_checkpoint
 from tests.reference import joint_log_prob as ref_joint
 from trime import config as C
-from trime.checkpoint import load_model, save_checkpoint
+from trime.checkpoint import load_model
 from trime.data.blocks import eval_windows, window
-from trime.data.prepare import load_dictionary, load_split
+from trime.data.prepare import load_split
 from trime.errors import DatastoreError
 from trime.evaluate import evaluate
 from trime.external import build_datastore
 from trime.memory.datastore import Datastore
 from trime.memory.index import build_index
-from trime.model.transformer import build_model
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("ext")
     data = make_data(root, n_lines=120)
-    torch.manual_seed(0)
-    cfg = C.build(C.ModelConfig, C.load_preset("micro")["model"], {"vocab_size": len(load_dictionary(data))})
-    ckpt = save_checkpoint(root / "ckpt", build_model(cfg), cfg, data / "dict.txt")
+    ckpt = micro_checkpoint(root, data)
     ds_cfg = C.DatastoreConfig(data=str(data), path=str(ckpt), out=str(root / "dstore"), context_window=8,
                                batch_size=3, key_dtype="float32", device="cpu", amp="none")
     dstore = build_datastore(ds_cfg)
@@ -129,8 +126,7 @@ def test_interpolation_matches_brute_force_and_lambda_zero_is_identity(store):
 
 def test_mismatched_datastore_is_refused(store, tmp_path):
     data, ckpt, dstore, index, _ = store
-    cfg = C.build(C.ModelConfig, C.load_preset("micro")["model"], {"vocab_size": len(load_dictionary(data)), "d_model": 16})
-    other = save_checkpoint(tmp_path / "other", build_model(cfg), cfg, data / "dict.txt")
+    other = micro_checkpoint(tmp_path, data, d_model=16)
     with pytest.raises(DatastoreError, match="dimension"):
         evaluate(C.build(C.EvalConfig, C.to_dict(ecfg(store, use_external=True)), {"path": str(other)}))
 

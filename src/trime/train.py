@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from trime import distributed as dist
 from trime import io
-from trime.checkpoint import load_trainer_state, save_checkpoint, state_dict_unique
-from trime.config import ModelConfig, TrainConfig, build, to_dict
+from trime.checkpoint import load_trainer_state, save_checkpoint
+from trime.config import ModelConfig, TrainConfig, to_dict
 from trime.data.batching import epoch_batches, valid_batches
 from trime.data.blocks import num_segments, segment
 from trime.errors import ConfigError, DataError

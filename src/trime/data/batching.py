@@ -51,7 +51,6 @@ def epoch_batches(
     if mode == "consecutive":
         batches = _chunks(np.arange(n_segments), segments_per_batch)
         c = num_comb_shards
-        n_groups = world_size // c
         per_group = len(batches) // world_size * c  # equal share for every rank
         group, p = divmod(rank, c)
         mine = batches[group * per_group : (group + 1) * per_group]
