@@ -71,3 +71,34 @@ def test_resume_refuses_another_model(data, tmp_path):
     bigger = C.build(C.ModelConfig, C.to_dict(model), {"n_layers": 3})
     with pytest.raises(C.ConfigError, match="another model"):
         fit(bigger, cfg)
+
+
+def test_ce_warmup_switches_after_its_epochs(data, tmp_path):
+    model, cfg = configs(data, tmp_path / "run", max_epoch=3, criterion="trime", ce_warmup_epoch=2)
+    run = fit(model, cfg)
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["kind"] == "train"]
+    assert {(x["epoch"], x["use_ce"]) for x in train} == {(1, True), (2, True), (3, False)}
+    assert all(x["loss"] == x["ce_loss"] for x in train if x["use_ce"])
+    assert all(x["loss"] != x["ce_loss"] for x in train if not x["use_ce"])
+
+
+def test_torchrun_two_processes_long_memory(data, tmp_path):
+    """`torchrun -m trime train` with 2 gloo ranks gathering long memory (spec §3.2)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "trime", "train", str(data), "--preset", "micro", "--criterion",
+           "trime_long", "--keep-order", "--train-mem-size", "256", "--max-update", "3", "--device", "cpu",
+           "--save-dir", str(tmp_path / "run")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [x["update"] for x in lines if x["kind"] == "train"] == [1, 2, 3]
+    state = torch.load(tmp_path / "run" / "checkpoint_last" / "trainer.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # each rank's RNG state is kept for resuming

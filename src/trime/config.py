@@ -218,9 +218,11 @@ class ReproduceConfig:
     k: int = opt(64, "neighbours retrieved from the datastore")
     probe: int = opt(8, "faiss nprobe")
     n_lists: int = opt(0, "IVF lists of the datastore indexes (0: sized from the datastore)")
-    softmax_temps: list[float] = opt([0.7, 0.85, 1.0, 1.2, 1.5], "τ grid tuned on valid")
+    index_train_size: int = opt(1_000_000, "keys sampled to train the datastore indexes")
+    tune_tokens: int = opt(20000, "valid tokens whose neighbours are cached, all of them, for tuning (0: all)")
+    softmax_temps: list[float] = opt([0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0, 16.0], "τ grid tuned on valid")
     lmbdas: list[float] = opt([0.05, 0.1, 0.2, 0.3, 0.4], "λ grid tuned on valid")
-    interp_temps: list[float] = opt([1.0, 2.0, 4.0, 8.0, 16.0], "kNN temperature grid tuned on valid")
+    interp_temps: list[float] = opt([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], "kNN temperature grid tuned on valid")
     train_tokens_per_s: float = opt(4000.0, "expected training speed, for the time estimate printed up front")
     eval_tokens_per_s: float = opt(12000.0, "expected scoring speed (window tokens/s), for the estimate")
 

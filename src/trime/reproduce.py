@@ -130,7 +130,8 @@ class Pipeline:
         index = d / "knn.index.ip"
         if not index.exists():
             self.say(f"faiss index of {name}")
-        build_index(d, index, metric="ip", probe=self.rc.probe, n_lists=self.rc.n_lists or None)
+        build_index(d, index, metric="ip", probe=self.rc.probe, n_lists=self.rc.n_lists or None,
+                    train_size=self.rc.index_train_size)
         return d, index
 
     # 4. evaluation -------------------------------------------------------------------------
@@ -154,8 +155,9 @@ class Pipeline:
         if path.exists():
             return json.loads(path.read_text())["best"]
         cache = self.out / "evals" / f"{slug(system.name)}.neighbors"
-        if not io.is_complete(cache):
-            evaluate(self.eval_cfg(system, "valid", save_neighbors=str(cache)))
+        if not io.is_complete(cache):  # every memory entry kept, so re-scoring is exact
+            evaluate(self.eval_cfg(system, "valid", save_neighbors=str(cache), neighbors_top=0,
+                                   max_eval_tokens=self.rc.tune_tokens))
         grid = {"softmax_temp": self.rc.softmax_temps if "softmax_temp" in system.tune else [1.0],
                 "lmbda": self.rc.lmbdas if "lmbda" in system.tune else [0.0],
                 "interp_temp": self.rc.interp_temps if "interp_temp" in system.tune else [1.0]}
