@@ -84,7 +84,8 @@ def test_ce_warmup_switches_after_its_epochs(data, tmp_path):
 
 
 def test_torchrun_two_processes_long_memory(data, tmp_path):
-    """`torchrun -m trime train` with 2 gloo ranks gathering long memory (spec §3.2)."""
+    """`torchrun -m trime train` with 2 gloo ranks gathering long memory (spec §3.2), adaptive softmax
+    (whose rare tail clusters may get no gradient in a step)."""
     import socket
     import subprocess
     import sys
@@ -95,7 +96,8 @@ def test_torchrun_two_processes_long_memory(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(port), "-m", "trime", "train", str(data), "--preset", "micro", "--criterion",
            "trime_long", "--keep-order", "--train-mem-size", "256", "--max-update", "3", "--device", "cpu",
-           "--save-dir", str(tmp_path / "run")]
+           "--adaptive-input", "--adaptive-input-cutoff", "20,40", "--adaptive-softmax-cutoff", "20,40",
+           "--tie-adaptive-weights", "--no-share-decoder-input-output-embed", "--save-dir", str(tmp_path / "run")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -220,7 +220,7 @@ class ReproduceConfig:
     n_lists: int = opt(0, "IVF lists of the datastore indexes (0: sized from the datastore)")
     index_train_size: int = opt(1_000_000, "keys sampled to train the datastore indexes")
     tune_tokens: int = opt(20000, "valid tokens whose neighbours are cached, all of them, for tuning (0: all)")
-    softmax_temps: list[float] = opt([0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0, 16.0], "τ grid tuned on valid")
+    softmax_temps: list[float] = opt([0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0, 16.0, 32.0], "τ grid tuned on valid")
     lmbdas: list[float] = opt([0.05, 0.1, 0.2, 0.3, 0.4], "λ grid tuned on valid")
     interp_temps: list[float] = opt([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], "kNN temperature grid tuned on valid")
     train_tokens_per_s: float = opt(4000.0, "expected training speed, for the time estimate printed up front")

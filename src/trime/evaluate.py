@@ -31,7 +31,7 @@ from tqdm import tqdm
 from trime import io
 from trime.checkpoint import DICT, load_model, model_fingerprint
 from trime.config import EvalConfig
-from trime.data.blocks import eval_windows, window
+from trime.data.blocks import eval_windows, input_tokens
 from trime.errors import CheckpointError
 from trime.memory.cache import MemoryFIFO
 from trime.memory.joint import combine, score_stats
@@ -153,13 +153,12 @@ def batches(tokens: np.ndarray, windows: np.ndarray, batch_size: int, device):
     """Yield (inputs (b, T), labels (b, T), n_ctx, n_score) for consecutive windows."""
     for i in range(0, len(windows), batch_size):
         chunk = windows[i : i + batch_size]
-        pairs = [window(tokens, int(s), int(e), int(c)) for s, e, c in chunk]
-        T = max(len(p[0]) for p in pairs)
-        inputs = torch.full((len(pairs), T), PAD, dtype=torch.long)
-        labels = torch.full((len(pairs), T), PAD, dtype=torch.long)
-        for j, ((inp, _), (s, e, c)) in enumerate(zip(pairs, chunk)):
-            inputs[j, : len(inp)] = torch.from_numpy(inp)
-            labels[j, : len(inp)] = torch.from_numpy(np.asarray(tokens[s - c : e], dtype=np.int64))
+        T = int((chunk[:, 1] - chunk[:, 0] + chunk[:, 2]).max())
+        inputs = torch.full((len(chunk), T), PAD, dtype=torch.long)
+        labels = torch.full((len(chunk), T), PAD, dtype=torch.long)
+        for j, (s, e, c) in enumerate(chunk.tolist()):
+            inputs[j, : e - s + c] = torch.from_numpy(input_tokens(tokens, s - c, e).astype(np.int64))
+            labels[j, : e - s + c] = torch.from_numpy(np.asarray(tokens[s - c : e], dtype=np.int64))
         yield inputs.to(device), labels.to(device), chunk[:, 2].tolist(), (chunk[:, 1] - chunk[:, 0]).tolist()
 
 

@@ -190,7 +190,9 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress
     group = _group_size(cfg)
     objective = Objective(model, cfg, dist.make_group_gather(group) if group > 1 else None)
     progress = _resume(run_dir, model, optimizer, objective, scaler, device)
-    wrapped = dist.wrap_ddp(objective)
+    # adaptive bands and tail clusters without a token in a batch get no gradient that step
+    adaptive = bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
+    wrapped = dist.wrap_ddp(objective, find_unused_parameters=adaptive)
     n_seg = num_segments(len(train_tokens), cfg.tokens_per_sample)
     mode, order = _batch_order(cfg, n_seg)
     loop = _Loop(cfg, model_cfg, run_dir, model, objective, wrapped, optimizer, scaler, lr_at, device, amp)

@@ -256,6 +256,7 @@ class Index:
         self.index, self.info, self.path = index, info, path
         self.metric, self.dim, self.rows = info["metric"], int(info["dim"]), int(info["rows"])
         self._warned_k = self._warned_holes = False
+        self._vectors: torch.Tensor | None = None  # flat kind on CPU: the keys, for exact search in torch
 
     @classmethod
     def open(cls, path, *, probe: int = 8, use_gpu="auto", mmap: bool = False) -> "Index":
@@ -276,7 +277,10 @@ class Index:
             index = _gpu_clone(index)
             if info["kind"] == "ivfpq":
                 index.nprobe = probe
-        return cls(index, info, path)
+        out = cls(index, info, path)
+        if info["kind"] == "flat" and not gpu:  # exact search is faster as one matmul + topk in torch
+            out._vectors = torch.from_numpy(index.reconstruct_n(0, index.ntotal))  # (R, d) float32
+        return out
 
     @property
     def ntotal(self) -> int:
@@ -306,6 +310,9 @@ class Index:
         if k_eff < k and not self._warned_k:
             warnings.warn(f"k = {k} is larger than the index ({self.ntotal} rows); searching k = {k_eff}", stacklevel=2)
             self._warned_k = True
+        if self._vectors is not None:
+            scores, ids = self._exact_search(torch.from_numpy(x), k_eff)
+            return scores.to(device), ids.to(device), torch.ones_like(ids, dtype=torch.bool).to(device)
         dist, ids = self.index.search(x, k_eff)  # (n, k'), (n, k')
         scores = torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float32))
         if self.metric == "l2":
@@ -319,3 +326,18 @@ class Index:
             scores = scores.masked_fill(~valid, float("-inf"))
             ids = ids.masked_fill(~valid, 0)
         return scores.to(device), ids.to(device), valid.to(device)
+
+    def _exact_search(self, x: torch.Tensor, k: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k similarities of queries x (n, d) against every key, ``chunk`` queries at a time."""
+        keys = self._vectors  # (R, d)
+        sq = (keys * keys).sum(1) if self.metric == "l2" else None  # (R,)
+        scores, ids = [], []
+        for a in range(0, x.shape[0], chunk):
+            q = x[a : a + chunk]
+            sim = q @ keys.T  # (c, R)
+            if sq is not None:  # −‖q − k‖² = 2 q·k − ‖k‖² − ‖q‖²
+                sim = 2 * sim - sq - (q * q).sum(1, keepdim=True)
+            top = sim.topk(k, dim=1)
+            scores.append(top.values)
+            ids.append(top.indices)
+        return torch.cat(scores), torch.cat(ids)
