@@ -76,11 +76,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """Build an artifact directory under a temporary name; rename it into place on success.
 
     The caller writes ``meta.json`` (with :func:`write_meta`) as its last step. If ``path``
-    already holds a complete artifact and ``overwrite`` is false, that is an error.
+    already holds a complete artifact and ``overwrite`` is false, that is an error; anything else
+    already at ``path`` (a file, or a directory that is not an empty one or a trime artifact) is
+    never replaced, so a mistyped output path cannot delete a user's files.
     """
     path = Path(path)
     if is_complete(path) and not overwrite:
         raise DataError(f"{path}: already exists (remove it or pass --overwrite)")
+    if path.exists() and not is_complete(path) and (not path.is_dir() or any(path.iterdir())):
+        raise DataError(f"{path}: exists and is not a trime artifact (no {META}); choose another output path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     if tmp.exists():
