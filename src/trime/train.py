@@ -212,7 +212,8 @@ def _resume(run_dir: Path, model, optimizer, objective, scaler, device) -> Progr
     if state is None:
         raise DataError(f"{last}: no trainer state to resume from")
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     rng = state["rng"][min(dist.rank(), len(state["rng"]) - 1)]
     torch.set_rng_state(rng["torch"])
     if device.type == "cuda" and rng.get("cuda") is not None:
