@@ -65,6 +65,7 @@ class Pipeline:
                           source=preset)
         self.L = C.build(C.TrainConfig, self.train_layer).tokens_per_sample
         self.data = out / "data-bin"
+        self.stores: dict[str, tuple[Path, Path]] = {}  # checked once per run, not per evaluation
         self.t0 = time.time()
 
     def say(self, msg: str) -> None:
@@ -121,6 +122,8 @@ class Pipeline:
         from trime.external import build_datastore
         from trime.memory.index import build_index
 
+        if name in self.stores:
+            return self.stores[name]
         d = self.out / "dstore" / name
         if not io.is_complete(d):
             self.say(f"datastore of {name} over the training set")
@@ -132,6 +135,7 @@ class Pipeline:
             self.say(f"faiss index of {name}")
         build_index(d, index, metric="ip", probe=self.rc.probe, n_lists=self.rc.n_lists or None,
                     train_size=self.rc.index_train_size)
+        self.stores[name] = d, index
         return d, index
 
     # 4. evaluation -------------------------------------------------------------------------
