@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, row, synthetic_corpus  # noqa: E402
+from common import emit, row, synthetic_corpus
 
-from trime import config as C  # noqa: E402
+from trime import config as C
 
 
 def bare_loop(model_cfg, cfg, data: Path, updates: int, warm: int) -> float:
@@ -79,9 +79,18 @@ def main(argv=None) -> list[dict]:
         data = synthetic_corpus(root, 400_000, 20_000)
         model_cfg = C.build(C.ModelConfig, preset["model"])
         warm = 2
-        layers = {**preset["train"], "data": str(data), "save_dir": str(root / "run"), "max_update": a.updates + warm,
-                  "max_time": 0.0, "log_interval": 1, "save_interval_updates": 0, "criterion": "ce", "clip_norm": 0.0,
-                  "device": "cpu"}
+        layers = {
+            **preset["train"],
+            "data": str(data),
+            "save_dir": str(root / "run"),
+            "max_update": a.updates + warm,
+            "max_time": 0.0,
+            "log_interval": 1,
+            "save_interval_updates": 0,
+            "criterion": "ce",
+            "clip_norm": 0.0,
+            "device": "cpu",
+        }
         cfg = C.build(C.TrainConfig, layers)
         from trime.data.prepare import load_dictionary
 

@@ -23,11 +23,32 @@ def assert_user_error(proc, words):
 def test_micro_workflow_end_to_end(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_lines=200)
     assert trime("data", "prepare", corpus, "--out", tmp_path / "data").returncode == 0
-    p = trime("train", tmp_path / "data", "--preset", "micro", "--criterion", "trime", "--max-update", "4",
-              "--save-dir", tmp_path / "run")
+    p = trime(
+        "train",
+        tmp_path / "data",
+        "--preset",
+        "micro",
+        "--criterion",
+        "trime",
+        "--max-update",
+        "4",
+        "--save-dir",
+        tmp_path / "run",
+    )
     assert p.returncode == 0, p.stderr
-    p = trime("eval", tmp_path / "data", "--path", tmp_path / "run", "--context-window", "16", "--use-local",
-              "--softmax-temp", "1.1", "--gen-subset", "test")
+    p = trime(
+        "eval",
+        tmp_path / "data",
+        "--path",
+        tmp_path / "run",
+        "--context-window",
+        "16",
+        "--use-local",
+        "--softmax-temp",
+        "1.1",
+        "--gen-subset",
+        "test",
+    )
     assert p.returncode == 0, p.stderr
     assert "Loss (base 2): " in p.stdout and ", Perplexity: " in p.stdout
 
@@ -58,8 +79,9 @@ def test_checkpoint_without_config(tmp_path):
     assert_user_error(trime("eval", tmp_path / "d", "--path", tmp_path / "ckpt"), "ckpt")
 
 
-@pytest.mark.parametrize("flags,words", [(["--max-tokens", "100"], "--max-tokens"),
-                                         (["--criterion", "trime_ext"], "--predefined-batches")])
+@pytest.mark.parametrize(
+    "flags,words", [(["--max-tokens", "100"], "--max-tokens"), (["--criterion", "trime_ext"], "--predefined-batches")]
+)
 def test_bad_flag_combinations(tmp_path, flags, words):
     assert_user_error(trime("train", tmp_path, "--preset", "micro", *flags), words)
 
@@ -73,10 +95,34 @@ def test_bm25_batches_feed_trime_ext(tmp_path):
     assert p.returncode == 0, p.stderr
     order = json.loads((tmp_path / "b.json").read_text())
     assert sorted(order) == list(range(len(order)))
-    p = trime("train", tmp_path / "data", "--preset", "micro", "--criterion", "trime_ext", "--predefined-batches",
-              tmp_path / "b.json", "--max-update", "2", "--save-dir", tmp_path / "run")
+    p = trime(
+        "train",
+        tmp_path / "data",
+        "--preset",
+        "micro",
+        "--criterion",
+        "trime_ext",
+        "--predefined-batches",
+        tmp_path / "b.json",
+        "--max-update",
+        "2",
+        "--save-dir",
+        tmp_path / "run",
+    )
     assert p.returncode == 0, p.stderr
     (tmp_path / "short.json").write_text(json.dumps(order[:-1]))
-    p = trime("train", tmp_path / "data", "--preset", "micro", "--criterion", "trime_ext", "--predefined-batches",
-              tmp_path / "short.json", "--max-update", "2", "--save-dir", tmp_path / "run2")
+    p = trime(
+        "train",
+        tmp_path / "data",
+        "--preset",
+        "micro",
+        "--criterion",
+        "trime_ext",
+        "--predefined-batches",
+        tmp_path / "short.json",
+        "--max-update",
+        "2",
+        "--save-dir",
+        tmp_path / "run2",
+    )
     assert_user_error(p, "short.json")

@@ -50,6 +50,8 @@ def test_cross_field_rules():
 
 
 def test_list_flags_parse():
-    ns = build_parser().parse_args(["train", "D", "--adaptive-softmax-cutoff", "20000,60000", "--adam-betas", "0.9,0.98"])
+    ns = build_parser().parse_args(
+        ["train", "D", "--adaptive-softmax-cutoff", "20000,60000", "--adam-betas", "0.9,0.98"]
+    )
     assert C.overrides_from_args(ns, C.ModelConfig)["adaptive_softmax_cutoff"] == [20000, 60000]
     assert C.overrides_from_args(ns, C.TrainConfig)["adam_betas"] == [0.9, 0.98]

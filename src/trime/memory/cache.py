@@ -49,8 +49,9 @@ class MemoryFIFO:
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append n entries (keys (n, d), values (n,)) and keep the last ``size``."""
         if keys.dim() != 2 or values.dim() != 1 or keys.shape[0] != values.shape[0]:
-            raise ValueError(f"append needs keys (n, d) and values (n,), got {tuple(keys.shape)} "
-                             f"and {tuple(values.shape)}")
+            raise ValueError(
+                f"append needs keys (n, d) and values (n,), got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
         keys = keys.detach()
         values = values.detach().to(device=keys.device, dtype=torch.long)
         if self.size == 0:
