@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from trime.data import bm25
-from trime.io import read_meta
+from trime.io import read_meta, shard_range
 
 WT103_TOKENS, WT103_VOCAB, WT103_ARTICLE = 103_227_021, 267_735, 3_600
 STOP = ["the", "of", "and", "in", "to", "a", "was", "is", "for", "on", "as", "by", "with", "that", "at"]
@@ -77,8 +77,8 @@ def run(tokens, symbols, L: int, work: Path, num_shards: int, measure: int, thre
     clock = Clock()
     seg, idx, res = work / "segments.jsonl", work / "index", work / "results"
     n_seg = clock("segments", bm25.write_segments, tokens, symbols, L, seg)
-    clock("index", bm25.build_index_from_tokens, tokens, symbols, L, seg, idx)
-    ranges = [bm25.shard_range(n_seg, num_shards, k) for k in range(measure)]
+    clock("index", lambda: bm25.build_index(seg, idx, analysed=bm25.analyze_tokens(tokens, symbols, L)))
+    ranges = [shard_range(n_seg, k, num_shards) for k in range(measure)]
     done = sum(hi - lo for lo, hi in ranges)
     out = {"n_seg": n_seg, "clock": clock, "searched": done}
     if measure < num_shards:  # the parts of bm25.search, so that the index is loaded once

@@ -17,7 +17,8 @@ import pytest
 from trime.data import bm25
 from trime.data.batching import load_batch_order
 from trime.data.blocks import input_tokens, segment_bounds
-from trime.errors import ConfigError, DataError
+from trime.errors import DataError
+from trime.io import shard_range
 
 SYMBOLS = [
     "<s>",
@@ -221,7 +222,7 @@ def test_search_resumes_by_shard(tmp_path, monkeypatch):
 def write_results(path, hits, shards=2):
     path.mkdir()
     for k in range(shards):
-        lo, hi = bm25.shard_range(len(hits), shards, k)
+        lo, hi = shard_range(len(hits), k, shards)
         lines = [json.dumps({"id": i, "retrieval": hits[i]}) + "\n" for i in range(lo, hi)]
         (path / f"shard{k}.jsonl").write_text("".join(lines))
 
@@ -317,8 +318,6 @@ def test_bm25_batches_pipeline(tmp_path, fake_prepare, capsys):
     assert (tmp_path / "b.json").read_bytes() == out.read_bytes()  # same seed, same file
     with pytest.raises(DataError, match="another setup"):
         bm25.bm25_batches("data", 64, tmp_path / "a/bm25_batches.json")
-    with pytest.raises(ConfigError, match="pyserini is not supported"):
-        bm25.bm25_batches("data", 50, tmp_path / "c.json", backend="pyserini")
 
 
 def test_load_batch_order_rejects_bad_files(tmp_path):

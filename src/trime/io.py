@@ -103,6 +103,14 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             shutil.rmtree(tmp)
 
 
+def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Items [start, end) of shard ``shard`` of ``num_shards`` over n items: contiguous, in order,
+    sizes differing by at most one (datastore rows per rank, BM25 queries per search shard)."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} outside 0..{num_shards - 1}")
+    return n * shard // num_shards, n * (shard + 1) // num_shards
+
+
 def is_complete(path: str | os.PathLike) -> bool:
     """True when ``path`` is an artifact directory whose meta.json was written."""
     return (Path(path) / META).is_file()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trime.errors import DatastoreError
-from trime.memory.datastore import Datastore, DatastoreWriter, build_datastore, merge_shards, resume_from, shard_range
+from trime.io import shard_range
+from trime.memory.datastore import Datastore, DatastoreWriter, build_datastore, merge_shards, resume_from
 
 D, ROWS, BLOCK, VOCAB = 8, 103, 10, 50
 META = {"key_type": "last_ffn_input", "vocab_size": VOCAB, "model_fingerprint": "m1", "split_fingerprint": "s1"}

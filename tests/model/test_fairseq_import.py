@@ -11,6 +11,7 @@ import collections
 import datetime
 import functools
 import gzip
+import importlib
 import json
 import math
 import os
@@ -244,7 +245,7 @@ def test_convert_refuses_a_dictionary_of_another_size(tmp_path):
 @pytest.mark.parametrize("level", ["word", "char"])
 def test_prepare_reproduces_fairseq_preprocess(tmp_path, level):
     """trime's dictionary and binarisation give fairseq-preprocess's dict.txt and ids exactly."""
-    prepare = pytest.importorskip("trime.data.prepare")
+    prepare = importlib.import_module("trime.data.prepare")
     if level == "word":
         train = tmp_path / "train.txt"
         train.write_bytes(gzip.decompress((ASSETS / "word" / "train.txt.gz").read_bytes()))
@@ -258,7 +259,7 @@ def test_prepare_reproduces_fairseq_preprocess(tmp_path, level):
 
 @pytest.fixture(scope="module")
 def word_data(tmp_path_factory):
-    prepare = pytest.importorskip("trime.data.prepare")
+    prepare = importlib.import_module("trime.data.prepare")
     tmp = tmp_path_factory.mktemp("fairseq_word")
     (tmp / "train.txt").write_bytes(gzip.decompress((ASSETS / "word" / "train.txt.gz").read_bytes()))
     return prepare.prepare({"train": tmp / "train.txt", "test": ASSETS / "word" / "test.txt"}, tmp / "data")
@@ -267,7 +268,7 @@ def word_data(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["none", "complete"])
 def test_trime_eval_prints_fairseq_eval_lm_line(tmp_path, word_data, mode):
     """End to end: `trime eval` on the fairseq .pt and on its converted directory prints fairseq's line."""
-    evaluate = pytest.importorskip("trime.evaluate")
+    evaluate = importlib.import_module("trime.evaluate")
     from trime.config import EvalConfig
 
     ref = FAIRSEQ["wt103_style"][mode]

@@ -46,6 +46,7 @@ from trime.io import (
     read_meta,
     save_npy,
     sha256_file,
+    shard_range,
     write_json,
     write_meta,
 )
@@ -54,7 +55,6 @@ N_SPECIALS = Dictionary.unk  # ids below unk are <s> <pad> </s> (dropped); <unk>
 TOKEN_PATTERN = r"(?u)\b\w+\b"  # like Lucene's tokenizer, single characters are kept
 BLOCK = 256  # queries per block; fixed, so a sharded run computes each row exactly like an unsharded one
 DENSE_DF = 0.08  # a term in more than this share of the segments is scored with a dense matmul
-BACKENDS = ("bm25s",)
 
 __all__ = [
     "analyze",
@@ -62,7 +62,6 @@ __all__ = [
     "bm25_batches",
     "bm25_weights",
     "build_index",
-    "build_index_from_tokens",
     "chain",
     "chain_order",
     "link_share",
@@ -70,7 +69,6 @@ __all__ = [
     "read_segments",
     "search",
     "segment_texts",
-    "shard_range",
     "top_hits",
     "write_segments",
 ]
@@ -288,38 +286,31 @@ def _write_index(analysed, index_dir, segments_path, k1: float, b: float, **sett
 
 
 def build_index(
-    segments_path, index_dir, *, k1: float = 0.9, b: float = 0.4, stopwords="en", stemmer: str | None = "porter"
-) -> Path:
-    """Index every segment as a bm25s index (Lucene BM25, spec §7.2) in ``index_dir`` (meta.json last).
-
-    The weights come from :func:`bm25_weights` (vectorised; equal to bm25s's own ``index()``,
-    which is too slow for 100M tokens) and are saved with bm25s, so ``bm25s.BM25.load`` reads the
-    directory. The segments' term counts (``query_tf.*.npy``) are kept as the queries, so search
-    never re-tokenises.
-    """
-    analysed = analyze(read_segments(segments_path), stopwords, stemmer)
-    return _write_index(analysed, index_dir, segments_path, k1, b, stopwords=stopwords, stemmer=stemmer)
-
-
-def build_index_from_tokens(
-    tokens: np.ndarray,
-    symbols: Sequence[str],
-    L: int,
     segments_path,
     index_dir,
     *,
+    analysed: Analysed | None = None,
     k1: float = 0.9,
     b: float = 0.4,
     stopwords="en",
     stemmer: str | None = "porter",
 ) -> Path:
-    """:func:`build_index` for ``segments_path`` written by :func:`write_segments` from these tokens,
-    analysing the token ids instead of re-reading the text (the same index, much faster)."""
-    analysed = analyze_tokens(tokens, symbols, L, stopwords, stemmer)
-    with open(segments_path, "rb") as f:
-        n_lines = sum(1 for _ in f)
-    if len(analysed[1]) - 1 != n_lines:
-        raise DataError(f"{segments_path} was not written from these tokens with L = {L}")
+    """Index every segment as a bm25s index (Lucene BM25, spec §7.2) in ``index_dir`` (meta.json last).
+
+    The segments are analysed from ``segments_path`` unless ``analysed`` is given: the pipeline
+    passes :func:`analyze_tokens` of the token ids the file was written from (the same terms,
+    much faster; the line count is checked). The weights come from :func:`bm25_weights`
+    (vectorised; equal to bm25s's own ``index()``, which is too slow for 100M tokens) and are saved
+    with bm25s, so ``bm25s.BM25.load`` reads the directory. The segments' term counts
+    (``query_tf.*.npy``) are kept as the queries, so search never re-tokenises.
+    """
+    if analysed is None:
+        analysed = analyze(read_segments(segments_path), stopwords, stemmer)
+    else:
+        with open(segments_path, "rb") as f:
+            n_lines = sum(1 for _ in f)
+        if len(analysed[1]) - 1 != n_lines:
+            raise DataError(f"{segments_path} holds {n_lines} segments, the analysed tokens {len(analysed[1]) - 1}")
     return _write_index(analysed, index_dir, segments_path, k1, b, stopwords=stopwords, stemmer=stemmer)
 
 
@@ -368,12 +359,6 @@ def top_hits(scores: np.ndarray, k: int) -> list[list[int]]:
         best = np.lexsort((cand, -row[cand]))[:k]
         hits.append(cand[best].tolist())
     return hits
-
-
-def shard_range(n_segments: int, num_shards: int, k: int) -> tuple[int, int]:
-    """Contiguous ids of shard ``k``: ``[k·ceil(S/num_shards), ...)`` (spec §7.3)."""
-    size = -(-n_segments // num_shards)
-    return min(k * size, n_segments), min((k + 1) * size, n_segments)
 
 
 def _search_shard(scorer: _Scorer, lo: int, hi: int, top_k: int, pool, bar) -> list[list[int]]:
@@ -428,13 +413,13 @@ def search(
     ]
     if todo:
         scorer = _Scorer(index_dir, meta)
-        total = sum(hi - lo for lo, hi in (shard_range(n, num_shards, k) for k in todo))
+        total = sum(hi - lo for lo, hi in (shard_range(n, k, num_shards) for k in todo))
         with (
             ThreadPoolExecutor(n_threads or _n_cores()) as pool,
             tqdm(total=total, desc="bm25 search", unit="seg") as bar,
         ):
             for k in todo:
-                lo, hi = shard_range(n, num_shards, k)
+                lo, hi = shard_range(n, k, num_shards)
                 hits = _search_shard(scorer, lo, hi, top_k, pool, bar)
                 with atomic_file(out_dir / f"shard{k}.jsonl") as tmp, open(tmp, "w") as f:
                     f.writelines(json.dumps({"id": lo + i, "retrieval": h}) + "\n" for i, h in enumerate(hits))
@@ -550,7 +535,6 @@ def bm25_batches(
     seed: int = 1,
     top_k: int = 20,
     num_shards: int = 1,
-    backend: str = "bm25s",
     n_threads: int = 0,
 ) -> Path:
     """Segments → index → search → chain for the training split of ``data_dir``; resumable.
@@ -558,10 +542,6 @@ def bm25_batches(
     Intermediate files live in ``work_dir`` (default ``<out_path without suffix>.work/``); each
     finished step is reused. Writes the order as a JSON list of segment ids, prints a summary.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(
-            f"unknown BM25 backend {backend!r}: only {', '.join(BACKENDS)} is available (pyserini is not supported)"
-        )
     t0, out_path = time.time(), Path(out_path)
     work = Path(work_dir) if work_dir else out_path.with_suffix(".work")
     tokens, symbols = load_split(data_dir, "train"), list(load_dictionary(data_dir).symbols)
@@ -580,7 +560,7 @@ def bm25_batches(
     if not segments.exists():
         write_segments(tokens, symbols, tokens_per_sample, segments)
     if not is_complete(index):
-        build_index_from_tokens(tokens, symbols, tokens_per_sample, segments, index)
+        build_index(segments, index, analysed=analyze_tokens(tokens, symbols, tokens_per_sample))
     search(index, segments, results, top_k=top_k, num_shards=num_shards, n_threads=n_threads)
     hits = load_results(results, n_seg)
     order = chain_order(hits, seed)

@@ -34,20 +34,13 @@ import numpy as np
 import torch
 
 from trime.errors import DataError, DatastoreError
-from trime.io import fingerprint_array, is_complete, read_json, read_meta, write_json, write_meta
+from trime.io import fingerprint_array, is_complete, read_json, read_meta, shard_range, write_json, write_meta
 
 KIND = "datastore"
 KEY_DTYPES = ("float16", "float32")
 PROGRESS = "progress.json"
 # meta fields the caller is expected to give (stored as None when missing)
 CALLER_FIELDS = ("key_type", "vocab_size", "model_fingerprint", "split_fingerprint")
-
-
-def shard_range(n_rows: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [start, end) written by ``rank`` of ``world``: contiguous, sizes differ by ≤ 1."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} outside world of {world}")
-    return n_rows * rank // world, n_rows * (rank + 1) // world
 
 
 def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
