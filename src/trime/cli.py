@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a language model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("data", help="prepared data directory")
-    t.add_argument("--preset", help="a configs/*.toml name or path (model and train tables)")
+    t.add_argument("--preset", help="a preset name (shipped in trime/configs) or a .toml path (model and train tables)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     C.add_arguments(t, C.ModelConfig, skip=("vocab_size",))
     C.add_arguments(t, C.TrainConfig, skip=("data",))
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint with or without memories")
     e.add_argument("data", help="prepared data directory")
-    e.add_argument("--preset", help="a configs/*.toml name or path (its [eval] table)")
+    e.add_argument("--preset", help="a preset name (shipped in trime/configs) or a .toml path (its [eval] table)")
     C.add_arguments(e, C.EvalConfig, skip=("data",))
     e.set_defaults(func=cmd_eval)
 

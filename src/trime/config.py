@@ -316,7 +316,7 @@ def build(cls: type, *layers: dict[str, Any], source: str = "") -> Any:
 
 
 def resolve_preset(name: str) -> Path:
-    """A preset is a path to a TOML file or the name of one in configs/."""
+    """A preset is a path to a TOML file or the name of one shipped in trime/configs/."""
     p = Path(name)
     if p.suffix == ".toml" and p.exists():
         return p
