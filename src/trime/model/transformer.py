@@ -71,13 +71,50 @@ class SelfAttention(nn.Module):
         for p in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             nn.init.zeros_(p.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x (B, T, d) -> (B, T, d). With a ``cache``, x holds the T positions after the cached
+        ones: their keys/values are appended to the cache's ``layer`` and they attend to all of it."""
         B, T, d = x.shape
         heads = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k, v = heads  # each (B, H, T, hd)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, hd)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, hd)
+        else:
+            past = cache.length(layer)
+            k, v = cache.append(layer, k, v)  # (B, H, past + T, hd)
+            mask = None  # one new position sees everything; several see the cache and their own past
+            if T > 1:
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # (T, past + T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class KVCache:
+    """Incremental decoding state: per layer, the attention keys and values (B, H, t, hd) of the t
+    positions already run. ``TransformerLM.forward(tokens, cache)`` runs the next positions, appends
+    theirs and numbers them from t on, so running a window piece by piece equals one full forward."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.keys: list[Tensor | None] = [None] * n_layers
+        self.values: list[Tensor | None] = [None] * n_layers
+
+    def length(self, layer: int = 0) -> int:
+        k = self.keys[layer]
+        return 0 if k is None else int(k.shape[2])
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k, v (B, H, T, hd) to ``layer``; returns all of its keys and values."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` (B',) of the batch, in that order (beam search)."""
+        self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, index) for v in self.values]
 
 
 def _linear(d_in: int, d_out: int) -> nn.Linear:
@@ -99,8 +136,8 @@ class DecoderLayer(nn.Module):
         self.fc1, self.fc2 = _linear(d, cfg.d_ffn), _linear(cfg.d_ffn, d)
         self.final_layer_norm = nn.LayerNorm(d, eps=1e-5)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        a = self.self_attn(self.self_attn_layer_norm(x))  # (B, T, d)
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> tuple[Tensor, Tensor]:
+        a = self.self_attn(self.self_attn_layer_norm(x), cache, layer)  # (B, T, d)
         x = x + F.dropout(a, self.dropout, self.training)
         u = self.final_layer_norm(x)  # (B, T, d) the last layer's u is the memory key q
         f = F.dropout(F.relu(self.fc1(u)), self.activation_dropout, self.training)  # (B, T, f)
@@ -163,18 +200,27 @@ class TransformerLM(nn.Module):
         """The output layer: AdaptiveSoftmax or PlainSoftmax."""
         return self.adaptive_softmax if self.cfg.adaptive_softmax_cutoff else self.output_projection
 
-    def forward(self, tokens: Tensor) -> LMOutput:
+    def new_cache(self) -> KVCache:
+        """An empty incremental-decoding state for ``forward(tokens, cache)``."""
+        return KVCache(len(self.layers))
+
+    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> LMOutput:
         """tokens (B, T) int64, right padding with padding_idx allowed -> LMOutput(h, q), each (B, T, d).
 
         T is not checked against cfg.max_positions (sinusoids extend; the data pipeline keeps T within it).
+        With a ``cache`` (``new_cache()``), ``tokens`` continue the t cached positions (no padding):
+        they get positions t, t+1, ... and their keys/values join the cache.
         """
         dtype = self.layers[0].final_layer_norm.weight.dtype  # residual stream dtype
         x = self.embed_scale * self.embed_tokens(tokens).to(dtype)  # (B, T, d)
-        pos = sinusoidal_embedding(make_positions(tokens, self.padding_idx), self.cfg.d_model, self.padding_idx)
+        positions = make_positions(tokens, self.padding_idx)  # (B, T)
+        if cache is not None:
+            positions = positions + cache.length()
+        pos = sinusoidal_embedding(positions, self.cfg.d_model, self.padding_idx)
         x = F.dropout(x + pos.to(dtype), self.dropout, self.training)  # (B, T, d)
         q = x
-        for layer in self.layers:
-            x, q = layer(x)
+        for i, layer in enumerate(self.layers):
+            x, q = layer(x, cache, i)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return LMOutput(h=x, q=q)
