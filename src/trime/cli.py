@@ -5,6 +5,7 @@ library function; a user's mistake (TrimeError) prints one line and exits 2.
     trime data prepare SRC --out D   dictionary + int32 token arrays
     trime train DATA [--preset P]    train with CE or a TRIME objective (torchrun for many GPUs)
     trime eval DATA --path CKPT      sliding-window evaluation with local / long / external memory
+    trime generate --path CKPT       continue a prompt with the memories of evaluation
     trime reproduce                  the main job: the whole pipeline on the offline default corpus
 """
 
@@ -24,6 +25,7 @@ from trime.data.prepare import load_dictionary, load_split, prepare, prepare_cor
 from trime.datastore_build import build_datastore
 from trime.errors import TrimeError
 from trime.evaluate import evaluate
+from trime.generate.lm import generate, read_prompt
 from trime.memory.index import IndexSettings, build_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.pipelines.reproduce import reproduce
@@ -73,6 +75,18 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     result = evaluate(cfg)
     print(f"| {cfg.gen_subset}: {result.n_tokens} tokens scored")
     print(result.line())
+
+
+def cmd_generate(ns: argparse.Namespace) -> None:
+
+    cfg = C.build(C.GenerateConfig, C.overrides_from_args(ns, C.GenerateConfig))
+    if not cfg.path:
+        raise TrimeError("trime generate needs --path CHECKPOINT")
+    prompt = read_prompt(cfg)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    generate(cfg, out=sys.stdout)
+    print()
 
 
 def cmd_datastore(ns: argparse.Namespace) -> None:
@@ -215,6 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--preset", help="a preset name (shipped in trime/configs) or a .toml path (its [eval] table)")
     C.add_arguments(e, C.EvalConfig, skip=("data",))
     e.set_defaults(func=cmd_eval)
+
+    not_generation = (
+        "data",
+        "gen_subset",
+        "sample_break_mode",
+        "batch_size",
+        "max_eval_tokens",
+        "output_word_probs",
+        "save_neighbors",
+        "neighbors_top",
+        "original_tail_quirk",
+    )
+    g = sub.add_parser(
+        "generate", help="continue a prompt with local / long / external memory (greedy, sampling, beam)"
+    )
+    g.add_argument("--data", dest="GenerateConfig.data", help="prepared data directory (checks the vocabulary, level)")
+    C.add_arguments(g, C.GenerateConfig, skip=not_generation)
+    g.set_defaults(func=cmd_generate)
 
     ds = sub.add_parser("datastore", help="external memory keys and values").add_subparsers(
         dest="ds_command", required=True

@@ -198,6 +198,56 @@ class EvalConfig:
 
 
 @dataclass
+class GenerateConfig(EvalConfig):
+    """Text generation with the memories of evaluation (trime.generate.lm): the memory fields are
+    EvalConfig's, so each step's distribution is the one ``trime eval`` would score the same text with."""
+
+    prompt: str = opt("", "text to continue (newlines end lines)", "--prompt")
+    prompt_file: str = opt("", "read the prompt from this file", "--prompt-file")
+    max_new_tokens: int = opt(50, "tokens to generate at most", "--max-new-tokens")
+    stop_at_eos: bool = opt(True, "stop at </s> (the end of a line for word-level data)", "--stop-at-eos")
+    sampling: bool = opt(False, "sample instead of greedy or beam search", "--sampling")
+    temperature: float = opt(1.0, "sampling temperature (divides the final log-probabilities)", "--temperature")
+    sampling_topk: int = opt(0, "sample among the k most likely tokens (0: all)", "--sampling-topk")
+    sampling_topp: float = opt(1.0, "sample among the smallest set holding this probability mass", "--sampling-topp")
+    beam: int = opt(1, "beam size (1: greedy or sampling)", "--beam")
+    lenpen: float = opt(1.0, "beam search: scores are divided by length ** lenpen", "--lenpen")
+    seed: int = opt(1, "sampling seed", "--seed")
+    kv_cache: bool = opt(True, "incremental decoding with cached keys/values", "--kv-cache")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sample_break_mode != "none":
+            raise ConfigError("generation slides fixed windows: --sample-break-mode must be none")
+        if self.max_new_tokens < 0 or self.beam < 1:
+            raise ConfigError("--max-new-tokens must be >= 0 and --beam >= 1")
+        if self.sampling and self.beam > 1:
+            raise ConfigError("choose --sampling or --beam > 1, not both")
+        if self.temperature <= 0 or not 0.0 < self.sampling_topp <= 1.0 or self.sampling_topk < 0:
+            raise ConfigError("--temperature must be > 0, --sampling-topp in (0, 1], --sampling-topk >= 0")
+
+
+@dataclass
+class ExplainConfig(EvalConfig):
+    """The neighbour report (trime.explain): evaluation's scoring of a split or a text, with and
+    without memory, and the memory entries behind each token."""
+
+    text: str = opt("", "score this text instead of a split of DATA", "--text")
+    out: str = opt("report.html", "HTML report to write", "--out")
+    json: str = opt("", "also write the report's data as JSON here", "--json")
+    dstore_data: str = opt(
+        "", "prepared data directory of the datastore's split (shows the text around neighbours)", "--dstore-data"
+    )
+    top: int = opt(8, "memory entries and competing tokens shown per token", "--top")
+    snippet: int = opt(8, "tokens of text shown on each side of a memory entry", "--snippet")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top < 1 or self.snippet < 0:
+            raise ConfigError("--top must be >= 1 and --snippet >= 0")
+
+
+@dataclass
 class DatastoreConfig:
     """Keys and values of every scored position of a split (spec §6.1)."""
 

@@ -1,0 +1,536 @@
+"""Language-model generation with the memories of evaluation: greedy, sampling and beam search.
+
+Each step's distribution over the vocabulary is the one ``trime eval`` scores the same text with
+(trime.evaluate): the text so far is a token stream t[0..n) whose next position n is predicted in
+the evaluation window that would score it, and the memory entries are the ones that window sees.
+
+Windows (``--tokens-per-sample`` L, ``--context-window`` c, trime.data.blocks.eval_windows): the
+stream is cut into blocks of S = L − c positions, [s, s + S); block s is run after
+min(c, s) positions of context. Generation runs the current window incrementally (cached
+keys/values, one position per step); when the next position leaves the block, the window slides:
+the new window [s' − c', s'] is run afresh (positions restart, as in evaluation).
+
+Memories, for the query at position n of block [s, e) (the same entries as evaluation's rows):
+- local (``--use-local``): every earlier position j of the window, key q_j, labelled t[j];
+- long (``--use-long --mem-size M``): the FIFO of the last M positions of *earlier blocks*. A
+  block's positions [s, e) join the FIFO at the moment generation moves to position e, i.e. when
+  the block is complete (evaluation appends a window's scored positions after scoring it). The
+  context of the new window is then in both memories, as in evaluation;
+- external (``--use-external``): one index search per step for all hypotheses (one query row each),
+  its k neighbours in the joint softmax; ``--use-interp`` mixes in kNN-LM's distribution of the
+  same neighbours.
+
+The distribution is :func:`vocab_log_probs`: memory.scoring.log_probs written for every token y of
+the vocabulary at once (O(V + m) per row instead of O(V·m)); tests/generate/test_lm.py checks it
+against memory.scoring.log_probs and against evaluation. ``<pad>`` is never generated.
+"""
+
+from __future__ import annotations
+
+import codecs
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from trime.checkpoint import checkpoint_dictionary, load_model, model_fingerprint
+from trime.config import GenerateConfig
+from trime.data.dictionary import SPECIALS, Dictionary
+from trime.data.prepare import check_vocabulary, read_data_meta
+from trime.device import autocast, autocast_dtype, pick_device
+from trime.errors import ConfigError, DataError
+from trime.evaluate import setting_of
+from trime.memory.cache import MemoryFIFO
+from trime.memory.external import ExternalMemory
+from trime.memory.joint import combine, memory_logits, score_scale
+from trime.memory.knn import NEG_INF, interpolate, scaled_logsumexp, shifted
+from trime.memory.scoring import Setting
+from trime.model.base import select_keys
+
+# ------------------------------------------------------------------------------------------------
+# One step's distribution
+
+
+@dataclass
+class StepRows:
+    """What the memories contribute to one position of each of B hypotheses, temperature-free
+    (memory.scoring.MemoryRows for every candidate token at once: values instead of a positive mask)."""
+
+    tok_logp: Tensor  # (B, V) log p_tok of every token
+    tok_log_z: Tensor  # (B,) log Z_tok
+    mem_scores: Tensor  # (B, m) q·k/√d of local + long entries
+    mem_values: Tensor  # (B, m) int64 their tokens
+    ext_scores: Tensor  # (B, k) raw similarities, best first, −inf for holes
+    ext_values: Tensor  # (B, k) int64
+    n_local: int = 0  # the first n_local entries are local, the rest long-term
+
+
+def _log_scatter(weights: Tensor, values: Tensor, V: int) -> Tensor:
+    """log Σ_{j: values_j = y} weights_j for every y, (B, V); weights (B, w) ≥ 0."""
+    mass = torch.zeros(weights.shape[0], V, dtype=weights.dtype, device=weights.device)
+    return mass.scatter_add_(1, values, weights).log_()
+
+
+def vocab_log_probs(rows: StepRows, setting: Setting, dim: int) -> Tensor:
+    """log p(y) (B, V) float32 for every token y: memory.scoring.log_probs's formula (the joint
+    softmax, then kNN-LM interpolation) with its two memory statistics made per token by a scatter."""
+    V = rows.tok_logp.shape[1]
+    k_all = rows.ext_scores.shape[1]
+    k = k_all if setting.k is None else min(setting.k, k_all)
+    scores, values = rows.mem_scores.float(), rows.mem_values
+    if setting.ext_in_joint and k:
+        scores = torch.cat([scores, memory_logits(rows.ext_scores[:, :k], dim)], 1)  # (B, m + k)
+        values = torch.cat([values, rows.ext_values[:, :k]], 1)
+    c = score_scale(None, setting.softmax_temp)  # the scores already carry 1/√d
+    diff, top = shifted(scores)
+    lzc = scaled_logsumexp((diff, top), c)  # (B,)
+    lzpos = _log_scatter(torch.mul(diff, c).exp_(), values, V) + (top * c)[:, None]  # (B, V)
+    B = lzpos.shape[0]
+    lp = combine(rows.tok_logp, rows.tok_log_z[:, None].expand(B, V), lzc[:, None].expand(B, V), lzpos)
+    if setting.lmbda > 0:
+        if k == 0:
+            raise ValueError("interpolation (lambda > 0) needs external neighbours")
+        s = rows.ext_scores[:, :k].float()
+        diff, top = shifted(s)
+        c = score_scale(None, setting.interp_temp)
+        norm = scaled_logsumexp((diff, top), c)  # (B,)
+        w = torch.mul(diff, c).exp_()  # (B, k)
+        knn = _log_scatter(w, rows.ext_values[:, :k], V) + (top * c - norm)[:, None]
+        knn = knn.masked_fill(torch.isneginf(norm)[:, None], NEG_INF)
+        lp = interpolate(lp, knn, setting.lmbda)
+    return lp.float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Incremental decoding state
+
+
+@dataclass
+class _Window:
+    """The evaluation window being run: stream positions [lo, hi) run so far, within block [s, e)."""
+
+    lo: int
+    s: int
+    e: int
+    keys: Tensor  # (B, hi − lo, d) memory keys of the positions run
+    cache: object = None  # the backbone's KV cache (None without incremental decoding)
+
+
+@dataclass
+class DecodeState:
+    """B hypotheses of equal length n: stream tokens (B, n), the window, the long-term FIFOs."""
+
+    tokens: Tensor  # (B, n) int64
+    window: _Window
+    fifos: list[MemoryFIFO] = field(default_factory=list)
+    rows: StepRows | None = None  # the memories of position n
+    h: Tensor | None = None  # (B, d) the output feeding the head at position n
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[1])
+
+
+class LMDecoder:
+    """Per-step log-probabilities of a backbone with the memories of ``cfg`` (module docstring).
+
+    ``start(prompt)`` returns the state of one hypothesis whose next position is ``len(prompt)``;
+    ``advance(state, tokens (B,))`` appends one token per hypothesis; ``log_probs(state)`` is the
+    (B, V) distribution of the next position; ``select(state, index)`` keeps hypotheses (beams).
+    """
+
+    def __init__(
+        self,
+        model,
+        cfg: GenerateConfig,
+        *,
+        dim: int,
+        pad: int,
+        eos: int,
+        window: int,
+        external: ExternalMemory | None = None,
+    ):
+        if not 0 <= cfg.context_window < window:
+            raise ConfigError(
+                f"--context-window {cfg.context_window} must be in [0, {window}) for a window of {window}"
+            )
+        self.model, self.cfg, self.dim, self.pad, self.eos = model, cfg, dim, pad, eos
+        self.L, self.c, self.S = window, cfg.context_window, window - cfg.context_window
+        self.external = external
+        self.setting = setting_of(cfg)
+        self.cached = cfg.kv_cache and hasattr(model, "new_cache")
+        self.memory = cfg.use_local or external is not None
+
+    # -- running the backbone --------------------------------------------------------------------
+
+    def _inputs(self, tokens: Tensor, a: int, b: int) -> Tensor:
+        """Inputs (B, b − a) of stream positions [a, b): t[i − 1], eos before position 0."""
+        if a > 0:
+            return tokens[:, a - 1 : b - 1]
+        eos = torch.full_like(tokens[:, :1], self.eos)
+        return torch.cat([eos, tokens[:, : b - 1]], 1)
+
+    def _forward(self, inputs: Tensor, cache=None):
+        out = self.model(inputs, cache) if cache is not None else self.model(inputs)
+        return out.h, select_keys(out, self.cfg.knn_keytype)
+
+    def _open_window(self, tokens: Tensor, s: int, upto: int) -> tuple[_Window, Tensor]:
+        """Run block s's window from its context up to position ``upto`` inclusive."""
+        lo = s - min(self.c, s)
+        cache = self.model.new_cache() if self.cached else None
+        h, keys = self._forward(self._inputs(tokens, lo, upto + 1), cache)
+        return _Window(lo, s, s + self.S, keys, cache), h[:, -1]
+
+    def _run_next(self, state: DecodeState) -> Tensor:
+        """Run position n (= state.length) in the current window; returns h (B, d)."""
+        n, w = state.length, state.window
+        if self.cached:
+            h, keys = self._forward(self._inputs(state.tokens, n, n + 1), w.cache)
+            w.keys = torch.cat([w.keys, keys], 1)
+            return h[:, -1]
+        h, keys = self._forward(self._inputs(state.tokens, w.lo, n + 1))  # the whole window again
+        w.keys = keys
+        return h[:, -1]
+
+    def _fill_fifo(self, tokens: Tensor, s: int) -> list[MemoryFIFO]:
+        """The FIFO evaluation holds when it reaches block s: the last M positions of blocks < s."""
+        fifo = MemoryFIFO(self.cfg.mem_size)
+        first = max(0, s - self.cfg.mem_size) // self.S * self.S  # older blocks would be pushed out
+        for b in range(first, s, self.S):
+            lo = b - min(self.c, b)
+            _, keys = self._forward(self._inputs(tokens, lo, b + self.S))
+            fifo.append(keys[0, b - lo :], tokens[0, b : b + self.S])
+        return [fifo]
+
+    # -- the search loops' interface -------------------------------------------------------------
+
+    @torch.no_grad()
+    def start(self, prompt: list[int] | Tensor) -> DecodeState:
+        tokens = torch.as_tensor(prompt, dtype=torch.long, device=self._device()).reshape(1, -1)  # (1, n)
+        n = tokens.shape[1]
+        s = n // self.S * self.S
+        fifos = self._fill_fifo(tokens, s) if self.cfg.use_long else []
+        window, h = self._open_window(tokens, s, n)
+        state = DecodeState(tokens, window, fifos)
+        self._rows(state, h)
+        return state
+
+    @torch.no_grad()
+    def advance(self, state: DecodeState, next_tokens: Tensor) -> DecodeState:
+        state.tokens = torch.cat([state.tokens, next_tokens.reshape(-1, 1).to(state.tokens)], 1)
+        n, w = state.length, state.window
+        if n < w.e:
+            h = self._run_next(state)
+        else:  # the block is complete: its positions join the long-term memory, the window slides
+            if self.cfg.use_long:
+                keys, labels = w.keys[:, w.s - w.lo : w.e - w.lo], state.tokens[:, w.s : w.e]
+                for f, kk, ll in zip(state.fifos, keys, labels):
+                    f.append(kk, ll)
+            state.window, h = self._open_window(state.tokens, n, n)
+        self._rows(state, h)
+        return state
+
+    def select(self, state: DecodeState, index: Tensor) -> DecodeState:
+        """Keep hypotheses ``index`` (B',) in that order (beam search reordering)."""
+        index = index.to(state.tokens.device)
+        w = state.window
+        if w.cache is not None:
+            w.cache.reorder(index)
+        w.keys = w.keys.index_select(0, index)
+        fifos = [copy.copy(state.fifos[i]) for i in index.tolist()] if state.fifos else []
+        r = state.rows
+        rows = StepRows(*(getattr(r, f).index_select(0, index) for f in _ROW_TENSORS), n_local=r.n_local)
+        return DecodeState(state.tokens.index_select(0, index), w, fifos, rows, state.h.index_select(0, index))
+
+    def log_probs(self, state: DecodeState) -> Tensor:
+        """(B, V) log p of the next position under the memories; ``<pad>`` at −inf (never generated)."""
+        lp = vocab_log_probs(state.rows, self.setting, self.dim)
+        lp[:, self.pad] = NEG_INF
+        return lp
+
+    # -- memories --------------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _rows(self, state: DecodeState, h: Tensor) -> None:
+        """The memories of position n for every hypothesis (evaluation's Scorer.window_rows, one row each)."""
+        n, w = state.length, state.window
+        head = self.model.head
+        tok_logp = head.log_probs(h)  # (B, V)
+        B = h.shape[0]
+        zeros = torch.zeros(B, dtype=torch.long, device=h.device)
+        tok_log_z = head.target_logp(h, zeros)[1]  # (B,)
+        query = w.keys[:, n - w.lo].float()  # (B, d)
+        parts, values, n_local = [], [], 0
+        if self.cfg.use_local:
+            local = w.keys[:, : n - w.lo].float()  # (B, n − lo, d): positions j < n of the window
+            parts.append(memory_logits(torch.einsum("bd,bjd->bj", query, local), self.dim))
+            values.append(state.tokens[:, w.lo : n])
+            n_local = n - w.lo
+            if state.fifos and len(state.fifos[0]):
+                mem_keys = torch.stack([f.entries()[0] for f in state.fifos]).float()  # (B, M, d)
+                mem_vals = torch.stack([f.entries()[1] for f in state.fifos])  # (B, M)
+                parts.append(memory_logits(torch.einsum("bd,bjd->bj", query, mem_keys), self.dim))
+                values.append(mem_vals.to(h.device))
+        mem_scores = torch.cat(parts, 1) if parts else query.new_zeros(B, 0)
+        mem_values = torch.cat(values, 1) if values else zeros.new_zeros(B, 0)
+        if self.external is not None:
+            ext_scores, ext_values = self.external.search(query)  # one search for all hypotheses
+            ext_scores, order = ext_scores.float().sort(dim=1, descending=True, stable=True)
+            ext_values = ext_values.long().gather(1, order.to(ext_values.device))
+        else:
+            ext_scores, ext_values = query.new_zeros(B, 0), zeros.new_zeros(B, 0)
+        state.h = h
+        state.rows = StepRows(tok_logp, tok_log_z, mem_scores, mem_values.long(), ext_scores, ext_values, n_local)
+
+
+_ROW_TENSORS = ("tok_logp", "tok_log_z", "mem_scores", "mem_values", "ext_scores", "ext_values")
+
+
+# ------------------------------------------------------------------------------------------------
+# Search
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # the generated tokens (the prompt excluded; a final </s> included)
+    log_probs: list[float]  # natural log p of each under the memory distribution
+    score: float  # sum of log_probs / len ** lenpen (beam), or their sum
+
+
+def _filter(lp: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Log-probabilities (B, V) with tokens outside the top-k / top-p set at −inf."""
+    if top_k and top_k < lp.shape[1]:
+        kth = lp.topk(top_k, dim=1).values[:, -1:]
+        lp = lp.masked_fill(lp < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_lp, order = lp.sort(dim=1, descending=True)
+        cum = sorted_lp.softmax(1).cumsum(1)
+        drop = cum - sorted_lp.softmax(1) >= top_p  # tokens after the set that first reaches top_p
+        lp = lp.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), NEG_INF)
+    return lp
+
+
+def stream(decoder: LMDecoder, prompt: list[int]) -> Iterator[tuple[int, float]]:
+    """Greedy decoding or sampling (``cfg.sampling``): yields (token, log p) as they are chosen."""
+    cfg = decoder.cfg
+    gen = None
+    if cfg.sampling:
+        gen = torch.Generator(device=decoder._device())
+        gen.manual_seed(cfg.seed)
+    state = decoder.start(prompt)
+    for i in range(cfg.max_new_tokens):
+        lp = decoder.log_probs(state)[0]  # (V,)
+        if cfg.sampling:
+            scaled = _filter((lp / cfg.temperature)[None], cfg.sampling_topk, cfg.sampling_topp)[0]
+            y = int(torch.multinomial(scaled.softmax(0), 1, generator=gen))
+        else:
+            y = int(lp.argmax())
+        yield y, float(lp[y])
+        if (y == decoder.eos and cfg.stop_at_eos) or i + 1 == cfg.max_new_tokens:
+            return
+        state = decoder.advance(state, torch.tensor([y]))
+
+
+def beam_search(decoder: LMDecoder, prompt: list[int]) -> list[Hypothesis]:
+    """Beam search of width K = ``cfg.beam`` (fairseq's rule): of each step's 2K best extensions,
+    a </s> among the first K ends a hypothesis (with ``stop_at_eos``) and the first K others live
+    on; the search stops with K ended hypotheses or after ``max_new_tokens`` (all live ones end).
+    Returns the ended hypotheses, best first (score = Σ log p / len ** lenpen)."""
+    cfg = decoder.cfg
+    K = cfg.beam
+    state = decoder.start(prompt)
+    scores = torch.zeros(1)  # (B,) cumulative log p of each live hypothesis
+    gen_lp: list[list[float]] = [[]]
+    finished: list[Hypothesis] = []
+    n0 = len(prompt)
+
+    def end(b: int, y: int, sc: float, lps: list[float]) -> None:
+        toks = state.tokens[b, n0:].tolist() + [y]
+        finished.append(Hypothesis(toks, lps, sc / len(toks) ** cfg.lenpen))
+
+    for step in range(cfg.max_new_tokens):
+        lp = decoder.log_probs(state).float().cpu()  # (B, V)
+        V = lp.shape[1]
+        total = (scores[:, None] + lp).reshape(-1)  # (B·V,)
+        top, idx = total.topk(min(2 * K, int(torch.isfinite(total).sum())))
+        last = step + 1 == cfg.max_new_tokens
+        keep_beam, keep_tok, keep_score, keep_lp = [], [], [], []
+        for rank, (sc, i) in enumerate(zip(top.tolist(), idx.tolist())):
+            b, y = divmod(i, V)
+            lps = gen_lp[b] + [float(lp[b, y])]
+            if (y == decoder.eos and cfg.stop_at_eos) or last:
+                if rank < K:
+                    end(b, y, sc, lps)
+            elif len(keep_beam) < K:
+                keep_beam.append(b)
+                keep_tok.append(y)
+                keep_score.append(sc)
+                keep_lp.append(lps)
+        if last or len(finished) >= K or not keep_beam:
+            break
+        state = decoder.select(state, torch.tensor(keep_beam))
+        state = decoder.advance(state, torch.tensor(keep_tok))
+        scores, gen_lp = torch.tensor(keep_score), keep_lp
+    return sorted(finished, key=lambda h: -h.score)[:K]
+
+
+# ------------------------------------------------------------------------------------------------
+# Text in, text out
+
+
+class WordCodec:
+    """Word-level text: whitespace tokens, a newline is </s>; output joins words with spaces."""
+
+    def __init__(self, dictionary: Dictionary):
+        self.d = dictionary
+        self._at_line_start = True
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        lines = text.split("\n")
+        for i, line in enumerate(lines):
+            ids += [self.d.index(w) for w in line.split()]
+            if i + 1 < len(lines):
+                ids.append(self.d.eos)
+        return ids
+
+    def reset(self, text: str = "") -> None:
+        self._at_line_start = not text or text.endswith("\n")
+
+    def piece(self, token: int) -> str:
+        """The text of one more token, spaced against the previous one (streaming)."""
+        if token == self.d.eos:
+            self._at_line_start = True
+            return "\n"
+        out = ("" if self._at_line_start else " ") + self.d[token]
+        self._at_line_start = False
+        return out
+
+    def decode(self, tokens: list[int]) -> str:
+        self.reset()
+        return "".join(self.piece(t) for t in tokens)
+
+
+class ByteCodec:
+    """Character-level (byte) data: each byte b is the symbol ``str(b)``, byte 10 is </s>."""
+
+    def __init__(self, dictionary: Dictionary):
+        self.d = dictionary
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def encode(self, text: str) -> list[int]:
+        return [self.d.eos if b == 10 else self.d.index(str(b)) for b in text.encode("utf-8")]
+
+    def reset(self, text: str = "") -> None:
+        self._dec.reset()
+
+    def piece(self, token: int) -> str:
+        if token == self.d.eos:
+            return self._dec.decode(b"\n")
+        sym = self.d[token]
+        return self._dec.decode(bytes([int(sym)])) if sym.isdigit() and int(sym) < 256 else f"<{sym}>"
+
+    def decode(self, tokens: list[int]) -> str:
+        self.reset()
+        return "".join(self.piece(t) for t in tokens) + self._dec.decode(b"", final=True)
+
+
+def is_byte_dictionary(d: Dictionary) -> bool:
+    """True for a character-level (byte) dictionary: every real symbol is a number 0..255."""
+    syms = [s for s in d.symbols if s not in SPECIALS and not s.startswith("madeupword")]
+    return bool(syms) and all(s.isdigit() and int(s) < 256 for s in syms)
+
+
+def codec_for(dictionary: Dictionary, data: str = ""):
+    """The codec of a model's data: the data directory's level when given, else guessed from the dictionary."""
+    if data:
+        char = read_data_meta(data).get("level") == "char"
+    else:
+        char = is_byte_dictionary(dictionary)
+    return ByteCodec(dictionary) if char else WordCodec(dictionary)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the generated text (detokenised)
+    hypotheses: list[Hypothesis]
+
+
+def open_decoder(cfg: GenerateConfig) -> tuple[LMDecoder, WordCodec | ByteCodec]:
+    """Load the checkpoint, its dictionary and the external memory of ``cfg``."""
+    device = pick_device(cfg.device)
+    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
+    dictionary = checkpoint_dictionary(ckpt_dir)
+    if dictionary is None:
+        raise DataError(f"{ckpt_dir}: no dict.txt; convert the checkpoint with `trime convert --dict`")
+    if cfg.data:
+        check_vocabulary(cfg.data, model_cfg.vocab_size, dictionary)
+    external = None
+    if cfg.use_external or cfg.use_interp:
+        external = ExternalMemory.open(
+            cfg.dstore,
+            cfg.indexfile,
+            k=cfg.k,
+            probe=cfg.probe,
+            dim=model_cfg.d_model,
+            vocab_size=model_cfg.vocab_size,
+            keytype=cfg.knn_keytype,
+            fingerprint=model_fingerprint(ckpt_dir),
+        )
+    decoder = LMDecoder(
+        model,
+        cfg,
+        dim=model_cfg.d_model,
+        pad=dictionary.pad,
+        eos=dictionary.eos,
+        window=cfg.tokens_per_sample or model_cfg.max_positions,
+        external=external,
+    )
+    return decoder, codec_for(dictionary, cfg.data)
+
+
+def read_prompt(cfg: GenerateConfig) -> str:
+    if cfg.prompt and cfg.prompt_file:
+        raise ConfigError("give --prompt or --prompt-file, not both")
+    if cfg.prompt_file:
+        try:
+            return Path(cfg.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{cfg.prompt_file}: cannot read the prompt ({e})") from None
+    return cfg.prompt
+
+
+def generate(cfg: GenerateConfig, out=None) -> Generation:
+    """Continue the prompt of ``cfg``; greedy and sampled text is written to ``out`` as it comes."""
+    decoder, codec = open_decoder(cfg)
+    prompt = read_prompt(cfg)
+    ids = codec.encode(prompt)
+    amp = autocast_dtype(cfg.amp, decoder._device())
+    with autocast(decoder._device(), amp):
+        if cfg.beam > 1:
+            hyps = beam_search(decoder, ids)
+            text = codec.decode(hyps[0].tokens) if hyps else ""
+            if out is not None:
+                out.write(text)
+                out.flush()
+            return Generation(prompt, text, hyps)
+        codec.reset(prompt)
+        toks, lps, pieces = [], [], []
+        for y, lp in stream(decoder, ids):
+            toks.append(y)
+            lps.append(lp)
+            pieces.append(codec.piece(y))
+            if out is not None:
+                out.write(pieces[-1])
+                out.flush()
+    return Generation(prompt, "".join(pieces), [Hypothesis(toks, lps, sum(lps))])
