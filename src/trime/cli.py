@@ -6,6 +6,7 @@ library function; a user's mistake (TrimeError) prints one line and exits 2.
     trime train DATA [--preset P]    train with CE or a TRIME objective (torchrun for many GPUs)
     trime eval DATA --path CKPT      sliding-window evaluation with local / long / external memory
     trime generate --path CKPT       continue a prompt with the memories of evaluation
+    trime explain DATA --path CKPT   an HTML report of which memory entries moved each token's probability
     trime reproduce                  the main job: the whole pipeline on the offline default corpus
 """
 
@@ -25,6 +26,7 @@ from trime.data.prepare import load_dictionary, load_split, prepare, prepare_cor
 from trime.datastore_build import build_datastore
 from trime.errors import TrimeError
 from trime.evaluate import evaluate
+from trime.explain.report import explain
 from trime.generate.lm import generate, read_prompt
 from trime.memory.index import IndexSettings, build_index
 from trime.memory.neighbors import NeighborCache, sweep
@@ -87,6 +89,19 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     sys.stdout.flush()
     generate(cfg, out=sys.stdout)
     print()
+
+
+def cmd_explain(ns: argparse.Namespace) -> None:
+
+    layers = {**_preset_layers(ns, "eval"), "data": ns.data or ""}
+    cfg = C.build(C.ExplainConfig, layers, C.overrides_from_args(ns, C.ExplainConfig))
+    if not cfg.path:
+        raise TrimeError("trime explain needs --path CHECKPOINT")
+    if bool(cfg.data) == bool(cfg.text):
+        raise TrimeError("trime explain needs a data directory or --text TEXT (one of them)")
+    report = explain(cfg)
+    print(f"| {report['summary']['n_tokens']} tokens explained in {cfg.out}" + (f" and {cfg.json}" if cfg.json else ""))
+    print(report["summary"]["line"])
 
 
 def cmd_datastore(ns: argparse.Namespace) -> None:
@@ -247,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", dest="GenerateConfig.data", help="prepared data directory (checks the vocabulary, level)")
     C.add_arguments(g, C.GenerateConfig, skip=not_generation)
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("explain", help="HTML (and JSON) report of the memory entries behind each token's probability")
+    x.add_argument("data", nargs="?", help="prepared data directory (or give --text)")
+    x.add_argument("--preset", help="a preset name or .toml path (its [eval] table)")
+    C.add_arguments(x, C.ExplainConfig, skip=("data", "output_word_probs", "save_neighbors", "neighbors_top"))
+    x.set_defaults(func=cmd_explain)
 
     ds = sub.add_parser("datastore", help="external memory keys and values").add_subparsers(
         dest="ds_command", required=True

@@ -1,0 +1,1 @@
+"""The neighbour report: which memory entries moved each token's probability (JSON + one HTML page)."""
