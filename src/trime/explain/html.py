@@ -88,9 +88,10 @@ function shown(t) { const s = sym(t); return s === '\n' ? '\u21b5' : s; }
 
 // --- header ---------------------------------------------------------------------------------
 function header() {
-  const d = S.ppl0 > 0 ? 100 * (S.ppl - S.ppl0) / S.ppl0 : 0;
-  document.getElementById('ppl').textContent = S.ppl.toFixed(2);
-  document.getElementById('ppl0').textContent = S.ppl0.toFixed(2);
+  const f2 = x => x === null ? '\u221e' : x.toFixed(2);
+  const d = S.ppl !== null && S.ppl0 ? 100 * (S.ppl - S.ppl0) / S.ppl0 : 0;
+  document.getElementById('ppl').textContent = f2(S.ppl);
+  document.getElementById('ppl0').textContent = f2(S.ppl0);
   const dv = document.getElementById('dppl');
   dv.textContent = (d > 0 ? '+' : '') + d.toFixed(1) + '%';
   dv.className = 'v ' + (d < 0 ? 'good' : d > 0 ? 'bad' : '');

@@ -290,8 +290,8 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
     used += sorted({t for sn in snippets.values() for t in sn[1]} - set(used))
     summary = {
         "n_tokens": len(out_tokens),
-        "ppl": float(np.exp(-lp.mean())),
-        "ppl0": float(np.exp(-lp0.mean())),
+        "ppl": _round(float(np.exp(-lp.mean())), 4),  # None (JSON null) if a token had probability 0
+        "ppl0": _round(float(np.exp(-lp0.mean())), 4),
         "model": str(cfg.path),
         "source": source,
         "level": "char" if is_byte_dictionary(dictionary) else "word",
@@ -299,7 +299,9 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
         "memories": [m for m, on in zip(KINDS, (cfg.use_local, cfg.use_long, external is not None)) if on],
         "datastore_split": external.datastore.meta.get("split") if external is not None else None,
     }
-    summary["line"] = f"Perplexity with memory: {summary['ppl']:.2f}, without: {summary['ppl0']:.2f}"
+    summary["line"] = (
+        f"Perplexity with memory: {summary['ppl'] or math.inf:.2f}, without: {summary['ppl0'] or math.inf:.2f}"
+    )
     return {
         "summary": summary,
         "tokens": out_tokens,
