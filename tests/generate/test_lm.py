@@ -11,13 +11,16 @@ from trime.checkpoint import load_model
 from trime.cli import main
 from trime.data.batching import make_batch
 from trime.data.blocks import eval_windows
+from trime.data.dictionary import Dictionary
 from trime.data.prepare import load_dictionary, load_split, prepare
 from trime.datastore_build import build_datastore
 from trime.evaluate import evaluate
 from trime.generate.lm import (
+    ByteCodec,
     StepRows,
     WordCodec,
     beam_search,
+    is_byte_dictionary,
     open_decoder,
     stream,
     vocab_log_probs,
@@ -264,5 +267,19 @@ def test_cli_streams_detokenised_text(setup, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     words = out.split()
-    assert words[:2] == ["w1", "w2"] and len(words) >= 2 + 6 - out.count("\n")
+    assert words[:2] == ["w1", "w2"] and len(words) == 2 + 6 - (out.count("\n") - 1)  # each </s> is a newline
     assert main(["generate", "--path", str(ckpt), "--use-long", "--prompt", "x"]) == 2  # a user error, one line
+
+
+def test_byte_codec_round_trips_utf8():
+    d = Dictionary()
+    for b in range(256):
+        if b != 10:
+            d.add_symbol(str(b))
+    assert is_byte_dictionary(d)
+    codec = ByteCodec(d)
+    ids = codec.encode("né\nx")
+    assert ids == [d.index("110"), d.index("195"), d.index("169"), d.eos, d.index("120")]
+    assert codec.decode(ids) == "né\nx"
+    codec.reset()
+    assert [codec.piece(t) for t in ids] == ["n", "", "é", "\n", "x"]  # a character appears once whole
