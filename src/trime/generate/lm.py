@@ -162,7 +162,6 @@ class LMDecoder:
         self.external = external
         self.setting = setting_of(cfg)
         self.cached = cfg.kv_cache and hasattr(model, "new_cache")
-        self.memory = cfg.use_local or external is not None
 
     # -- running the backbone --------------------------------------------------------------------
 
