@@ -42,6 +42,7 @@ h1 small { font-weight:400; color:var(--muted); font-size:14px; }
 .legend .grad { width:180px; height:10px; border-radius:5px; border:1px solid var(--line); }
 main { display:grid; grid-template-columns:minmax(0,1fr) 440px; gap:20px; padding:18px 28px; align-items:start; }
 #text { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:18px 22px;
+  max-height:calc(100vh - 76px); overflow-y:auto;
   font:15px/2.0 Georgia,"Times New Roman",serif; white-space:normal; word-wrap:break-word; }
 #text.char { font:14px/1.9 ui-monospace,SFMono-Regular,Menlo,monospace; }
 .t { border-radius:3px; padding:1px 1px; cursor:pointer; }
@@ -63,7 +64,7 @@ aside h2 { font-size:13px; text-transform:uppercase; letter-spacing:.04em; color
 .splitlab { font-size:11.5px; color:var(--muted); }
 table { border-collapse:collapse; width:100%; font-size:12.5px; }
 th { text-align:left; color:var(--muted); font-weight:500; border-bottom:1px solid var(--line); padding:3px 4px; }
-th.num { text-align:right; }
+th.num { text-align:right; white-space:nowrap; }
 td { border-bottom:1px solid #eef1f4; padding:4px 4px; vertical-align:top; font-variant-numeric:tabular-nums; }
 td.num { text-align:right; white-space:nowrap; }
 td.snip { font-family:Georgia,serif; font-size:13px; }
@@ -172,7 +173,7 @@ function details(i) {
   h += `<h2>Memory entries that voted for \u201c${esc(shown(t.tok))}\u201d</h2>`;
   if (!t.mem.length) h += `<div class="empty">${S.memories.length ? 'No memory entry stores this token.' : 'No memory in this run.'}</div>`;
   else {
-    h += '<table id="neighbours"><tr><th>memory</th><th class="num">part of p</th><th class="num">score</th><th>text around the entry</th></tr>';
+    h += '<table id="neighbours"><tr><th>memory</th><th class="num">of p</th><th class="num">score</th><th>text around the entry</th></tr>';
     for (const e of t.mem) {
       let sn, where;
       if (e.m === 'ext') {
@@ -212,7 +213,9 @@ function tokenSpan(i) { return document.querySelector(`#text .t[data-i="${i}"]`)
 function jump(i) {
   const el = tokenSpan(i);
   if (!el) return;
-  el.scrollIntoView({block: 'center', behavior: 'smooth'});
+  const box = document.getElementById('text');
+  const y = box.scrollTop + el.getBoundingClientRect().top - box.getBoundingClientRect().top - box.clientHeight / 2;
+  box.scrollTo({top: y, behavior: 'smooth'});
   el.classList.add('flash');
   setTimeout(() => el.classList.remove('flash'), 1200);
 }
