@@ -12,11 +12,12 @@ import pytest
 
 from trime import config as C
 from trime.cli import main
+from trime.data.dictionary import Dictionary
 from trime.data.prepare import load_split
 from trime.datastore_build import build_datastore
 from trime.errors import DataError
 from trime.evaluate import evaluate
-from trime.explain.report import explain
+from trime.explain.report import explain, token_strings
 from trime.memory.datastore import Datastore
 from trime.memory.index import build_index
 
@@ -96,6 +97,8 @@ def test_json_numbers_are_evaluations(setup, report):
             a[0] == t["tok"] and abs(a[1] - math.exp(t["lp"])) < 1e-4 for a in t["alt"]
         )
     assert kinds == {"local", "long", "ext"}
+    page = report[1].read_text()  # one self-contained file: nothing is fetched
+    assert "<link" not in page and "<script src" not in page and "http://" not in page and "https://" not in page
     assert rep["notes"] == [] and rep["snippets"]  # external rows map back to the datastore's split
 
 
@@ -195,3 +198,11 @@ def test_page_in_headless_chromium(report, tmp_path):
             shutil.copy(shot, Path(os.environ["TRIME_TEST_ARTIFACTS"]) / "explain.png")
     finally:
         d.quit()
+
+
+def test_byte_level_tokens_are_shown_as_characters():
+    d = Dictionary()
+    for b in (65, 195, 9):
+        d.add_symbol(str(b))
+    shown = token_strings(d)
+    assert [shown[d.index(x)] for x in ("65", "195", "9")] == ["A", "\\xc3", "\\x09"] and shown[d.eos] == "\n"
