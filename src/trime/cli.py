@@ -259,7 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser(
         "generate", help="continue a prompt with local / long / external memory (greedy, sampling, beam)"
     )
-    g.add_argument("--data", dest="GenerateConfig.data", help="prepared data directory (checks the vocabulary, level)")
+    g.add_argument(
+        "--data",
+        dest="GenerateConfig.data",
+        metavar="DIR",
+        help="prepared data directory (checks the vocabulary, level)",
+    )
     C.add_arguments(g, C.GenerateConfig, skip=not_generation)
     g.set_defaults(func=cmd_generate)
 

@@ -202,6 +202,9 @@ class GenerateConfig(EvalConfig):
     """Text generation with the memories of evaluation (trime.generate.lm): the memory fields are
     EvalConfig's, so each step's distribution is the one ``trime eval`` would score the same text with."""
 
+    context_window: int = opt(
+        -1, "tokens of context the window keeps when it slides (-1: half the window)", "--context-window"
+    )
     prompt: str = opt("", "text to continue (newlines end lines)", "--prompt")
     prompt_file: str = opt("", "read the prompt from this file", "--prompt-file")
     max_new_tokens: int = opt(50, "tokens to generate at most", "--max-new-tokens")

@@ -4,7 +4,7 @@ Each step's distribution over the vocabulary is the one ``trime eval`` scores th
 (trime.evaluate): the text so far is a token stream t[0..n) whose next position n is predicted in
 the evaluation window that would score it, and the memory entries are the ones that window sees.
 
-Windows (``--tokens-per-sample`` L, ``--context-window`` c, trime.data.blocks.eval_windows): the
+Windows (``--tokens-per-sample`` L, ``--context-window`` c (default L/2), trime.data.blocks.eval_windows): the
 stream is cut into blocks of S = L − c positions, [s, s + S); block s is run after
 min(c, s) positions of context. Generation runs the current window incrementally (cached
 keys/values, one position per step); when the next position leaves the block, the window slides:
@@ -153,12 +153,11 @@ class LMDecoder:
         window: int,
         external: ExternalMemory | None = None,
     ):
-        if not 0 <= cfg.context_window < window:
-            raise ConfigError(
-                f"--context-window {cfg.context_window} must be in [0, {window}) for a window of {window}"
-            )
+        c = window // 2 if cfg.context_window < 0 else cfg.context_window
+        if not 0 <= c < window:
+            raise ConfigError(f"--context-window {c} must be in [0, {window}) for a window of {window}")
         self.model, self.cfg, self.dim, self.pad, self.eos = model, cfg, dim, pad, eos
-        self.L, self.c, self.S = window, cfg.context_window, window - cfg.context_window
+        self.L, self.c, self.S = window, c, window - c
         self.external = external
         self.setting = setting_of(cfg)
         self.cached = cfg.kv_cache and hasattr(model, "new_cache")
