@@ -4,7 +4,8 @@ Order of operations (fairseq ``FairseqTask.get_batch_iterator`` with a ``Languag
 
 1. :func:`ordered_indices`: a permutation drawn from numpy's legacy ``RandomState(seed)`` (fairseq runs
    ``np.random.permutation`` under ``numpy_seed(seed)``), then stably sorted by target length, then stably
-   by source length. So pairs are length-bucketed, and equal lengths come in a seeded random order.
+   by source length. So pairs are length-bucketed, and equal lengths come in a seeded random order. The
+   original's fairseq 0.10 seeds this with ``--seed``; fairseq 0.12 with ``--seed`` + 1 (its epoch-1 batches).
 2. :func:`filter_by_size`: pairs whose source is longer than ``max_source_positions`` or whose target is
    longer than ``max_target_positions`` (lengths include eos) are dropped (fairseq's training behaviour;
    validation refuses them unless ``--skip-invalid-size-inputs-valid-test``: ``skip_invalid=False`` here).
