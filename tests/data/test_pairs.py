@@ -189,7 +189,7 @@ def test_token_budget_and_multiple_of_8():
     for b in batches:
         assert len(b) * width[b].max() <= 512
         assert len(b) % 8 == 0 or len(b) < 8
-    assert sum(len(b) % 8 != 0 for b in batches) <= 2  # only where a batch closes below 8 pairs or at the end
+    assert sum(len(b) % 8 != 0 for b in batches) <= 1  # 8 pairs always fit here: only the last batch may be short
     assert sorted(np.concatenate(batches).tolist()) == list(range(3000))
 
 

@@ -128,9 +128,12 @@ def extract_sword(deb: Path, dest: Path) -> None:
 def _local_deb(deb: Deb, debs) -> Path | None:
     """The given .deb for this package: a file named ``<package>_*.deb``, directly or inside a given folder."""
     for p in map(Path, debs):
-        found = sorted(p.glob(f"{deb.package}_*.deb")) if p.is_dir() else [p] * p.name.startswith(f"{deb.package}_")
-        if found:
-            return found[-1]
+        if p.is_dir():
+            found = sorted(p.glob(f"{deb.package}_*.deb"))
+            if found:
+                return found[-1]
+        elif p.name.startswith(f"{deb.package}_"):
+            return p
     return None
 
 

@@ -253,7 +253,9 @@ def prepare_pairs(
 
     ``bpe_merges`` learns a joint BPE on the (tokenised) train split; ``bpe_codes`` applies given codes
     instead (at most one of them). ``src_dict`` / ``tgt_dict`` (dict.txt files, e.g. a released model's)
-    replace the dictionaries built from train. Any bad input is a one-line DataError and leaves nothing behind.
+    replace the dictionaries built from train. Moses tokenisation takes the file suffixes as its language codes
+    (de, en, es, ...; ``src``/``tgt`` get its language-neutral rules). Any bad input is a one-line DataError and
+    leaves nothing behind.
     """
     t0 = time.perf_counter()
     if bpe_merges is not None and bpe_codes is not None:
