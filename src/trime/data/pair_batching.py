@@ -168,16 +168,15 @@ class PairBatch:
     ntokens: int  # target tokens, eos included
 
 
-def _pad(seqs: list[np.ndarray], pad: int, left: bool) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), pad, dtype=torch.int64)  # (B, width)
-    for i, s in enumerate(seqs):
-        t = torch.from_numpy(np.asarray(s, dtype=np.int64))
-        if left:
-            out[i, width - len(s) :] = t
-        else:
-            out[i, : len(s)] = t
-    return out
+def _pad(flat: np.ndarray, lens: np.ndarray, pad: int, left: bool) -> torch.Tensor:
+    """(B, max len) int64 rows of the sequences laid end to end in ``flat``, padded left or right."""
+    width = int(lens.max())
+    out = np.full((len(lens), width), pad, dtype=np.int64)  # (B, width)
+    rows = np.repeat(np.arange(len(lens)), lens)  # (n,)
+    first = np.repeat(np.cumsum(lens) - lens, lens)  # (n,) flat position of each token's sequence start
+    cols = np.arange(len(flat)) - first + (np.repeat(width - lens, lens) if left else 0)
+    out[rows, cols] = flat
+    return torch.from_numpy(out)
 
 
 def collate(
@@ -187,16 +186,19 @@ def collate(
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) == 0:
         raise DataError("cannot collate an empty batch")
-    src = [split.source(i) for i in ids]
-    tgt = [split.target(i) for i in ids]
-    src_len = torch.tensor([len(s) for s in src], dtype=torch.int64)  # (B,)
-    order = torch.sort(src_len, descending=True, stable=True).indices  # (B,)
-    prev = [np.concatenate(([eos], t[:-1])) for t in tgt]
+    src_len = np.asarray([len(split.source(i)) for i in ids], dtype=np.int64)  # (B,)
+    order = np.argsort(-src_len, kind="stable")  # rows by descending source length
+    ids, src_len = ids[order], src_len[order]
+    src = np.concatenate([split.source(i) for i in ids])  # (n_src,) sequences end to end
+    tgt = np.concatenate([split.target(i) for i in ids])  # (n_tgt,)
+    tgt_len = np.asarray([len(split.target(i)) for i in ids], dtype=np.int64)  # (B,)
+    prev = np.roll(tgt, 1)  # each target shifted right by one: its eos moves to the front of the next one
+    prev[np.cumsum(tgt_len) - tgt_len] = eos
     return PairBatch(
-        ids=torch.from_numpy(ids)[order],
-        src_tokens=_pad(src, pad, left_pad_source)[order],
-        src_lengths=src_len[order],
-        prev_output_tokens=_pad(prev, pad, left_pad_target)[order],
-        target=_pad(tgt, pad, left_pad_target)[order],
-        ntokens=int(sum(len(t) for t in tgt)),
+        ids=torch.from_numpy(ids),
+        src_tokens=_pad(src, src_len, pad, left_pad_source),
+        src_lengths=torch.from_numpy(src_len),
+        prev_output_tokens=_pad(prev, tgt_len, pad, left_pad_target),
+        target=_pad(tgt, tgt_len, pad, left_pad_target),
+        ntokens=int(tgt_len.sum()),
     )
