@@ -243,11 +243,20 @@ def test_align_needs_common_verses():
 
 
 REAL = os.environ.get("TRIME_BIBLE_DEBS")
+NETWORK = os.environ.get("TRIME_NETWORK_TESTS") == "1"
 
 
-@pytest.mark.skipif(not REAL, reason="set TRIME_BIBLE_DEBS to a folder holding sword-text-{sparv,kjv}_*.deb")
-def test_real_packages(tmp_path):
-    out = fetch_bible(tmp_path / "bible", debs=[REAL])
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param("local", marks=pytest.mark.skipif(not REAL, reason="TRIME_BIBLE_DEBS: a folder with the .debs")),
+        pytest.param(
+            "debian", marks=[pytest.mark.network, pytest.mark.skipif(not NETWORK, reason="TRIME_NETWORK_TESTS=1")]
+        ),
+    ],
+)
+def test_real_packages(tmp_path, where):
+    out = fetch_bible(tmp_path / "bible", debs=[REAL] if where == "local" else None)
     meta = json.loads((out / "meta.json").read_text())
     assert {s: v["pairs"] for s, v in meta["splits"].items()} == {"train": 28840, "valid": 993, "test": 1236}
     assert meta["splits"]["test"]["books"] == ["Dan", "John"] and meta["alignment"]["empty_source"] == 18
