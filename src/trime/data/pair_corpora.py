@@ -28,11 +28,11 @@ import os
 import re
 import sys
 import tarfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from trime.data.bible import fetch_bible
+from trime.data.fetch import download
 from trime.data.pairs import CORPUS_KIND, SPLITS, lowercase, moses_tokenize
 from trime.data.prepare import check_out_dir
 from trime.errors import DataError, NetworkError
@@ -126,29 +126,6 @@ def split_every(lines: list[str], n: int = VALID_EVERY) -> tuple[list[str], list
 # Download and read the archive
 
 
-def _download_md5(url: str, dest: Path, md5: str) -> Path:
-    """Download ``url`` to ``dest`` via ``dest.part`` and check its md5 (for archives with no known sha256)."""
-    from trime import __version__
-
-    part = dest.with_name(dest.name + ".part")
-    h = hashlib.md5()
-    try:
-        req = urllib.request.Request(url, headers={"User-Agent": f"trime/{__version__}"})
-        with urllib.request.urlopen(req, timeout=60) as resp, open(part, "wb") as f:
-            while block := resp.read(1 << 20):
-                f.write(block)
-                h.update(block)
-    except OSError as e:
-        part.unlink(missing_ok=True)
-        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
-        raise NetworkError(f"could not download {url}: {reason}") from None
-    if h.hexdigest() != md5:
-        part.unlink()
-        raise NetworkError(f"{url}: checksum mismatch (got md5 {h.hexdigest()}, expected {md5})")
-    os.replace(part, dest)
-    return dest
-
-
 def _verify_local(path: Path, archive: Archive) -> None:
     digest = sha256_file(path) if archive.sha256 else hashlib.md5(path.read_bytes()).hexdigest()
     expected = archive.sha256 or archive.md5
@@ -166,10 +143,8 @@ def _get_archive(archive: Archive, work: Path, mirror: str | None, local) -> tup
         return path, str(path.resolve())
     url = f"{(mirror or archive.base_url).rstrip('/')}/{archive.filename}"
     if archive.sha256:
-        from trime.data.fetch import download
-
         return download(url, work / archive.filename, archive.sha256), url
-    return _download_md5(url, work / archive.filename, archive.md5), url
+    return download(url, work / archive.filename, archive.md5, algorithm="md5"), url
 
 
 def _read_members(path: Path, names: list[str]) -> dict[str, list[str]]:
@@ -280,8 +255,6 @@ def fetch_pairs(
     if name == "iwslt14":
         return fetch_iwslt14(out_dir, mirror=mirror, archive=local, overwrite=overwrite)
     if name == "bible-es-en":
-        from trime.data.bible import fetch_bible
-
         debs = None if local is None else [local] if isinstance(local, (str, os.PathLike)) else list(local)
         return fetch_bible(out_dir, mirror=mirror, debs=debs, overwrite=overwrite)
     raise DataError(f"unknown translation corpus {name!r} (known: {', '.join(PAIR_CORPORA)})")

@@ -98,7 +98,6 @@ class Pipeline:
 
     # 1. data -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-
         if io.is_complete(self.data):
             return
         src = Path(self.corpus)
@@ -115,7 +114,6 @@ class Pipeline:
 
     # 2. models -----------------------------------------------------------------------------
     def bm25_order(self) -> Path:
-
         path = self.out / "bm25" / "batches.json"
         if not path.exists():
             self.say("BM25 batches for TrimeLM_ext")
@@ -126,7 +124,6 @@ class Pipeline:
         return self.out / "models" / name
 
     def train(self, name: str) -> Path:
-
         run = self.run_dir(name)
         last = run / "checkpoint_last"
         if io.is_complete(last) and io.read_meta(last).get("updates", 0) >= self.rc.max_update:
@@ -150,7 +147,6 @@ class Pipeline:
 
     # 3. datastores -------------------------------------------------------------------------
     def datastore(self, name: str) -> tuple[Path, Path]:
-
         if name in self.stores:
             return self.stores[name]
         d = self.out / "dstore" / name
@@ -223,7 +219,6 @@ class Pipeline:
         return best
 
     def score(self, system: System, split: str, best: dict, tag: str = "", **kw) -> dict:
-
         path = self.out / "evals" / f"{slug(system.name)}{tag}.{split}.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -250,7 +245,6 @@ def slug(name: str) -> str:
 
 
 def estimate_minutes(p: Pipeline) -> float:
-
     cfg = C.build(C.TrainConfig, p.train_layer)
     train = 4 * p.rc.max_update * cfg.max_tokens / p.rc.train_tokens_per_s
     splits = read_data_meta(p.data)["splits"]
