@@ -70,7 +70,7 @@ SYSTEMS = [
         "trime_ext",
     ),
 ]
-CRITERIA = {
+MODEL_FLAGS = {
     "ce": {},
     "trime": {"criterion": "trime"},
     "trime_long": {"criterion": "trime_long", "keep_order": True},
@@ -128,7 +128,7 @@ class Pipeline:
         last = run / "checkpoint_last"
         if io.is_complete(last) and io.read_meta(last).get("updates", 0) >= self.rc.max_update:
             return last
-        extra = dict(CRITERIA[name])
+        extra = dict(MODEL_FLAGS[name])
         if name == "trime_ext":
             extra["predefined_batches"] = str(self.bm25_order())
         layers = {
@@ -272,7 +272,7 @@ def reproduce(
         f"plan: 4 models x {p.rc.max_update} updates, 2 datastores, {len(SYSTEMS)} systems on valid and test; "
         f"estimated {estimate_minutes(p):.0f} min on a 2-core CPU"
     )
-    for name in CRITERIA:
+    for name in MODEL_FLAGS:
         p.train(name)
     results: dict = {
         "preset": preset,
