@@ -277,10 +277,15 @@ class DecoderCache:
         sent = new_order.view(-1, G)[:, 0] // G  # (B',)
         if not torch.equal(new_order.view(-1, G) // G, sent.unsqueeze(1).expand(-1, G)):
             raise ValueError("reorder: a row moved to another sentence's group")
+        t = self.length
         for i in range(len(self.self_k)):
-            if self.self_k[i] is not None:
-                self.self_k[i] = self.self_k[i].index_select(0, new_order)
-                self.self_v[i] = self.self_v[i].index_select(0, new_order)
+            for buf in (self.self_k, self.self_v):
+                if buf[i] is None:
+                    continue
+                old = buf[i]
+                if new_order.numel() != old.shape[0]:  # fewer rows: a new buffer
+                    buf[i] = old.new_empty(new_order.numel(), *old.shape[1:])
+                buf[i][:, :, :t] = old[new_order, :, :t]  # only the filled prefix moves
         if sent.numel() != self.keep.shape[0] or not torch.equal(sent, torch.arange(sent.numel(), device=sent.device)):
             self.enc_k = [k.index_select(0, sent) for k in self.enc_k]
             self.enc_v = [v.index_select(0, sent) for v in self.enc_v]
@@ -350,7 +355,7 @@ class TransformerDecoder(_Stack):
 
     def step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
         """tokens (N,) the last token of each row (a prefix without pads) -> h (N, d) of that position."""
-        pos = torch.full_like(tokens, self.padding_idx + 1 + cache.length).unsqueeze(1)  # (N, 1)
+        pos = tokens.new_full((1, 1), self.padding_idx + 1 + cache.length)  # (1, 1): the same for every row
         x = self._embed(tokens.unsqueeze(1), pos)  # (N, 1, d)
         for i, layer in enumerate(self.layers):
             x = layer.step(x, cache, i)
