@@ -3,20 +3,20 @@
 Legend: B sentences still decoding, K beam size, C = 2K candidates per sentence, V vocabulary,
 N = B·K hypothesis rows, L = max_len.
 
-The rules, as fairseq 0.12 applies them (written from its behaviour, not its code):
+The rules, as fairseq 0.12 applies them (restated; no fairseq code is used):
 
 - max_len = min(int(max_len_a · S + max_len_b), max_target_positions − 1), S the *padded* source
   width of the batch (eos included), so results may depend on the batch; at most L tokens then eos.
 - Step t: every live row's log-probabilities (after the combiner) get NaN → −inf, pad → −inf,
   unk −= unk_penalty; at t ≥ L every token but eos → −inf; at t < min_len eos → −inf.
 - Candidates: at t = 0 only row 0 of each sentence (all rows are equal), later cumulative score +
-  log-prob; the top C = min(2K, K·V − 1) per sentence (torch.topk).
+  log-prob; the top C = min(2K, n − 1) per sentence (torch.topk; n = V at t = 0, K·V later).
 - Among the first K candidates, those ending in eos with a finite score are finalised in rank order
   (score = cumulative / (t + 1)^lenpen, t + 1 = length incl. eos) unless their slot is marked
   "ignored"; a sentence keeps at most K finished hypotheses and is done when it has K, or at t = L.
-- The K lowest-ranked non-eos, non-ignored candidates continue; if fewer than K exist, the missing
-  slots are filled with eos candidates and marked ignored for the next step (fairseq's
-  ``cands_to_ignore``).
+- The K best-ranked candidates that neither end in eos nor sit in an ignored slot continue; if
+  fewer than K exist, the missing slots are filled with eos candidates and marked ignored for the
+  next step (fairseq's ``cands_to_ignore``).
 - Each sentence's finished hypotheses are sorted by score, best first; ``nbest`` are returned.
 Greedy search is beam 1.
 """
