@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from trime.errors import DataError
+
 
 def ids_to_string(
     ids: Iterable[int], symbols: Sequence[str], *, eos: int = 2, pad: int = 1, unk: int = 3, escape_unk: bool = False
@@ -42,7 +44,5 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]):
     import sacrebleu
 
     if len(hypotheses) != len(references):
-        from trime.errors import DataError
-
         raise DataError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     return sacrebleu.corpus_bleu(list(hypotheses), [list(references)])
