@@ -27,10 +27,13 @@ from trime.data.prepare import load_dictionary, load_split, prepare, prepare_cor
 from trime.datastore_build import build_datastore
 from trime.errors import TrimeError
 from trime.evaluate import evaluate
+from trime.generate.beam import BeamConfig
 from trime.memory.index import IndexSettings, build_index
 from trime.memory.neighbors import NeighborCache, sweep
+from trime.model.encoder_decoder import MTModelConfig
 from trime.pipelines.reproduce import reproduce
 from trime.train import fit
+from trime.translation import fit_translation, translate
 
 
 def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
@@ -180,6 +183,44 @@ def cmd_convert(ns: argparse.Namespace) -> None:
     print(f"| trime checkpoint in {out}")
 
 
+MT_SKIP = (
+    "data", "tokens_per_sample", "criterion", "knn_keytype", "keep_order", "train_mem_size", "cross_sent_ratio",
+    "predefined_batches", "chunk_size", "max_valid_tokens", "ce_warmup_epoch",
+)  # fmt: skip  # language-model fields of TrainConfig that translation training does not use
+
+
+def _mt_preset(ns: argparse.Namespace) -> dict:
+    if not getattr(ns, "preset", None):
+        return {}
+    preset = C.load_preset(ns.preset)
+    if preset["_source"]["task"] != "translation":
+        raise TrimeError(
+            f"preset {ns.preset!r} is a language-model recipe; translation presets: mt_cpu, transformer_iwslt_de_en"
+        )
+    return preset
+
+
+def cmd_mt_train(ns: argparse.Namespace) -> None:
+    preset = _mt_preset(ns)
+    model_cfg = C.build(MTModelConfig, preset.get("model", {}), C.overrides_from_args(ns, MTModelConfig))
+    layers = {**preset.get("train", {}), "data": ns.data}
+    cfg = C.build(C.MTTrainConfig, layers, C.overrides_from_args(ns, C.MTTrainConfig))
+    if ns.print_config:
+        print(json.dumps({"model": C.to_dict(model_cfg), "train": C.to_dict(cfg)}, indent=2))
+        return
+    print(f"| run directory {fit_translation(model_cfg, cfg)}")
+
+
+def cmd_mt_generate(ns: argparse.Namespace) -> None:
+    cfg = C.build(C.TranslateConfig, {"data": ns.data}, C.overrides_from_args(ns, C.TranslateConfig))
+    if not cfg.path:
+        raise TrimeError("trime mt generate needs --path CHECKPOINT")
+    result = translate(cfg, C.build(BeamConfig, C.overrides_from_args(ns, BeamConfig)))
+    if not cfg.results_path:
+        print("\n".join(result.lines))
+    print(result.line())
+
+
 def cmd_reproduce(ns: argparse.Namespace) -> None:
     reproduce(preset=ns.preset, out=ns.out, corpus=ns.corpus, char_level=ns.char_level, max_update=ns.max_update)
 
@@ -312,6 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow pickled objects beyond the allow-list (runs code from the file: only for files you trust)",
     )
     cv.set_defaults(func=cmd_convert)
+
+    mt = sub.add_parser("mt", help="translation: train an encoder-decoder, translate with beam search, BLEU")
+    mts = mt.add_subparsers(dest="mt_command", required=True, metavar="STEP")
+    t = mts.add_parser("train", help="train a translation model (label-smoothed CE; torchrun for many GPUs)")
+    t.add_argument("data", help="prepared pairs directory (trime data prepare --source-lang/--target-lang)")
+    t.add_argument("--preset", help='mt_cpu, transformer_iwslt_de_en, or a .toml path with task = "translation"')
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    C.add_arguments(t, MTModelConfig, skip=("src_vocab_size", "tgt_vocab_size"))
+    C.add_arguments(t, C.MTTrainConfig, skip=MT_SKIP)
+    t.set_defaults(func=cmd_mt_train)
+    g = mts.add_parser("generate", help="translate a split with beam search and print sacreBLEU (fairseq-generate)")
+    g.add_argument("data", help="prepared pairs directory")
+    C.add_arguments(g, C.TranslateConfig, skip=("data",))
+    C.add_arguments(g, BeamConfig)
+    g.set_defaults(func=cmd_mt_generate)
 
     r = sub.add_parser("reproduce", help="the main job: prepare, train, evaluate and compare on one corpus")
     r.add_argument("--preset", default="tiny", help="size preset (tiny for a CPU)")

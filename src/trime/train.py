@@ -51,7 +51,7 @@ class Progress:
     epoch: int = 1
     batches_done: int = 0  # batches of this rank consumed in the current epoch
     updates: int = 0
-    best_valid: float = float("inf")
+    best_valid: float = float("inf")  # lowest validation loss (or −metric, e.g. −BLEU) so far
     train_seconds: float = 0.0
 
 
@@ -347,11 +347,20 @@ class _Loop:
 
     def end_epoch(self, p: Progress) -> None:
         valid = validate(self.parts.objective, self.data, self.parts.amp)
-        improved = valid < p.best_valid
-        p.best_valid = min(p.best_valid, valid)
+        record = {"loss": valid, "ppl": 2**valid}
+        key = valid  # checkpoint_best keeps the lowest key: the validation loss, or −metric when the data has one
+        metric = getattr(self.data, "selection_metric", None)  # (name, value; higher is better) e.g. BLEU
+        if metric is not None:
+            name, value = metric(self.parts.model)
+            record[name], key = value, -value
+        improved = key < p.best_valid
+        p.best_valid = min(p.best_valid, key)
         if dist.is_main():
-            print(f"| epoch {p.epoch:03d} | valid loss {valid:.4f} | valid ppl {2**valid:.2f} | updates {p.updates}")
-        self.log.log(kind="valid", epoch=p.epoch, update=p.updates, loss=valid, ppl=2**valid)
+            extra = "".join(f" | valid {k} {v:.2f}" for k, v in record.items() if k not in ("loss", "ppl"))
+            print(
+                f"| epoch {p.epoch:03d} | valid loss {valid:.4f} | valid ppl {2**valid:.2f}{extra} | updates {p.updates}"
+            )
+        self.log.log(kind="valid", epoch=p.epoch, update=p.updates, **record)
         p.epoch += 1
         p.batches_done = 0
         self.save(p, best=improved)
