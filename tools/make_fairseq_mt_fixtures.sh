@@ -16,7 +16,6 @@
 #   test.src, test.tgt             the test text
 #   <model>.pt                     fairseq checkpoints (cfg generation of fairseq 0.12, optimizer state
 #                                  dropped, weights float16 as --fp16 runs save them)
-#   pre_untied_args.pt             pre_untied re-saved in the older args generation (argparse Namespace)
 #   generate.json                  fairseq-generate's output per model and setting: the sentence ids in
 #                                  printed order (= batch order; --batch-size 8), each hypothesis' tokens
 #                                  (eos included), base-2 score (full precision) and positional scores
@@ -92,7 +91,6 @@ train post_tied bin --share-decoder-input-output-embed
 train pre_untied bin --decoder-normalize-before
 train trime_style bin --decoder-normalize-before --share-decoder-input-output-embed
 train shared_all bin-joined --share-all-embeddings --encoder-normalize-before --decoder-normalize-before
-"$PY" "$HELPER" to_args "$OUT/pre_untied.pt" "$OUT/pre_untied_args.pt"
 
 # 3. fairseq-generate on the test split (the committed fp16 files), and --score-reference.
 gen() {  # name data setting flags...
