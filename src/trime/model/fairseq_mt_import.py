@@ -108,14 +108,14 @@ def _options(opts: dict) -> dict:
 
 def mt_config(opts: dict, weights: dict[str, torch.Tensor]) -> MTModelConfig:
     """An MTModelConfig from fairseq model options (either generation) and the renamed weights."""
+    for side in ("encoder", "decoder"):
+        key = f"{side}.embed_tokens.weight"
+        if key not in weights:
+            raise CheckpointError(f"no {key} in the checkpoint: not an encoder-decoder translation model")
     o = _options(opts)
     bad = [f"{k}={o[k]!r}" for k, want in UNSUPPORTED.items() if o.get(k) not in (None, want)]
     if bad:
         raise CheckpointError(f"fairseq options trime does not implement: {', '.join(bad)}")
-    for side in ("encoder", "decoder"):
-        key = f"{side}.embed_tokens.weight"
-        if key not in weights:
-            raise CheckpointError(f"no {key} in the checkpoint: not a fairseq translation model")
     d_dec = int(o["decoder_embed_dim"])
     if any(o.get(k) not in (None, d_dec) for k in ("decoder_input_dim", "decoder_output_dim")):
         raise CheckpointError("decoder_input_dim/decoder_output_dim != decoder_embed_dim is not implemented")
