@@ -128,8 +128,10 @@ def test_presets_build_with_expected_sizes():
     n = count_parameters(iwslt)
     assert 39e6 < n < 40e6, n  # MT spec §3: about 39–40 M
     assert len(cpu.encoder.layers) == len(cpu.decoder.layers) == 3
-    with pytest.raises(ConfigError, match="unknown translation preset"):
+    with pytest.raises(ConfigError, match="unknown preset"):
         mt_preset("nope")
+    with pytest.raises(ConfigError, match="not a translation preset"):
+        mt_preset("tiny")
 
 
 def test_padding_does_not_change_encoder_outputs():

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trime.config import opt
+from trime.config import build, load_preset, opt
 from trime.errors import ConfigError
 from trime.model.adaptive import PlainSoftmax
 from trime.model.transformer import _linear, make_positions, sinusoidal_embedding
@@ -95,28 +95,13 @@ class MTModelConfig:
                 raise ConfigError("--share-all-embeddings needs one joined dictionary (equal vocabulary sizes)")
 
 
-MT_PRESETS: dict[str, dict] = {
-    # MT spec §3: fairseq transformer_iwslt_de_en dims + the TRIME README's flags (≈ 39–40 M parameters).
-    "transformer_iwslt_de_en": {},
-    # CPU-sized: trains to a usable toy model in minutes on 2 cores.
-    "mt_cpu": {
-        "arch": "mt_cpu",
-        "encoder_layers": 3,
-        "decoder_layers": 3,
-        "encoder_embed_dim": 256,
-        "decoder_embed_dim": 256,
-        "encoder_ffn_embed_dim": 512,
-        "decoder_ffn_embed_dim": 512,
-        "dropout": 0.1,
-    },
-}
-
-
 def mt_preset(name: str, **overrides) -> MTModelConfig:
-    """The MTModelConfig of a named preset (MT_PRESETS) with field overrides (e.g. vocabulary sizes)."""
-    if name not in MT_PRESETS:
-        raise ConfigError(f"unknown translation preset {name!r} (known: {', '.join(MT_PRESETS)})")
-    return MTModelConfig(**{**MT_PRESETS[name], **overrides})
+    """The MTModelConfig of a translation preset (``trime/configs/NAME.toml`` with ``task = "translation"``,
+    e.g. transformer_iwslt_de_en or the CPU-sized mt_cpu) with field overrides (e.g. vocabulary sizes)."""
+    preset = load_preset(name)
+    if preset["_source"]["task"] != "translation":
+        raise ConfigError(f"preset {name!r} is not a translation preset")
+    return build(MTModelConfig, preset.get("model", {}), overrides, source=preset["_source"]["path"])
 
 
 @dataclass
