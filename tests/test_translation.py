@@ -42,7 +42,8 @@ def test_label_smoothed_loss_equals_fairseqs_formula():
     prev = torch.tensor([[2, 4, 5], [2, 6, 1]])
     tgt = torch.tensor([[4, 5, 2], [6, 2, 1]])  # right-padded
     eps = 0.1
-    loss, n, nll = MTObjective(model, eps, seed=1)(src, prev, tgt)
+    with torch.no_grad():
+        loss, n, nll = MTObjective(model, eps, seed=1)(src, prev, tgt)
     with torch.no_grad():
         lp = model.head.log_probs(model(src, prev).h.reshape(-1, 16)).double()  # (B·T, V)
     want_loss = want_nll = 0.0
@@ -89,3 +90,31 @@ def test_mt_errors_are_one_line(pairs, tmp_path, capsys):
     assert "language-model recipe" in capsys.readouterr().err
     assert main(["mt", "generate", str(pairs), "--path", str(tmp_path / "nothing")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_generate_a_fairseq_checkpoint_equals_fairseq_generate(tmp_path, capsys):
+    """`trime mt generate --path X.pt` on a real fairseq translation model: each best hypothesis equals
+    fairseq-generate's (beam 5, tests/assets/fairseq_mt from tools/make_fairseq_mt_fixtures.sh)."""
+    import json
+    import shutil
+
+    assets = Path(__file__).parent / "assets" / "fairseq_mt"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "test"):  # the test set twice: prepare_pairs needs a train split
+        shutil.copy(assets / "test.src", corpus / f"{split}.src")
+        shutil.copy(assets / "test.tgt", corpus / f"{split}.tgt")
+    data = prepare_pairs(corpus, tmp_path / "data", src_dict=assets / "dict.src.txt", tgt_dict=assets / "dict.tgt.txt")
+    args = ["mt", "generate", str(data), "--path", str(assets / "post_tied.pt"), "--beam", "5"]
+    assert main(args) == 0
+    hyps = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("H-"):
+            key, _, text = line.split("\t")
+            hyps[int(key[2:])] = text
+    want = json.loads((assets / "generate.json").read_text())["post_tied"]["beam5"]["hypos"]
+    symbols = (assets / "dict.tgt.txt").read_text().split("\n")
+    words = ["<s>", "<pad>", "</s>", "<unk>"] + [line.split(" ")[0] for line in symbols if line]
+    assert len(hyps) == len(want)
+    for i, nbest in want.items():
+        assert hyps[int(i)] == " ".join(words[t] for t in nbest[0]["tokens"][:-1]), i

@@ -40,6 +40,7 @@ from trime.generate.beam import BeamConfig, Hypothesis, beam_search, score_refer
 from trime.generate.text import corpus_bleu, detokenize, ids_to_string, remove_bpe
 from trime.io import atomic_file
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT, build_mt_model
+from trime.model.fairseq_mt_import import load_fairseq_mt
 from trime.train import run_training
 
 VALID_BEAM = BeamConfig(beam=5, max_len_a=1.2, max_len_b=10)  # the original's validation BLEU (MT spec §6)
@@ -237,10 +238,15 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
     """Translate ``cfg.gen_subset`` of ``cfg.data`` with checkpoint ``cfg.path`` (module docstring)."""
     beam = beam or BeamConfig()
     device = pick_device(cfg.device)
-    model, model_cfg, _ = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
+    src_dict, tgt_dict = load_pair_dictionaries(cfg.data)
+    if Path(cfg.path).is_file() and cfg.path.endswith(".pt"):  # a fairseq translation checkpoint
+        model, _ = load_fairseq_mt(cfg.path, src_dict_size=len(src_dict), tgt_dict_size=len(tgt_dict),
+                                   trust=cfg.trust_checkpoint)  # fmt: skip
+        model, model_cfg = model.to(device), model.cfg
+    else:
+        model, model_cfg, _ = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
     if not isinstance(model_cfg, MTModelConfig):
         raise CheckpointError(f"{cfg.path}: a language model, not a translation model")
-    src_dict, tgt_dict = load_pair_dictionaries(cfg.data)
     if (len(src_dict), len(tgt_dict)) != (model_cfg.src_vocab_size, model_cfg.tgt_vocab_size):
         raise DataError(
             f"{cfg.data}: dictionaries of {len(src_dict)}/{len(tgt_dict)} types, the model expects "
