@@ -118,3 +118,21 @@ def test_generate_a_fairseq_checkpoint_equals_fairseq_generate(tmp_path, capsys)
     assert len(hyps) == len(want)
     for i, nbest in want.items():
         assert hyps[int(i)] == " ".join(words[t] for t in nbest[0]["tokens"][:-1]), i
+
+
+def test_trime_mt_training_runs_and_ce_warmup_switches(pairs, tmp_path):
+    """--criterion trime_mt trains through the same trainer; with --ce-warmup-epoch 1 epoch 1 is plain CE
+    (train loss == ce), and --ce-warmup-released ignores the warm-up as the released code did."""
+    import json
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        return [(r["loss"], r["ce_loss"], r["use_ce"]) for r in rows if r["kind"] == "train"]
+
+    kw = dict(criterion="trime_mt", temp=10.0, topk_mem=8, label_smoothing=0.0, max_update=3)
+    warm = fit_translation(MTModelConfig(**TINY), _cfg(pairs, tmp_path / "warm", ce_warmup_epoch=1, **kw))
+    assert all(u and abs(loss - ce) < 1e-9 for loss, ce, u in losses(warm))
+    released = fit_translation(
+        MTModelConfig(**TINY), _cfg(pairs, tmp_path / "rel", ce_warmup_epoch=1, ce_warmup_released=True, **kw)
+    )
+    assert all(not u and loss != ce for loss, ce, u in losses(released))

@@ -184,8 +184,8 @@ def cmd_convert(ns: argparse.Namespace) -> None:
 
 
 MT_SKIP = (
-    "data", "tokens_per_sample", "criterion", "knn_keytype", "keep_order", "train_mem_size", "cross_sent_ratio",
-    "predefined_batches", "chunk_size", "max_valid_tokens", "ce_warmup_epoch",
+    "data", "tokens_per_sample", "knn_keytype", "keep_order", "train_mem_size", "cross_sent_ratio",
+    "predefined_batches", "chunk_size", "max_valid_tokens",
 )  # fmt: skip  # language-model fields of TrainConfig that translation training does not use
 
 

@@ -162,6 +162,17 @@ class MTTrainConfig(TrainConfig):
         True, "keep checkpoint_best by validation BLEU (beam 5), not by validation loss", "--eval-bleu"
     )
     eval_bleu_sentences: int = opt(0, "translate at most this many validation sentences for BLEU (0: all)")
+    criterion: str = opt(
+        "ce", "ce: label-smoothed cross-entropy; trime_mt: TrimeMT (MT spec §4)", "--criterion", ("ce", "trime_mt")
+    )
+    temp: float = opt(1.0, "trime_mt: temperature τ of the memory scores (README: 10)", "--temp")
+    topk_mem: int = opt(0, "trime_mt: memory entries kept per target position (0: all; README: 8)", "--topk-mem")
+    dist_func: str = opt("ip", "trime_mt: similarity of decoder outputs", "--dist-func", ("ip", "l2"))
+    ce_warmup_released: bool = opt(
+        False,
+        "ignore --ce-warmup-epoch as the released code did (MT spec §4.6): TRIME loss from update 1",
+        "--ce-warmup-released",
+    )
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -170,8 +181,10 @@ class MTTrainConfig(TrainConfig):
             raise ConfigError("--update-freq must be at least 1")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("--label-smoothing must be in [0, 1)")
-        if self.criterion != "ce":
-            raise ConfigError(f"translation training has criterion ce (label-smoothed), not {self.criterion!r}")
+        if self.criterion not in ("ce", "trime_mt"):
+            raise ConfigError(f"translation training has criterion ce or trime_mt, not {self.criterion!r}")
+        if self.temp <= 0 or self.topk_mem < 0:
+            raise ConfigError("--temp must be positive and --topk-mem at least 0")
 
 
 @dataclass

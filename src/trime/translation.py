@@ -39,6 +39,7 @@ from trime.errors import CheckpointError, DataError
 from trime.generate.beam import BeamConfig, Hypothesis, beam_search, score_reference
 from trime.generate.text import corpus_bleu, detokenize, ids_to_string, remove_bpe
 from trime.io import atomic_file
+from trime.losses import MTLossSettings, compute_mt_loss
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT, build_mt_model
 from trime.model.fairseq_mt_import import load_fairseq_mt
 from trime.train import run_training
@@ -122,14 +123,22 @@ class PairData:
 
 
 class MTObjective(torch.nn.Module):
-    """Translation model + label-smoothed cross-entropy in one forward (module docstring)."""
+    """Translation model + its criterion in one forward: label-smoothed cross-entropy (module
+    docstring), or with ``trime`` the TrimeMT loss (trime.losses.compute_mt_loss; memory gathered
+    over all ranks)."""
 
-    def __init__(self, model: TransformerMT, label_smoothing: float, seed: int, pad: int = Dictionary.pad):
+    def __init__(self, model: TransformerMT, label_smoothing: float, seed: int, pad: int = Dictionary.pad,
+                 trime: MTLossSettings | None = None):  # fmt: skip
         super().__init__()
-        self.model, self.eps, self.pad = model, float(label_smoothing), pad
+        self.model, self.eps, self.pad, self.trime = model, float(label_smoothing), pad, trime
+        self.gather = dist.make_group_gather(dist.world_size()) if trime is not None and dist.world_size() > 1 else None
         self.generator = torch.Generator().manual_seed(seed + 7919 * dist.rank())  # saved and restored with the run
 
     def forward(self, src_tokens, prev_output_tokens, target, use_ce: bool = False):
+        if self.trime is not None:
+            out = self.model(src_tokens, prev_output_tokens)
+            res = compute_mt_loss(self.trime, out, target, self.model.head, use_ce=use_ce, gather=self.gather)
+            return res.loss, res.n_targets.to(res.loss.dtype), res.ce_sum
         keep = target != self.pad  # (B, T)
         h = self.model(src_tokens, prev_output_tokens).h[keep]  # (M, d) non-pad target positions only
         y = target[keep]  # (M,)
@@ -157,7 +166,14 @@ def fit_translation(model_cfg: MTModelConfig, cfg: MTTrainConfig, *, on_step=Non
     data = PairData.load(cfg, model_cfg, device)
     torch.manual_seed(cfg.seed)
     model = build_mt_model(model_cfg).to(device)
-    objective = MTObjective(model, cfg.label_smoothing, cfg.seed)
+    trime = None
+    if cfg.criterion == "trime_mt":
+        trime = MTLossSettings(temp=cfg.temp, topk=cfg.topk_mem, dist=cfg.dist_func)
+        if cfg.label_smoothing and dist.is_main():
+            print(f"| note: trime_mt does not use --label-smoothing {cfg.label_smoothing} (nor did the original)")
+        if cfg.ce_warmup_released and cfg.ce_warmup_epoch:
+            cfg = dataclasses.replace(cfg, ce_warmup_epoch=0)  # the released code's cancelled warm-up (MT spec §4.6)
+    objective = MTObjective(model, cfg.label_smoothing, cfg.seed, trime=trime)
     return run_training(cfg, model_cfg, model, objective, data, on_step=on_step)
 
 
