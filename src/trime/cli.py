@@ -33,7 +33,7 @@ from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
 from trime.pipelines.reproduce import reproduce
 from trime.train import fit
-from trime.translation import fit_translation, translate
+from trime.translation import build_mt_datastore, fit_translation, translate
 
 
 def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
@@ -211,6 +211,13 @@ def cmd_mt_train(ns: argparse.Namespace) -> None:
     print(f"| run directory {fit_translation(model_cfg, cfg)}")
 
 
+def cmd_mt_datastore(ns: argparse.Namespace) -> None:
+    cfg = C.build(C.MTDatastoreConfig, {"data": ns.data}, C.overrides_from_args(ns, C.MTDatastoreConfig))
+    if not (cfg.path and cfg.out):
+        raise TrimeError("trime mt datastore needs --path CHECKPOINT and --out DIR")
+    print(f"| datastore in {build_mt_datastore(cfg)}")
+
+
 def cmd_mt_generate(ns: argparse.Namespace) -> None:
     cfg = C.build(C.TranslateConfig, {"data": ns.data}, C.overrides_from_args(ns, C.TranslateConfig))
     if not cfg.path:
@@ -363,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(t, MTModelConfig, skip=("src_vocab_size", "tgt_vocab_size"))
     C.add_arguments(t, C.MTTrainConfig, skip=MT_SKIP)
     t.set_defaults(func=cmd_mt_train)
+    d = mts.add_parser(
+        "datastore", help="teacher-forced decoder states over a split's targets (then trime index build)"
+    )
+    d.add_argument("data", help="prepared pairs directory")
+    C.add_arguments(d, C.MTDatastoreConfig, skip=("data",))
+    d.set_defaults(func=cmd_mt_datastore)
     g = mts.add_parser("generate", help="translate a split with beam search and print sacreBLEU (fairseq-generate)")
     g.add_argument("data", help="prepared pairs directory")
     C.add_arguments(g, C.TranslateConfig, skip=("data",))

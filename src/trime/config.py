@@ -205,8 +205,31 @@ class TranslateConfig:
         False, "print teacher-forced scores of the references instead of translating", "--score-reference"
     )
     results_path: str = opt("", "write S-/T-/H-/D- lines (fairseq-generate's format) to this file", "--results-path")
+    dstore: str = opt("", "decode with this datastore (trime mt datastore) as external memory", "--dstore-filename")
+    indexfile: str = opt("", "its faiss index (trime index build)", "--indexfile")
+    knn_mode: str = opt(
+        "trime", "how neighbours join the distribution (MT spec §9)", "--knn-mode", ("knn", "trime", "trime_released")
+    )
+    k: int = opt(16, "neighbours retrieved per hypothesis and step", "--k")
+    probe: int = opt(32, "faiss nprobe", "--probe")
+    lmbda: float = opt(0.2, "knn mode: weight λ of the kNN distribution", "--lmbda")
+    knn_temp: float = opt(10.0, "temperature T: kNN-MT a/T; TrimeMT a/(√d·T)", "--knn-temp")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+
+
+@dataclass
+class MTDatastoreConfig:
+    """The decoder states of a translation model over a split's targets (MT spec §7), teacher-forced."""
+
+    data: str = opt("", "prepared pairs directory")
+    path: str = opt("", "translation checkpoint whose decoder outputs h are stored", "--path")
+    out: str = opt("", "datastore directory to write", "--out")
+    subset: str = opt("train", "split to store", "--gen-subset")
+    max_tokens: int = opt(4096, "tokens per forward pass", "--max-tokens")
+    key_dtype: str = opt("float16", "key precision on disk", "--key-dtype", ("float16", "float32"))
+    amp: str = opt("none", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
 
 
 @dataclass

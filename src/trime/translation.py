@@ -29,17 +29,21 @@ import torch
 from tqdm import tqdm
 
 from trime import distributed as dist
-from trime.checkpoint import load_model
-from trime.config import MTTrainConfig, TranslateConfig
+from trime.checkpoint import load_model, model_fingerprint
+from trime.config import MTDatastoreConfig, MTTrainConfig, TranslateConfig
 from trime.data.dictionary import Dictionary
 from trime.data.pair_batching import collate, epoch_batches, pair_batches
 from trime.data.pairs import PairSplit, load_pair_dictionaries, load_pair_split, read_pairs_meta
-from trime.device import pick_device
-from trime.errors import CheckpointError, DataError
+from trime.device import autocast, autocast_dtype, pick_device
+from trime.errors import CheckpointError, ConfigError, DataError
 from trime.generate.beam import BeamConfig, Hypothesis, beam_search, score_reference
+from trime.generate.memory import MemoryCombiner
 from trime.generate.text import corpus_bleu, detokenize, ids_to_string, remove_bpe
 from trime.io import atomic_file
 from trime.losses import MTLossSettings, compute_mt_loss
+from trime.memory.datastore import build_datastore as write_datastore
+from trime.memory.datastore import resume_from
+from trime.memory.external import ExternalMemory
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT, build_mt_model
 from trime.model.fairseq_mt_import import load_fairseq_mt
 from trime.train import run_training
@@ -177,6 +181,57 @@ def fit_translation(model_cfg: MTModelConfig, cfg: MTTrainConfig, *, on_step=Non
     return run_training(cfg, model_cfg, model, objective, data, on_step=on_step)
 
 
+def build_mt_datastore(cfg: MTDatastoreConfig) -> Path:
+    """Store (h, next target token) for every target position of ``cfg.subset``, teacher-forced (MT spec §7).
+
+    Row r is the r-th target token of the split in sentence order (eos included): exact row count,
+    fp16 keys, resumable, written by the LM's datastore writer (memory.datastore)."""
+    device = pick_device(cfg.device)
+    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device)
+    if not isinstance(model_cfg, MTModelConfig):
+        raise CheckpointError(f"{cfg.path}: a language model, not a translation model")
+    split = load_pair_split(cfg.data, cfg.subset)
+    langs = read_pairs_meta(cfg.data)["langs"]
+    n_rows = int(split.tgt_offsets[-1])
+    out = Path(cfg.out)
+    start = resume_from(out, n_rows)
+    first = int(np.searchsorted(split.tgt_offsets, start, side="right")) - 1  # a build resumes at a sentence start
+    meta = {
+        "key_type": "final", "vocab_size": model_cfg.tgt_vocab_size, "model_fingerprint": model_fingerprint(ckpt_dir),
+        "split_fingerprint": read_pairs_meta(cfg.data)["splits"][cfg.subset][langs["target"]]["fingerprint"],
+        "split": cfg.subset, "task": "translation",
+    }  # fmt: skip
+    amp = autocast_dtype(cfg.amp, device)
+    bar = tqdm(total=n_rows, initial=start, desc="datastore", unit="tok", dynamic_ncols=True, disable=None)
+
+    def blocks():
+        ids, i = [], first
+        while i < len(split):  # consecutive sentences, at most max_tokens (longest side × count) per batch
+            ids = [i]
+            width = max(split.src_sizes[i], split.tgt_sizes[i])
+            while i + len(ids) < len(split):
+                nxt = i + len(ids)
+                w = max(width, split.src_sizes[nxt], split.tgt_sizes[nxt])
+                if w * (len(ids) + 1) > cfg.max_tokens:
+                    break
+                ids.append(nxt)
+                width = w
+            b = collate(split, np.asarray(ids))
+            order = torch.argsort(b.ids)  # collate sorts by source length: back to sentence order
+            with torch.no_grad(), autocast(device, amp):
+                h = model(b.src_tokens.to(device), b.prev_output_tokens.to(device)).h  # (B, T, d)
+            h, target = h[order], b.target[order].to(device)
+            keep = target != Dictionary.pad
+            yield int(split.tgt_offsets[i]), h[keep].float().cpu(), target[keep].cpu()  # rows in stream order
+            bar.update(int(keep.sum()))
+            i += len(ids)
+
+    try:
+        return write_datastore(blocks(), out, model_cfg.decoder_embed_dim, n_rows, meta, key_dtype=cfg.key_dtype)
+    finally:
+        bar.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding
 
@@ -236,6 +291,21 @@ def bleu_of(hyps: dict[int, Hypothesis], refs: list[np.ndarray], d: Dictionary, 
     return corpus_bleu(h, r)
 
 
+def memory_combiner(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTModelConfig, fingerprint: str):
+    """The kNN-MT / TrimeMT combiner of ``cfg`` over its datastore and index (trime.generate.memory)."""
+    if not cfg.indexfile:
+        raise ConfigError("--dstore-filename needs --indexfile (build it with `trime index build`)")
+    ext = ExternalMemory.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=model_cfg.decoder_embed_dim,
+                              vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint)  # fmt: skip
+    zeros = torch.zeros(1, dtype=torch.long)
+
+    def log_z(h: torch.Tensor) -> torch.Tensor:
+        return model.head.target_logp(h, zeros.expand(h.shape[0]).to(h.device))[1]
+
+    return MemoryCombiner(ext.search, log_z, mode=cfg.knn_mode, lmbda=cfg.lmbda, temp=cfg.knn_temp,
+                          dim=model_cfg.decoder_embed_dim)  # fmt: skip
+
+
 @dataclass
 class TranslateResult:
     n_sentences: int
@@ -260,7 +330,8 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
                                    trust=cfg.trust_checkpoint)  # fmt: skip
         model, model_cfg = model.to(device), model.cfg
     else:
-        model, model_cfg, _ = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
+        model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
+    fingerprint = model_fingerprint(cfg.path if Path(cfg.path).is_file() else ckpt_dir)
     if not isinstance(model_cfg, MTModelConfig):
         raise CheckpointError(f"{cfg.path}: a language model, not a translation model")
     if (len(src_dict), len(tgt_dict)) != (model_cfg.src_vocab_size, model_cfg.tgt_vocab_size):
@@ -280,8 +351,9 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
             for pid, hyp in zip(b.ids.tolist(), score_reference(model, b.src_tokens.to(device), b.target.to(device))):
                 hyps[pid] = hyp
     else:
+        combiner = memory_combiner(cfg, model, model_cfg, fingerprint) if cfg.dstore else None
         hyps = decode(model, split, ids, beam, max_tokens=cfg.max_tokens, max_sentences=cfg.max_sentences,
-                      device=device, progress=True)  # fmt: skip
+                      device=device, combiner=combiner, progress=True)  # fmt: skip
     seconds = time.perf_counter() - t0
     for i in range(n):
         h = hyps[i]
