@@ -301,7 +301,7 @@ def merge_shards(out_dir, world: int) -> dict:
         k: v
         for k, v in metas[0].items()
         if k not in fields
-        and k not in ("kind", "trime_version", "created", "rows", "row_offset", "values_fingerprint", "fingerprint")
+        and k not in ("kind", "trime_version", "created", "files", "rows", "row_offset", "values_fingerprint", "fingerprint")
     }
     joined = "".join(m["values_fingerprint"] for m in metas).encode()
     fields.update(
