@@ -138,7 +138,10 @@ def check_replaceable(path: Path, kind: str | None, overwrite: bool) -> None:
         raise DataError(f"{path}: a file is there, not a trime {kind or 'artifact'} directory; choose another path")
     if not is_complete(path):
         if any(path.iterdir()):
-            raise DataError(f"{path}: exists and is not a trime artifact (no {META}); choose another output path")
+            raise DataError(
+                f"{path}: exists and is not a trime {kind or 'artifact'} directory (no {META}); "
+                "choose another output path"
+            )
         return
     meta = read_json(path / META)
     found = meta.get("kind") if isinstance(meta, dict) else None

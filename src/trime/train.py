@@ -14,6 +14,7 @@ at most one checkpoint interval of work is repeated.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -24,18 +25,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from trime import distributed as dist
 from trime import io
-from trime.checkpoint import load_trainer_state, save_checkpoint
+from trime.checkpoint import load_trainer_state, load_weights, save_checkpoint
 from trime.config import ModelConfig, TrainConfig, to_dict
 from trime.data.batching import epoch_batches, load_batch_order, make_batch, valid_batches
 from trime.data.blocks import num_segments, segment_windows
-from trime.data.prepare import check_vocabulary, load_dictionary, load_split, special_ids
+from trime.data.prepare import (
+    check_vocabulary,
+    data_fingerprint,
+    describe_difference,
+    load_dictionary,
+    load_split,
+    read_data_meta,
+    special_ids,
+    warn_data,
+)
 from trime.device import autocast, autocast_dtype, pick_device
-from trime.errors import ConfigError, DataError
+from trime.errors import CheckpointError, ConfigError, DataError
 from trime.losses import LossSettings, compute_loss
 from trime.model.transformer import build_model
 from trime.optim import build_optimizer, schedule, set_lr
@@ -103,12 +112,20 @@ class Data:
         return b.inputs, b.targets
 
 
-def _load_data(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> tuple[ModelConfig, Data]:
+def resolve_model_config(model_cfg: ModelConfig, cfg: TrainConfig) -> ModelConfig:
+    """The model a run trains: the vocabulary from the data's dict.txt, room for a segment."""
     if model_cfg.vocab_size == 0:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(load_dictionary(cfg.data)))
-    check_vocabulary(cfg.data, model_cfg.vocab_size)
     if model_cfg.max_positions < cfg.tokens_per_sample:
         model_cfg = dataclasses.replace(model_cfg, max_positions=cfg.tokens_per_sample)
+    return model_cfg
+
+
+def _load_data(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> tuple[ModelConfig, Data]:
+    model_cfg = resolve_model_config(model_cfg, cfg)
+    check_vocabulary(cfg.data, model_cfg.vocab_size)
+    if dist.is_main():
+        warn_data(read_data_meta(cfg.data), cfg.data)
     valid = load_split(cfg.data, cfg.valid_subset)
     if cfg.max_valid_tokens:
         valid = valid[: cfg.max_valid_tokens]
@@ -137,21 +154,87 @@ def _group_size(cfg: TrainConfig) -> int:
     return c
 
 
-def _prepare_run_dir(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
-    """Write config.json for a new run; refuse to resume with a different model or data shape."""
-    resolved = {"model": to_dict(model_cfg), "train": to_dict(cfg)}
+# train fields a resumed run must keep (they change shapes, the objective or the batch sequence);
+# the data and the batch order are compared by content (run_inputs), never by path
+FIXED_ON_RESUME = ("tokens_per_sample", "max_tokens", "criterion", "seed", "keep_order", "optimizer", "update_freq")
+PATH_FIELDS = ("data", "save_dir", "predefined_batches")
+
+
+def run_inputs(cfg: TrainConfig) -> dict:
+    """Content fingerprints of what a run reads: the data (from its meta.json) and the batch order."""
+    order = cfg.predefined_batches
+    return {
+        "data": data_fingerprint(cfg.data, ["train", cfg.valid_subset]),
+        "batch_order": io.sha256_file(order)[:16] if order else None,
+    }
+
+
+def read_run_config(run_dir: Path) -> dict | None:
+    """A run directory's config.json (None when there is none; ConfigError when it is someone else's)."""
     path = run_dir / "config.json"
-    if path.exists():
+    if not path.exists():
+        return None
+    try:
         old = io.read_json(path)
-        if old["model"] != resolved["model"]:
-            raise ConfigError(f"{run_dir}: holds a run of another model; use another --save-dir")
-        for key in ("tokens_per_sample", "max_tokens", "criterion", "data", "seed", "keep_order", "predefined_batches"):
-            if old["train"].get(key) != resolved["train"][key]:
-                raise ConfigError(
-                    f"{run_dir}: resuming with a different --{key.replace('_', '-')}; use another --save-dir"
-                )
-    elif dist.is_main():
-        io.write_json(path, resolved)
+    except DataError:
+        old = None
+    if not (isinstance(old, dict) and isinstance(old.get("model"), dict) and isinstance(old.get("train"), dict)):
+        raise ConfigError(f"{path}: not the config of a trime run; use another --save-dir")
+    return old
+
+
+def run_differences(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, fields=FIXED_ON_RESUME) -> list[str]:
+    """What differs between the run in ``run_dir`` and this one: 'model', 'data: ...', 'batch_order'
+    or the flags among ``fields`` (None: every train field but paths). Empty for a new run."""
+    old = read_run_config(run_dir)
+    if old is None:
+        return []
+    diff = ["model"] if old["model"] != to_dict(model_cfg) else []
+    new = to_dict(cfg)
+    names = [k for k in new if k not in PATH_FIELDS] if fields is None else fields
+    diff += ["--" + k.replace("_", "-") for k in names if old["train"].get(k) != new[k]]
+    before, now = old.get("inputs"), json.loads(json.dumps(run_inputs(cfg)))
+    if before is None:  # a run from before inputs were recorded: its data path is all there is
+        if Path(old["train"].get("data", "")).resolve() != Path(cfg.data).resolve():
+            diff.append("--data")
+    else:
+        changed = describe_difference(before.get("data", {}), now["data"])
+        if changed:
+            diff.append(f"data ({changed})")
+        if before.get("batch_order") != now["batch_order"]:
+            diff.append("--predefined-batches (content)")
+    return diff
+
+
+def _prepare_run_dir(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Write config.json for a new run; refuse to resume with another model, data or objective."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: is a file, not a run directory; use another --save-dir")
+    old = read_run_config(run_dir)
+    if old is None and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir}: holds files but no trime run (no config.json); use another --save-dir")
+    diff = run_differences(run_dir, model_cfg, cfg)
+    if "model" in diff:
+        raise ConfigError(f"{run_dir}: holds a run of another model; use another --save-dir")
+    if diff:
+        raise ConfigError(
+            f"{run_dir}: resuming with a different {', '.join(diff)} than the run there; use another --save-dir"
+        )
+    dist.barrier()  # every rank has looked before the main one writes
+    if old is None and dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        io.write_json(
+            run_dir / "config.json", {"model": to_dict(model_cfg), "train": to_dict(cfg), "inputs": run_inputs(cfg)}
+        )
+
+
+def changed_on_resume(run_dir: Path, cfg: TrainConfig) -> dict:
+    """{flag: [old, new]} of the train settings changed since the run was started (e.g. --lr)."""
+    old = read_run_config(run_dir)
+    if old is None:
+        return {}
+    new = to_dict(cfg)
+    return {k: [old["train"].get(k), v] for k, v in new.items() if k not in PATH_FIELDS and old["train"].get(k) != v}
 
 
 def validate(objective: Objective, data: Data, B: int, amp) -> float:
@@ -189,8 +272,8 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress
     amp = autocast_dtype(cfg.amp, device)
     model_cfg, data = _load_data(cfg, model_cfg, device)
     run_dir = Path(cfg.save_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     _prepare_run_dir(run_dir, model_cfg, cfg)
+    dist.barrier()
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg).to(device)
     optimizer = build_optimizer(model.parameters(), cfg)
@@ -199,7 +282,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress
     objective = Objective(
         model, LossSettings.of(cfg, data.pad), cfg.seed, dist.make_group_gather(group) if group > 1 else None
     )
-    progress = _resume(run_dir, model, optimizer, objective, scaler, device)
+    progress = _resume(run_dir, model, optimizer, objective, scaler, device, data_dir=cfg.data)
     # adaptive bands and tail clusters without a token in a batch get no gradient that step
     adaptive = bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
     wrapped = dist.wrap_ddp(objective, find_unused_parameters=adaptive)
@@ -211,15 +294,27 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress
     return run_dir
 
 
-def _resume(run_dir: Path, model, optimizer, objective, scaler, device) -> Progress:
+def _resume(run_dir: Path, model, optimizer, objective, scaler, device, data_dir) -> Progress:
     last = run_dir / "checkpoint_last"
+    if dist.is_main():
+        io.recover_dir(last)
+        io.recover_dir(run_dir / "checkpoint_best")
+    dist.barrier()
     if not io.is_complete(last):
         return Progress()
-    model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)), strict=False)
+    if (last / "dict.txt").read_bytes() != (Path(data_dir) / "dict.txt").read_bytes():
+        raise DataError(f"{data_dir}/dict.txt differs from the dictionary of {last}: the data was prepared again")
+    try:
+        model.load_state_dict(load_weights(last, device), strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{last}: weights do not fit the run's model ({str(e).splitlines()[0]})") from None
     state = load_trainer_state(last)
     if state is None:
-        raise DataError(f"{last}: no trainer state to resume from")
-    optimizer.load_state_dict(state["optimizer"])
+        raise CheckpointError(f"{last}: no trainer state to resume from")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{last}: its optimizer state does not fit this optimizer ({e})") from None
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     rng = state["rng"][min(dist.rank(), len(state["rng"]) - 1)]
@@ -250,6 +345,10 @@ class _Loop:
 
     def run(self, p: Progress, mode: str, order, n_seg: int, group: int, on_step) -> None:
         cfg = self.cfg
+        changed = changed_on_resume(self.run_dir, cfg) if p.updates or p.batches_done else {}
+        if changed and dist.is_main():
+            self.log.log(kind="resume", epoch=p.epoch, update=p.updates, changed=changed)
+            print(f"| resumed with changed settings: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}")
         B = cfg.max_tokens // cfg.tokens_per_sample
         while not self.done(p):
             batches = epoch_batches(
