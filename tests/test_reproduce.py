@@ -9,7 +9,7 @@ import pytest
 from trime import io
 from trime.checkpoint import model_fingerprint
 from trime.data.prepare import data_fingerprint, read_data_meta
-from trime.pipelines.reproduce import SYSTEMS, Pipeline, reproduce
+from trime.pipelines.reproduce import SYSTEMS, Pipeline, reproduce, slug
 
 from tests.fixtures import make_corpus
 
@@ -66,7 +66,7 @@ def _check_stale_stages_are_redone(out: Path, corpus: Path, saved: dict, tmp_pat
     assert read_data_meta(out / "data-bin")["splits"]["train"]["source_sha256"] == io.sha256_file(other / "train.txt")
     p.train("ce")
     base = p.score(SYSTEMS[0], "test", {})
-    key = json.loads((out / "evals" / "transformer_ce.test.json").read_text())["key"]
+    key = json.loads((out / "evals" / f"{slug(SYSTEMS[0].name)}.test.json").read_text())["key"]
     assert key["data"] == data_fingerprint(out / "data-bin", ["test"])
     assert base["ppl"] != {s["name"]: s for s in saved["systems"]}[SYSTEMS[0].name]["test"]["ppl"]
 
