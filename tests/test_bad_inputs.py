@@ -19,7 +19,8 @@ import torch
 from trime import config as C
 from trime import io
 from trime.cli import main
-from trime.data.prepare import prepare_corpus
+from trime.data.blocks import num_segments
+from trime.data.prepare import load_split, prepare_corpus
 from trime.train import fit
 
 from tests.fixtures import make_corpus, make_data, micro_checkpoint
@@ -407,3 +408,39 @@ def test_mostly_unk_split_is_warned_about(capsys, data, tmp_path):
     (corpus / "train.txt").write_text("zz yy xx w0\n" * 10)
     text = ok(capsys, "data", "prepare", corpus, "--out", tmp_path / "d", "--dict", data / "dict.txt")
     assert "75% of the train split's words are <unk> (30 of 40)" in text
+
+
+def test_word_probs_over_a_users_file(capsys, data, ckpt, tmp_path):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    user_error(capsys, "eval", data, "--path", ckpt, "--output-word-probs", mine, words="not a word-probabilities")
+    assert mine.read_text() == "mine"
+
+
+def test_bm25_order_over_a_users_file(capsys, data, tmp_path):
+    mine = tmp_path / "order.json"
+    mine.write_text('{"my": "settings"}')
+    user_error(capsys, "bm25", "batches", data, "--tokens-per-sample", "32", "--out", mine, words="not a batch order")
+    assert mine.read_text() == '{"my": "settings"}' and not (tmp_path / "order.work").exists()
+
+
+def test_resume_after_training_on_another_batch_order(capsys, data, trained, tmp_path):
+    """--predefined-batches is compared by content: the same path holding another order is refused."""
+    run = tmp_path / "ext"
+    order = tmp_path / "order.json"
+    n = num_segments(len(load_split(data, "train")), 32)
+    order.write_text(json.dumps(list(range(n))))
+    args = train_args(data, run, "--criterion", "trime_ext", "--predefined-batches", order, "--max-update", "1")
+    ok(capsys, *args)
+    order.write_text(json.dumps(list(reversed(range(n)))))
+    before = snapshot(run)
+    user_error(capsys, *args[:-1], "2", words="--predefined-batches (content)")
+    assert snapshot(run) == before
+
+
+def test_eval_of_a_run_whose_checkpoint_replacement_was_killed(capsys, data, trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    last = run / "checkpoint_last"
+    last.rename(run / ".checkpoint_last.old-999999999")  # killed after moving the old one aside
+    text = ok(capsys, "eval", data, "--path", run, "--device", "cpu", "--max-eval-tokens", "64")
+    assert "restored" in text and io.is_complete(last) and leftovers(run) == []

@@ -161,6 +161,7 @@ def cmd_bm25(ns: argparse.Namespace) -> None:
         )
     elif step == "chain":
         n = io.read_meta(ns.index, "bm25_index")["n_segments"]
+        io.check_output_file(ns.out, "batch order (JSON list of segment ids)", io.is_id_list)
         io.write_json(ns.out, bm25.chain(ns.results, n, seed=ns.seed))
         print(f"| order of {n} segments in {ns.out}")
 

@@ -181,6 +181,8 @@ def _neighbor_writer(cfg: EvalConfig, dim: int):
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Score a split of ``cfg.data`` with the checkpoint ``cfg.path`` and the chosen memories."""
+    if cfg.output_word_probs:
+        io.check_output_file(cfg.output_word_probs, "word-probabilities .npy", io.is_npy)
     device = pick_device(cfg.device)
     model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
     data_dir = Path(cfg.data)

@@ -198,6 +198,29 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | Non
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output_file(path: str | os.PathLike, what: str, is_own) -> None:
+    """Refuse to write the file ``path`` over a directory or over a file that ``is_own(path)`` does
+    not recognise as an earlier output of the same kind (a user's file is never overwritten)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a {what} file; choose another path")
+    if path.exists() and not is_own(path):
+        raise DataError(f"{path}: holds something that is not a {what}; refusing to overwrite it")
+
+
+def is_npy(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
+def is_id_list(path: Path) -> bool:
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(obj, list) and all(type(i) is int for i in obj)
+
+
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
     """Items [start, end) of shard ``shard`` of ``num_shards`` over n items: contiguous, in order,
     sizes differing by at most one (datastore rows per rank, BM25 queries per search shard)."""
@@ -224,11 +247,6 @@ def write_meta(directory: str | os.PathLike, kind: str, **fields: Any) -> dict:
     }
     write_json(Path(directory) / META, meta)
     return meta
-
-
-def content_key(meta: dict, *fields: str) -> dict:
-    """The fields of an artifact's meta.json that say what made it (for comparing, never paths)."""
-    return {f: meta.get(f) for f in fields}
 
 
 def read_meta(directory: str | os.PathLike, kind: str | None = None) -> dict:

@@ -39,7 +39,9 @@ from trime.errors import ConfigError, DataError
 from trime.io import (
     atomic_dir,
     atomic_file,
+    check_output_file,
     is_complete,
+    is_id_list,
     load_npy,
     read_json,
     read_meta,
@@ -556,6 +558,7 @@ def bm25_batches(
     finished step is reused. Writes the order as a JSON list of segment ids, prints a summary.
     """
     t0, out_path = time.time(), Path(out_path)
+    check_output_file(out_path, "batch order (JSON list of segment ids)", is_id_list)
     work = Path(work_dir) if work_dir else out_path.with_suffix(".work")
     tokens, symbols = load_split(data_dir, "train"), list(load_dictionary(data_dir).symbols)
     n_seg = len(segment_bounds(len(tokens), tokens_per_sample))
