@@ -27,10 +27,12 @@ from trime import io
 from trime.config import ModelConfig, build
 from trime.data.dictionary import Dictionary
 from trime.errors import CheckpointError
+from trime.model.encoder_decoder import MTModelConfig, build_mt_model
 from trime.model.fairseq_import import load_fairseq_checkpoint
 from trime.model.transformer import TransformerLM, build_model
 
 WEIGHTS, CONFIG, DICT, TRAINER = "model.safetensors", "config.json", "dict.txt", "trainer.pt"
+MODEL_TYPES = {ModelConfig: "transformer_lm", MTModelConfig: "transformer_mt"}  # config.json's model_type
 
 
 def state_dict_unique(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -49,24 +51,36 @@ def state_dict_unique(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
-    model_cfg: ModelConfig,
-    dict_path: str | Path,
+    model_cfg: Any,
+    dictionaries: str | Path | dict[str, Path],
     *,
     train_cfg: Any = None,
     trainer_state: dict | None = None,
     **meta: Any,
 ) -> Path:
-    """Write a checkpoint directory atomically (replacing an older one at the same path)."""
+    """Write a checkpoint directory atomically (replacing an older one at the same path).
+
+    ``dictionaries``: the dict.txt of a language model, or {file name: path} (a translation model's
+    dict.SRC.txt and dict.TGT.txt); they are copied in. ``model_cfg`` is a ModelConfig or MTModelConfig.
+    """
     path = Path(path)
+    if not isinstance(dictionaries, dict):
+        dictionaries = {DICT: Path(dictionaries)}
     with io.atomic_dir(path, overwrite=True, kind="checkpoint") as tmp:
         save_file(state_dict_unique(model), str(tmp / WEIGHTS))
-        cfg = {"model": _asdict(model_cfg), "train": _asdict(train_cfg) if train_cfg is not None else None}
+        cfg = {
+            "model_type": MODEL_TYPES[type(model_cfg)],
+            "model": _asdict(model_cfg),
+            "train": _asdict(train_cfg) if train_cfg is not None else None,
+        }
         io.write_json(tmp / CONFIG, cfg)
-        shutil.copyfile(dict_path, tmp / DICT)
+        for name, src in dictionaries.items():
+            shutil.copyfile(src, tmp / name)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
+        vocab = getattr(model_cfg, "vocab_size", None) or getattr(model_cfg, "tgt_vocab_size", None)
         weights = io.sha256_file(tmp / WEIGHTS)
-        io.write_meta(tmp, "checkpoint", vocab_size=model_cfg.vocab_size, weights_sha256=weights, **meta)
+        io.write_meta(tmp, "checkpoint", vocab_size=vocab, weights_sha256=weights, **meta)
     return path
 
 
@@ -106,7 +120,8 @@ def read_config(ckpt_dir: Path) -> dict:
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: bool = False):
-    """Load (model in eval mode, ModelConfig, checkpoint dir) from a trime checkpoint or run directory.
+    """Load (model in eval mode, its config, checkpoint dir) from a trime checkpoint or run directory:
+    a TransformerLM (ModelConfig) or a TransformerMT (MTModelConfig), as its config.json says.
 
     A fairseq ``.pt`` file is converted on the fly (see trime.model.fairseq_import); its "checkpoint
     dir" is then the file itself.
@@ -117,9 +132,14 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: b
         ckpt_dir = path
     else:
         ckpt_dir = resolve(path)
-        model_cfg = build(ModelConfig, read_config(ckpt_dir)["model"], source=str(ckpt_dir / CONFIG))
+        config = read_config(ckpt_dir)
+        kind = config.get("model_type", "transformer_lm")  # checkpoints before translation are LMs
+        cls = {v: k for k, v in MODEL_TYPES.items()}.get(kind)
+        if cls is None:
+            raise CheckpointError(f"{ckpt_dir}: unknown model_type {kind!r} in {CONFIG}")
+        model_cfg = build(cls, config["model"], source=str(ckpt_dir / CONFIG))
         state = load_weights(ckpt_dir)
-    model = build_model(model_cfg)
+    model = build_mt_model(model_cfg) if isinstance(model_cfg, MTModelConfig) else build_model(model_cfg)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a shape that differs from the config's

@@ -167,6 +167,57 @@ class TrainConfig:
 
 
 @dataclass
+class MTTrainConfig(TrainConfig):
+    """Training a translation model (MT spec §6): TrainConfig's optimisation and bookkeeping fields,
+    sentence-pair batches of at most ``--max-tokens`` (max(source, target) tokens, padded)."""
+
+    data: str = opt("", "prepared pairs directory (trime data prepare with --source-lang/--target-lang)")
+    save_dir: str = opt("runs/mt", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
+    max_tokens: int = opt(4096, "tokens per batch per process: sentences × longest side, padded", "--max-tokens")
+    label_smoothing: float = opt(0.1, "label smoothing ε of the cross-entropy", "--label-smoothing")
+    max_sentences: int = opt(0, "at most this many sentence pairs per batch (0: no limit)", "--batch-size")
+    lr: float = opt(5e-4, "peak learning rate", "--lr")
+    warmup_updates: int = opt(4000, "linear warm-up updates", "--warmup-updates")
+    weight_decay: float = opt(1e-4, "weight decay (decoupled for Adam)", "--weight-decay")
+    eval_bleu: bool = opt(
+        True, "keep checkpoint_best by validation BLEU (beam 5), not by validation loss", "--eval-bleu"
+    )
+    eval_bleu_sentences: int = opt(0, "translate at most this many validation sentences for BLEU (0: all)")
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ConfigError("--max-tokens must be positive")
+        if self.update_freq < 1:
+            raise ConfigError("--update-freq must be at least 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("--label-smoothing must be in [0, 1)")
+        if self.criterion != "ce":
+            raise ConfigError(f"translation training has criterion ce (label-smoothed), not {self.criterion!r}")
+
+
+@dataclass
+class TranslateConfig:
+    """Decoding a split of a pairs directory with beam search, and its BLEU (MT spec §9, §10)."""
+
+    data: str = opt("", "prepared pairs directory")
+    path: str = opt("", "translation checkpoint (a trime run or checkpoint directory)", "--path")
+    gen_subset: str = opt("test", "split to translate", "--gen-subset")
+    max_tokens: int = opt(4096, "source tokens per batch", "--max-tokens")
+    max_sentences: int = opt(0, "at most this many sentences per batch (0: no limit)", "--batch-size")
+    max_sentences_total: int = opt(
+        0, "translate only the first N sentences of the split (0: all)", "--max-sentences-total"
+    )
+    remove_bpe: bool = opt(True, "join subword-nmt BPE pieces (@@ ) before scoring", "--remove-bpe")
+    detok: str = opt("moses", "detokenise hypotheses and references before BLEU", "--detok", ("moses", "none"))
+    score_reference: bool = opt(
+        False, "print teacher-forced scores of the references instead of translating", "--score-reference"
+    )
+    results_path: str = opt("", "write S-/T-/H-/D- lines (fairseq-generate's format) to this file", "--results-path")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
+    trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+
+
+@dataclass
 class EvalConfig:
     """Sliding-window evaluation with any set of memories (spec §5)."""
 
@@ -398,7 +449,8 @@ def resolve_preset(name: str) -> Path:
 def load_preset(name: str) -> dict[str, dict[str, Any]]:
     """Read a preset: a TOML file with [model], [train], [eval] ... tables.
 
-    A preset may say ``base = "other"`` at the top level to start from another preset.
+    A preset may say ``base = "other"`` at the top level to start from another preset, and
+    ``task = "translation"`` for an encoder-decoder recipe (its [model] is an MTModelConfig).
     """
     path = resolve_preset(name)
     try:
@@ -406,12 +458,14 @@ def load_preset(name: str) -> dict[str, dict[str, Any]]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
     base = data.pop("base", None)
+    task = data.pop("task", None)  # "translation" for encoder-decoder presets
     out: dict[str, dict[str, Any]] = load_preset(base) if base else {}
     for section, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: top-level key {section!r} must be a table")
         out.setdefault(section, {}).update(table)
     out.setdefault("_source", {})["path"] = str(path)
+    out["_source"]["task"] = task or out["_source"].get("task") or "language_modeling"
     return out
 
 

@@ -80,7 +80,7 @@ SYSTEMS = [
         "trime_ext",
     ),
 ]
-CRITERIA = {
+MODEL_FLAGS = {
     "ce": {},
     "trime": {"criterion": "trime"},
     "trime_long": {"criterion": "trime_long", "keep_order": True},
@@ -182,7 +182,7 @@ class Pipeline:
         return self.out / "models" / name
 
     def train_cfg(self, name: str) -> C.TrainConfig:
-        extra = dict(CRITERIA[name])
+        extra = dict(MODEL_FLAGS[name])
         if name == "trime_ext":
             extra["predefined_batches"] = str(self.bm25_order())
         layers = {
@@ -213,7 +213,6 @@ class Pipeline:
 
     # 3. datastores -------------------------------------------------------------------------
     def datastore(self, name: str) -> tuple[Path, Path]:
-
         if name in self.stores:
             return self.stores[name]
         d = self.out / "dstore" / name
@@ -327,7 +326,6 @@ def slug(name: str) -> str:
 
 
 def estimate_minutes(p: Pipeline) -> float:
-
     cfg = C.build(C.TrainConfig, p.train_layer)
     train = 4 * p.rc.max_update * cfg.max_tokens / p.rc.train_tokens_per_s
     splits = read_data_meta(p.data)["splits"]
@@ -355,7 +353,7 @@ def reproduce(
         f"plan: 4 models x {p.rc.max_update} updates, 2 datastores, {len(SYSTEMS)} systems on valid and test; "
         f"estimated {estimate_minutes(p):.0f} min on a 2-core CPU"
     )
-    for name in CRITERIA:
+    for name in MODEL_FLAGS:
         p.train(name)
     results: dict = {
         "preset": preset,
