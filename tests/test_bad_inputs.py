@@ -163,7 +163,9 @@ def test_copied_run_resumes_with_the_data_path_spelled_otherwise(capsys, data, t
     monkeypatch.chdir(data.parent)
     text = ok(capsys, *train_args("./data-bin/", run, "--max-update", "3"))
     assert "resuming" in text and "update 2" in text
-    assert io.read_meta(run / "checkpoint_last")["updates"] == 3
+    meta = io.read_meta(run / "checkpoint_last")
+    assert meta["updates"] == 3 and meta["inputs"] == io.read_json(run / "config.json")["inputs"]
+    assert meta["inputs"]["data"]["split:train"] == io.read_meta(data)["splits"]["train"]["fingerprint"]
 
 
 def test_resume_on_data_prepared_again_with_another_dictionary(capsys, data, trained, tmp_path):

@@ -403,6 +403,7 @@ class _Loop:
     def __init__(self, cfg: TrainConfig, model_cfg, run_dir: Path, parts: _Parts, data: TrainData):
         self.cfg, self.model_cfg, self.run_dir, self.parts, self.data = cfg, model_cfg, run_dir, parts, data
         self.log = io.JsonlLogger(run_dir / "log.jsonl", enabled=dist.is_main())
+        self.inputs = run_inputs(cfg)  # recorded in every checkpoint's meta.json
 
     def done(self, p: Progress) -> bool:
         cfg = self.cfg
@@ -530,7 +531,7 @@ class _Loop:
             "rng": rngs,
         }
         dicts = self.data.dictionaries
-        meta = {"epoch": p.epoch, "updates": p.updates, "best_valid": p.best_valid}
+        meta = {"epoch": p.epoch, "updates": p.updates, "best_valid": p.best_valid, "inputs": self.inputs}
         save_checkpoint(
             self.run_dir / "checkpoint_last",
             run.model,
