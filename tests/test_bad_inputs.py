@@ -446,3 +446,17 @@ def test_eval_of_a_run_whose_checkpoint_replacement_was_killed(capsys, data, tra
     last.rename(run / ".checkpoint_last.old-999999999")  # killed after moving the old one aside
     text = ok(capsys, "eval", data, "--path", run, "--device", "cpu", "--max-eval-tokens", "64")
     assert "restored" in text and io.is_complete(last) and leftovers(run) == []
+
+
+def test_neighbour_cache_over_a_data_directory(capsys, data, ckpt, tmp_path):
+    d = Path(shutil.copytree(data, tmp_path / "d"))
+    before = snapshot(d)
+    user_error(capsys, "eval", data, "--path", ckpt, "--save-neighbors", d, words="holds a 'data' artifact")
+    assert snapshot(d) == before and leftovers(tmp_path) == []
+
+
+def test_prepare_over_a_checkpoint(capsys, data, ckpt, tmp_path):
+    c = Path(shutil.copytree(ckpt, tmp_path / "ckpt"))
+    before = snapshot(c)
+    user_error(capsys, "data", "prepare", data.parent / "corpus", "--out", c, "--overwrite", words="'checkpoint'")
+    assert snapshot(c) == before
