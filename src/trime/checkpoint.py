@@ -66,7 +66,7 @@ def save_checkpoint(
     path = Path(path)
     if not isinstance(dictionaries, dict):
         dictionaries = {DICT: Path(dictionaries)}
-    with io.atomic_dir(path, overwrite=True) as tmp:
+    with io.atomic_dir(path, overwrite=True, kind="checkpoint") as tmp:
         save_file(state_dict_unique(model), str(tmp / WEIGHTS))
         cfg = {
             "model_type": MODEL_TYPES[type(model_cfg)],
@@ -79,7 +79,8 @@ def save_checkpoint(
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
         vocab = getattr(model_cfg, "vocab_size", None) or getattr(model_cfg, "tgt_vocab_size", None)
-        io.write_meta(tmp, "checkpoint", vocab_size=vocab, **meta)
+        weights = io.sha256_file(tmp / WEIGHTS)
+        io.write_meta(tmp, "checkpoint", vocab_size=vocab, weights_sha256=weights, **meta)
     return path
 
 
@@ -99,6 +100,7 @@ def resolve(path: str | Path) -> Path:
             raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json); it was not finished writing")
         return path
     for name in ("checkpoint_best", "checkpoint_last"):
+        io.recover_dir(path / name)
         if io.is_complete(path / name):
             return path / name
     raise CheckpointError(
@@ -109,9 +111,12 @@ def resolve(path: str | Path) -> Path:
 
 def read_config(ckpt_dir: Path) -> dict:
     try:
-        return json.loads((ckpt_dir / CONFIG).read_text())
+        cfg = json.loads((ckpt_dir / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt_dir}: unreadable {CONFIG} ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{ckpt_dir / CONFIG}: not a trime checkpoint config (no 'model' table)")
+    return cfg
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: bool = False):
@@ -133,12 +138,12 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: b
         if cls is None:
             raise CheckpointError(f"{ckpt_dir}: unknown model_type {kind!r} in {CONFIG}")
         model_cfg = build(cls, config["model"], source=str(ckpt_dir / CONFIG))
-        try:
-            state = load_file(str(ckpt_dir / WEIGHTS))
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise CheckpointError(f"{ckpt_dir / WEIGHTS}: cannot read weights ({e})") from None
+        state = load_weights(ckpt_dir)
     model = build_mt_model(model_cfg) if isinstance(model_cfg, MTModelConfig) else build_model(model_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape that differs from the config's
+        raise CheckpointError(f"{ckpt_dir}: weights do not fit the config ({_first_line(e)})") from None
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
@@ -148,18 +153,44 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: b
     return model.to(device).eval(), model_cfg, ckpt_dir
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(e).__name__
+
+
 def model_fingerprint(path: str | Path) -> str:
-    """A short hash of a checkpoint's weights file (ties datastores and indexes to their model)."""
+    """A short hash of a checkpoint's weights file (ties datastores, indexes and results to their
+    model): from meta.json when the checkpoint recorded it (no re-hashing), else of the file."""
     path = Path(path)
+    if path.is_dir() and io.is_complete(path):
+        recorded = io.read_json(path / "meta.json").get("weights_sha256")
+        if recorded:
+            return recorded[:16]
     weights = path if path.is_file() else path / WEIGHTS
     return io.sha256_file(weights)[:16]
+
+
+def load_weights(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The weights of a trime checkpoint directory (CheckpointError for a damaged or truncated file)."""
+    path = Path(ckpt_dir) / WEIGHTS
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CheckpointError(
+            f"{path}: cannot read weights, the file is damaged or truncated ({_first_line(e)})"
+        ) from None
 
 
 def load_trainer_state(ckpt_dir: str | Path) -> dict | None:
     p = Path(ckpt_dir) / TRAINER
     if not p.exists():
         return None
-    return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a foreign pickle
+        raise CheckpointError(
+            f"{p}: cannot read the trainer state, the file is damaged or truncated ({_first_line(e)})"
+        ) from None
 
 
 def checkpoint_dictionary(ckpt_dir: Path) -> Dictionary | None:
@@ -175,6 +206,7 @@ def convert(path: str | Path, out_dir: str | Path, dict_path: str | Path | None 
     embedding's vocabulary size. The directory appears complete (meta.json) only at the end.
     """
     path = Path(path)
+    io.check_replaceable(Path(out_dir), "checkpoint", overwrite=True)  # before the (slow) conversion
     dict_path = Path(dict_path) if dict_path is not None else path.with_name(DICT)
     if not dict_path.is_file():
         raise CheckpointError(f"{dict_path}: no dictionary; pass the dict.txt the model was trained with")

@@ -11,6 +11,7 @@ library function; a user's mistake (TrimeError) prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -174,6 +175,7 @@ def cmd_bm25(ns: argparse.Namespace) -> None:
         )
     elif step == "chain":
         n = io.read_meta(ns.index, "bm25_index")["n_segments"]
+        io.check_output_file(ns.out, "batch order (JSON list of segment ids)", io.is_id_list)
         io.write_json(ns.out, bm25.chain(ns.results, n, seed=ns.seed))
         print(f"| order of {n} segments in {ns.out}")
 
@@ -230,6 +232,13 @@ def cmd_mt_generate(ns: argparse.Namespace) -> None:
 
 def cmd_reproduce(ns: argparse.Namespace) -> None:
     reproduce(preset=ns.preset, out=ns.out, corpus=ns.corpus, char_level=ns.char_level, max_update=ns.max_update)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line naming the path and the cause of an I/O error."""
+    cause = "disk full (no space left on device)" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    where = e.filename if e.filename is not None else "(unknown path)"
+    return f"{where}: {cause}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         ns.func(ns)
     except TrimeError as e:
         print(f"trime: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, no permission, a directory where a file should be ...
+        print(f"trime: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("trime: interrupted", file=sys.stderr)

