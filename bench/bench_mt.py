@@ -46,6 +46,14 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
+def _paired(fa, fb, repeats: int) -> tuple[float, float]:
+    """Best seconds of ``fa`` and of ``fb``, run alternately so that load drifts hit both alike."""
+    a = b = math.inf
+    for _ in range(repeats):
+        a, b = min(a, _best_of(fa, 1)), min(b, _best_of(fb, 1))
+    return a, b
+
+
 @torch.no_grad()
 def bare_beam(model, src: torch.Tensor, K: int, L: int) -> torch.Tensor:
     """Fixed-length beam loop, no finalisation: the floor any beam search over this model pays."""
@@ -76,8 +84,7 @@ def decoding(preset: str, n_sent: int, repeats: int) -> list[dict]:
     src[:, -1] = 2
     L = 30
     cfg = BeamConfig(beam=5, max_len_a=0, max_len_b=L, min_len=L)
-    ours = _best_of(lambda: beam_search(model, src, cfg), repeats)
-    bare = _best_of(lambda: bare_beam(model, src, 5, L), repeats)
+    ours, bare = _paired(lambda: beam_search(model, src, cfg), lambda: bare_beam(model, src, 5, L), repeats)
     shape = f"{preset}, V {V}, {n_sent} sentences, L {L}"
     return [
         row("mt", f"beam-5 sentences/s ({shape})", n_sent / ours, n_sent / bare, "≥ 0.9 of the bare loop", "sent/s")
@@ -139,7 +146,7 @@ def training(preset: str, steps: int) -> list[dict]:
     src, tgt = torch.randint(4, V, (B, S)), torch.randint(4, V, (B, T))
     prev = torch.cat([torch.full((B, 1), 2), tgt[:, :-1]], 1)
 
-    def run(model, logits_fn) -> float:
+    def stepper(model, logits_fn):
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
         def step():
@@ -149,10 +156,11 @@ def training(preset: str, steps: int) -> list[dict]:
             opt.zero_grad(set_to_none=True)
 
         step()  # warm-up
-        return B * T / (_best_of(step, steps))
+        return step
 
-    ours = run(TransformerMT(cfg).train(), lambda m: F.linear(m(src, prev).h, m.head.output_weight()))
-    bare = run(BareMT(cfg).train(), lambda m: m(src, prev))
+    a = stepper(TransformerMT(cfg).train(), lambda m: F.linear(m(src, prev).h, m.head.output_weight()))
+    b = stepper(BareMT(cfg).train(), lambda m: m(src, prev))
+    ours, bare = (B * T / t for t in _paired(a, b, steps))
     shape = f"{preset}, V {V}, {B}x{T} target tokens/batch, post-norm"
     return [row("mt", f"train tokens/s ({shape})", ours, bare, "≥ 0.95 of nn.Transformer", "tok/s")]
 

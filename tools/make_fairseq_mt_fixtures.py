@@ -114,8 +114,10 @@ def parse(gen_out: str, out_json: str, name: str, setting: str, dict_path: str) 
 def time_generate(assets: str, repeats: str) -> None:
     """For bench/bench_mt.py: fairseq's SequenceGenerator (beam 5) over post_tied's test batches (the
     printed order of the beam5 run, groups of 8), best of ``repeats`` passes; start-up excluded."""
+    import os
     import time
 
+    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # fairseq 0.12 + torch >= 2.6: our own fixture file
     import torch
     from fairseq import checkpoint_utils
     from fairseq.sequence_generator import SequenceGenerator

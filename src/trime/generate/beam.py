@@ -65,7 +65,7 @@ def max_length(cfg: BeamConfig, src_width: int, max_target_positions: int) -> in
 
 
 def _mask(lprobs: Tensor, step: int, max_len: int, cfg: BeamConfig, pad: int, eos: int, unk: int) -> None:
-    lprobs.masked_fill_(lprobs.isnan(), -math.inf)
+    lprobs.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN -> -inf in one pass
     lprobs[:, pad] = -math.inf
     lprobs[:, unk] -= cfg.unk_penalty
     if step >= max_len:
