@@ -32,16 +32,17 @@ from trime import config as C
 def bare_forward(ckpt: Path, data: Path, split: str, L: int, ctx: int, batch: int, n_tokens: int) -> float:
     """Seconds of the model's forward pass alone over the evaluation windows of a split."""
     from trime.checkpoint import load_model
+    from trime.data.batching import make_batch
     from trime.data.blocks import eval_windows
     from trime.data.prepare import load_split
-    from trime.evaluate import batches
 
     model, _, _ = load_model(ckpt)
     tokens = load_split(data, split)[:n_tokens] if n_tokens else load_split(data, split)
     t = time.perf_counter()
     with torch.no_grad():
-        for inputs, _, _, _ in batches(tokens, eval_windows(tokens, L, ctx), batch, torch.device("cpu")):
-            model(inputs)
+        windows = eval_windows(tokens, L, ctx)
+        for i in range(0, len(windows), batch):
+            model(make_batch(tokens, windows[i : i + batch], pad=1, eos=2).inputs)
     return time.perf_counter() - t
 
 

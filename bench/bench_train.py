@@ -27,11 +27,11 @@ from trime import config as C
 
 def bare_loop(model_cfg, cfg, data: Path, updates: int, warm: int) -> float:
     """Tokens/s of forward + CE + backward + AdamW on the trainer's first batches."""
-    from trime.data.batching import epoch_batches
-    from trime.data.blocks import num_segments
+    from trime.data.batching import epoch_batches, make_batch
+    from trime.data.blocks import num_segments, segment_windows
     from trime.data.prepare import load_split
+    from trime.device import autocast, autocast_dtype
     from trime.model.transformer import build_model
-    from trime.train import autocast, autocast_dtype, make_batch
 
     device = torch.device("cpu")
     amp = autocast_dtype(cfg.amp, device)
@@ -45,7 +45,8 @@ def bare_loop(model_cfg, cfg, data: Path, updates: int, warm: int) -> float:
     for i, ids in enumerate(batches[: warm + updates]):
         if i == warm:
             t0, n = time.perf_counter(), 0
-        inputs, targets = make_batch(tokens, ids, L, device)
+        b = make_batch(tokens, segment_windows(ids, len(tokens), L), pad=1, eos=2, width=L, device=device)
+        inputs, targets = b.inputs, b.targets
         with autocast(device, amp):
             out = model(inputs)
             logp, _ = model.head.target_logp(out.h.reshape(-1, out.h.shape[-1]), targets.reshape(-1))

@@ -18,7 +18,7 @@ from trime.data import bm25
 from trime.data.batching import load_batch_order
 from trime.data.blocks import input_tokens, segment_bounds
 from trime.errors import DataError
-from trime.io import shard_range
+from trime.io import fingerprint_array, shard_range
 
 SYMBOLS = [
     "<s>",
@@ -302,6 +302,8 @@ def fake_prepare(monkeypatch):
     tokens = corpus(1600, seed=8)
     monkeypatch.setattr(bm25, "load_split", lambda data_dir, split: tokens)
     monkeypatch.setattr(bm25, "load_dictionary", lambda data_dir: types.SimpleNamespace(symbols=list(SYMBOLS)))
+    split = {"fingerprint": fingerprint_array(np.asarray(tokens)), "tokens": len(tokens)}
+    monkeypatch.setattr(bm25, "read_data_meta", lambda data_dir: {"splits": {"train": split}})
     return tokens
 
 

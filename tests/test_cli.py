@@ -126,3 +126,25 @@ def test_bm25_batches_feed_trime_ext(tmp_path):
         tmp_path / "run2",
     )
     assert_user_error(p, "short.json")
+
+
+def test_prepare_translation_pairs(tmp_path):
+    """`trime data prepare` of a pair corpus equals the library's prepare_pairs (itself checked against
+    fairseq-preprocess in tests/data/test_pairs.py); a missing target side is one clear line."""
+    from pathlib import Path
+
+    from trime.data.pairs import load_pair_split, prepare_pairs
+
+    raw = Path(__file__).parent / "assets" / "fairseq_pairs" / "raw"
+    flags = ["--source-lang", "es", "--target-lang", "en", "--bpe-merges", "200", "--allow-empty"]
+    p = trime("data", "prepare", raw, "--out", tmp_path / "cli", *flags)
+    assert p.returncode == 0, p.stderr
+    lib = prepare_pairs(raw, tmp_path / "lib", source_lang="es", target_lang="en", bpe_merges=200, allow_empty=True)
+    for side in ("es", "en"):
+        assert (tmp_path / "cli" / f"dict.{side}.txt").read_text() == (lib / f"dict.{side}.txt").read_text()
+    a, b = load_pair_split(tmp_path / "cli", "train"), load_pair_split(lib, "train")
+    assert a.src.tolist() == b.src.tolist() and a.tgt.tolist() == b.tgt.tolist()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.es").write_text("hola\n")
+    assert_user_error(trime("data", "prepare", bad, "--out", tmp_path / "x", *flags), "no parallel")

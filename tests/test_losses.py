@@ -287,3 +287,81 @@ def test_memory_math_stays_float32_under_autocast():
         (g,) = torch.autograd.grad(got.loss, out.q)
     assert got.loss.dtype == torch.float32 and torch.isfinite(g).all()
     assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-2)  # only the head's matmul is bf16
+
+
+# ---------------------------------------------------------------------------------------------
+# TrimeMT (MT spec §4)
+
+
+@torch.no_grad()
+def _mt_reference(h, y, head, temp, topk, dist, keys=None, values=None, own_rows=None):
+    """Spec §4.4 by loops (float64): per query, scores of every other sentence's non-pad entry, top-K,
+    then (e^{logit_y} + Σ_{kept j: y_j = y} e^{s_ij}) / (Z_t + Σ_{kept j} e^{s_ij})."""
+    B, T = y.shape
+    hh, yy = h.reshape(B * T, -1).double(), y.reshape(-1)
+    keys = hh if keys is None else keys.double()
+    values = yy if values is None else values
+    logp_full = torch.log_softmax(head.log_probs(h.reshape(B * T, -1)).double(), -1)  # normalised token part
+    log_zt = ref.head_log_norm(head, h.reshape(B * T, -1)).double()
+    d, total = hh.shape[1], 0.0
+    for i in range(B * T):
+        if int(yy[i]) == PAD:
+            continue
+        own = range(i // T * T, i // T * T + T) if own_rows is None else own_rows(i)
+        cand = []
+        for j in range(keys.shape[0]):
+            if j in own or int(values[j]) == PAD:
+                continue
+            sim = float(hh[i] @ keys[j]) if dist == "ip" else -float(((hh[i] - keys[j]) ** 2).sum())
+            cand.append((sim / math.sqrt(d) / temp, int(values[j])))
+        cand.sort(key=lambda c: -c[0])
+        if topk:
+            cand = cand[:topk]
+        zt = math.exp(float(log_zt[i]))
+        num = zt * math.exp(float(logp_full[i, yy[i]])) + sum(math.exp(s) for s, v in cand if v == int(yy[i]))
+        den = zt + sum(math.exp(s) for s, _ in cand)
+        total -= math.log(num / den)
+    return total
+
+
+@pytest.mark.parametrize("dist", ["ip", "l2"])
+@pytest.mark.parametrize("topk", [0, 3])
+def test_trime_mt_loss_equals_per_token_loop(dist, topk):
+    from trime.losses import MTLossSettings, compute_mt_loss
+
+    out, y, head = _batch(B=3, L=4, d=4, seed=5)
+    res = compute_mt_loss(MTLossSettings(temp=2.0, topk=topk, dist=dist, chunk_size=5), out, y, head)
+    want = _mt_reference(out.h.detach(), y, head, 2.0, topk, dist)
+    assert math.isclose(res.loss.item(), want, rel_tol=1e-5), (res.loss.item(), want)
+    assert int(res.n_targets) == int((y != PAD).sum())
+
+
+def test_trime_mt_with_one_sentence_is_ce():
+    from trime.losses import MTLossSettings, compute_mt_loss
+
+    out, y, head = _batch(B=1, L=6, pads=())
+    mt = compute_mt_loss(MTLossSettings(temp=10.0, topk=8), out, y, head)
+    assert torch.equal(mt.loss, compute_loss("ce", out, y, head).loss)  # no other sentence: no memory
+
+
+def test_trime_mt_gradient_reaches_only_this_ranks_keys():
+    """Two ranks simulated with a fake gather: the other rank's rows are constants (spec §4)."""
+    from trime.losses import MTLossSettings, compute_mt_loss
+
+    out, y, head = _batch(B=4, L=3, d=4, seed=9)
+    N = y.numel()
+    h = out.h.reshape(N, -1)
+    other = h[6:].detach()  # rank 1's decoder outputs, received as constants
+    mine = Out(out.h[:2], out.q[:2])
+
+    def gather(keys, values):
+        return torch.cat([keys, other]), torch.cat([values, y.reshape(N)[6:]]), 0, [0, N]
+
+    res = compute_mt_loss(MTLossSettings(temp=1.0), mine, y[:2], head, gather=gather)
+    want = _mt_reference(
+        out.h[:2].detach(), y[:2], head, 1.0, 0, "ip", keys=h.detach(), values=y.reshape(N),
+        own_rows=lambda i: range(i // 3 * 3, i // 3 * 3 + 3),
+    )  # fmt: skip
+    assert math.isclose(res.loss.item(), want, rel_tol=1e-5)
+    (g,) = torch.autograd.grad(res.loss, out.h)
+    assert g[2:].abs().sum() == 0 and g[:2].abs().sum() > 0  # only this rank's rows get a gradient

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from trime.pipelines.reproduce import SYSTEMS, reproduce
+from trime import io
+from trime.checkpoint import model_fingerprint
+from trime.data.prepare import data_fingerprint, read_data_meta
+from trime.pipelines.reproduce import SYSTEMS, Pipeline, reproduce, slug
 
 from tests.fixtures import make_corpus
 
@@ -35,6 +38,37 @@ def test_micro_pipeline(tmp_path):
     again = reproduce(preset="micro", out=out, corpus=str(corpus))  # everything is done: nothing reruns
     assert (out / "models" / "ce" / "checkpoint_last" / "meta.json").stat().st_mtime == stamp
     assert [s["test"]["ppl"] for s in again["systems"]] == [s["test"]["ppl"] for s in results["systems"]]
+    _check_stale_stages_are_redone(out, corpus, saved, tmp_path)
+
+
+def _check_stale_stages_are_redone(out: Path, corpus: Path, saved: dict, tmp_path: Path) -> None:
+    """Another --max-update retrains and so rebuilds the datastore and redoes every evaluation built
+    on the model; another --corpus prepares the data again and retrains. (Stage by stage, to stay
+    cheap: each stage is what reproduce() calls.)"""
+    knn = SYSTEMS[2]
+    old = {s["name"]: s for s in saved["systems"]}[knn.name]
+    p = Pipeline("micro", out, str(corpus), False, 3)
+    p.prepare_data()
+    assert p.train("ce") and io.read_meta(out / "models" / "ce" / "checkpoint_last")["updates"] == 3
+    new_model = model_fingerprint(out / "models" / "ce" / "checkpoint_last")
+    p.datastore("ce")
+    assert io.read_meta(out / "dstore" / "ce")["model_fingerprint"] == new_model
+    assert p.tune(knn)  # the neighbour cache and the sweep are redone for the new model
+    assert io.read_meta(out / "evals" / "knn_lm.neighbors")["inputs"]["model"] == new_model
+    row = p.score(knn, "valid", old["settings"])
+    assert row["ppl"] != old["valid"]["ppl"]
+    assert json.loads((out / "evals" / "knn_lm.valid.json").read_text())["key"]["model"] == new_model
+
+    other = make_corpus(tmp_path / "corpus2", n_lines=240)
+    (other / "train.txt").write_text((other / "train.txt").read_text().replace("w1 ", "v1 "))
+    p = Pipeline("micro", out, str(other), False, 3)
+    p.prepare_data()
+    assert read_data_meta(out / "data-bin")["splits"]["train"]["source_sha256"] == io.sha256_file(other / "train.txt")
+    p.train("ce")
+    base = p.score(SYSTEMS[0], "test", {})
+    key = json.loads((out / "evals" / f"{slug(SYSTEMS[0].name)}.test.json").read_text())["key"]
+    assert key["data"] == data_fingerprint(out / "data-bin", ["test"])
+    assert base["ppl"] != {s["name"]: s for s in saved["systems"]}[SYSTEMS[0].name]["test"]["ppl"]
 
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_micro.json"

@@ -27,10 +27,12 @@ from trime import io
 from trime.config import ModelConfig, build
 from trime.data.dictionary import Dictionary
 from trime.errors import CheckpointError
+from trime.model.encoder_decoder import MTModelConfig, build_mt_model
 from trime.model.fairseq_import import load_fairseq_checkpoint
 from trime.model.transformer import TransformerLM, build_model
 
 WEIGHTS, CONFIG, DICT, TRAINER = "model.safetensors", "config.json", "dict.txt", "trainer.pt"
+MODEL_TYPES = {ModelConfig: "transformer_lm", MTModelConfig: "transformer_mt"}  # config.json's model_type
 
 
 def state_dict_unique(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -49,23 +51,36 @@ def state_dict_unique(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
-    model_cfg: ModelConfig,
-    dict_path: str | Path,
+    model_cfg: Any,
+    dictionaries: str | Path | dict[str, Path],
     *,
     train_cfg: Any = None,
     trainer_state: dict | None = None,
     **meta: Any,
 ) -> Path:
-    """Write a checkpoint directory atomically (replacing an older one at the same path)."""
+    """Write a checkpoint directory atomically (replacing an older one at the same path).
+
+    ``dictionaries``: the dict.txt of a language model, or {file name: path} (a translation model's
+    dict.SRC.txt and dict.TGT.txt); they are copied in. ``model_cfg`` is a ModelConfig or MTModelConfig.
+    """
     path = Path(path)
-    with io.atomic_dir(path, overwrite=True) as tmp:
+    if not isinstance(dictionaries, dict):
+        dictionaries = {DICT: Path(dictionaries)}
+    with io.atomic_dir(path, overwrite=True, kind="checkpoint") as tmp:
         save_file(state_dict_unique(model), str(tmp / WEIGHTS))
-        cfg = {"model": _asdict(model_cfg), "train": _asdict(train_cfg) if train_cfg is not None else None}
+        cfg = {
+            "model_type": MODEL_TYPES[type(model_cfg)],
+            "model": _asdict(model_cfg),
+            "train": _asdict(train_cfg) if train_cfg is not None else None,
+        }
         io.write_json(tmp / CONFIG, cfg)
-        shutil.copyfile(dict_path, tmp / DICT)
+        for name, src in dictionaries.items():
+            shutil.copyfile(src, tmp / name)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
-        io.write_meta(tmp, "checkpoint", vocab_size=model_cfg.vocab_size, **meta)
+        vocab = getattr(model_cfg, "vocab_size", None) or getattr(model_cfg, "tgt_vocab_size", None)
+        weights = io.sha256_file(tmp / WEIGHTS)
+        io.write_meta(tmp, "checkpoint", vocab_size=vocab, weights_sha256=weights, **meta)
     return path
 
 
@@ -85,6 +100,7 @@ def resolve(path: str | Path) -> Path:
             raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json); it was not finished writing")
         return path
     for name in ("checkpoint_best", "checkpoint_last"):
+        io.recover_dir(path / name)
         if io.is_complete(path / name):
             return path / name
     raise CheckpointError(
@@ -95,13 +111,17 @@ def resolve(path: str | Path) -> Path:
 
 def read_config(ckpt_dir: Path) -> dict:
     try:
-        return json.loads((ckpt_dir / CONFIG).read_text())
+        cfg = json.loads((ckpt_dir / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt_dir}: unreadable {CONFIG} ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{ckpt_dir / CONFIG}: not a trime checkpoint config (no 'model' table)")
+    return cfg
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: bool = False):
-    """Load (model in eval mode, ModelConfig, checkpoint dir) from a trime checkpoint or run directory.
+    """Load (model in eval mode, its config, checkpoint dir) from a trime checkpoint or run directory:
+    a TransformerLM (ModelConfig) or a TransformerMT (MTModelConfig), as its config.json says.
 
     A fairseq ``.pt`` file is converted on the fly (see trime.model.fairseq_import); its "checkpoint
     dir" is then the file itself.
@@ -112,13 +132,18 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: b
         ckpt_dir = path
     else:
         ckpt_dir = resolve(path)
-        model_cfg = build(ModelConfig, read_config(ckpt_dir)["model"], source=str(ckpt_dir / CONFIG))
-        try:
-            state = load_file(str(ckpt_dir / WEIGHTS))
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise CheckpointError(f"{ckpt_dir / WEIGHTS}: cannot read weights ({e})") from None
-    model = build_model(model_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        config = read_config(ckpt_dir)
+        kind = config.get("model_type", "transformer_lm")  # checkpoints before translation are LMs
+        cls = {v: k for k, v in MODEL_TYPES.items()}.get(kind)
+        if cls is None:
+            raise CheckpointError(f"{ckpt_dir}: unknown model_type {kind!r} in {CONFIG}")
+        model_cfg = build(cls, config["model"], source=str(ckpt_dir / CONFIG))
+        state = load_weights(ckpt_dir)
+    model = build_mt_model(model_cfg) if isinstance(model_cfg, MTModelConfig) else build_model(model_cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape that differs from the config's
+        raise CheckpointError(f"{ckpt_dir}: weights do not fit the config ({_first_line(e)})") from None
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
@@ -128,18 +153,44 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: b
     return model.to(device).eval(), model_cfg, ckpt_dir
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(e).__name__
+
+
 def model_fingerprint(path: str | Path) -> str:
-    """A short hash of a checkpoint's weights file (ties datastores and indexes to their model)."""
+    """A short hash of a checkpoint's weights file (ties datastores, indexes and results to their
+    model): from meta.json when the checkpoint recorded it (no re-hashing), else of the file."""
     path = Path(path)
+    if path.is_dir() and io.is_complete(path):
+        recorded = io.read_json(path / "meta.json").get("weights_sha256")
+        if recorded:
+            return recorded[:16]
     weights = path if path.is_file() else path / WEIGHTS
     return io.sha256_file(weights)[:16]
+
+
+def load_weights(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The weights of a trime checkpoint directory (CheckpointError for a damaged or truncated file)."""
+    path = Path(ckpt_dir) / WEIGHTS
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CheckpointError(
+            f"{path}: cannot read weights, the file is damaged or truncated ({_first_line(e)})"
+        ) from None
 
 
 def load_trainer_state(ckpt_dir: str | Path) -> dict | None:
     p = Path(ckpt_dir) / TRAINER
     if not p.exists():
         return None
-    return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a foreign pickle
+        raise CheckpointError(
+            f"{p}: cannot read the trainer state, the file is damaged or truncated ({_first_line(e)})"
+        ) from None
 
 
 def checkpoint_dictionary(ckpt_dir: Path) -> Dictionary | None:
@@ -155,6 +206,7 @@ def convert(path: str | Path, out_dir: str | Path, dict_path: str | Path | None 
     embedding's vocabulary size. The directory appears complete (meta.json) only at the end.
     """
     path = Path(path)
+    io.check_replaceable(Path(out_dir), "checkpoint", overwrite=True)  # before the (slow) conversion
     dict_path = Path(dict_path) if dict_path is not None else path.with_name(DICT)
     if not dict_path.is_file():
         raise CheckpointError(f"{dict_path}: no dictionary; pass the dict.txt the model was trained with")

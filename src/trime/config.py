@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,20 @@ CRITERIA = ("ce", "trime", "trime_long", "trime_ext")
 KEYTYPES = ("last_ffn_input", "final")
 
 
-def opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None, **kw: Any) -> Any:
-    """A dataclass field with CLI metadata."""
-    meta = {"help": help, "flag": flag, "choices": choices}
+def opt(
+    default: Any,
+    help: str,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field with CLI metadata; ``ge``/``gt``/``lt`` bound its value (for a list: each item),
+    checked by :func:`check_domains` in the config's ``__post_init__``."""
+    meta = {"help": help, "flag": flag, "choices": choices, "ge": ge, "gt": gt, "lt": lt}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -36,23 +48,27 @@ class ModelConfig:
     """A decoder-only Transformer LM with fairseq ``transformer_lm`` semantics (spec §1)."""
 
     arch: str = opt("custom", "architecture name (informational; presets set it)")
-    n_layers: int = opt(2, "number of decoder layers", "--decoder-layers")
-    d_model: int = opt(64, "model width d", "--decoder-embed-dim")
-    d_ffn: int = opt(256, "feed-forward width", "--decoder-ffn-embed-dim")
-    n_heads: int = opt(4, "attention heads", "--decoder-attention-heads")
-    dropout: float = opt(0.1, "dropout after embeddings and sub-layers", "--dropout")
-    attention_dropout: float = opt(0.0, "dropout on attention probabilities", "--attention-dropout")
-    activation_dropout: float = opt(0.0, "dropout after the FFN activation", "--activation-dropout")
+    n_layers: int = opt(2, "number of decoder layers", "--decoder-layers", ge=1)
+    d_model: int = opt(64, "model width d", "--decoder-embed-dim", ge=1)
+    d_ffn: int = opt(256, "feed-forward width", "--decoder-ffn-embed-dim", ge=1)
+    n_heads: int = opt(4, "attention heads", "--decoder-attention-heads", ge=1)
+    dropout: float = opt(0.1, "dropout after embeddings and sub-layers", "--dropout", ge=0, lt=1)
+    attention_dropout: float = opt(0.0, "dropout on attention probabilities", "--attention-dropout", ge=0, lt=1)
+    activation_dropout: float = opt(0.0, "dropout after the FFN activation", "--activation-dropout", ge=0, lt=1)
     final_norm: bool = opt(True, "final LayerNorm after the last layer (off = fairseq --no-decoder-final-norm)")
     scale_embedding: bool = opt(True, "multiply token embeddings by sqrt(d)")
     adaptive_input: bool = opt(False, "adaptive input embeddings", "--adaptive-input")
-    adaptive_input_factor: float = opt(4.0, "adaptive input width divisor per band", "--adaptive-input-factor")
-    adaptive_input_cutoff: list[int] = opt([], "adaptive input band cutoffs", "--adaptive-input-cutoff")
+    adaptive_input_factor: float = opt(4.0, "adaptive input width divisor per band", "--adaptive-input-factor", gt=0)
+    adaptive_input_cutoff: list[int] = opt([], "adaptive input band cutoffs", "--adaptive-input-cutoff", ge=1)
     adaptive_softmax_cutoff: list[int] = opt(
-        [], "adaptive softmax cutoffs (empty: plain softmax)", "--adaptive-softmax-cutoff"
+        [], "adaptive softmax cutoffs (empty: plain softmax)", "--adaptive-softmax-cutoff", ge=1
     )
-    adaptive_softmax_factor: float = opt(4.0, "adaptive softmax width divisor per cluster", "--adaptive-softmax-factor")
-    adaptive_softmax_dropout: float = opt(0.0, "dropout inside the adaptive softmax", "--adaptive-softmax-dropout")
+    adaptive_softmax_factor: float = opt(
+        4.0, "adaptive softmax width divisor per cluster", "--adaptive-softmax-factor", gt=0
+    )
+    adaptive_softmax_dropout: float = opt(
+        0.0, "dropout inside the adaptive softmax", "--adaptive-softmax-dropout", ge=0, lt=1
+    )
     tie_adaptive_weights: bool = opt(
         False, "tie adaptive softmax word weights to adaptive input embeddings", "--tie-adaptive-weights"
     )
@@ -62,10 +78,11 @@ class ModelConfig:
     share_input_output_embed: bool = opt(
         True, "tie the plain softmax to the input embedding", "--share-decoder-input-output-embed"
     )
-    max_positions: int = opt(512, "largest sequence the model accepts (= training tokens-per-sample)")
-    vocab_size: int = opt(0, "vocabulary size (set from dict.txt when 0)")
+    max_positions: int = opt(512, "largest sequence the model accepts (= training tokens-per-sample)", ge=1)
+    vocab_size: int = opt(0, "vocabulary size (set from dict.txt when 0)", ge=0)
 
     def __post_init__(self) -> None:
+        check_domains(self)
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if (
@@ -84,51 +101,55 @@ class TrainConfig:
 
     data: str = opt("", "prepared data directory (dict.txt, train.npy, valid.npy)")
     save_dir: str = opt("runs/tiny", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
-    tokens_per_sample: int = opt(256, "segment length L", "--tokens-per-sample")
-    max_tokens: int = opt(2048, "tokens per batch per process (a multiple of L)", "--max-tokens")
-    update_freq: int = opt(1, "batches accumulated per optimizer step", "--update-freq")
+    tokens_per_sample: int = opt(256, "segment length L", "--tokens-per-sample", ge=1)
+    max_tokens: int = opt(2048, "tokens per batch per process (a multiple of L)", "--max-tokens", ge=1)
+    update_freq: int = opt(1, "batches accumulated per optimizer step", "--update-freq", ge=1)
     criterion: str = opt("ce", "training objective", "--criterion", CRITERIA)
     knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
-    ce_warmup_epoch: int = opt(0, "plain cross-entropy for the first N epochs", "--ce-warmup-epoch")
+    ce_warmup_epoch: int = opt(0, "plain cross-entropy for the first N epochs", "--ce-warmup-epoch", ge=0)
     keep_order: bool = opt(False, "consecutive segments, identity order every epoch (long memory)", "--keep-order")
     train_mem_size: int = opt(
-        0, "trime_long across ranks: tokens of memory per group (0: one batch)", "--train-mem-size"
+        0, "trime_long across ranks: tokens of memory per group (0: one batch)", "--train-mem-size", ge=0
     )
     cross_sent_ratio: float = opt(0.9, "trime_ext: probability of hiding the own segment", "--cross-sent-ratio")
     predefined_batches: str = opt(
         "", "JSON list of segment ids giving the training order (BM25)", "--predefined-batches"
     )
-    chunk_size: int = opt(1024, "query rows per chunk of the memory loss", "--chunk-size")
+    chunk_size: int = opt(1024, "query rows per chunk of the memory loss", "--chunk-size", ge=1)
     optimizer: str = opt("adam", "optimizer", "--optimizer", ("adam", "nag"))
-    lr: float = opt(5e-4, "peak learning rate", "--lr")
-    momentum: float = opt(0.99, "NAG momentum", "--momentum")
-    adam_betas: list[float] = opt([0.9, 0.98], "Adam betas", "--adam-betas")
-    adam_eps: float = opt(1e-8, "Adam epsilon", "--adam-eps")
-    weight_decay: float = opt(0.0, "weight decay (decoupled for Adam)", "--weight-decay")
+    lr: float = opt(5e-4, "peak learning rate", "--lr", gt=0)
+    momentum: float = opt(0.99, "NAG momentum", "--momentum", ge=0, lt=1)
+    adam_betas: list[float] = opt([0.9, 0.98], "Adam betas", "--adam-betas", ge=0, lt=1)
+    adam_eps: float = opt(1e-8, "Adam epsilon", "--adam-eps", gt=0)
+    weight_decay: float = opt(0.0, "weight decay (decoupled for Adam)", "--weight-decay", ge=0)
     lr_scheduler: str = opt(
         "inverse_sqrt", "learning-rate schedule", "--lr-scheduler", ("inverse_sqrt", "cosine", "fixed")
     )
-    warmup_updates: int = opt(0, "linear warm-up updates", "--warmup-updates")
-    warmup_init_lr: float = opt(1e-7, "learning rate at update 0 of the warm-up", "--warmup-init-lr")
-    cosine_min_lr: float = opt(0.0, "cosine floor (fairseq's --lr in cosine mode)", "--cosine-min-lr")
-    lr_period_updates: int = opt(0, "cosine first period (0: max-update minus warm-up)", "--lr-period-updates")
-    t_mult: float = opt(1.0, "cosine period multiplier", "--t-mult")
-    lr_shrink: float = opt(0.1, "cosine shrink per period", "--lr-shrink")
-    clip_norm: float = opt(0.0, "gradient clipping norm (0: off)", "--clip-norm")
-    max_update: int = opt(0, "stop after this many updates (0: no limit)", "--max-update")
-    max_epoch: int = opt(0, "stop after this many epochs (0: no limit)", "--max-epoch")
-    max_time: float = opt(0.0, "stop after this many minutes (0: no limit)", "--max-time")
+    warmup_updates: int = opt(0, "linear warm-up updates", "--warmup-updates", ge=0)
+    warmup_init_lr: float = opt(1e-7, "learning rate at update 0 of the warm-up", "--warmup-init-lr", ge=0)
+    cosine_min_lr: float = opt(0.0, "cosine floor (fairseq's --lr in cosine mode)", "--cosine-min-lr", ge=0)
+    lr_period_updates: int = opt(0, "cosine first period (0: max-update minus warm-up)", "--lr-period-updates", ge=0)
+    t_mult: float = opt(1.0, "cosine period multiplier", "--t-mult", gt=0)
+    lr_shrink: float = opt(0.1, "cosine shrink per period", "--lr-shrink", gt=0)
+    clip_norm: float = opt(0.0, "gradient clipping norm (0: off)", "--clip-norm", ge=0)
+    max_update: int = opt(0, "stop after this many updates (0: no limit)", "--max-update", ge=0)
+    max_epoch: int = opt(0, "stop after this many epochs (0: no limit)", "--max-epoch", ge=0)
+    max_time: float = opt(0.0, "stop after this many minutes (0: no limit)", "--max-time", ge=0)
     seed: int = opt(1, "random seed", "--seed")
     amp: str = opt(
         "auto", "autocast dtype (auto: bf16 on CUDA/CPU when supported)", "--amp", ("auto", "none", "bf16", "fp16")
     )
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
-    log_interval: int = opt(10, "updates between log lines", "--log-interval")
-    save_interval_updates: int = opt(0, "also checkpoint every N updates (0: each epoch)", "--save-interval-updates")
+    log_interval: int = opt(10, "updates between log lines", "--log-interval", ge=1)
+    save_interval_updates: int = opt(
+        0, "also checkpoint every N updates (0: each epoch)", "--save-interval-updates", ge=0
+    )
     valid_subset: str = opt("valid", "split used for validation", "--valid-subset")
-    max_valid_tokens: int = opt(0, "validate on at most this many tokens (0: all)", "--max-valid-tokens")
+    max_valid_tokens: int = opt(0, "validate on at most this many tokens (0: all)", "--max-valid-tokens", ge=0)
 
     def __post_init__(self) -> None:
+        check_domains(self)
+        check_device(self.device)
         if self.tokens_per_sample <= 0:
             raise ConfigError("--tokens-per-sample must be positive")
         if self.max_tokens < self.tokens_per_sample or self.max_tokens % self.tokens_per_sample:
@@ -146,45 +167,136 @@ class TrainConfig:
 
 
 @dataclass
+class MTTrainConfig(TrainConfig):
+    """Training a translation model (MT spec §6): TrainConfig's optimisation and bookkeeping fields,
+    sentence-pair batches of at most ``--max-tokens`` (max(source, target) tokens, padded)."""
+
+    data: str = opt("", "prepared pairs directory (trime data prepare with --source-lang/--target-lang)")
+    save_dir: str = opt("runs/mt", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
+    max_tokens: int = opt(4096, "tokens per batch per process: sentences × longest side, padded", "--max-tokens")
+    label_smoothing: float = opt(0.1, "label smoothing ε of the cross-entropy", "--label-smoothing")
+    max_sentences: int = opt(0, "at most this many sentence pairs per batch (0: no limit)", "--batch-size")
+    lr: float = opt(5e-4, "peak learning rate", "--lr")
+    warmup_updates: int = opt(4000, "linear warm-up updates", "--warmup-updates")
+    weight_decay: float = opt(1e-4, "weight decay (decoupled for Adam)", "--weight-decay")
+    eval_bleu: bool = opt(
+        True, "keep checkpoint_best by validation BLEU (beam 5), not by validation loss", "--eval-bleu"
+    )
+    eval_bleu_sentences: int = opt(0, "translate at most this many validation sentences for BLEU (0: all)")
+    criterion: str = opt(
+        "ce", "ce: label-smoothed cross-entropy; trime_mt: TrimeMT (MT spec §4)", "--criterion", ("ce", "trime_mt")
+    )
+    temp: float = opt(1.0, "trime_mt: temperature τ of the memory scores (README: 10)", "--temp")
+    topk_mem: int = opt(0, "trime_mt: memory entries kept per target position (0: all; README: 8)", "--topk-mem")
+    dist_func: str = opt("ip", "trime_mt: similarity of decoder outputs", "--dist-func", ("ip", "l2"))
+    ce_warmup_released: bool = opt(
+        False,
+        "ignore --ce-warmup-epoch as the released code did (MT spec §4.6): TRIME loss from update 1",
+        "--ce-warmup-released",
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ConfigError("--max-tokens must be positive")
+        if self.update_freq < 1:
+            raise ConfigError("--update-freq must be at least 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("--label-smoothing must be in [0, 1)")
+        if self.criterion not in ("ce", "trime_mt"):
+            raise ConfigError(f"translation training has criterion ce or trime_mt, not {self.criterion!r}")
+        if self.temp <= 0 or self.topk_mem < 0:
+            raise ConfigError("--temp must be positive and --topk-mem at least 0")
+
+
+@dataclass
+class TranslateConfig:
+    """Decoding a split of a pairs directory with beam search, and its BLEU (MT spec §9, §10)."""
+
+    data: str = opt("", "prepared pairs directory")
+    path: str = opt("", "translation checkpoint (a trime run or checkpoint directory)", "--path")
+    gen_subset: str = opt("test", "split to translate", "--gen-subset")
+    max_tokens: int = opt(4096, "source tokens per batch", "--max-tokens")
+    max_sentences: int = opt(0, "at most this many sentences per batch (0: no limit)", "--batch-size")
+    max_sentences_total: int = opt(
+        0, "translate only the first N sentences of the split (0: all)", "--max-sentences-total"
+    )
+    remove_bpe: bool = opt(True, "join subword-nmt BPE pieces (@@ ) before scoring", "--remove-bpe")
+    detok: str = opt("moses", "detokenise hypotheses and references before BLEU", "--detok", ("moses", "none"))
+    score_reference: bool = opt(
+        False, "print teacher-forced scores of the references instead of translating", "--score-reference"
+    )
+    results_path: str = opt("", "write S-/T-/H-/D- lines (fairseq-generate's format) to this file", "--results-path")
+    dstore: str = opt("", "decode with this datastore (trime mt datastore) as external memory", "--dstore-filename")
+    indexfile: str = opt("", "its faiss index (trime index build)", "--indexfile")
+    knn_mode: str = opt(
+        "trime", "how neighbours join the distribution (MT spec §9)", "--knn-mode", ("knn", "trime", "trime_released")
+    )
+    k: int = opt(16, "neighbours retrieved per hypothesis and step", "--k")
+    probe: int = opt(32, "faiss nprobe", "--probe")
+    lmbda: float = opt(0.2, "knn mode: weight λ of the kNN distribution", "--lmbda")
+    knn_temp: float = opt(10.0, "temperature T: kNN-MT a/T; TrimeMT a/(√d·T)", "--knn-temp")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
+    trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+
+
+@dataclass
+class MTDatastoreConfig:
+    """The decoder states of a translation model over a split's targets (MT spec §7), teacher-forced."""
+
+    data: str = opt("", "prepared pairs directory")
+    path: str = opt("", "translation checkpoint whose decoder outputs h are stored", "--path")
+    out: str = opt("", "datastore directory to write", "--out")
+    subset: str = opt("train", "split to store", "--gen-subset")
+    max_tokens: int = opt(4096, "tokens per forward pass", "--max-tokens")
+    key_dtype: str = opt("float16", "key precision on disk", "--key-dtype", ("float16", "float32"))
+    amp: str = opt("none", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
+
+
+@dataclass
 class EvalConfig:
     """Sliding-window evaluation with any set of memories (spec §5)."""
 
     data: str = opt("", "prepared data directory")
     path: str = opt("", "checkpoint (a trime run directory or checkpoint directory)", "--path")
     gen_subset: str = opt("valid", "split to score", "--gen-subset")
-    context_window: int = opt(0, "tokens of context before each scored block", "--context-window")
+    context_window: int = opt(0, "tokens of context before each scored block", "--context-window", ge=0)
     sample_break_mode: str = opt("none", "block boundaries", "--sample-break-mode", ("none", "complete"))
-    tokens_per_sample: int = opt(0, "window length (0: the checkpoint's)", "--tokens-per-sample")
-    batch_size: int = opt(1, "windows per forward pass", "--max-sentences")
-    max_eval_tokens: int = opt(0, "score at most this many tokens (0: the whole split)", "--max-eval-tokens")
+    tokens_per_sample: int = opt(0, "window length (0: the checkpoint's)", "--tokens-per-sample", ge=0)
+    batch_size: int = opt(1, "windows per forward pass", "--max-sentences", ge=1)
+    max_eval_tokens: int = opt(0, "score at most this many tokens (0: the whole split)", "--max-eval-tokens", ge=0)
     amp: str = opt("none", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     output_word_probs: str = opt(
         "", "write per-token log-probabilities (natural log) to this .npy", "--output-word-probs"
     )
     knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
-    softmax_temp: float = opt(1.0, "temperature τ dividing memory scores (never token logits)", "--softmax-temp")
+    softmax_temp: float = opt(1.0, "temperature τ dividing memory scores (never token logits)", "--softmax-temp", gt=0)
     use_local: bool = opt(False, "local memory: earlier positions of the window", "--use-local")
     use_long: bool = opt(False, "long-term memory: FIFO of earlier scored positions", "--use-long")
-    mem_size: int = opt(0, "FIFO length of the long-term memory", "--mem-size")
+    mem_size: int = opt(0, "FIFO length of the long-term memory", "--mem-size", ge=0)
     use_external: bool = opt(
         False, "external memory: k nearest datastore entries join the joint softmax", "--use-external"
     )
     dstore: str = opt("", "datastore directory (trime datastore build)", "--dstore-filename")
     indexfile: str = opt("", "faiss index file (trime index build)", "--indexfile")
-    k: int = opt(1024, "neighbours retrieved per scored token", "--k")
-    probe: int = opt(8, "faiss nprobe (IVF lists searched)", "--probe")
+    k: int = opt(1024, "neighbours retrieved per scored token", "--k", ge=1)
+    probe: int = opt(8, "faiss nprobe (IVF lists searched)", "--probe", ge=1)
     use_interp: bool = opt(False, "kNN-LM interpolation with the retrieved neighbours", "--use-interp")
-    lmbda: float = opt(0.0, "interpolation weight λ of the kNN distribution", "--lmbda")
-    interp_temp: float = opt(1.0, "temperature T of the kNN distribution (raw scores / T)", "--interp-temp")
+    lmbda: float = opt(0.0, "interpolation weight λ of the kNN distribution", "--lmbda", ge=0)
+    interp_temp: float = opt(1.0, "temperature T of the kNN distribution (raw scores / T)", "--interp-temp", gt=0)
     save_neighbors: str = opt("", "cache what rescoring needs in this directory (for trime sweep)", "--save-neighbors")
-    neighbors_top: int = opt(256, "local/long entries cached per token (0: all; exact re-scoring)", "--neighbors-top")
+    neighbors_top: int = opt(
+        256, "local/long entries cached per token (0: all; exact re-scoring)", "--neighbors-top", ge=0
+    )
     original_tail_quirk: bool = opt(
         False, "reproduce the original TRIME code's adaptive-softmax tail bug (spec §5.2)", "--original-tail-quirk"
     )
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
 
     def __post_init__(self) -> None:
+        check_domains(self)
+        check_device(self.device)
         if self.use_long and not self.use_local:
             raise ConfigError("--use-long needs --use-local (as in the original)")
         if self.use_long and self.mem_size <= 0:
@@ -258,14 +370,18 @@ class DatastoreConfig:
     path: str = opt("", "checkpoint whose memory keys are stored", "--path")
     out: str = opt("", "datastore directory to write", "--out")
     subset: str = opt("train", "split to store", "--gen-subset")
-    context_window: int = opt(0, "tokens of context before each stored block", "--context-window")
-    tokens_per_sample: int = opt(0, "window length (0: the checkpoint's)", "--tokens-per-sample")
-    batch_size: int = opt(8, "windows per forward pass", "--max-sentences")
+    context_window: int = opt(0, "tokens of context before each stored block", "--context-window", ge=0)
+    tokens_per_sample: int = opt(0, "window length (0: the checkpoint's)", "--tokens-per-sample", ge=0)
+    batch_size: int = opt(8, "windows per forward pass", "--max-sentences", ge=1)
     key_dtype: str = opt("float16", "key precision on disk", "--key-dtype", ("float16", "float32"))
     knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
     amp: str = opt("auto", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+
+    def __post_init__(self) -> None:
+        check_domains(self)
+        check_device(self.device)
 
 
 @dataclass
@@ -275,37 +391,76 @@ class IndexConfig:
     dstore: str = opt("", "datastore directory")
     out: str = opt("", "index file to write (default: DSTORE/knn.index.METRIC)", "--out")
     metric: str = opt("ip", "similarity", "--dist", ("ip", "l2"))
-    n_lists: int = opt(0, "IVF lists (0: sized from the datastore; the original used 4096)", "--ncentroids")
-    code_size: int = opt(0, "PQ sub-quantizers (0: the largest divisor of d up to 64)", "--code-size")
-    train_size: int = opt(1_000_000, "keys sampled to train the quantizers", "--train-size")
+    n_lists: int = opt(0, "IVF lists (0: sized from the datastore; the original used 4096)", "--ncentroids", ge=0)
+    code_size: int = opt(0, "PQ sub-quantizers (0: the largest divisor of d up to 64)", "--code-size", ge=0)
+    train_size: int = opt(1_000_000, "keys sampled to train the quantizers", "--train-size", ge=1)
     seed: int = opt(1, "sampling seed", "--seed")
-    chunk: int = opt(500_000, "keys added at a time", "--num-keys-to-add-at-a-time")
-    probe: int = opt(8, "default nprobe stored with the index", "--probe")
+    chunk: int = opt(500_000, "keys added at a time", "--num-keys-to-add-at-a-time", ge=1)
+    probe: int = opt(8, "default nprobe stored with the index", "--probe", ge=1)
     use_gpu: str = opt("auto", "build on a GPU when faiss has one", "--use-gpu", ("auto", "yes", "no"))
+
+    def __post_init__(self) -> None:
+        check_domains(self)
 
 
 @dataclass
 class ReproduceConfig:
     """The main job's budget and grids (the [reproduce] table of a preset)."""
 
-    max_update: int = opt(200, "updates per model (the same budget for every model)")
-    eval_tokens: int = opt(0, "score at most this many valid/test tokens (0: all)")
-    curve_tokens: int = opt(20000, "valid tokens scored for each point of the memory-size curve")
-    long_mem_size: int = opt(1024, "FIFO length of the long-term memory in evaluation")
-    curve_mem_sizes: list[int] = opt([0, 256, 512, 1024, 2048], "memory sizes of the memory-size curve")
-    dstore_context: int = opt(128, "context window when building the training-set datastores")
-    k: int = opt(64, "neighbours retrieved from the datastore")
-    probe: int = opt(8, "faiss nprobe")
-    n_lists: int = opt(0, "IVF lists of the datastore indexes (0: sized from the datastore)")
-    index_train_size: int = opt(1_000_000, "keys sampled to train the datastore indexes")
-    tune_tokens: int = opt(20000, "valid tokens whose neighbours are cached, all of them, for tuning (0: all)")
+    max_update: int = opt(200, "updates per model (the same budget for every model)", ge=1)
+    eval_tokens: int = opt(0, "score at most this many valid/test tokens (0: all)", ge=0)
+    curve_tokens: int = opt(20000, "valid tokens scored for each point of the memory-size curve", ge=1)
+    long_mem_size: int = opt(1024, "FIFO length of the long-term memory in evaluation", ge=1)
+    curve_mem_sizes: list[int] = opt([0, 256, 512, 1024, 2048], "memory sizes of the memory-size curve", ge=0)
+    dstore_context: int = opt(128, "context window when building the training-set datastores", ge=0)
+    k: int = opt(64, "neighbours retrieved from the datastore", ge=1)
+    probe: int = opt(8, "faiss nprobe", ge=1)
+    n_lists: int = opt(0, "IVF lists of the datastore indexes (0: sized from the datastore)", ge=0)
+    index_train_size: int = opt(1_000_000, "keys sampled to train the datastore indexes", ge=1)
+    tune_tokens: int = opt(20000, "valid tokens whose neighbours are cached, all of them, for tuning (0: all)", ge=0)
     softmax_temps: list[float] = opt(
-        [0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0, 16.0, 32.0], "τ grid tuned on valid"
+        [0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0, 16.0, 32.0], "τ grid tuned on valid", gt=0
     )
-    lmbdas: list[float] = opt([0.05, 0.1, 0.2, 0.3, 0.4], "λ grid tuned on valid")
-    interp_temps: list[float] = opt([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], "kNN temperature grid tuned on valid")
-    train_tokens_per_s: float = opt(4000.0, "expected training speed, for the time estimate printed up front")
-    eval_tokens_per_s: float = opt(12000.0, "expected scoring speed (window tokens/s), for the estimate")
+    lmbdas: list[float] = opt([0.05, 0.1, 0.2, 0.3, 0.4], "λ grid tuned on valid", ge=0)
+    interp_temps: list[float] = opt([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], "kNN temperature grid tuned on valid", gt=0)
+    train_tokens_per_s: float = opt(4000.0, "expected training speed, for the time estimate printed up front", gt=0)
+    eval_tokens_per_s: float = opt(12000.0, "expected scoring speed (window tokens/s), for the estimate", gt=0)
+
+    def __post_init__(self) -> None:
+        check_domains(self)
+
+
+def check_domains(cfg: Any) -> None:
+    """Raise ConfigError (one line naming the flag) for a value outside its field's domain or choices."""
+    for f in dataclasses.fields(cfg):
+        value, m = getattr(cfg, f.name), f.metadata
+        if m.get("choices") and value not in m["choices"]:
+            raise ConfigError(f"{flag_name(f)} must be one of {', '.join(map(str, m['choices']))} (got {value!r})")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            bad = (
+                (m.get("ge") is not None and not v >= m["ge"])
+                or (m.get("gt") is not None and not v > m["gt"])
+                or (m.get("lt") is not None and not v < m["lt"])
+                or v != v
+            )
+            if bad:
+                parts = [
+                    f">= {m['ge']:g}" if m.get("ge") is not None else "",
+                    f"> {m['gt']:g}" if m.get("gt") is not None else "",
+                ]
+                parts.append(f"< {m['lt']:g}" if m.get("lt") is not None else "")
+                raise ConfigError(f"{flag_name(f)} must be {' and '.join(x for x in parts if x)} (got {v})")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(name: str) -> None:
+    """The spelling of --device (whether that device exists is checked by trime.device.pick_device)."""
+    if not _DEVICE.match(name):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (got {name!r})")
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -383,7 +538,8 @@ def resolve_preset(name: str) -> Path:
 def load_preset(name: str) -> dict[str, dict[str, Any]]:
     """Read a preset: a TOML file with [model], [train], [eval] ... tables.
 
-    A preset may say ``base = "other"`` at the top level to start from another preset.
+    A preset may say ``base = "other"`` at the top level to start from another preset, and
+    ``task = "translation"`` for an encoder-decoder recipe (its [model] is an MTModelConfig).
     """
     path = resolve_preset(name)
     try:
@@ -391,12 +547,14 @@ def load_preset(name: str) -> dict[str, dict[str, Any]]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
     base = data.pop("base", None)
+    task = data.pop("task", None)  # "translation" for encoder-decoder presets
     out: dict[str, dict[str, Any]] = load_preset(base) if base else {}
     for section, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: top-level key {section!r} must be a table")
         out.setdefault(section, {}).update(table)
     out.setdefault("_source", {})["path"] = str(path)
+    out["_source"]["task"] = task or out["_source"].get("task") or "language_modeling"
     return out
 
 

@@ -12,15 +12,36 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trime.checkpoint import load_model, model_fingerprint
-from trime.config import DatastoreConfig
+from trime.checkpoint import load_model, model_fingerprint, read_config, resolve
+from trime.config import DatastoreConfig, ModelConfig, build
 from trime.data.batching import make_batch
 from trime.data.blocks import eval_windows
 from trime.data.prepare import load_split, read_data_meta, special_ids
 from trime.device import autocast, autocast_dtype, pick_device
+from trime.errors import DatastoreError
 from trime.memory.datastore import build_datastore as write_datastore
-from trime.memory.datastore import resume_from
+from trime.memory.datastore import build_mismatch, resume_from
 from trime.model.base import select_keys
+
+
+def datastore_meta(cfg: DatastoreConfig, model_cfg, ckpt_dir) -> dict:
+    """What makes a datastore's rows (recorded in its meta.json and compared by a resume or a reuse)."""
+    return {
+        "key_type": cfg.knn_keytype,
+        "vocab_size": model_cfg.vocab_size,
+        "model_fingerprint": model_fingerprint(ckpt_dir),
+        "split_fingerprint": read_data_meta(cfg.data)["splits"][cfg.subset]["fingerprint"],
+        "split": cfg.subset,
+        "context_window": cfg.context_window,
+        "tokens_per_sample": cfg.tokens_per_sample or model_cfg.max_positions,
+    }
+
+
+def datastore_key(cfg: DatastoreConfig) -> dict:
+    """:func:`datastore_meta` of a trime checkpoint without loading its weights (for a pipeline's reuse check)."""
+    ckpt_dir = resolve(cfg.path)
+    model_cfg = build(ModelConfig, read_config(ckpt_dir)["model"], source=str(ckpt_dir))
+    return datastore_meta(cfg, model_cfg, ckpt_dir)
 
 
 def build_datastore(cfg: DatastoreConfig) -> Path:
@@ -33,17 +54,15 @@ def build_datastore(cfg: DatastoreConfig) -> Path:
     windows = eval_windows(tokens, L, cfg.context_window, "none", eos)
     n_rows = len(tokens)
     out = Path(cfg.out)
+    meta = datastore_meta(cfg, model_cfg, ckpt_dir)
+    diff = build_mismatch(out, meta)
+    if diff:
+        raise DatastoreError(
+            f"{out}: holds a datastore (or an unfinished build) with another {', '.join(diff)}; "
+            "remove it or choose another --out"
+        )
     start = resume_from(out, n_rows)
     windows = windows[windows[:, 0] >= start]  # windows start on row boundaries of earlier blocks
-    meta = {
-        "key_type": cfg.knn_keytype,
-        "vocab_size": model_cfg.vocab_size,
-        "model_fingerprint": model_fingerprint(ckpt_dir),
-        "split_fingerprint": read_data_meta(cfg.data)["splits"][cfg.subset]["fingerprint"],
-        "split": cfg.subset,
-        "context_window": cfg.context_window,
-        "tokens_per_sample": L,
-    }
     amp = autocast_dtype(cfg.amp, device)
     bar = tqdm(total=n_rows, initial=start, desc="datastore", unit="tok", dynamic_ncols=True, disable=None)
 

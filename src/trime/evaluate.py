@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -33,11 +34,11 @@ import torch
 from tqdm import tqdm
 
 from trime import io
-from trime.checkpoint import checkpoint_dictionary, load_model, model_fingerprint
+from trime.checkpoint import checkpoint_dictionary, load_model, model_fingerprint, resolve
 from trime.config import EvalConfig
 from trime.data.batching import Batch, make_batch
 from trime.data.blocks import eval_windows
-from trime.data.prepare import check_vocabulary, load_split, read_data_meta, special_ids
+from trime.data.prepare import check_vocabulary, data_fingerprint, load_split, read_data_meta, special_ids
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.memory import masks
 from trime.memory.cache import MemoryFIFO
@@ -141,12 +142,32 @@ class Scorer:
         return MemoryRows.build(tok_logp, log_z, labels[rows], mem_scores, mem_values, *ext)
 
 
+PATH_FIELDS = ("data", "path", "dstore", "indexfile", "save_neighbors", "output_word_probs", "trust_checkpoint")
+
+
+def eval_inputs(cfg: EvalConfig) -> dict:
+    """What a result of ``cfg`` is made from, by content (never paths), from the inputs' meta.json
+    files (nothing re-hashed): the model's weights, the split, the datastore and index, the settings."""
+    path = Path(cfg.path)
+    ckpt = path if path.is_file() else resolve(path)
+    key = {
+        "model": model_fingerprint(ckpt),
+        "data": data_fingerprint(cfg.data, [cfg.gen_subset]),
+        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PATH_FIELDS},
+    }
+    if cfg.use_external or cfg.use_interp:
+        key["datastore"] = io.read_meta(cfg.dstore).get("fingerprint")
+        index_side = Path(cfg.indexfile).with_name(Path(cfg.indexfile).name + ".json")
+        key["index"] = io.read_json(index_side).get("key")
+    return json.loads(json.dumps(key, sort_keys=True))
+
+
 @contextlib.contextmanager
 def _neighbor_writer(cfg: EvalConfig, dim: int):
     if not cfg.save_neighbors:
         yield None
         return
-    meta = {"eval_config": dataclasses.asdict(cfg)}
+    meta = {"eval_config": dataclasses.asdict(cfg), "inputs": eval_inputs(cfg)}
     with NeighborCacheWriter(
         cfg.save_neighbors,
         dim=dim,
@@ -160,6 +181,8 @@ def _neighbor_writer(cfg: EvalConfig, dim: int):
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Score a split of ``cfg.data`` with the checkpoint ``cfg.path`` and the chosen memories."""
+    if cfg.output_word_probs:
+        io.check_output_file(cfg.output_word_probs, "word-probabilities .npy", io.is_npy)
     device = pick_device(cfg.device)
     model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
     data_dir = Path(cfg.data)

@@ -72,20 +72,103 @@ def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Build an artifact directory under a temporary name; rename it into place on success.
+def _crash_point(step: str) -> None:
+    """A no-op between the steps of a directory replacement; tests replace it to simulate a kill."""
 
-    The caller writes ``meta.json`` (with :func:`write_meta`) as its last step. If ``path``
-    already holds a complete artifact and ``overwrite`` is false, that is an error; anything else
-    already at ``path`` (a file, or a directory that is not an empty one or a trime artifact) is
-    never replaced, so a mistyped output path cannot delete a user's files.
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():  # our own leftovers come from an earlier, failed attempt in this process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(path: Path) -> list[tuple[str, Path]]:
+    """(".partial" | ".old", dir) of interrupted writes/replacements of ``path`` by dead processes."""
+    out = []
+    if not path.parent.is_dir():
+        return out
+    prefix = f".{path.name}."
+    for p in path.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        tag, _, pid = p.name[len(prefix) :].partition("-")
+        if tag in ("partial", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            out.append((tag, p))
+    return sorted(out, key=lambda t: t[1].name)
+
+
+def recover_dir(path: str | os.PathLike, say=print) -> None:
+    """Finish or undo an interrupted replacement of the artifact ``path`` (see :func:`atomic_dir`).
+
+    A replacement is: build ``.NAME.partial-PID``, rename ``NAME`` to ``.NAME.old-PID``, rename the
+    partial to ``NAME``, delete the old one. A kill between any two steps leaves a state this puts
+    right: when ``NAME`` is missing, the newest complete leftover (the finished partial, else the
+    old one) is renamed into place; every other leftover is deleted. Each action is reported.
     """
     path = Path(path)
-    if is_complete(path) and not overwrite:
+    left = _leftovers(path)
+    if not left:
+        return
+    if not path.exists():
+        for want in ("partial", "old"):
+            pick = next((p for tag, p in left if tag == want and is_complete(p)), None)
+            if pick is not None:
+                os.replace(pick, path)
+                say(f"| {path}: restored from {pick.name}, left by an interrupted replacement")
+                left = [(t, p) for t, p in left if p != pick]
+                break
+    for tag, p in left:
+        shutil.rmtree(p, ignore_errors=True)
+        what = "an unfinished build" if tag == "partial" else "the old copy of an interrupted replacement"
+        say(f"| {path}: removed {p.name}, {what}")
+
+
+def check_replaceable(path: Path, kind: str | None, overwrite: bool) -> None:
+    """Refuse to write ``path`` unless it is absent, an empty directory, or (with ``overwrite``) a
+    complete artifact of ``kind`` holding only files it wrote: a user's files are never deleted."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise DataError(f"{path}: a file is there, not a trime {kind or 'artifact'} directory; choose another path")
+    if not is_complete(path):
+        if any(path.iterdir()):
+            raise DataError(
+                f"{path}: exists and is not a trime {kind or 'artifact'} directory (no {META}); "
+                "choose another output path"
+            )
+        return
+    meta = read_json(path / META)
+    found = meta.get("kind") if isinstance(meta, dict) else None
+    if kind is not None and found != kind:
+        raise DataError(f"{path}: holds a {found!r} artifact, not a {kind!r} one; refusing to replace it")
+    if not overwrite:
         raise DataError(f"{path}: already exists (remove it or pass --overwrite)")
-    if path.exists() and not is_complete(path) and (not path.is_dir() or any(path.iterdir())):
-        raise DataError(f"{path}: exists and is not a trime artifact (no {META}); choose another output path")
+    own = meta.get("files")
+    if own is not None:
+        foreign = sorted(set(os.listdir(path)) - set(own) - {META})
+        if foreign:
+            raise DataError(
+                f"{path}: holds {foreign[0]!r}, which trime did not write there; move it away before replacing"
+            )
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | None = None) -> Iterator[Path]:
+    """Build an artifact directory under a temporary name; move it into place on success.
+
+    The caller writes ``meta.json`` (with :func:`write_meta`) as its last step. What may be
+    replaced is decided by :func:`check_replaceable`. The replacement is crash-safe at every instant
+    (:func:`recover_dir` puts right what a kill between its steps leaves).
+    """
+    path = Path(path)
+    recover_dir(path)
+    check_replaceable(path, kind, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     if tmp.exists():
@@ -95,12 +178,47 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         yield tmp
         if not (tmp / META).exists():
             raise RuntimeError(f"atomic_dir({path}): the writer did not write {META}")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if path.exists() and is_complete(path):
+            own = read_json(path / META).get("files")
+            foreign = sorted(set(os.listdir(path)) - set(own if own is not None else os.listdir(tmp)) - {META})
+            if foreign:
+                raise DataError(
+                    f"{path}: holds {foreign[0]!r}, which trime did not write there; move it away before replacing"
+                )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _crash_point("written")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+        _crash_point("old aside")
+    os.replace(tmp, path)
+    _crash_point("new in")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_file(path: str | os.PathLike, what: str, is_own) -> None:
+    """Refuse to write the file ``path`` over a directory or over a file that ``is_own(path)`` does
+    not recognise as an earlier output of the same kind (a user's file is never overwritten)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a {what} file; choose another path")
+    if path.exists() and not is_own(path):
+        raise DataError(f"{path}: holds something that is not a {what}; refusing to overwrite it")
+
+
+def is_npy(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
+def is_id_list(path: Path) -> bool:
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(obj, list) and all(type(i) is int for i in obj)
 
 
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
@@ -118,7 +236,15 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 def write_meta(directory: str | os.PathLike, kind: str, **fields: Any) -> dict:
     """Write ``directory/meta.json`` (last step of an artifact) and return it."""
-    meta = {"kind": kind, "trime_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
+    directory = Path(directory)
+    files = sorted([p.name for p in directory.iterdir()] if directory.is_dir() else [])
+    meta = {
+        "kind": kind,
+        "trime_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **fields,
+        "files": files,  # what the artifact wrote: anything else found there later is a user's
+    }
     write_json(Path(directory) / META, meta)
     return meta
 

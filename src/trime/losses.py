@@ -27,7 +27,7 @@ from torch import Tensor
 from trime.config import CRITERIA, TrainConfig
 from trime.errors import ConfigError, DataError
 from trime.memory import masks
-from trime.memory.joint import combine, memory_stats, score_scale
+from trime.memory.joint import combine, memory_stats, score_scale, score_stats
 from trime.model.base import Head, LMOutput, check_keytype, select_keys
 
 Gather = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, int, Any]]
@@ -170,3 +170,74 @@ def _coin(generator: torch.Generator | None) -> float:
     if generator is None:
         return float(torch.rand(()))
     return float(torch.rand((), generator=generator, device=generator.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# TrimeMT (MT spec §4): the decoder outputs of the other sentences of the batch as memory
+
+
+@dataclass(frozen=True)
+class MTLossSettings:
+    """trime_mt's settings (MT spec §4, §12): τ ``--temp``, ``--topk-mem`` (0: every entry), ``--dist-func``."""
+
+    temp: float = 1.0
+    topk: int = 0
+    dist: str = "ip"  # ip: s = h·h'/(√d·τ); l2: s = −‖h − h'‖²/(√d·τ)
+    pad: int = 1
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.dist not in ("ip", "l2"):
+            raise ConfigError(f"--dist-func must be ip or l2, not {self.dist!r}")
+        if self.temp <= 0 or self.topk < 0:
+            raise ConfigError("--temp must be positive and --topk-mem at least 0")
+
+
+def mt_similarity(q: Tensor, k: Tensor, dist: str) -> Tensor:
+    """(n, m) raw similarities of queries q (n, d) to keys k (m, d): q·k, or −‖q − k‖² for l2."""
+    ip = q @ k.T
+    if dist == "ip":
+        return ip
+    return 2 * ip - (q * q).sum(1, keepdim=True) - (k * k).sum(1)[None, :]
+
+
+def compute_mt_loss(
+    settings: MTLossSettings, out: LMOutput, targets: Tensor, head: Head, *, use_ce: bool = False,
+    gather: Gather | None = None,
+) -> LossOutput:  # fmt: skip
+    """TrimeMT's loss for B target sentences of T positions (MT spec §4): each target position's
+    memory is every non-pad decoder output h_j of the *other* sentences of the batch (gathered over
+    ranks; other ranks' entries carry no gradient), scored s_ij = similarity / (√d·τ), of which the
+    ``topk`` best are kept; p(y_i) is the joint softmax of memory.joint with those entries. Named
+    fix: masked entries are −inf (the original added −10000, which differs by at most e^−10000)."""
+    s = settings
+    B, T = targets.shape
+    N = B * T
+    y = targets.reshape(N)  # (N,)
+    keep = y != s.pad
+    h = out.h.reshape(N, -1)  # (N, d): h is also the memory key (MT spec §1)
+    tlp, tln = head.target_logp(h, y)  # (N,), (N,)
+    ce_sum = -torch.where(keep, tlp, torch.zeros_like(tlp)).sum().detach()
+    if use_ce:
+        log_p = tlp
+    else:
+        keys, values, offset, _ = _stream(h, y, gather)  # (R, d), (R,)
+        own = offset + torch.arange(N, device=h.device) // T * T  # (N,) stream row where each query's sentence starts
+        vis = masks.Visibility(own, own + T, values != s.pad, inside=False)  # other sentences only
+        lzc, lzpos = [], []
+        scale = score_scale(h.shape[-1], s.temp)
+        with torch.autocast(h.device.type, enabled=False):  # the memory math runs in float32 (spec §2.8)
+            for a in range(0, N, s.chunk_size):
+                b = min(a + s.chunk_size, N)
+                scores = mt_similarity(h[a:b].float(), keys.float(), s.dist) * scale  # (c, R)
+                scores = scores.masked_fill(~vis.block(a, b), float("-inf"))
+                vals = values[None, :].expand(b - a, -1)
+                if s.topk and s.topk < scores.shape[1]:
+                    scores, idx = scores.topk(s.topk, dim=1)  # (c, K): gradients flow through the kept scores
+                    vals = values[idx]
+                c, p = score_stats(scores, vals, y[a:b])
+                lzc.append(c)
+                lzpos.append(p)
+        log_p = combine(tlp, tln, torch.cat(lzc), torch.cat(lzpos))
+    loss = -torch.where(keep, log_p.float(), torch.zeros_like(log_p, dtype=torch.float32)).sum()
+    return LossOutput(loss=loss, n_targets=keep.sum(), ce_sum=ce_sum)

@@ -14,6 +14,8 @@ at most one checkpoint interval of work is repeated.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import sys
 import time
@@ -21,21 +23,30 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from trime import distributed as dist
 from trime import io
-from trime.checkpoint import load_trainer_state, save_checkpoint
+from trime.checkpoint import DICT, load_trainer_state, load_weights, save_checkpoint
 from trime.config import ModelConfig, TrainConfig, to_dict
 from trime.data.batching import epoch_batches, load_batch_order, make_batch, valid_batches
 from trime.data.blocks import num_segments, segment_windows
-from trime.data.prepare import check_vocabulary, load_dictionary, load_split, special_ids
+from trime.data.prepare import (
+    check_vocabulary,
+    data_fingerprint,
+    describe_difference,
+    load_dictionary,
+    load_split,
+    read_data_meta,
+    special_ids,
+    warn_data,
+)
 from trime.device import autocast, autocast_dtype, pick_device
-from trime.errors import ConfigError, DataError
+from trime.errors import CheckpointError, ConfigError, DataError
 from trime.losses import LossSettings, compute_loss
 from trime.model.transformer import build_model
 from trime.optim import build_optimizer, schedule, set_lr
@@ -50,8 +61,22 @@ class Progress:
     epoch: int = 1
     batches_done: int = 0  # batches of this rank consumed in the current epoch
     updates: int = 0
-    best_valid: float = float("inf")
+    best_valid: float = float("inf")  # lowest validation loss (or −metric, e.g. −BLEU) so far
     train_seconds: float = 0.0
+
+
+class TrainData(Protocol):
+    """What the update loop needs from a kind of training data (segments of a token stream here,
+    sentence pairs in trime.translation): this process's batches and their tensors."""
+
+    device: torch.device
+    dictionaries: dict[str, Path]  # file name in a checkpoint -> the data's dictionary file
+
+    def epoch_batches(self, epoch: int) -> list: ...  # this rank's batches of an epoch (pure in seed, epoch, rank)
+
+    def valid_batches(self) -> list: ...
+
+    def tensors(self, split: str, batch) -> dict[str, torch.Tensor]: ...  # keyword arguments of the objective
 
 
 class Objective(torch.nn.Module):
@@ -63,7 +88,7 @@ class Objective(torch.nn.Module):
         self.generator = torch.Generator().manual_seed(seed + 7919 * dist.rank())
 
     def forward(
-        self, inputs: torch.Tensor, targets: torch.Tensor, use_ce: bool = False, seg_ids: torch.Tensor | None = None
+        self, inputs: torch.Tensor, targets: torch.Tensor, seg_ids: torch.Tensor | None = None, use_ce: bool = False
     ):
         res = compute_loss(
             self.settings,
@@ -80,40 +105,76 @@ class Objective(torch.nn.Module):
 
 
 @dataclass
-class Data:
-    """The token streams of a run and how to turn segment ids into batches."""
+class SegmentData:
+    """The token streams of a language-model run: segments of L tokens, batched in the run's order."""
 
     train: np.ndarray
     valid: np.ndarray
     L: int
+    B: int  # segments per batch
     pad: int
     eos: int
+    seed: int
+    mode: str = "shuffled"  # shuffled | consecutive | predefined (data.batching)
+    order: np.ndarray | None = None  # the predefined order
+    group: int = 1  # ranks whose memories are gathered together
+    with_seg_ids: bool = False  # trime_ext checks its batches for repeated segments
+    dictionaries: dict[str, Path] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def batch(self, tokens: np.ndarray, ids: np.ndarray):
-        """(inputs (B, L), targets (B, L)) int64 of segments ``ids`` on the run's device."""
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        n_seg = num_segments(len(self.train), self.L)
+        batches = epoch_batches(
+            n_seg, self.B, epoch, mode=self.mode, seed=self.seed, rank=dist.rank(), world_size=dist.world_size(),
+            num_comb_shards=self.group if self.mode == "consecutive" else 1, order=self.order,
+        )  # fmt: skip
+        if not batches:
+            raise DataError(
+                f"the training split has fewer than {self.B * dist.world_size()} segments of {self.L} tokens"
+            )
+        return batches
+
+    def valid_batches(self) -> list[np.ndarray]:
+        return valid_batches(num_segments(len(self.valid), self.L), self.B, dist.rank(), dist.world_size())
+
+    def tensors(self, split: str, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """inputs (B, L), targets (B, L) int64 of segments ``ids`` on the run's device (and their ids)."""
+        tokens = self.train if split == "train" else self.valid
         b = make_batch(
-            tokens,
-            segment_windows(ids, len(tokens), self.L),
-            pad=self.pad,
-            eos=self.eos,
-            width=self.L,
+            tokens, segment_windows(ids, len(tokens), self.L), pad=self.pad, eos=self.eos, width=self.L,
             device=self.device,
-        )
-        return b.inputs, b.targets
+        )  # fmt: skip
+        out = {"inputs": b.inputs, "targets": b.targets}
+        if self.with_seg_ids and split == "train":
+            out["seg_ids"] = torch.as_tensor(ids)  # on the CPU: checked without a device sync
+        return out
 
 
-def _load_data(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> tuple[ModelConfig, Data]:
+def resolve_model_config(model_cfg: ModelConfig, cfg: TrainConfig) -> ModelConfig:
+    """The model a run trains: the vocabulary from the data's dict.txt, room for a segment."""
     if model_cfg.vocab_size == 0:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(load_dictionary(cfg.data)))
-    check_vocabulary(cfg.data, model_cfg.vocab_size)
     if model_cfg.max_positions < cfg.tokens_per_sample:
         model_cfg = dataclasses.replace(model_cfg, max_positions=cfg.tokens_per_sample)
-    valid = load_split(cfg.data, cfg.valid_subset)
+    return model_cfg
+
+
+def _load_data(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> tuple[ModelConfig, SegmentData]:
+    model_cfg = resolve_model_config(model_cfg, cfg)
+    check_vocabulary(cfg.data, model_cfg.vocab_size)
+    if dist.is_main():
+        warn_data(read_data_meta(cfg.data), cfg.data)
+    train, valid = load_split(cfg.data, "train"), load_split(cfg.data, cfg.valid_subset)
     if cfg.max_valid_tokens:
         valid = valid[: cfg.max_valid_tokens]
     pad, eos = special_ids(cfg.data)
-    return model_cfg, Data(load_split(cfg.data, "train"), valid, cfg.tokens_per_sample, pad, eos, device)
+    mode, order = _batch_order(cfg, num_segments(len(train), cfg.tokens_per_sample))
+    dict_file = Path(cfg.data) / DICT
+    data = SegmentData(
+        train, valid, cfg.tokens_per_sample, cfg.max_tokens // cfg.tokens_per_sample, pad, eos, cfg.seed, mode, order,
+        _group_size(cfg), cfg.criterion == "trime_ext", {DICT: dict_file} if dict_file.exists() else {}, device,
+    )  # fmt: skip
+    return model_cfg, data
 
 
 def _batch_order(cfg: TrainConfig, n_segments: int):
@@ -137,32 +198,107 @@ def _group_size(cfg: TrainConfig) -> int:
     return c
 
 
-def _prepare_run_dir(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
-    """Write config.json for a new run; refuse to resume with a different model or data shape."""
-    resolved = {"model": to_dict(model_cfg), "train": to_dict(cfg)}
+# train fields a resumed run must keep (they change shapes, the objective or the batch sequence);
+# the data and the batch order are compared by content (run_inputs), never by path
+FIXED_ON_RESUME = ("tokens_per_sample", "max_tokens", "criterion", "seed", "keep_order", "optimizer", "update_freq")
+PATH_FIELDS = ("data", "save_dir", "predefined_batches")
+
+
+def data_identity(data_dir, splits) -> dict:
+    """The content fingerprints of a prepared data directory, from its meta.json (nothing re-hashed):
+    per dictionary and split for language-model data, else one hash of the meta.json's content."""
+    meta = io.read_meta(data_dir)
+    if meta.get("kind") == "data":
+        return data_fingerprint(data_dir, splits)
+    stable = {k: v for k, v in meta.items() if k not in ("created", "trime_version", "files")}
+    return {"meta": hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]}
+
+
+def run_inputs(cfg: TrainConfig) -> dict:
+    """Content fingerprints of what a run reads: the data (from its meta.json) and the batch order."""
+    order = getattr(cfg, "predefined_batches", "")
+    return {
+        "data": data_identity(cfg.data, ["train", cfg.valid_subset]),
+        "batch_order": io.sha256_file(order)[:16] if order else None,
+    }
+
+
+def read_run_config(run_dir: Path) -> dict | None:
+    """A run directory's config.json (None when there is none; ConfigError when it is someone else's)."""
     path = run_dir / "config.json"
-    if path.exists():
+    if not path.exists():
+        return None
+    try:
         old = io.read_json(path)
-        if old["model"] != resolved["model"]:
-            raise ConfigError(f"{run_dir}: holds a run of another model; use another --save-dir")
-        for key in ("tokens_per_sample", "max_tokens", "criterion", "data", "seed", "keep_order", "predefined_batches"):
-            if old["train"].get(key) != resolved["train"][key]:
-                raise ConfigError(
-                    f"{run_dir}: resuming with a different --{key.replace('_', '-')}; use another --save-dir"
-                )
-    elif dist.is_main():
-        io.write_json(path, resolved)
+    except DataError:
+        old = None
+    if not (isinstance(old, dict) and isinstance(old.get("model"), dict) and isinstance(old.get("train"), dict)):
+        raise ConfigError(f"{path}: not the config of a trime run; use another --save-dir")
+    return old
 
 
-def validate(objective: Objective, data: Data, B: int, amp) -> float:
-    """Base-2 loss per token of the run's criterion on consecutive validation segments."""
+def run_differences(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, fields=FIXED_ON_RESUME) -> list[str]:
+    """What differs between the run in ``run_dir`` and this one: 'model', 'data: ...', 'batch_order'
+    or the flags among ``fields`` (None: every train field but paths). Empty for a new run."""
+    old = read_run_config(run_dir)
+    if old is None:
+        return []
+    diff = ["model"] if old["model"] != to_dict(model_cfg) else []
+    new = to_dict(cfg)
+    names = [k for k in new if k not in PATH_FIELDS] if fields is None else fields
+    diff += ["--" + k.replace("_", "-") for k in names if old["train"].get(k) != new.get(k)]
+    before, now = old.get("inputs"), json.loads(json.dumps(run_inputs(cfg)))
+    if before is None:  # a run from before inputs were recorded: its data path is all there is
+        if Path(old["train"].get("data", "")).resolve() != Path(cfg.data).resolve():
+            diff.append("--data")
+    else:
+        changed = describe_difference(before.get("data", {}), now["data"])
+        if changed:
+            diff.append(f"data ({changed})")
+        if before.get("batch_order") != now["batch_order"]:
+            diff.append("--predefined-batches (content)")
+    return diff
+
+
+def _prepare_run_dir(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Write config.json for a new run; refuse to resume with another model, data or objective."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: is a file, not a run directory; use another --save-dir")
+    old = read_run_config(run_dir)
+    if old is None and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir}: holds files but no trime run (no config.json); use another --save-dir")
+    diff = run_differences(run_dir, model_cfg, cfg)
+    if "model" in diff:
+        raise ConfigError(f"{run_dir}: holds a run of another model; use another --save-dir")
+    if diff:
+        raise ConfigError(
+            f"{run_dir}: resuming with a different {', '.join(diff)} than the run there; use another --save-dir"
+        )
+    dist.barrier()  # every rank has looked before the main one writes
+    if old is None and dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        io.write_json(
+            run_dir / "config.json", {"model": to_dict(model_cfg), "train": to_dict(cfg), "inputs": run_inputs(cfg)}
+        )
+
+
+def changed_on_resume(run_dir: Path, cfg: TrainConfig) -> dict:
+    """{flag: [old, new]} of the train settings changed since the run was started (e.g. --lr)."""
+    old = read_run_config(run_dir)
+    if old is None:
+        return {}
+    new = to_dict(cfg)
+    return {k: [old["train"].get(k), v] for k, v in new.items() if k not in PATH_FIELDS and old["train"].get(k) != v}
+
+
+def validate(objective: torch.nn.Module, data: TrainData, amp) -> float:
+    """Base-2 loss per target token of the run's criterion on the validation batches."""
     objective.eval()
     total = torch.zeros(2, dtype=torch.float64, device=data.device)
     with torch.no_grad():
-        for ids in valid_batches(num_segments(len(data.valid), data.L), B, dist.rank(), dist.world_size()):
-            inputs, targets = data.batch(data.valid, ids)
+        for batch in data.valid_batches():
             with autocast(data.device, amp):
-                loss, n, _ = objective(inputs, targets)
+                loss, n, _ = objective(**data.tensors("valid", batch))
             total += torch.stack([loss.double(), n.double()])
     objective.train()
     loss_sum, n = dist.all_reduce_sum(total).tolist()
@@ -174,7 +310,7 @@ class _Parts:
     """What the update loop drives: the model, its objective (and DDP wrapper), optimisation state."""
 
     model: torch.nn.Module
-    objective: Objective
+    objective: torch.nn.Module  # forward(**tensors, use_ce) -> (loss sum, targets, ce sum); .generator
     wrapped: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -183,43 +319,71 @@ class _Parts:
 
 
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress], None] | None = None) -> Path:
-    """Train (or resume) a run in ``cfg.save_dir``; returns the run directory."""
+    """Train (or resume) a language model in ``cfg.save_dir``; returns the run directory."""
     dist.init()
     device = pick_device(cfg.device)
-    amp = autocast_dtype(cfg.amp, device)
     model_cfg, data = _load_data(cfg, model_cfg, device)
-    run_dir = Path(cfg.save_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _prepare_run_dir(run_dir, model_cfg, cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg).to(device)
+    objective = Objective(
+        model, LossSettings.of(cfg, data.pad), cfg.seed, dist.make_group_gather(data.group) if data.group > 1 else None
+    )
+    # adaptive bands and tail clusters without a token in a batch get no gradient that step
+    unused = bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
+    return run_training(cfg, model_cfg, model, objective, data, find_unused_parameters=unused, on_step=on_step)
+
+
+def run_training(
+    cfg: TrainConfig,
+    model_cfg,
+    model: torch.nn.Module,
+    objective: torch.nn.Module,
+    data: TrainData,
+    *,
+    find_unused_parameters: bool = False,
+    on_step: Callable[[Progress], None] | None = None,
+) -> Path:
+    """The shared part of every training run: run directory, optimiser, resume, the update loop.
+
+    ``model_cfg`` is the model's config dataclass (saved in config.json and every checkpoint);
+    ``objective`` wraps the model and its criterion (see :class:`Objective`)."""
+    device = data.device
+    amp = autocast_dtype(cfg.amp, device)
+    run_dir = Path(cfg.save_dir)
+    _prepare_run_dir(run_dir, model_cfg, cfg)
+    dist.barrier()
     optimizer = build_optimizer(model.parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    group = _group_size(cfg)
-    objective = Objective(
-        model, LossSettings.of(cfg, data.pad), cfg.seed, dist.make_group_gather(group) if group > 1 else None
-    )
-    progress = _resume(run_dir, model, optimizer, objective, scaler, device)
-    # adaptive bands and tail clusters without a token in a batch get no gradient that step
-    adaptive = bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
-    wrapped = dist.wrap_ddp(objective, find_unused_parameters=adaptive)
+    progress = _resume(run_dir, model, optimizer, objective, scaler, device, data.dictionaries)
+    wrapped = dist.wrap_ddp(objective, find_unused_parameters=find_unused_parameters)
     parts = _Parts(model, objective, wrapped, optimizer, scaler, schedule(cfg), amp)
-    n_seg = num_segments(len(data.train), cfg.tokens_per_sample)
-    mode, order = _batch_order(cfg, n_seg)
-    _Loop(cfg, model_cfg, run_dir, parts, data).run(progress, mode, order, n_seg, group, on_step)
+    _Loop(cfg, model_cfg, run_dir, parts, data).run(progress, on_step)
     dist.barrier()
     return run_dir
 
 
-def _resume(run_dir: Path, model, optimizer, objective, scaler, device) -> Progress:
+def _resume(run_dir: Path, model, optimizer, objective, scaler, device, dictionaries: dict) -> Progress:
     last = run_dir / "checkpoint_last"
+    if dist.is_main():
+        io.recover_dir(last)
+        io.recover_dir(run_dir / "checkpoint_best")
+    dist.barrier()
     if not io.is_complete(last):
         return Progress()
-    model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)), strict=False)
+    for name, src in dictionaries.items():
+        if (last / name).is_file() and Path(src).read_bytes() != (last / name).read_bytes():
+            raise DataError(f"{src} differs from the {name} of {last}: the data was prepared again")
+    try:
+        model.load_state_dict(load_weights(last, device), strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{last}: weights do not fit the run's model ({str(e).splitlines()[0]})") from None
     state = load_trainer_state(last)
     if state is None:
-        raise DataError(f"{last}: no trainer state to resume from")
-    optimizer.load_state_dict(state["optimizer"])
+        raise CheckpointError(f"{last}: no trainer state to resume from")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{last}: its optimizer state does not fit this optimizer ({e})") from None
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     rng = state["rng"][min(dist.rank(), len(state["rng"]) - 1)]
@@ -236,9 +400,10 @@ def _resume(run_dir: Path, model, optimizer, objective, scaler, device) -> Progr
 class _Loop:
     """The update loop; split from fit() to keep each step readable."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, run_dir: Path, parts: _Parts, data: Data):
+    def __init__(self, cfg: TrainConfig, model_cfg, run_dir: Path, parts: _Parts, data: TrainData):
         self.cfg, self.model_cfg, self.run_dir, self.parts, self.data = cfg, model_cfg, run_dir, parts, data
         self.log = io.JsonlLogger(run_dir / "log.jsonl", enabled=dist.is_main())
+        self.inputs = run_inputs(cfg)  # recorded in every checkpoint's meta.json
 
     def done(self, p: Progress) -> bool:
         cfg = self.cfg
@@ -248,25 +413,17 @@ class _Loop:
             or (cfg.max_time and p.train_seconds >= cfg.max_time * 60)
         )
 
-    def run(self, p: Progress, mode: str, order, n_seg: int, group: int, on_step) -> None:
+    def run(self, p: Progress, on_step) -> None:
         cfg = self.cfg
-        B = cfg.max_tokens // cfg.tokens_per_sample
+        changed = changed_on_resume(self.run_dir, cfg) if p.updates or p.batches_done else {}
+        if changed and dist.is_main():
+            self.log.log(kind="resume", epoch=p.epoch, update=p.updates, changed=changed)
+            print(f"| resumed with changed settings: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}")
         while not self.done(p):
-            batches = epoch_batches(
-                n_seg,
-                B,
-                p.epoch,
-                mode=mode,
-                seed=cfg.seed,
-                rank=dist.rank(),
-                world_size=dist.world_size(),
-                num_comb_shards=group if mode == "consecutive" else 1,
-                order=order,
-            )
-            if not batches:
-                raise DataError(
-                    f"{cfg.data}: the training split has fewer than {B * dist.world_size()} segments of {cfg.tokens_per_sample} tokens"
-                )
+            try:
+                batches = self.data.epoch_batches(p.epoch)
+            except DataError as e:
+                raise DataError(f"{cfg.data}: {e}") from None
             total = len(batches) // cfg.update_freq
             bar = tqdm(
                 total=total,
@@ -301,14 +458,21 @@ class _Loop:
             self.save(p, best=False)
 
     def end_epoch(self, p: Progress) -> None:
-        valid = validate(
-            self.parts.objective, self.data, self.cfg.max_tokens // self.cfg.tokens_per_sample, self.parts.amp
-        )
-        improved = valid < p.best_valid
-        p.best_valid = min(p.best_valid, valid)
+        valid = validate(self.parts.objective, self.data, self.parts.amp)
+        record = {"loss": valid, "ppl": 2**valid}
+        key = valid  # checkpoint_best keeps the lowest key: the validation loss, or −metric when the data has one
+        metric = getattr(self.data, "selection_metric", None)  # (name, value; higher is better) e.g. BLEU
+        if metric is not None:
+            name, value = metric(self.parts.model)
+            record[name], key = value, -value
+        improved = key < p.best_valid
+        p.best_valid = min(p.best_valid, key)
         if dist.is_main():
-            print(f"| epoch {p.epoch:03d} | valid loss {valid:.4f} | valid ppl {2**valid:.2f} | updates {p.updates}")
-        self.log.log(kind="valid", epoch=p.epoch, update=p.updates, loss=valid, ppl=2**valid)
+            extra = "".join(f" | valid {k} {v:.2f}" for k, v in record.items() if k not in ("loss", "ppl"))
+            print(
+                f"| epoch {p.epoch:03d} | valid loss {valid:.4f} | valid ppl {2**valid:.2f}{extra} | updates {p.updates}"
+            )
+        self.log.log(kind="valid", epoch=p.epoch, update=p.updates, **record)
         p.epoch += 1
         p.batches_done = 0
         self.save(p, best=improved)
@@ -319,13 +483,12 @@ class _Loop:
         lr = run.lr_at(p.updates)
         set_lr(run.optimizer, lr)
         totals = torch.zeros(3, dtype=torch.float64, device=data.device)  # loss, targets, ce
-        for k, ids in enumerate(group_ids):
-            inputs, targets = data.batch(data.train, ids)
-            seg_ids = torch.as_tensor(ids) if cfg.criterion == "trime_ext" else None  # CPU: checked without a sync
+        for k, batch in enumerate(group_ids):
+            tensors = data.tensors("train", batch)
             sync = k == len(group_ids) - 1
             with nullcontext() if sync else dist.no_sync(run.wrapped):
                 with autocast(data.device, run.amp):
-                    loss, n, ce = run.wrapped(inputs, targets, use_ce, seg_ids)
+                    loss, n, ce = run.wrapped(**tensors, use_ce=use_ce)
                 run.scaler.scale(loss).backward()
             totals += torch.stack([loss.detach().double(), n.double(), ce.double()])
         totals = dist.all_reduce_sum(totals)
@@ -367,18 +530,18 @@ class _Loop:
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
             "rng": rngs,
         }
-        dict_path = Path(self.cfg.data) / "dict.txt"
-        meta = {"epoch": p.epoch, "updates": p.updates, "best_valid": p.best_valid}
+        dicts = self.data.dictionaries
+        meta = {"epoch": p.epoch, "updates": p.updates, "best_valid": p.best_valid, "inputs": self.inputs}
         save_checkpoint(
             self.run_dir / "checkpoint_last",
             run.model,
             self.model_cfg,
-            dict_path,
+            dicts,
             train_cfg=self.cfg,
             trainer_state=state,
             **meta,
         )
         if best:
             save_checkpoint(
-                self.run_dir / "checkpoint_best", run.model, self.model_cfg, dict_path, train_cfg=self.cfg, **meta
+                self.run_dir / "checkpoint_best", run.model, self.model_cfg, dicts, train_cfg=self.cfg, **meta
             )

@@ -96,7 +96,7 @@ def test_rerun_of_complete_build_and_mismatch(tmp_path):
         build_datastore(_blocks(), out, D, ROWS, {**META, "model_fingerprint": "other"})
     with pytest.raises(DatastoreError, match="already there"):
         DatastoreWriter(out, D, expected_rows=ROWS)
-    with pytest.raises(DatastoreError, match="other settings"):
+    with pytest.raises(DatastoreError, match="unfinished build with another dim"):
         w = DatastoreWriter(tmp_path / "p", D, expected_rows=ROWS, flush_rows=1)
         w.write(0, torch.randn(2, D), torch.arange(2))
         DatastoreWriter(tmp_path / "p", D + 1, expected_rows=ROWS)

@@ -129,7 +129,8 @@ def test_trained_stage_is_reused_and_rebuild_is_identical(tmp_path, monkeypatch)
     train = faiss.IndexIVFPQ.train
     monkeypatch.setattr(faiss.IndexIVFPQ, "train", lambda self, x: calls.append(len(x)) or train(self, x))
     assert build_index(ds, out, **opts) == out and out.read_bytes() == first  # complete: nothing redone
-    (tmp_path / "a.index.json").unlink()  # incomplete again: rebuilt from the .trained stage
+    (tmp_path / "a.index.json").unlink()  # as killed before its sidecar: rebuilt from the .trained stage
+    (tmp_path / "a.index.building").write_text("{}")  # (the claim such a kill leaves; without it: refused)
     build_index(ds, out, **opts)
     assert calls == [] and out.read_bytes() == first
     build_index(ds, tmp_path / "b.index", **opts, seed=2)  # another path: its own training

@@ -34,13 +34,14 @@ import numpy as np
 
 from trime.data.blocks import input_tokens, segment_bounds
 from trime.data.dictionary import Dictionary
-from trime.data.prepare import load_dictionary, load_split
+from trime.data.prepare import load_dictionary, load_split, read_data_meta
 from trime.errors import ConfigError, DataError
 from trime.io import (
     atomic_dir,
     atomic_file,
-    fingerprint_array,
+    check_output_file,
     is_complete,
+    is_id_list,
     load_npy,
     read_json,
     read_meta,
@@ -266,7 +267,7 @@ def _write_index(analysed, index_dir, segments_path, k1: float, b: float, **sett
     retriever.scores = {"data": w.data, "indices": w.indices, "indptr": w.indptr, "num_docs": n}
     retriever.vocab_dict = {t: i for i, t in enumerate(vocab)}
     retriever.nonoccurrence_array = None
-    with atomic_dir(index_dir, overwrite=True) as tmp:
+    with atomic_dir(index_dir, overwrite=True, kind="bm25_index") as tmp:
         retriever.save(tmp, show_progress=False)
         for name in ("data", "indices", "indptr"):
             save_npy(tmp / f"query_tf.{name}.npy", getattr(tf, name))
@@ -526,6 +527,20 @@ def link_share(order: Sequence[int], hits: Sequence[Sequence[int]]) -> float:
 # --- the pipeline and its product ------------------------------------------------------------
 
 
+def batches_setup(data_dir, tokens_per_sample: int) -> dict:
+    """What a BM25 order is made from (recorded in its work directory's setup.json): the training
+    tokens' fingerprint (from the data's meta.json, the same hash as of the array), the vocabulary
+    and the segment length."""
+    split = read_data_meta(data_dir)["splits"]["train"]
+    symbols = list(load_dictionary(data_dir).symbols)
+    return {
+        "tokens": split["fingerprint"],
+        "n_tokens": split["tokens"],
+        "symbols": hashlib.sha256("\n".join(symbols).encode()).hexdigest()[:16],
+        "tokens_per_sample": tokens_per_sample,
+    }
+
+
 def bm25_batches(
     data_dir,
     tokens_per_sample: int,
@@ -543,19 +558,11 @@ def bm25_batches(
     finished step is reused. Writes the order as a JSON list of segment ids, prints a summary.
     """
     t0, out_path = time.time(), Path(out_path)
+    check_output_file(out_path, "batch order (JSON list of segment ids)", is_id_list)
     work = Path(work_dir) if work_dir else out_path.with_suffix(".work")
     tokens, symbols = load_split(data_dir, "train"), list(load_dictionary(data_dir).symbols)
     n_seg = len(segment_bounds(len(tokens), tokens_per_sample))
-    symbols_sha = hashlib.sha256("\n".join(symbols).encode()).hexdigest()[:16]
-    _check_setup(
-        work / "setup.json",
-        {
-            "tokens": fingerprint_array(np.asarray(tokens)),
-            "n_tokens": len(tokens),
-            "symbols": symbols_sha,
-            "tokens_per_sample": tokens_per_sample,
-        },
-    )
+    _check_setup(work / "setup.json", batches_setup(data_dir, tokens_per_sample))
     segments, index, results = work / "segments.jsonl", work / "index", work / "results"
     if not segments.exists():
         write_segments(tokens, symbols, tokens_per_sample, segments)

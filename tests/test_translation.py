@@ -1,0 +1,179 @@
+"""Translation training and decoding end to end on a tiny pair corpus (tests/assets/fairseq_pairs/raw)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trime import config as C
+from trime.cli import main
+from trime.data.pairs import prepare_pairs
+from trime.generate.beam import BeamConfig
+from trime.model.encoder_decoder import MTModelConfig, build_mt_model
+from trime.translation import MTObjective, fit_translation, translate
+
+RAW = Path(__file__).parent / "assets" / "fairseq_pairs" / "raw"
+TINY = dict(
+    encoder_layers=1, decoder_layers=1, encoder_embed_dim=16, decoder_embed_dim=16, encoder_ffn_embed_dim=32,
+    decoder_ffn_embed_dim=32, encoder_attention_heads=2, decoder_attention_heads=2, dropout=0.0,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mt") / "data"
+    return prepare_pairs(RAW, out, source_lang="es", target_lang="en", bpe_merges=100, allow_empty=True)
+
+
+def _cfg(data, save_dir, **kw):
+    return C.MTTrainConfig(
+        data=str(data), save_dir=str(save_dir), max_tokens=256, lr=3e-3, warmup_updates=2, amp="none",
+        log_interval=1, eval_bleu_sentences=8, **kw,
+    )  # fmt: skip
+
+
+def test_label_smoothed_loss_equals_fairseqs_formula():
+    torch.manual_seed(0)
+    cfg = MTModelConfig(src_vocab_size=11, tgt_vocab_size=9, **TINY)
+    model = build_mt_model(cfg).eval()
+    src = torch.tensor([[1, 5, 6, 2], [4, 7, 8, 2]])  # left-padded
+    prev = torch.tensor([[2, 4, 5], [2, 6, 1]])
+    tgt = torch.tensor([[4, 5, 2], [6, 2, 1]])  # right-padded
+    eps = 0.1
+    with torch.no_grad():
+        loss, n, nll = MTObjective(model, eps, seed=1)(src, prev, tgt)
+    with torch.no_grad():
+        lp = model.head.log_probs(model(src, prev).h.reshape(-1, 16)).double()  # (B·T, V)
+    want_loss = want_nll = 0.0
+    for r, y in enumerate(tgt.flatten().tolist()):
+        if y == 1:
+            continue  # pad targets are not scored
+        V = lp.shape[1]
+        want_nll += -float(lp[r, y])
+        want_loss += (1 - eps - eps / (V - 1)) * -float(lp[r, y]) + eps / (V - 1) * -float(lp[r].sum())
+    assert int(n) == 5
+    assert math.isclose(float(loss), want_loss, rel_tol=1e-5) and math.isclose(float(nll), want_nll, rel_tol=1e-5)
+
+
+def test_training_lowers_the_loss_and_resumes_exactly(pairs, tmp_path):
+    model_cfg = MTModelConfig(**TINY)
+    run = fit_translation(model_cfg, _cfg(pairs, tmp_path / "straight", max_update=8, save_interval_updates=4))
+    log = [line for line in (run / "log.jsonl").read_text().splitlines() if '"train"' in line]
+    losses = [float(line.split('"loss": ')[1].split(",")[0]) for line in log]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    # killed after update 4 (its checkpoint_last), then resumed: the same weights as the straight run
+    fit_translation(model_cfg, _cfg(pairs, tmp_path / "killed", max_update=4, save_interval_updates=4))
+    fit_translation(model_cfg, _cfg(pairs, tmp_path / "killed", max_update=8, save_interval_updates=4))
+    a = load_file(str(run / "checkpoint_last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "checkpoint_last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_generate_and_score_reference_from_the_command_line(pairs, tmp_path, capsys):
+    model_cfg = MTModelConfig(**TINY)
+    run = fit_translation(model_cfg, _cfg(pairs, tmp_path / "run", max_epoch=1))
+    assert (run / "checkpoint_best" / "dict.es.txt").is_file() and (run / "checkpoint_best" / "dict.en.txt").is_file()
+    assert main(["mt", "generate", str(pairs), "--path", str(run), "--gen-subset", "valid", "--beam", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1].startswith("| ") and "BLEU = " in out and "H-0\t" in out
+    # --score-reference: each sentence's mean teacher-forced log-prob (fairseq-generate's score)
+    res = translate(C.TranslateConfig(data=str(pairs), path=str(run), gen_subset="valid", score_reference=True))
+    direct = translate(C.TranslateConfig(data=str(pairs), path=str(run), gen_subset="valid"), BeamConfig(beam=2))
+    assert res.bleu is None and direct.bleu is not None and res.n_sentences == direct.n_sentences
+    assert all(line.split("\t")[1] != "nan" for line in res.lines if line.startswith("H-"))
+
+
+def test_mt_errors_are_one_line(pairs, tmp_path, capsys):
+    assert main(["mt", "train", str(pairs), "--preset", "tiny", "--save-dir", str(tmp_path / "x")]) == 2
+    assert "language-model recipe" in capsys.readouterr().err
+    assert main(["mt", "generate", str(pairs), "--path", str(tmp_path / "nothing")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_generate_a_fairseq_checkpoint_equals_fairseq_generate(tmp_path, capsys):
+    """`trime mt generate --path X.pt` on a real fairseq translation model: each best hypothesis equals
+    fairseq-generate's (beam 5, tests/assets/fairseq_mt from tools/make_fairseq_mt_fixtures.sh)."""
+    import json
+    import shutil
+
+    assets = Path(__file__).parent / "assets" / "fairseq_mt"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "test"):  # the test set twice: prepare_pairs needs a train split
+        shutil.copy(assets / "test.src", corpus / f"{split}.src")
+        shutil.copy(assets / "test.tgt", corpus / f"{split}.tgt")
+    data = prepare_pairs(corpus, tmp_path / "data", src_dict=assets / "dict.src.txt", tgt_dict=assets / "dict.tgt.txt")
+    args = ["mt", "generate", str(data), "--path", str(assets / "post_tied.pt"), "--beam", "5"]
+    assert main(args) == 0
+    hyps = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("H-"):
+            key, _, text = line.split("\t")
+            hyps[int(key[2:])] = text
+    want = json.loads((assets / "generate.json").read_text())["post_tied"]["beam5"]["hypos"]
+    symbols = (assets / "dict.tgt.txt").read_text().split("\n")
+    words = ["<s>", "<pad>", "</s>", "<unk>"] + [line.split(" ")[0] for line in symbols if line]
+    assert len(hyps) == len(want)
+    for i, nbest in want.items():
+        assert hyps[int(i)] == " ".join(words[t] for t in nbest[0]["tokens"][:-1]), i
+
+
+def test_trime_mt_training_runs_and_ce_warmup_switches(pairs, tmp_path):
+    """--criterion trime_mt trains through the same trainer; with --ce-warmup-epoch 1 epoch 1 is plain CE
+    (train loss == ce), and --ce-warmup-released ignores the warm-up as the released code did."""
+    import json
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        return [(r["loss"], r["ce_loss"], r["use_ce"]) for r in rows if r["kind"] == "train"]
+
+    kw = dict(criterion="trime_mt", temp=10.0, topk_mem=8, label_smoothing=0.0, max_update=3)
+    warm = fit_translation(MTModelConfig(**TINY), _cfg(pairs, tmp_path / "warm", ce_warmup_epoch=1, **kw))
+    assert all(u and abs(loss - ce) < 1e-9 for loss, ce, u in losses(warm))
+    released = fit_translation(
+        MTModelConfig(**TINY), _cfg(pairs, tmp_path / "rel", ce_warmup_epoch=1, ce_warmup_released=True, **kw)
+    )
+    assert all(not u and loss != ce for loss, ce, u in losses(released))
+
+
+def test_mt_datastore_and_decoding_with_memory(pairs, tmp_path):
+    """The training-set datastore has one row per target token holding the teacher-forced h; decoding
+    with it in knn mode at λ = 0 gives exactly the vanilla translations; trime modes run."""
+    import numpy as np
+
+    from trime.data.pairs import load_pair_split
+    from trime.memory.datastore import Datastore
+    from trime.memory.index import build_index
+
+    run = fit_translation(MTModelConfig(**TINY), _cfg(pairs, tmp_path / "run", max_update=4, eval_bleu=False))
+    ckpt = run / "checkpoint_last"
+    from trime.translation import build_mt_datastore
+
+    ds_dir = build_mt_datastore(C.MTDatastoreConfig(data=str(pairs), path=str(ckpt), out=str(tmp_path / "ds"),
+                                                    max_tokens=64, key_dtype="float32"))  # fmt: skip
+    split = load_pair_split(pairs, "train")
+    ds = Datastore.open(ds_dir)
+    assert ds.rows == int(split.tgt_offsets[-1]) and ds.values.tolist() == split.tgt.tolist()
+    # row r = the r-th target token: check sentence 3's keys against a direct teacher-forced forward
+    from trime.checkpoint import load_model
+    from trime.data.pair_batching import collate
+
+    model, _, _ = load_model(ckpt)
+    b = collate(split, np.array([3]))
+    with torch.no_grad():
+        h = model(b.src_tokens, b.prev_output_tokens).h[0]  # (T, d)
+    a, e = int(split.tgt_offsets[3]), int(split.tgt_offsets[4])
+    keys = torch.from_numpy(ds.read_keys(a, e))
+    torch.testing.assert_close(keys, h, atol=1e-5, rtol=1e-5)
+    index = build_index(ds_dir, tmp_path / "ds" / "knn.index.ip", metric="ip")
+    base = dict(data=str(pairs), path=str(ckpt), gen_subset="valid")
+    vanilla = translate(C.TranslateConfig(**base), BeamConfig(beam=2))
+    zero = translate(C.TranslateConfig(**base, dstore=str(ds_dir), indexfile=str(index), knn_mode="knn", lmbda=0.0,
+                                       k=4), BeamConfig(beam=2))  # fmt: skip
+    assert [x for x in zero.lines if x.startswith("H-")] == [x for x in vanilla.lines if x.startswith("H-")]
+    for mode in ("trime", "trime_released"):
+        res = translate(C.TranslateConfig(**base, dstore=str(ds_dir), indexfile=str(index), knn_mode=mode, k=4),
+                        BeamConfig(beam=2))  # fmt: skip
+        assert res.bleu is not None and res.n_sentences == vanilla.n_sentences
