@@ -43,6 +43,7 @@ from trime.data.prepare import check_vocabulary, read_data_meta
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import ConfigError, DataError
 from trime.evaluate import setting_of
+from trime.generate.memory import scatter_logsumexp
 from trime.memory.cache import MemoryFIFO
 from trime.memory.external import ExternalMemory
 from trime.memory.joint import combine, memory_logits, score_scale
@@ -68,12 +69,6 @@ class StepRows:
     n_local: int = 0  # the first n_local entries are local, the rest long-term
 
 
-def _log_scatter(weights: Tensor, values: Tensor, V: int) -> Tensor:
-    """log Σ_{j: values_j = y} weights_j for every y, (B, V); weights (B, w) ≥ 0."""
-    mass = torch.zeros(weights.shape[0], V, dtype=weights.dtype, device=weights.device)
-    return mass.scatter_add_(1, values, weights).log_()
-
-
 def vocab_log_probs(rows: StepRows, setting: Setting, dim: int) -> Tensor:
     """log p(y) (B, V) float32 for every token y: memory.scoring.log_probs's formula (the joint
     softmax, then kNN-LM interpolation) with its two memory statistics made per token by a scatter."""
@@ -84,21 +79,17 @@ def vocab_log_probs(rows: StepRows, setting: Setting, dim: int) -> Tensor:
     if setting.ext_in_joint and k:
         scores = torch.cat([scores, memory_logits(rows.ext_scores[:, :k], dim)], 1)  # (B, m + k)
         values = torch.cat([values, rows.ext_values[:, :k]], 1)
-    c = score_scale(None, setting.softmax_temp)  # the scores already carry 1/√d
-    diff, top = shifted(scores)
-    lzc = scaled_logsumexp((diff, top), c)  # (B,)
-    lzpos = _log_scatter(torch.mul(diff, c).exp_(), values, V) + (top * c)[:, None]  # (B, V)
-    B = lzpos.shape[0]
+    scaled = scores * score_scale(None, setting.softmax_temp)  # the scores already carry 1/√d
+    lzc = scaled_logsumexp(shifted(scaled), 1.0)  # (B,)
+    B = scaled.shape[0]
+    lzpos = scatter_logsumexp(scaled, values, V) if scaled.shape[1] else scaled.new_full((B, V), NEG_INF)  # (B, V)
     lp = combine(rows.tok_logp, rows.tok_log_z[:, None].expand(B, V), lzc[:, None].expand(B, V), lzpos)
     if setting.lmbda > 0:
         if k == 0:
             raise ValueError("interpolation (lambda > 0) needs external neighbours")
-        s = rows.ext_scores[:, :k].float()
-        diff, top = shifted(s)
-        c = score_scale(None, setting.interp_temp)
-        norm = scaled_logsumexp((diff, top), c)  # (B,)
-        w = torch.mul(diff, c).exp_()  # (B, k)
-        knn = _log_scatter(w, rows.ext_values[:, :k], V) + (top * c - norm)[:, None]
+        s = rows.ext_scores[:, :k].float() * score_scale(None, setting.interp_temp)  # (B, k)
+        norm = scaled_logsumexp(shifted(s), 1.0)  # (B,)
+        knn = scatter_logsumexp(s, rows.ext_values[:, :k], V) - norm[:, None]
         knn = knn.masked_fill(torch.isneginf(norm)[:, None], NEG_INF)
         lp = interpolate(lp, knn, setting.lmbda)
     return lp.float()
