@@ -163,6 +163,24 @@ def test_chunked_token_part_value_and_grad(kind):
     )
 
 
+def test_chunked_token_part_under_autocast():
+    """Under bf16 autocast the chunked path (recomputing in backward) equals one chunk to bf16 precision."""
+    torch.manual_seed(1)
+    lm_head = torch.nn.Linear(D, V, bias=False)
+    h = torch.randn(10, D, requires_grad=True)
+    y = torch.randint(0, V, (10,))
+    grads, values = [], []
+    for rows in (3, 10):
+        head = HFHead(lm_head, softcap=2.0, chunk_rows=rows)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tlp, lz = head.target_logp(h, y)
+        values.append(tlp.detach())
+        grads.append(torch.autograd.grad((tlp - 0.5 * lz).sum(), (h, lm_head.weight)))
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=1e-2)  # bf16 rounding
+
+
 # (d) SGD on the TRIME loss of an HF backbone lowers it
 def test_trime_step_lowers_loss(model_dirs):
     torch.manual_seed(0)

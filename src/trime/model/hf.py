@@ -67,21 +67,83 @@ class HFModelConfig:
     name: str = ""  # where it was loaded from
 
 
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float) -> Tensor:
+    """(c, V) float32 logits of a chunk of rows h (c, d), soft-capped when ``softcap``."""
+    logits = F.linear(h.to(weight.dtype), weight, bias).float()  # (c, V)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 def _chunk_logp(h: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None, softcap: float) -> tuple[Tensor, Tensor]:
     """(log p(y), log Z), each (c,) float32, for one chunk of rows h (c, d)."""
-    logits = F.linear(h.to(weight.dtype), weight, bias).float()  # (c, V)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = _chunk_logits(h, weight, bias, softcap)  # (c, V)
     log_z = torch.logsumexp(logits, dim=-1)  # (c,)
     return logits.gather(1, y.unsqueeze(1)).squeeze(1) - log_z, log_z
+
+
+class _ChunkedTokenPart(torch.autograd.Function):
+    """(log p(y), log Z) over row chunks, saving only h, y, the head and log Z; backward recomputes each
+    chunk's logits: d/dlogits = g_tlp·onehot(y) + (g_z − g_tlp)·softmax (times 1 − tanh² under soft-capping)."""
+
+    @staticmethod
+    def forward(ctx, h, y, weight, bias, softcap, chunk):
+        tlp, log_z = zip(
+            *(
+                _chunk_logp(h[i : i + chunk], y[i : i + chunk], weight, bias, softcap)
+                for i in range(0, h.shape[0], chunk)
+            )
+        )
+        log_z = torch.cat(log_z)  # (N,)
+        dev = h.device.type
+        ctx.amp = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.softcap, ctx.chunk = softcap, chunk
+        ctx.save_for_backward(h, y, weight, bias, log_z)
+        return torch.cat(tlp), log_z
+
+    @staticmethod
+    def backward(ctx, g_tlp, g_z):
+        h, y, weight, bias, log_z = ctx.saved_tensors
+        cap, c = ctx.softcap, ctx.chunk
+        g_tlp = torch.zeros_like(log_z) if g_tlp is None else g_tlp.float()
+        g_z = torch.zeros_like(log_z) if g_z is None else g_z.float()
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        dh = torch.empty_like(h) if need_h else None  # (N, d)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, d)
+        db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None  # (V,)
+        dev, enabled, amp_dtype = ctx.amp
+        with torch.no_grad(), torch.autocast(dev, dtype=amp_dtype, enabled=enabled):
+            for i in range(0, h.shape[0], c):
+                rows = slice(i, i + c)
+                logits = _chunk_logits(h[rows], weight, bias, cap)  # (c, V)
+                tanh = logits / cap if cap else None  # the cap's tanh, for its derivative
+                grad = logits.sub_(log_z[rows, None]).exp_().mul_((g_z[rows] - g_tlp[rows])[:, None])
+                grad.scatter_add_(1, y[rows, None], g_tlp[rows, None])  # (c, V) d/d logits
+                if cap:
+                    grad.mul_(1 - tanh.square_())
+                x = h[rows].to(weight.dtype)  # (c, d)
+                g = grad.to(weight.dtype)
+                if need_h:
+                    dh[rows] = (g @ weight).to(h.dtype)
+                if need_w:
+                    dw.addmm_(g.T.float(), x.float()) if weight.dtype != torch.float32 else dw.addmm_(g.T, x)
+                if need_b:
+                    db += grad.sum(0)
+        return (
+            dh,
+            None,
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype),
+            None,
+            None,
+        )
 
 
 class HFHead(OutputHead):
     """A full softmax over the rows of an LM head module (``weight`` (V, d), optional ``bias``).
 
     ``target_logp`` follows :meth:`OutputHead.target_logp`: log Z is the logsumexp of the logits.
-    With gradients on and more than ``chunk_rows`` rows it runs each chunk under activation
-    checkpointing, so neither forward nor backward holds more than a chunk_rows × V float32 block.
+    With more than ``chunk_rows`` rows it works chunk by chunk and its backward recomputes each chunk's
+    logits (one extra head matmul), so neither forward nor backward holds more than a few
+    chunk_rows × V float32 blocks; up to ``chunk_rows`` rows it is plain autograd.
     The LM head is borrowed, not registered: its parameters belong to the model.
     """
 
@@ -107,8 +169,7 @@ class HFHead(OutputHead):
 
     def logits(self, h: Tensor) -> Tensor:
         """h (N, d) -> (N, V) float32 logits (soft-capped when the model caps them)."""
-        logits = F.linear(self._rows(h, self.weight), self.weight, self.bias).float()
-        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+        return _chunk_logits(self._rows(h, self.weight), self.weight, self.bias, self.softcap)
 
     def log_probs(self, h: Tensor) -> Tensor:
         return self.logits(h).log_softmax(dim=-1)  # (N, V)
@@ -122,16 +183,9 @@ class HFHead(OutputHead):
         w, b, cap, c = self.weight, self.bias, self.softcap, self.chunk_rows
         if x.shape[0] <= c:
             return _chunk_logp(x, y, w, b, cap)
-        recompute = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-        parts = []
-        for i in range(0, x.shape[0], c):
-            if recompute:
-                from torch.utils.checkpoint import checkpoint
-
-                args = (x[i : i + c], y[i : i + c], w, b, cap)
-                parts.append(checkpoint(_chunk_logp, *args, use_reentrant=False, preserve_rng_state=False))
-            else:
-                parts.append(_chunk_logp(x[i : i + c], y[i : i + c], w, b, cap))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
+            return _ChunkedTokenPart.apply(x, y, w, b, cap, c)
+        parts = [_chunk_logp(x[i : i + c], y[i : i + c], w, b, cap) for i in range(0, x.shape[0], c)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
