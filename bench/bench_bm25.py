@@ -1,4 +1,4 @@
-"""Benchmark the BM25 batching pipeline (trime.bm25): speed and how much the chain groups.
+"""Benchmark the BM25 batching pipeline (trime.data.bm25): speed and how much the chain groups.
 
     python bench/bench_bm25.py                       # synthetic Zipfian corpus, ~1M tokens, L = 3072
     python bench/bench_bm25.py DATA_DIR              # a prepared corpus (its train split)
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from trime import bm25
+from trime.data import bm25
 from trime.io import read_meta
 
 WT103_TOKENS, WT103_VOCAB, WT103_ARTICLE = 103_227_021, 267_735, 3_600

@@ -64,7 +64,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     from trime.evaluate import evaluate
-    from trime.external import build_datastore
+    from trime.datastore_build import build_datastore
     from trime.memory import index as index_mod
     from trime.memory.index import build_index
     from trime.memory.neighbors import NeighborCache, sweep

@@ -169,3 +169,18 @@ def trime_loss(h, q, targets, head, keys, values, pred, pad: int) -> float:
         ]
         total -= joint_log_prob([tlp[i]], [tln[i]], [scores], values, [y])[0]
     return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Windows of a token stream (spec §5.1), by slicing: the oracle of trime.data.batching.make_batch
+
+
+def window(tokens, start: int, end: int, n_ctx: int, pad: int = 1, eos: int = 2):
+    """(inputs (T,), targets (T,)) int64 of one window, T = n_ctx + end - start: inputs are the
+    stream shifted right by one (eos before position 0); the context's targets are pad."""
+    import numpy as np
+
+    lo = start - n_ctx
+    inp = np.array([eos if i == 0 else int(tokens[i - 1]) for i in range(lo, end)], dtype=np.int64)
+    tgt = np.array([pad if i < start else int(tokens[i]) for i in range(lo, end)], dtype=np.int64)
+    return inp, tgt

@@ -1,4 +1,4 @@
-"""BM25 batching (trime.bm25): segments, analysis, Lucene BM25 weights, search, chain, batch file.
+"""BM25 batching (trime.data.bm25): segments, analysis, Lucene BM25 weights, search, chain, batch file.
 
 References are plain loops written from spec §7 (segments, BM25 formula, chain semantics of the
 MT copy) and bm25s's own ``index()`` / ``retrieve()``.
@@ -15,7 +15,8 @@ import types
 import numpy as np
 import pytest
 
-from trime import bm25
+from trime.data import bm25
+from trime.data.batching import load_batch_order
 from trime.data.blocks import input_tokens, segment_bounds
 from trime.errors import ConfigError, DataError
 
@@ -273,18 +274,16 @@ def test_duplicate_segments_are_chained_together(tmp_path):
 
 @pytest.fixture
 def fake_prepare(monkeypatch):
-    """trime.data.prepare stand-in: load_split / load_dictionary over an in-memory corpus."""
+    """load_split / load_dictionary over an in-memory corpus, as bm25 sees them."""
     tokens = corpus(1600, seed=8)
-    mod = types.ModuleType("trime.data.prepare")
-    mod.load_split = lambda data_dir, split: tokens
-    mod.load_dictionary = lambda data_dir: types.SimpleNamespace(symbols=list(SYMBOLS))
-    monkeypatch.setitem(sys.modules, "trime.data.prepare", mod)
+    monkeypatch.setattr(bm25, "load_split", lambda data_dir, split: tokens)
+    monkeypatch.setattr(bm25, "load_dictionary", lambda data_dir: types.SimpleNamespace(symbols=list(SYMBOLS)))
     return tokens
 
 
 def test_bm25_batches_pipeline(tmp_path, fake_prepare, capsys):
     out = bm25.bm25_batches("data", 50, tmp_path / "a/bm25_batches.json", num_shards=3)
-    order = bm25.load_batch_order(out, 32)
+    order = load_batch_order(out, 32)
     assert sorted(order.tolist()) == list(range(32))
     assert "bm25 batches: 32 segments of 50 tokens" in capsys.readouterr().out
     seg = tmp_path / "a/bm25_batches.work/segments.jsonl"
@@ -302,15 +301,15 @@ def test_bm25_batches_pipeline(tmp_path, fake_prepare, capsys):
 def test_load_batch_order_rejects_bad_files(tmp_path):
     p = tmp_path / "order.json"
     p.write_text(json.dumps([2, 0, 1]))
-    assert bm25.load_batch_order(p, 3).tolist() == [2, 0, 1]
+    assert load_batch_order(p, 3).tolist() == [2, 0, 1]
     for content, match in [([2, 0, 1, 3], "lists 4 segment ids but the training data has 3"),
                            ([2, 0, 0], "not a permutation"), ([2, 0, 3], "not a segment id"),
                            ({"order": [0]}, "not a JSON list"), ([0, 1.0, 2], "not a JSON list")]:
         p.write_text(json.dumps(content))
         with pytest.raises(DataError, match=match):
-            bm25.load_batch_order(p, 3)
+            load_batch_order(p, 3)
     with pytest.raises(DataError, match="no such file"):
-        bm25.load_batch_order(tmp_path / "missing.json", 3)
+        load_batch_order(tmp_path / "missing.json", 3)
 
 
 def test_bm25_batches_on_a_prepared_data_dir(tmp_path):
@@ -323,7 +322,7 @@ def test_bm25_batches_on_a_prepared_data_dir(tmp_path):
     data = prepare({"train": tmp_path / "train.txt"}, tmp_path / "data")
     out = bm25.bm25_batches(data, 32, tmp_path / "order.json")
     n = len(segment_bounds(len(load_split(data, "train")), 32))
-    order = bm25.load_batch_order(out, n).tolist()
+    order = load_batch_order(out, n).tolist()
     texts = bm25.read_segments(tmp_path / "order.work/segments.jsonl")
     assert texts[0].split()[0] == load_dictionary(data).symbols[load_split(data, "train")[0]]
     # segments of one topic follow each other far more often than by chance

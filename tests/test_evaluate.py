@@ -10,7 +10,8 @@ from tests.fixtures import make_data, micro_checkpoint
 from tests.reference import joint_log_prob as ref_joint
 from trime import config as C
 from trime.checkpoint import load_model
-from trime.data.blocks import eval_windows, window
+from reference import window
+from trime.data.blocks import eval_windows
 from trime.data.prepare import load_split
 from trime.evaluate import evaluate
 
@@ -97,11 +98,11 @@ def test_word_probs_file_and_token_limit(setup, tmp_path):
 def test_wrong_dictionary_is_a_clear_error(setup, tmp_path):
     from tests.fixtures import make_corpus
     from trime.data.prepare import prepare_corpus
-    from trime.errors import CheckpointError
+    from trime.errors import CheckpointError, DataError
 
     data, ckpt = setup
     corpus = make_corpus(tmp_path / "c", n_lines=30)
     (corpus / "train.txt").write_text("other words entirely\n" * 5)
     other = prepare_corpus(corpus, tmp_path / "other")
-    with pytest.raises(CheckpointError, match="dictionary"):
+    with pytest.raises(DataError, match="dictionary"):
         evaluate(eval_cfg(other, ckpt))

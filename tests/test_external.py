@@ -10,11 +10,12 @@ from tests.fixtures import make_data, micro_checkpoint
 from tests.reference import joint_log_prob as ref_joint
 from trime import config as C
 from trime.checkpoint import load_model
-from trime.data.blocks import eval_windows, window
+from reference import window
+from trime.data.blocks import eval_windows
 from trime.data.prepare import load_split
 from trime.errors import DatastoreError
 from trime.evaluate import evaluate
-from trime.external import build_datastore
+from trime.datastore_build import build_datastore
 from trime.memory.datastore import Datastore
 from trime.memory.index import build_index
 

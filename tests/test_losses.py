@@ -8,7 +8,7 @@ import torch
 
 import reference as ref
 from trime.errors import ConfigError, DataError
-from trime.losses import compute_loss
+from trime.losses import LossSettings, compute_loss
 from trime.memory import joint
 
 PAD = 1
@@ -52,8 +52,7 @@ def test_trime_matches_loops_and_skips_pad():
     assert res.loss.dtype == torch.float32 and res.loss.dim() == 0
     assert res.n_targets == y.numel() - 2 == int((y != PAD).sum())
     assert math.isclose(res.ce_sum, _ce(out, y, head), rel_tol=1e-6)
-    assert 0 < res.logs["mem_share"] < 1
-
+    
 
 def test_trime_with_adaptive_head_matches_loops():
     out, y, _ = _batch(V=9, seed=1)
@@ -81,8 +80,8 @@ def test_position_zero_and_empty_memory_give_exactly_ce():
     ce = compute_loss("ce", out, y, head)
     assert torch.equal(compute_loss("trime", out, y, head).loss, ce.loss)
     out, y, head = _batch(B=1, L=6, pads=())  # one segment, own segment hidden: memory is empty
-    ext = compute_loss("trime_ext", out, y, head, cross_sent_ratio=1.0)
-    assert ext.logs["own_hidden"] == 1.0
+    ext = compute_loss(LossSettings("trime_ext", cross_sent_ratio=1.0), out, y, head)
+    assert ext.own_hidden is True
     assert torch.equal(ext.loss, compute_loss("ce", out, y, head).loss)
 
 
@@ -108,20 +107,20 @@ def test_trime_long_same_device_matches_loops():
 def test_trime_ext_in_batch_matches_loops(hidden):
     out, y, head = _batch(seed=5)
     L, valid = y.shape[1], (y.reshape(-1) != PAD).tolist()
-    res = compute_loss("trime_ext", out, y, head, cross_sent_ratio=float(hidden))
-    assert res.logs["own_hidden"] == float(hidden)
+    res = compute_loss(LossSettings("trime_ext", cross_sent_ratio=float(hidden)), out, y, head)
+    assert res.own_hidden is bool(hidden)
     pred = lambda i, j: ref.ext_visible(i // L, i % L, j // L, j % L, hidden, valid[j])  # noqa: E731
     assert math.isclose(res.loss.item(), _ref(out, y, head, pred), rel_tol=1e-5)
 
 
 def test_trime_ext_never_hides_in_evaluation_and_draws_from_the_generator():
     out, y, head = _batch(B=1, L=3, pads=())
-    assert compute_loss("trime_ext", out, y, head, cross_sent_ratio=1.0, training=False).logs["own_hidden"] == 0.0
+    assert compute_loss(LossSettings("trime_ext", cross_sent_ratio=1.0), out, y, head, training=False).own_hidden is False
     draws = []
     for seed in (0, 0, 1):
         g = torch.Generator().manual_seed(seed)
-        runs = [compute_loss("trime_ext", out, y, head, generator=g, cross_sent_ratio=0.5) for _ in range(40)]
-        draws.append([r.logs["own_hidden"] for r in runs])
+        runs = [compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.5), out, y, head, generator=g) for _ in range(40)]
+        draws.append([r.own_hidden for r in runs])
     assert draws[0] == draws[1] != draws[2]
     assert 8 < sum(draws[0]) < 32
 
@@ -165,7 +164,7 @@ def test_trime_ext_over_ranks_sees_other_ranks_segments():
     N, L = y.numel(), 4
     streams = [(out.q.reshape(N, -1)[4 * r : 4 * r + 4], y.reshape(N)[4 * r : 4 * r + 4]) for r in range(2)]
     mine = Out(out.h[1:], out.q[1:])
-    res = compute_loss("trime_ext", mine, y[1:], head, gather=_fake_gather(streams, 1), cross_sent_ratio=0.0)
+    res = compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.0), mine, y[1:], head, gather=_fake_gather(streams, 1))
     valid = (y.reshape(N) != PAD).tolist()
     pred = lambda i, j: ref.ext_visible(1, i, j // L, j % L, False, valid[j])  # noqa: E731
     h, q, yy = out.h[1].reshape(4, -1), out.q[1].reshape(4, -1), y[1]
@@ -178,7 +177,7 @@ def test_gradients_equal_dense_reference(crit):
     out, y, head = _batch(seed=9)
     B, L = y.shape
     N, d = B * L, out.q.shape[-1]
-    res = compute_loss(crit, out, y, head, cross_sent_ratio=0.0, chunk_size=4)
+    res = compute_loss(LossSettings(crit, cross_sent_ratio=0.0, chunk_size=4), out, y, head)
     params = [out.h, out.q, head.proj.weight]
     got = torch.autograd.grad(res.loss, params)
     yy, valid = y.reshape(N), (y.reshape(N) != PAD).tolist()
@@ -201,7 +200,7 @@ def test_gradients_equal_dense_reference(crit):
 def test_final_keytype_uses_h():
     out, y, head = _batch(seed=10)
     swapped = Out(out.h, out.h)
-    final = compute_loss("trime", out, y, head, keytype="final")
+    final = compute_loss(LossSettings("trime", keytype="final"), out, y, head)
     assert torch.equal(final.loss, compute_loss("trime", swapped, y, head).loss)
 
 
@@ -210,7 +209,7 @@ def test_bad_options_raise():
     with pytest.raises(ConfigError):
         compute_loss("knn", out, y, head)
     with pytest.raises(ConfigError):
-        compute_loss("trime", out, y, head, keytype="attn")
+        compute_loss(LossSettings("trime", keytype="attn"), out, y, head)
 
 
 def test_real_model_runs_every_criterion():
@@ -232,9 +231,8 @@ def test_trime_ext_keeps_to_its_memory_group():
     N = y.numel()
     streams = [(out.q.reshape(N, -1)[6 * r : 6 * r + 6], y.reshape(N)[6 * r : 6 * r + 6]) for r in range(2)]
     mine = Out(out.h[2:], out.q[2:])
-    grouped = compute_loss("trime_ext", mine, y[2:], head, gather=_fake_gather(streams, 1, bounds=[0, 6, 12]),
-                           cross_sent_ratio=0.0)
-    alone = compute_loss("trime_ext", mine, y[2:], head, cross_sent_ratio=0.0)
+    grouped = compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.0), mine, y[2:], head, gather=_fake_gather(streams, 1, bounds=[0, 6, 12]))
+    alone = compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.0), mine, y[2:], head)
     assert math.isclose(grouped.loss.item(), alone.loss.item(), rel_tol=1e-6)
 
 
@@ -242,8 +240,8 @@ def test_trime_ext_refuses_a_segment_twice():
     out, y, head = _batch(B=2, L=3)
     with pytest.raises(DataError):
         compute_loss("trime_ext", out, y, head, seg_ids=torch.tensor([7, 7]))
-    ok = compute_loss("trime_ext", out, y, head, seg_ids=torch.tensor([7, 8]), cross_sent_ratio=0.0)
-    assert ok.loss.item() == compute_loss("trime_ext", out, y, head, cross_sent_ratio=0.0).loss.item()
+    ok = compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.0), out, y, head, seg_ids=torch.tensor([7, 8]))
+    assert ok.loss.item() == compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.0), out, y, head).loss.item()
 
 
 def test_memory_math_stays_float32_under_autocast():

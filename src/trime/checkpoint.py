@@ -14,6 +14,7 @@ Loading never runs pickled code; original fairseq ``.pt`` files go through
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from trime import io
 from trime.config import ModelConfig, build
+from trime.data.dictionary import Dictionary
 from trime.errors import CheckpointError
+from trime.model.fairseq_import import load_fairseq_checkpoint
+from trime.model.transformer import TransformerLM, build_model
 
 WEIGHTS, CONFIG, DICT, TRAINER = "model.safetensors", "config.json", "dict.txt", "trainer.pt"
 
@@ -66,8 +70,6 @@ def save_checkpoint(
 
 
 def _asdict(cfg: Any) -> dict:
-    import dataclasses
-
     return dataclasses.asdict(cfg)
 
 
@@ -102,12 +104,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: b
     A fairseq ``.pt`` file is converted on the fly (see trime.model.fairseq_import); its "checkpoint
     dir" is then the file itself.
     """
-    from trime.model.transformer import build_model
-
     path = Path(path)
     if path.is_file() and path.suffix == ".pt":
-        from trime.model.fairseq_import import load_fairseq_checkpoint
-
         state, model_cfg, _ = load_fairseq_checkpoint(path, trust=trust)
         ckpt_dir = path
     else:
@@ -138,3 +136,29 @@ def load_trainer_state(ckpt_dir: str | Path) -> dict | None:
     if not p.exists():
         return None
     return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def checkpoint_dictionary(ckpt_dir: Path) -> Dictionary | None:
+    """The dictionary a checkpoint's embeddings are indexed by (None for a bare fairseq .pt)."""
+    path = Path(ckpt_dir) / DICT
+    return Dictionary.load(path) if path.is_file() else None
+
+
+def convert(path: str | Path, out_dir: str | Path, dict_path: str | Path | None = None, *, trust: bool = False) -> Path:
+    """Write a trime checkpoint directory (this module's layout) from a fairseq ``.pt``.
+
+    ``dict_path`` defaults to the dict.txt next to the checkpoint; its length must equal the
+    embedding's vocabulary size. The directory appears complete (meta.json) only at the end.
+    """
+    path = Path(path)
+    dict_path = Path(dict_path) if dict_path is not None else path.with_name(DICT)
+    if not dict_path.is_file():
+        raise CheckpointError(f"{dict_path}: no dictionary; pass the dict.txt the model was trained with")
+    weights, cfg, meta = load_fairseq_checkpoint(path, trust=trust)
+    n = len(Dictionary.load(dict_path))
+    if n != cfg.vocab_size:
+        raise CheckpointError(f"{dict_path} has {n} symbols but {path} embeds {cfg.vocab_size}: wrong dictionary")
+    model = TransformerLM(cfg)
+    model.load_state_dict(weights, strict=True)
+    meta.update(sha256=io.sha256_file(path), dict_sha256=io.sha256_file(dict_path))
+    return save_checkpoint(out_dir, model, cfg, dict_path, fairseq=meta)

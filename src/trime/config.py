@@ -17,7 +17,9 @@ from typing import Any
 
 from trime.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # presets ship inside the package
+CRITERIA = ("ce", "trime", "trime_long", "trime_ext")
+KEYTYPES = ("last_ffn_input", "final")
 
 
 def opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None, **kw: Any) -> Any:
@@ -63,8 +65,6 @@ class ModelConfig:
             raise ConfigError("--tie-adaptive-weights needs --adaptive-input and --adaptive-softmax-cutoff")
 
 
-CRITERIA = ("ce", "trime", "trime_long", "trime_ext")
-
 
 @dataclass
 class TrainConfig:
@@ -76,7 +76,7 @@ class TrainConfig:
     max_tokens: int = opt(2048, "tokens per batch per process (a multiple of L)", "--max-tokens")
     update_freq: int = opt(1, "batches accumulated per optimizer step", "--update-freq")
     criterion: str = opt("ce", "training objective", "--criterion", CRITERIA)
-    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", ("last_ffn_input", "final"))
+    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
     ce_warmup_epoch: int = opt(0, "plain cross-entropy for the first N epochs", "--ce-warmup-epoch")
     keep_order: bool = opt(False, "consecutive segments, identity order every epoch (long memory)", "--keep-order")
     train_mem_size: int = opt(0, "trime_long across ranks: tokens of memory per group (0: one batch)", "--train-mem-size")
@@ -140,7 +140,7 @@ class EvalConfig:
     amp: str = opt("none", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     output_word_probs: str = opt("", "write per-token log-probabilities (natural log) to this .npy", "--output-word-probs")
-    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", ("last_ffn_input", "final"))
+    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
     softmax_temp: float = opt(1.0, "temperature τ dividing memory scores (never token logits)", "--softmax-temp")
     use_local: bool = opt(False, "local memory: earlier positions of the window", "--use-local")
     use_long: bool = opt(False, "long-term memory: FIFO of earlier scored positions", "--use-long")
@@ -183,7 +183,7 @@ class DatastoreConfig:
     tokens_per_sample: int = opt(0, "window length (0: the checkpoint's)", "--tokens-per-sample")
     batch_size: int = opt(8, "windows per forward pass", "--max-sentences")
     key_dtype: str = opt("float16", "key precision on disk", "--key-dtype", ("float16", "float32"))
-    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", ("last_ffn_input", "final"))
+    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
     amp: str = opt("auto", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from trime import __version__
 from trime.errors import DataError
 
 META = "meta.json"
@@ -109,8 +110,6 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 def write_meta(directory: str | os.PathLike, kind: str, **fields: Any) -> dict:
     """Write ``directory/meta.json`` (last step of an artifact) and return it."""
-    from trime import __version__
-
     meta = {"kind": kind, "trime_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
     write_json(Path(directory) / META, meta)
     return meta

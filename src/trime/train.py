@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,14 +26,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from safetensors.torch import load_file
+
 from trime import distributed as dist
 from trime import io
 from trime.checkpoint import load_trainer_state, save_checkpoint
 from trime.config import ModelConfig, TrainConfig, to_dict
-from trime.data.batching import epoch_batches, valid_batches
-from trime.data.blocks import num_segments, segment
+from trime.data.batching import epoch_batches, load_batch_order, make_batch, valid_batches
+from trime.data.blocks import num_segments, segment_windows
+from trime.data.prepare import check_vocabulary, load_dictionary, load_split, special_ids
+from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import ConfigError, DataError
-from trime.losses import compute_loss
+from trime.losses import LossSettings, compute_loss
 from trime.model.transformer import build_model
 from trime.optim import build_optimizer, schedule, set_lr
 
@@ -54,77 +58,51 @@ class Progress:
 class Objective(torch.nn.Module):
     """Model + criterion in one forward, so data parallelism sees the output layer's use."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, gather: Callable | None):
+    def __init__(self, model: torch.nn.Module, settings: LossSettings, seed: int, gather: Callable | None):
         super().__init__()
-        self.model, self.cfg, self.gather = model, cfg, gather
-        self.generator = torch.Generator().manual_seed(cfg.seed + 7919 * dist.rank())
+        self.model, self.settings, self.gather = model, settings, gather
+        self.generator = torch.Generator().manual_seed(seed + 7919 * dist.rank())
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, use_ce: bool = False):
-        out = self.model(inputs)
-        res = compute_loss(
-            self.cfg.criterion, out, targets, self.model.head,
-            keytype=self.cfg.knn_keytype, use_ce=use_ce, gather=self.gather,
-            cross_sent_ratio=self.cfg.cross_sent_ratio, chunk_size=self.cfg.chunk_size,
-            training=self.training, generator=self.generator,
-        )
-        n = torch.tensor(float(res.n_targets), device=res.loss.device)
-        return res.loss, n, torch.tensor(float(res.ce_sum), device=res.loss.device)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, use_ce: bool = False,
+                seg_ids: torch.Tensor | None = None):
+        res = compute_loss(self.settings, self.model(inputs), targets, self.model.head, use_ce=use_ce,
+                           gather=self.gather, training=self.training, generator=self.generator, seg_ids=seg_ids)
+        return res.loss, res.n_targets.to(res.loss.dtype), res.ce_sum
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cpu")
-    return torch.device(name)
+@dataclass
+class Data:
+    """The token streams of a run and how to turn segment ids into batches."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    L: int
+    pad: int
+    eos: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def batch(self, tokens: np.ndarray, ids: np.ndarray):
+        """(inputs (B, L), targets (B, L)) int64 of segments ``ids`` on the run's device."""
+        b = make_batch(tokens, segment_windows(ids, len(tokens), self.L), pad=self.pad, eos=self.eos, width=self.L,
+                       device=self.device)
+        return b.inputs, b.targets
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None (fp32), torch.bfloat16 or torch.float16; 'auto' picks bf16 where the hardware has it."""
-    if amp == "none":
-        return None
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
-            return torch.bfloat16
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def make_batch(tokens: np.ndarray, ids: np.ndarray, L: int, device: torch.device):
-    """(inputs (B, L), targets (B, L)) int64 of the given segment ids."""
-    pairs = [segment(tokens, int(s), L) for s in ids]
-    inp = torch.from_numpy(np.stack([p[0] for p in pairs]))
-    tgt = torch.from_numpy(np.stack([p[1] for p in pairs]))
-    return inp.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
-
-
-def _load_data(cfg: TrainConfig, model_cfg: ModelConfig):
-    from trime.data.prepare import load_dictionary, load_split
-
-    dictionary = load_dictionary(cfg.data)
+def _load_data(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> tuple[ModelConfig, Data]:
     if model_cfg.vocab_size == 0:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(dictionary))
-    elif model_cfg.vocab_size != len(dictionary):
-        raise DataError(f"{cfg.data}/dict.txt has {len(dictionary)} types but the model expects {model_cfg.vocab_size}")
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=len(load_dictionary(cfg.data)))
+    check_vocabulary(cfg.data, model_cfg.vocab_size)
     if model_cfg.max_positions < cfg.tokens_per_sample:
         model_cfg = dataclasses.replace(model_cfg, max_positions=cfg.tokens_per_sample)
-    train = load_split(cfg.data, "train")
     valid = load_split(cfg.data, cfg.valid_subset)
     if cfg.max_valid_tokens:
         valid = valid[: cfg.max_valid_tokens]
-    return model_cfg, train, valid
+    pad, eos = special_ids(cfg.data)
+    return model_cfg, Data(load_split(cfg.data, "train"), valid, cfg.tokens_per_sample, pad, eos, device)
 
 
 def _batch_order(cfg: TrainConfig, n_segments: int):
     if cfg.predefined_batches:
-        from trime.bm25 import load_batch_order
-
         return "predefined", load_batch_order(cfg.predefined_batches, n_segments)
     return ("consecutive" if cfg.keep_order else "shuffled"), None
 
@@ -157,15 +135,14 @@ def _prepare_run_dir(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) ->
         io.write_json(path, resolved)
 
 
-def validate(objective: Objective, tokens: np.ndarray, cfg: TrainConfig, device, amp) -> float:
+def validate(objective: Objective, data: Data, B: int, amp) -> float:
     """Base-2 loss per token of the run's criterion on consecutive validation segments."""
-    L, B = cfg.tokens_per_sample, cfg.max_tokens // cfg.tokens_per_sample
     objective.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(2, dtype=torch.float64, device=data.device)
     with torch.no_grad():
-        for ids in valid_batches(num_segments(len(tokens), L), B, dist.rank(), dist.world_size()):
-            inputs, targets = make_batch(tokens, ids, L, device)
-            with autocast(device, amp):
+        for ids in valid_batches(num_segments(len(data.valid), data.L), B, dist.rank(), dist.world_size()):
+            inputs, targets = data.batch(data.valid, ids)
+            with autocast(data.device, amp):
                 loss, n, _ = objective(inputs, targets)
             total += torch.stack([loss.double(), n.double()])
     objective.train()
@@ -173,30 +150,43 @@ def validate(objective: Objective, tokens: np.ndarray, cfg: TrainConfig, device,
     return loss_sum / max(n, 1) / LN2
 
 
+@dataclass
+class _Parts:
+    """What the update loop drives: the model, its objective (and DDP wrapper), optimisation state."""
+
+    model: torch.nn.Module
+    objective: Objective
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr_at: Callable[[int], float]
+    amp: torch.dtype | None
+
+
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress], None] | None = None) -> Path:
     """Train (or resume) a run in ``cfg.save_dir``; returns the run directory."""
     dist.init()
     device = pick_device(cfg.device)
     amp = autocast_dtype(cfg.amp, device)
-    model_cfg, train_tokens, valid_tokens = _load_data(cfg, model_cfg)
+    model_cfg, data = _load_data(cfg, model_cfg, device)
     run_dir = Path(cfg.save_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _prepare_run_dir(run_dir, model_cfg, cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg).to(device)
     optimizer = build_optimizer(model.parameters(), cfg)
-    lr_at = schedule(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     group = _group_size(cfg)
-    objective = Objective(model, cfg, dist.make_group_gather(group) if group > 1 else None)
+    objective = Objective(model, LossSettings.of(cfg, data.pad), cfg.seed,
+                          dist.make_group_gather(group) if group > 1 else None)
     progress = _resume(run_dir, model, optimizer, objective, scaler, device)
     # adaptive bands and tail clusters without a token in a batch get no gradient that step
     adaptive = bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
     wrapped = dist.wrap_ddp(objective, find_unused_parameters=adaptive)
-    n_seg = num_segments(len(train_tokens), cfg.tokens_per_sample)
+    parts = _Parts(model, objective, wrapped, optimizer, scaler, schedule(cfg), amp)
+    n_seg = num_segments(len(data.train), cfg.tokens_per_sample)
     mode, order = _batch_order(cfg, n_seg)
-    loop = _Loop(cfg, model_cfg, run_dir, model, objective, wrapped, optimizer, scaler, lr_at, device, amp)
-    loop.run(progress, train_tokens, valid_tokens, mode, order, n_seg, group, on_step)
+    _Loop(cfg, model_cfg, run_dir, parts, data).run(progress, mode, order, n_seg, group, on_step)
     dist.barrier()
     return run_dir
 
@@ -205,8 +195,6 @@ def _resume(run_dir: Path, model, optimizer, objective, scaler, device) -> Progr
     last = run_dir / "checkpoint_last"
     if not io.is_complete(last):
         return Progress()
-    from safetensors.torch import load_file
-
     model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)), strict=False)
     state = load_trainer_state(last)
     if state is None:
@@ -228,12 +216,9 @@ def _resume(run_dir: Path, model, optimizer, objective, scaler, device) -> Progr
 class _Loop:
     """The update loop; split from fit() to keep each step readable."""
 
-    def __init__(self, cfg, model_cfg, run_dir, model, objective, wrapped, optimizer, scaler, lr_at, device, amp):
-        self.cfg, self.model_cfg, self.run_dir = cfg, model_cfg, run_dir
-        self.model, self.objective, self.wrapped = model, objective, wrapped
-        self.optimizer, self.scaler, self.lr_at, self.device, self.amp = optimizer, scaler, lr_at, device, amp
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, run_dir: Path, parts: _Parts, data: Data):
+        self.cfg, self.model_cfg, self.run_dir, self.parts, self.data = cfg, model_cfg, run_dir, parts, data
         self.log = io.JsonlLogger(run_dir / "log.jsonl", enabled=dist.is_main())
-        self.start_time = time.time()
 
     def done(self, p: Progress) -> bool:
         cfg = self.cfg
@@ -243,7 +228,7 @@ class _Loop:
             or (cfg.max_time and p.train_seconds >= cfg.max_time * 60)
         )
 
-    def run(self, p: Progress, train_tokens, valid_tokens, mode, order, n_seg, group, on_step) -> None:
+    def run(self, p: Progress, mode: str, order, n_seg: int, group: int, on_step) -> None:
         cfg = self.cfg
         B = cfg.max_tokens // cfg.tokens_per_sample
         while not self.done(p):
@@ -258,7 +243,7 @@ class _Loop:
                        disable=not (dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
             while p.batches_done + cfg.update_freq <= len(batches) and not self.done(p):
                 group_ids = batches[p.batches_done : p.batches_done + cfg.update_freq]
-                stats = self.update(group_ids, train_tokens, use_ce=p.epoch <= cfg.ce_warmup_epoch, p=p)
+                stats = self.update(group_ids, use_ce=p.epoch <= cfg.ce_warmup_epoch, p=p)
                 p.batches_done += cfg.update_freq
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
@@ -273,12 +258,13 @@ class _Loop:
                     on_step(p)
             bar.close()
             if p.batches_done + cfg.update_freq > len(batches):  # the epoch is complete
-                self.end_epoch(p, valid_tokens)
+                self.end_epoch(p)
         if self.done(p) and p.batches_done:
             self.save(p, best=False)
 
-    def end_epoch(self, p: Progress, valid_tokens) -> None:
-        valid = validate(self.objective, valid_tokens, self.cfg, self.device, self.amp)
+    def end_epoch(self, p: Progress) -> None:
+        valid = validate(self.parts.objective, self.data, self.cfg.max_tokens // self.cfg.tokens_per_sample,
+                         self.parts.amp)
         improved = valid < p.best_valid
         p.best_valid = min(p.best_valid, valid)
         if dist.is_main():
@@ -288,31 +274,32 @@ class _Loop:
         p.batches_done = 0
         self.save(p, best=improved)
 
-    def update(self, group_ids, tokens, use_ce: bool, p: Progress) -> dict:
-        cfg, device = self.cfg, self.device
+    def update(self, group_ids, use_ce: bool, p: Progress) -> dict:
+        cfg, run, data = self.cfg, self.parts, self.data
         t0 = time.time()
-        lr = self.lr_at(p.updates)
-        set_lr(self.optimizer, lr)
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, ce
+        lr = run.lr_at(p.updates)
+        set_lr(run.optimizer, lr)
+        totals = torch.zeros(3, dtype=torch.float64, device=data.device)  # loss, targets, ce
         for k, ids in enumerate(group_ids):
-            inputs, targets = make_batch(tokens, ids, cfg.tokens_per_sample, device)
+            inputs, targets = data.batch(data.train, ids)
+            seg_ids = torch.as_tensor(ids) if cfg.criterion == "trime_ext" else None  # CPU: checked without a sync
             sync = k == len(group_ids) - 1
-            with (nullcontext() if sync else dist.no_sync(self.wrapped)):
-                with autocast(device, self.amp):
-                    loss, n, ce = self.wrapped(inputs, targets, use_ce)
-                self.scaler.scale(loss).backward()
+            with (nullcontext() if sync else dist.no_sync(run.wrapped)):
+                with autocast(data.device, run.amp):
+                    loss, n, ce = run.wrapped(inputs, targets, use_ce, seg_ids)
+                run.scaler.scale(loss).backward()
             totals += torch.stack([loss.detach().double(), n.double(), ce.double()])
         totals = dist.all_reduce_sum(totals)
         n_total = max(totals[1].item(), 1.0)
-        self.scaler.unscale_(self.optimizer)
+        run.scaler.unscale_(run.optimizer)
         scale = dist.world_size() / n_total  # data parallel averages over ranks; fairseq divides by the global count
-        for prm in self.model.parameters():
+        for prm in run.model.parameters():
             if prm.grad is not None:
                 prm.grad.mul_(scale)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm or float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_norm or float("inf"))
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
         p.updates += 1
         dt = time.time() - t0
         p.train_seconds += dt
@@ -322,17 +309,18 @@ class _Loop:
         }
 
     def save(self, p: Progress, best: bool) -> None:
-        rng = {"torch": torch.get_rng_state(), "criterion": self.objective.generator.get_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        run, device = self.parts, self.data.device
+        rng = {"torch": torch.get_rng_state(), "criterion": run.objective.generator.get_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         rngs = dist.all_gather_object(rng)
         if not dist.is_main():
             return
-        state = {"progress": dataclasses.asdict(p), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "rng": rngs}
+        state = {"progress": dataclasses.asdict(p), "optimizer": run.optimizer.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "rng": rngs}
         dict_path = Path(self.cfg.data) / "dict.txt"
         meta = {"epoch": p.epoch, "updates": p.updates, "best_valid": p.best_valid}
-        save_checkpoint(self.run_dir / "checkpoint_last", self.model, self.model_cfg, dict_path,
+        save_checkpoint(self.run_dir / "checkpoint_last", run.model, self.model_cfg, dict_path,
                         train_cfg=self.cfg, trainer_state=state, **meta)
         if best:
-            save_checkpoint(self.run_dir / "checkpoint_best", self.model, self.model_cfg, dict_path,
+            save_checkpoint(self.run_dir / "checkpoint_best", run.model, self.model_cfg, dict_path,
                             train_cfg=self.cfg, **meta)

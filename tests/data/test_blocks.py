@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from trime.data.blocks import eval_windows, input_tokens, num_segments, segment, segment_bounds, window
+from reference import window
+from trime.data.batching import make_batch
+from trime.data.blocks import eval_windows, input_tokens, num_segments, segment_bounds, segment_windows
 from trime.errors import ConfigError
 
 
@@ -26,10 +28,15 @@ def test_segments_cover_the_stream_once():
     b = segment_bounds(len(t), L)
     assert len(b) == num_segments(len(t), L) == 7
     assert b[0].tolist() == [0, 16] and b[-1].tolist() == [96, 103]
-    inp, tgt = segment(t, 6, L)
+    b = make_batch(t, segment_windows([6, 2], len(t), L), pad=1, eos=2, width=L)
+    (inp, inp2), (tgt, tgt2) = b.inputs.numpy(), b.targets.numpy()
+    assert b.inputs.shape == (2, L) and b.n_ctx == [0, 0] and b.n_score == [7, 16]
     assert tgt[:7].tolist() == t[96:].tolist() and (tgt[7:] == 1).all() and (inp[7:] == 1).all()
-    inp, tgt = segment(t, 2, L)
-    assert inp[0] == t[31] and inp[1:].tolist() == tgt[:-1].tolist()
+    assert inp2[0] == t[31] and inp2[1:].tolist() == tgt2[:-1].tolist()
+    for row, s in zip(range(2), (6, 2)):  # equal to the slicing oracle
+        ref_inp, ref_tgt = window(t, s * L, min((s + 1) * L, len(t)), 0)
+        assert b.inputs[row, : len(ref_inp)].tolist() == ref_inp.tolist()
+        assert b.targets[row, : len(ref_tgt)].tolist() == ref_tgt.tolist()
 
 
 @pytest.mark.parametrize("mode", ["none", "complete"])
@@ -45,6 +52,9 @@ def test_every_token_scored_exactly_once(mode, L, C):
         assert c + (e - s) <= L
         assert e - s <= (L - C if mode == "none" else L)
         inp, tgt = window(t, s, e, c)
+        b = make_batch(t, np.array([[s, e, c]]), pad=1, eos=2)
+        assert b.inputs[0].tolist() == inp.tolist() and b.targets[0, c:].tolist() == tgt[c:].tolist()
+        assert b.targets[0, :c].tolist() == t[s - c : s].tolist()  # the context keeps its targets (memory labels)
         assert len(inp) == len(tgt) == c + e - s
         assert (tgt[:c] == 1).all() and tgt[c:].tolist() == t[s:e].tolist()
         assert inp.tolist() == input_tokens(t, s - c, e).tolist()

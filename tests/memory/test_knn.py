@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from trime.memory.knn import external_scores, interpolate, knn_log_prob
+from trime.memory.joint import memory_logits, score_scale
+from trime.memory.knn import interpolate, knn_log_prob, knn_log_probs
 
 
 def _knn_ref(scores, values, targets, temp, valid=None):
@@ -51,7 +52,19 @@ def test_interpolate_matches_mixture_and_endpoints():
     assert torch.isfinite(interpolate(lm, kn, 0.3)).all()
 
 
-def test_external_scores_scale():
+def test_memory_logits_scale():
     s = torch.tensor([[64.0, float("-inf")]])
-    out = external_scores(s, dim=16, softmax_temp=2.0)
+    out = memory_logits(s, dim=16, temp=2.0)  # joint softmax: q·k / √d / τ
     assert out[0, 0] == 64.0 / 4.0 / 2.0 and out[0, 1] == float("-inf")
+    assert score_scale(None, 4.0) == 0.25  # kNN-LM: q·k / T, no √d
+
+
+def test_knn_log_probs_many_temperatures_equal_one_at_a_time():
+    g = torch.Generator().manual_seed(3)
+    scores, values = torch.randn(6, 5, generator=g) * 20, torch.randint(0, 3, (6, 5), generator=g)
+    targets = torch.randint(0, 3, (6,), generator=g)
+    scores[0, 1] = float("-inf")  # an index hole
+    temps = [0.5, 1.0, 7.0]
+    many = knn_log_probs(scores, values == targets[:, None], temps)
+    for t, got in zip(temps, many):
+        torch.testing.assert_close(got, _knn_ref(scores, values, targets, t))

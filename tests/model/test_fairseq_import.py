@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from trime.data.blocks import PAD, eval_windows, window
+from reference import window
+from trime.data.blocks import eval_windows
 from trime.errors import CheckpointError
-from trime.model.fairseq_import import convert, load_fairseq_checkpoint, model_options, read_checkpoint
+from trime.checkpoint import convert
+from trime.model.fairseq_import import load_fairseq_checkpoint, model_options, read_checkpoint
 from trime.model.transformer import TransformerLM
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "fairseq"
@@ -37,6 +39,9 @@ def _loaded(name: str):
     model = TransformerLM(cfg)
     model.load_state_dict(weights, strict=True)
     return model.eval(), cfg, meta
+
+
+PAD = 1  # fairseq dictionary id
 
 
 def _ids(name: str) -> np.ndarray:

@@ -19,9 +19,68 @@ Every rank gets the same number of batches: a tail that does not fill all ranks 
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
-from trime.errors import ConfigError
+import numpy as np
+import torch
+
+from trime.data.blocks import input_tokens
+from trime.errors import ConfigError, DataError
+from trime.io import read_json
+
+
+@dataclass
+class Batch:
+    """Windows of a token stream as tensors: the one batch layout of training, evaluation and datastores.
+
+    Row j covers stream positions ``[start - n_ctx, end)``: ``inputs`` hold t[i-1] (eos before the
+    split's first token) and ``targets`` t[i] at every position, context included (the context's
+    targets label local-memory entries but are not scored); both are ``pad`` after the row's end.
+    """
+
+    inputs: torch.Tensor  # (b, T) int64
+    targets: torch.Tensor  # (b, T) int64
+    n_ctx: list[int]  # context positions at the start of each row
+    n_score: list[int]  # scored positions after them
+
+
+def make_batch(tokens: np.ndarray, windows: np.ndarray, *, pad: int, eos: int, width: int = 0,
+               device: torch.device | str = "cpu") -> Batch:
+    """The :class:`Batch` of ``windows`` (b, 3) rows (start, end, n_ctx) of ``tokens``, right-padded to
+    the longest row or to ``width``, whichever is larger (training pads short segments to L)."""
+    windows = np.asarray(windows, dtype=np.int64).reshape(-1, 3)
+    lengths = windows[:, 1] - windows[:, 0] + windows[:, 2]
+    T = max(int(lengths.max(initial=0)), width)
+    inputs = np.full((len(windows), T), pad, dtype=np.int64)
+    targets = np.full((len(windows), T), pad, dtype=np.int64)
+    for j, (s, e, c) in enumerate(windows.tolist()):
+        inputs[j, : e - s + c] = input_tokens(tokens, s - c, e, eos)
+        targets[j, : e - s + c] = tokens[s - c : e]
+    return Batch(torch.from_numpy(inputs).to(device, non_blocking=True),
+                 torch.from_numpy(targets).to(device, non_blocking=True),
+                 windows[:, 2].tolist(), (windows[:, 1] - windows[:, 0]).tolist())
+
+
+def load_batch_order(path, n_segments: int) -> np.ndarray:
+    """(S,) int64 training order from a batch-order file (``trime bm25 batches``): a JSON
+    permutation of the segment ids 0..S-1."""
+    rebuild = "rebuild it with `trime bm25 batches` for this data and --tokens-per-sample"
+    order = read_json(path)
+    if not isinstance(order, list) or any(type(i) is not int for i in order):
+        raise DataError(f"{path}: not a JSON list of segment ids; {rebuild}")
+    if len(order) != n_segments:
+        raise DataError(f"{path}: lists {len(order)} segment ids but the training data has {n_segments} "
+                        f"segments; {rebuild}")
+    arr = np.asarray(order, dtype=np.int64)  # (S,)
+    bad = np.flatnonzero((arr < 0) | (arr >= n_segments))
+    if len(bad):
+        raise DataError(f"{path}: id {arr[bad[0]]} at position {bad[0]} is not a segment id "
+                        f"in [0, {n_segments}); {rebuild}")
+    counts = np.bincount(arr, minlength=n_segments)
+    if (counts != 1).any():
+        dup = int(np.flatnonzero(counts > 1)[0])
+        raise DataError(f"{path}: not a permutation (segment {dup} appears {counts[dup]} times); {rebuild}")
+    return arr
 
 
 def _chunks(order: np.ndarray, size: int) -> list[np.ndarray]:

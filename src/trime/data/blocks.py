@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from trime.data.dictionary import Dictionary
 from trime.errors import ConfigError
 
-EOS, PAD = 2, 1
+EOS = Dictionary.eos  # fairseq's; data prepared with another vocabulary says its own in meta.json
 
 
 def input_tokens(tokens: np.ndarray, start: int, end: int, eos: int = EOS) -> np.ndarray:
@@ -36,14 +37,11 @@ def segment_bounds(n_tokens: int, L: int) -> np.ndarray:
     return np.stack([starts, np.minimum(starts + L, n_tokens)], axis=1)
 
 
-def segment(tokens: np.ndarray, s: int, L: int, pad: int = PAD, eos: int = EOS) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs (L,), targets (L,)) of segment ``s``, right-padded with ``pad`` when short."""
-    start, end = s * L, min((s + 1) * L, len(tokens))
-    inp = np.full(L, pad, dtype=np.int64)
-    tgt = np.full(L, pad, dtype=np.int64)
-    inp[: end - start] = input_tokens(tokens, start, end, eos)
-    tgt[: end - start] = tokens[start:end]
-    return inp, tgt
+def segment_windows(ids, n_tokens: int, L: int) -> np.ndarray:
+    """(B, 3) int64 windows (start, end, 0) of training segments ``ids``: segment s scores
+    ``[s·L, min((s+1)·L, n))`` with no context (the last may be short)."""
+    starts = np.asarray(ids, dtype=np.int64) * L
+    return np.stack([starts, np.minimum(starts + L, n_tokens), np.zeros_like(starts)], axis=1).reshape(-1, 3)
 
 
 def _blocks_complete(tokens: np.ndarray, size: int, eos: int) -> list[tuple[int, int]]:
@@ -90,13 +88,3 @@ def eval_windows(
         raise ConfigError(f"unknown --sample-break-mode {break_mode!r} (none, complete)")
     rows = [(s, e, min(context_window, s, L - (e - s))) for s, e in blocks]
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
-
-
-def window(
-    tokens: np.ndarray, start: int, end: int, n_ctx: int, pad: int = PAD, eos: int = EOS
-) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs (T,), targets (T,)) of one window, T = n_ctx + end - start; context targets are pad."""
-    inp = input_tokens(tokens, start - n_ctx, end, eos).astype(np.int64)
-    tgt = np.asarray(tokens[start - n_ctx : end], dtype=np.int64).copy()
-    tgt[:n_ctx] = pad
-    return inp, tgt

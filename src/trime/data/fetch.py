@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trime.data.prepare import check_out_dir
+from trime import __version__
 from trime.errors import DataError, NetworkError
 from trime.io import atomic_dir, sha256_file, write_meta
 
@@ -86,8 +87,6 @@ SHAKESPEARE_SPLITS = {
 def download(url: str, dest: Path, sha256: str, size: int | None = None) -> Path:
     """Download ``url`` to ``dest`` via ``dest.part``; verify sha256 (and size); NetworkError if not."""
     from tqdm import tqdm
-
-    from trime import __version__
 
     part = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()

@@ -353,3 +353,26 @@ def load_split(data_dir: str | os.PathLike, split: str) -> np.ndarray:
     if ids.dtype != np.int32 or ids.ndim != 1 or len(ids) != splits[split]["tokens"]:
         raise DataError(f"{data_dir}/{split}.npy: does not match meta.json; rerun `trime data prepare --overwrite`")
     return ids
+
+
+def special_ids(data_dir: str | os.PathLike) -> tuple[int, int]:
+    """(pad, eos) of a prepared data directory: its meta.json's when it names them (data prepared
+    with another tokenizer), else the fairseq dictionary's (1, 2). ``pad`` never occurs as a token."""
+    meta = read_data_meta(data_dir)
+    return int(meta.get("pad", Dictionary.pad)), int(meta.get("eos", Dictionary.eos))
+
+
+def check_vocabulary(data_dir: str | os.PathLike, vocab_size: int, dictionary: Dictionary | None = None) -> None:
+    """Raise DataError when the data's vocabulary does not fit a model's: its dict.txt differs from
+    the model's ``dictionary`` (when the model has one), or its size differs from ``vocab_size``."""
+    meta = read_data_meta(data_dir)
+    if (Path(data_dir) / DICT).exists():
+        mine = load_dictionary(data_dir)
+        if dictionary is not None and mine.symbols != dictionary.symbols:
+            raise DataError(f"{data_dir}/{DICT} differs from the model's dictionary: prepare the data with "
+                            "`trime data prepare ... --dict` from the checkpoint")
+        size = len(mine)
+    else:
+        size = int(meta["vocab_size"])
+    if size != vocab_size:
+        raise DataError(f"{data_dir}: the vocabulary has {size} types but the model expects {vocab_size}")

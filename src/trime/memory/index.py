@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -207,15 +208,35 @@ def _add(ds: Datastore, index, partial: Path, key: dict, *, chunk: int, save_eve
     return faiss.index_gpu_to_cpu(work) if gpu else work
 
 
-def build_index(datastore_dir, out_path, *, metric: str = "ip", n_lists: int | None = None,
-                code_size: int | None = None, n_bits: int = 8, train_size: int = 1_000_000, seed: int = 1,
-                chunk: int = 500_000, probe: int = 8, use_gpu="auto", flat_below: int = FLAT_BELOW,
-                save_every: int = 10_000_000, overwrite: bool = False) -> Path:
+@dataclass(frozen=True)
+class IndexSettings:
+    """How to build an index (module docstring); ``n_lists`` / ``code_size`` None: sized from the datastore."""
+
+    metric: str = "ip"  # ip | l2
+    n_lists: int | None = None
+    code_size: int | None = None
+    n_bits: int = 8
+    train_size: int = 1_000_000  # keys sampled to train the quantizers
+    seed: int = 1
+    chunk: int = 500_000  # keys added at a time
+    probe: int = 8  # default nprobe stored with the index
+    use_gpu: str | bool = "auto"
+    flat_below: int = FLAT_BELOW
+    save_every: int = 10_000_000  # rows between saves of the partial index
+
+
+def build_index(datastore_dir, out_path, settings: IndexSettings | None = None, *, overwrite: bool = False,
+                **fields) -> Path:
     """Build the faiss index of a complete datastore and write it to ``out_path`` (spec §6.2).
 
-    Returns ``out_path``. A complete index with the same settings is returned as is; one with
-    other settings is an error unless ``overwrite``. See the module docstring for the choices.
+    ``settings`` (or its ``fields`` as keywords) say how. Returns ``out_path``. A complete index
+    with the same settings is returned as is; one with other settings is an error unless
+    ``overwrite``. See the module docstring for the choices.
     """
+    st = settings or IndexSettings(**fields)
+    metric, n_lists, code_size, train_size, seed = st.metric, st.n_lists, st.code_size, st.train_size, st.seed
+    chunk, probe, use_gpu, save_every = st.chunk, st.probe, st.use_gpu, st.save_every
+    n_bits, flat_below = st.n_bits, st.flat_below
     ds = Datastore.open(datastore_dir)
     out = Path(out_path)
     plan = plan_index(ds.rows, ds.dim, metric=metric, n_lists=n_lists, code_size=code_size, n_bits=n_bits,

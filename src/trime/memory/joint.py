@@ -30,6 +30,22 @@ if TYPE_CHECKING:
     from trime.memory.masks import Visibility
 
 
+def score_scale(dim: int | None, temp: float = 1.0) -> float:
+    """The factor that turns a similarity (q·k, or −‖q − k‖² for l2) into a memory logit.
+
+    The joint softmax uses s = q·k / √d / τ (``dim`` = d; τ = ``--softmax-temp``, 1 in training);
+    the kNN-LM distribution uses s = q·k / T (``dim`` None; T = ``--interp-temp``). Every
+    place that scores memory entries (training, evaluation, datastore search, kNN-LM, the sweep)
+    takes its factor from here.
+    """
+    return 1.0 / ((math.sqrt(dim) if dim else 1.0) * temp)
+
+
+def memory_logits(similarity: Tensor, dim: int | None, temp: float = 1.0) -> Tensor:
+    """Memory logits (float32) from raw similarities: ``similarity · score_scale(dim, temp)``; −inf stays −inf."""
+    return similarity.float() * score_scale(dim, temp)
+
+
 def _compute_dtype(*xs: Tensor) -> torch.dtype:
     """float32, or float64 when an input is float64."""
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32

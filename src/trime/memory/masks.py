@@ -170,6 +170,12 @@ def local(B: int, L: int, *, key_valid: Tensor | None = None, device=None) -> Vi
     return Visibility(i - i % L, i, _valid(key_valid, B * L, i.device))
 
 
+def causal(rows: Tensor, n_key: int, *, key_valid: Tensor | None = None) -> Visibility:
+    """Local memory of an evaluation window (spec §5.3): the query at window position ``rows[i]``
+    sees the window positions j < rows[i] (context included); keys are the window's n_key positions."""
+    return Visibility(torch.zeros_like(rows), rows, _valid(key_valid, n_key, rows.device))
+
+
 def group_ids(group_bounds: Sequence[int] | Tensor, n: int, device=None) -> Tensor:
     """Group id (n,) of stream rows 0..n-1 given cumulative bounds [0, b1, ..., n]."""
     b = torch.as_tensor(group_bounds, dtype=torch.long, device=device)

@@ -39,8 +39,7 @@ import torch
 
 from trime.errors import DataError
 from trime.io import atomic_dir, load_npy, read_meta, save_npy, write_meta
-from trime.memory.joint import combine
-from trime.memory.knn import external_scores, interpolate
+from trime.memory.scoring import MemoryRows, Setting, log_probs
 
 KIND = "neighbor_cache"
 NEG_INF = float("-inf")
@@ -86,30 +85,24 @@ class NeighborCacheWriter:
 
     def add(self, tok_logp, tok_log_z, targets, mem_scores=None, mem_values=None, ext_scores=None,
             ext_values=None) -> None:
-        """Rows of one window: tok_logp, tok_log_z, targets (n,); mem_scores (n, M) raw q·k/√d with
-        −inf for invisible entries and mem_values (M,) or (n, M); ext_scores / ext_values (n, k)
-        raw faiss similarities (−inf for holes) and neighbour tokens, or None."""
-        targets = targets.long()
-        n = targets.shape[0]
-        if mem_scores is None:
-            mem_scores, mem_values = torch.empty(n, 0), torch.empty(0, dtype=torch.long)
-        mem_scores = mem_scores.float()  # (n, M)
-        mem_pos = mem_values.to(targets.device).expand(n, -1) == targets.unsqueeze(1)  # (n, M)
+        """Rows of one window (see :meth:`MemoryRows.build` for the arguments)."""
+        self.add_rows(MemoryRows.build(tok_logp, tok_log_z, targets, mem_scores, mem_values, ext_scores, ext_values))
+
+    def add_rows(self, rows: MemoryRows) -> None:
+        """Append rows; local/long entries beyond ``mem_top`` per row are dropped (module docstring)."""
+        n = len(rows)
+        mem_scores, mem_pos = rows.mem_scores.float(), rows.mem_pos  # (n, M)
         count = torch.isfinite(mem_scores).sum(1)  # (n,)
         if self.mem_top is not None and mem_scores.shape[1] > self.mem_top:
             mem_scores, mem_pos = select_entries(mem_scores, mem_pos, self.mem_top, self.mem_top_pos)  # (n, m)
-        if ext_scores is None:
-            ext_scores, ext_values = torch.empty(n, 0), torch.empty(n, 0, dtype=torch.long)
-        ext_scores, order = ext_scores.float().sort(dim=1, descending=True, stable=True)  # (n, k)
-        ext_values = ext_values.gather(1, order.to(ext_values.device))
         if self.ext_k is None:
-            self.ext_k = ext_scores.shape[1]
-        if ext_scores.shape[1] != self.ext_k:
+            self.ext_k = rows.ext_scores.shape[1]
+        if rows.ext_scores.shape[1] != self.ext_k:
             raise DataError(f"every window must give the same number of external neighbours ({self.ext_k}), "
-                            f"got {ext_scores.shape[1]}")
-        row = {"tok_logp": tok_logp.float(), "tok_log_z": tok_log_z.float(), "targets": targets.int(),
+                            f"got {rows.ext_scores.shape[1]}")
+        row = {"tok_logp": rows.tok_logp.float(), "tok_log_z": rows.tok_log_z.float(), "targets": rows.targets.int(),
                "mem_scores": mem_scores, "mem_pos": mem_pos, "mem_count": count.int(),
-               "ext_scores": ext_scores, "ext_values": ext_values.int()}
+               "ext_scores": rows.ext_scores.float(), "ext_values": rows.ext_values.int()}
         for f in FIELDS:
             self._buf[f].append(row[f].detach().cpu().numpy())
         self.mem_width = max(self.mem_width, mem_scores.shape[1])
@@ -152,17 +145,11 @@ class NeighborCacheWriter:
 
 @dataclass
 class NeighborCache:
-    """A loaded cache: the module docstring's arrays as tensors, plus its meta."""
+    """A loaded cache: the module docstring's arrays as :class:`~trime.memory.scoring.MemoryRows`."""
 
     meta: dict
-    tok_logp: torch.Tensor
-    tok_log_z: torch.Tensor
-    targets: torch.Tensor
-    mem_scores: torch.Tensor
-    mem_pos: torch.Tensor
-    mem_count: torch.Tensor
-    ext_scores: torch.Tensor
-    ext_values: torch.Tensor
+    rows: MemoryRows
+    mem_count: torch.Tensor  # (N,) visible local/long entries before truncation
 
     @classmethod
     def load(cls, directory, device: str | torch.device = "cpu") -> "NeighborCache":
@@ -178,68 +165,26 @@ class NeighborCache:
             arrays[f] = torch.from_numpy(np.concatenate(parts)).to(device)
         arrays["targets"] = arrays["targets"].long()
         arrays["ext_values"] = arrays["ext_values"].long()
-        return cls(meta=meta, **arrays)
+        count = arrays.pop("mem_count")
+        return cls(meta=meta, rows=MemoryRows(**arrays), mem_count=count)
 
     def __len__(self) -> int:
-        return int(self.targets.shape[0])
+        return len(self.rows)
+
+    def __getattr__(self, name: str):  # cache.targets, cache.mem_scores ... read the rows
+        if name in FIELDS:
+            return getattr(self.rows, name)
+        raise AttributeError(name)
 
 
-def _prepare(scores: torch.Tensor, positive: torch.Tensor):
-    """Shift rows by their max once, so each temperature then costs one exp pass (no max pass,
-    no masking): returns (all, pos) pairs of (scores − max (n, w), max (n,)); the positive part
-    is compacted to the largest number of positives in a row."""
-    def shifted(x):
-        mx = x.amax(1) if x.shape[1] else x.new_full((x.shape[0],), NEG_INF)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))  # empty rows stay −inf below
-        return x - mx[:, None], mx
-
-    width = int(positive.sum(1).max()) if positive.numel() else 0
-    order = positive.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :width]  # (n, p)
-    pos_scores = scores.gather(1, order).masked_fill(~positive.gather(1, order), NEG_INF)  # (n, p)
-    return shifted(scores), shifted(pos_scores)
-
-
-def _lse(shifted: tuple[torch.Tensor, torch.Tensor], inv_temp: float) -> torch.Tensor:
-    """logsumexp(x / T) per row from (x − max, max); −inf for rows with nothing."""
-    d, mx = shifted
-    e = torch.mul(d, inv_temp).exp_()  # (n, w), one buffer
-    return e.sum(1).log_() + mx * inv_temp  # (n,)
-
-
-def _joint_many(c: NeighborCache, taus: list[float], k: int, use_ext: bool, chunk: int) -> dict:
-    """{τ: log p (N,)} of the joint softmax (DESIGN.md's equation) for each τ: memory logits
-    s/τ, external logits score/√d/τ (when ``use_ext``), combined by memory.joint.combine."""
-    out: dict = {t: [] for t in taus}
-    for a in range(0, len(c), chunk):
-        rows = slice(a, a + chunk)
-        scores, pos = c.mem_scores[rows], c.mem_pos[rows]  # (n, m)
-        if use_ext and k:
-            scores = torch.cat([scores, external_scores(c.ext_scores[rows, :k], c.meta["dim"], 1.0)], 1)
-            pos = torch.cat([pos, c.ext_values[rows, :k] == c.targets[rows, None]], 1)  # (n, m + k)
-        norm, positive = _prepare(scores, pos)
-        for t in taus:
-            out[t].append(combine(c.tok_logp[rows], c.tok_log_z[rows], _lse(norm, 1.0 / t), _lse(positive, 1.0 / t)))
-    return {t: torch.cat(v) if v else torch.empty(0) for t, v in out.items()}
-
-
-def _knn_many(c: NeighborCache, temps: list[float], k: int, chunk: int) -> dict:
-    """{T: log p_knn (N,)} from the first k neighbours, as knn.knn_log_prob computes it."""
-    out: dict = {t: [] for t in temps}
-    for a in range(0, len(c), chunk):
-        rows = slice(a, a + chunk)
-        norm, positive = _prepare(c.ext_scores[rows, :k], c.ext_values[rows, :k] == c.targets[rows, None])
-        for t in temps:
-            log_pos, log_norm = _lse(positive, 1.0 / t), _lse(norm, 1.0 / t)
-            out[t].append((log_pos - log_norm).masked_fill(torch.isneginf(log_pos), NEG_INF))
-    return {t: torch.cat(v) if v else torch.empty(0) for t, v in out.items()}
-
-
-def _check_k(cache: NeighborCache, k: int | None, lmbda: float) -> int:
+def _setting(cache: NeighborCache, s: Mapping, ext_in_joint: bool | None) -> Setting:
     k_max = cache.meta["ext_k"]
-    k = k_max if k is None else min(int(k), k_max)
-    if lmbda > 0 and k == 0:
+    lam = float(s.get("lmbda", 0.0))
+    k = k_max if s.get("k") is None else min(int(s["k"]), k_max)
+    if lam > 0 and k == 0:
         raise DataError("interpolation (lambda > 0) needs external neighbours, and this cache has none")
-    return k
+    return Setting(softmax_temp=float(s.get("softmax_temp", 1.0)), lmbda=lam, interp_temp=float(s.get("interp_temp", 1.0)),
+                   k=k, ext_in_joint=cache.meta["ext_in_joint"] if ext_in_joint is None else bool(ext_in_joint))
 
 
 def rescore_tokens(cache: NeighborCache, softmax_temp: float, lmbda: float = 0.0, interp_temp: float = 1.0,
@@ -247,12 +192,8 @@ def rescore_tokens(cache: NeighborCache, softmax_temp: float, lmbda: float = 0.0
     """log p(y) of every cached token (N,) under new settings (spec §5.4, §5.5); k is capped at
     the cached k (None: all); ``ext_in_joint`` (default: as evaluated) puts the external
     neighbours in the joint softmax; λ > 0 mixes in p_knn at temperature ``interp_temp``."""
-    k = _check_k(cache, k, lmbda)
-    use_ext = cache.meta["ext_in_joint"] if ext_in_joint is None else ext_in_joint
-    logp = _joint_many(cache, [softmax_temp], k, use_ext, chunk)[softmax_temp]
-    if lmbda > 0:
-        logp = interpolate(logp, _knn_many(cache, [interp_temp], k, chunk)[interp_temp], lmbda)
-    return logp
+    s = _setting(cache, {"softmax_temp": softmax_temp, "lmbda": lmbda, "interp_temp": interp_temp, "k": k}, ext_in_joint)
+    return log_probs(cache.rows, [s], cache.meta["dim"], chunk)[0]
 
 
 def rescore(cache: NeighborCache, softmax_temp: float, lmbda: float = 0.0, interp_temp: float = 1.0,
@@ -261,39 +202,20 @@ def rescore(cache: NeighborCache, softmax_temp: float, lmbda: float = 0.0, inter
     return float(rescore_tokens(cache, softmax_temp, lmbda, interp_temp, k, **kw).double().sum())
 
 
-def _settings(cache: NeighborCache, grid) -> list[dict]:
-    if isinstance(grid, Mapping):
-        names = list(grid)
-        grid = [dict(zip(names, values, strict=True)) for values in itertools.product(*(grid[n] for n in names))]
-    out = []
-    for s in grid:
-        lam = float(s.get("lmbda", 0.0))
-        out.append({"softmax_temp": float(s.get("softmax_temp", 1.0)), "lmbda": lam,
-                    "interp_temp": float(s.get("interp_temp", 1.0)), "k": _check_k(cache, s.get("k"), lam)})
-    return out
-
-
 def sweep(cache: NeighborCache, grid: Mapping[str, Iterable] | Iterable[Mapping], *,
           ext_in_joint: bool | None = None, chunk: int = 8192) -> list[dict]:
     """Perplexity for every setting: ``grid`` maps softmax_temp / lmbda / interp_temp / k to lists
     (their product) or is a list of dicts (missing: τ 1, λ 0, T 1, k all). Returns one row per
-    setting, in order: the setting, nll_sum (nats), n_tokens, loss (base 2) and ppl. Each row
-    chunk is prepared once per k and then scored at every τ (and every T) of the grid."""
-    settings = _settings(cache, grid)
-    use_ext = cache.meta["ext_in_joint"] if ext_in_joint is None else ext_in_joint
-    joint, knn = {}, {}
-    for k in sorted({s["k"] for s in settings}):
-        taus = sorted({s["softmax_temp"] for s in settings if s["k"] == k})
-        temps = sorted({s["interp_temp"] for s in settings if s["k"] == k and s["lmbda"] > 0})
-        joint.update({(t, k): v for t, v in _joint_many(cache, taus, k, use_ext, chunk).items()})
-        if temps:
-            knn.update({(t, k): v for t, v in _knn_many(cache, temps, k, chunk).items()})
+    setting, in order: the setting, nll_sum (nats), n_tokens, loss (base 2) and ppl. Scored by
+    memory.scoring.log_probs, the function ``trime eval`` uses, with the whole grid at once."""
+    if isinstance(grid, Mapping):
+        names = list(grid)
+        grid = [dict(zip(names, values, strict=True)) for values in itertools.product(*(grid[n] for n in names))]
+    settings = [_setting(cache, s, ext_in_joint) for s in grid]
     rows, n = [], len(cache)
-    for s in settings:
-        logp = joint[s["softmax_temp"], s["k"]]
-        if s["lmbda"] > 0:
-            logp = interpolate(logp, knn[s["interp_temp"], s["k"]], s["lmbda"])
+    for s, logp in zip(settings, log_probs(cache.rows, settings, cache.meta["dim"], chunk)):
         nll = -float(logp.double().sum())
         loss = nll / max(n, 1) / math.log(2)
-        rows.append({**s, "nll_sum": nll, "n_tokens": n, "loss": loss, "ppl": 2.0**loss})
+        rows.append({"softmax_temp": s.softmax_temp, "lmbda": s.lmbda, "interp_temp": s.interp_temp, "k": s.k,
+                     "nll_sum": nll, "n_tokens": n, "loss": loss, "ppl": 2.0**loss})
     return rows

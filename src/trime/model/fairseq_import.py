@@ -37,11 +37,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from trime.config import ModelConfig
 from trime.errors import CheckpointError
 from trime.model.adaptive import full_cutoffs
+from trime.model.transformer import TransformerLM
 
 # spec §1 and fairseq's base_lm_architecture; used only for options an ``args`` checkpoint lacks.
 BASE_DEFAULTS: dict[str, Any] = {
@@ -96,7 +98,6 @@ _OMEGACONF.update({f"omegaconf.{n}": _Inert for n in (
 
 def _allow_list() -> list:
     """What the old and new generations pickle besides tensors and plain containers."""
-    import numpy as np
 
     scalar = np.float64(0).__reduce__()[0]  # numpy's scalar constructor, named per numpy version
     dtypes = {type(np.dtype(c)) for c in "?bhilqBHILQefdgFDG"}  # numpy 2 builds these dtype classes
@@ -311,8 +312,6 @@ def _tied_copies(cfg: ModelConfig) -> dict[str, str]:
 
 def _match(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop checked tied copies, then require exactly the keys and shapes of TransformerLM(cfg)."""
-    from trime.model.transformer import TransformerLM
-
     for copy, kept in _tied_copies(cfg).items():
         if copy in weights and kept in weights:
             if weights[copy].shape != weights[kept].shape or not torch.equal(weights[copy], weights[kept]):
@@ -356,28 +355,3 @@ def load_fairseq_checkpoint(path: str | Path, *, trust: bool = False) -> tuple[d
             "sample_break_mode": task.get("sample_break_mode"),
             "add_bos_token": bool(opts.get("add_bos_token", False)), "stored_dtypes": dtypes}
     return weights, cfg, meta
-
-
-def convert(path: str | Path, out_dir: str | Path, dict_path: str | Path | None = None, *, trust: bool = False) -> Path:
-    """Write a trime checkpoint directory (trime.checkpoint layout) from a fairseq ``.pt``.
-
-    ``dict_path`` defaults to the dict.txt next to the checkpoint; its length must equal the
-    embedding's vocabulary size. The directory appears complete (meta.json) only at the end.
-    """
-    from trime import io
-    from trime.checkpoint import save_checkpoint
-    from trime.data.dictionary import Dictionary
-    from trime.model.transformer import TransformerLM
-
-    path = Path(path)
-    dict_path = Path(dict_path) if dict_path is not None else path.with_name("dict.txt")
-    if not dict_path.is_file():
-        raise CheckpointError(f"{dict_path}: no dictionary; pass the dict.txt the model was trained with")
-    weights, cfg, meta = load_fairseq_checkpoint(path, trust=trust)
-    n = len(Dictionary.load(dict_path))
-    if n != cfg.vocab_size:
-        raise CheckpointError(f"{dict_path} has {n} symbols but {path} embeds {cfg.vocab_size}: wrong dictionary")
-    model = TransformerLM(cfg)
-    model.load_state_dict(weights, strict=True)
-    meta.update(sha256=io.sha256_file(path), dict_sha256=io.sha256_file(dict_path))
-    return save_checkpoint(out_dir, model, cfg, dict_path, fairseq=meta)

@@ -27,8 +27,6 @@ State-dict names (fairseq's, minus the leading ``decoder.``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,12 +34,7 @@ from torch import Tensor, nn
 from trime.config import ModelConfig
 from trime.errors import ConfigError
 from trime.model.adaptive import AdaptiveInput, AdaptiveSoftmax, OutputHead, PlainSoftmax
-
-
-@dataclass
-class LMOutput:
-    h: Tensor  # (B, T, d) final decoder output (after the final LayerNorm if cfg.final_norm)
-    q: Tensor  # (B, T, d) memory key `last_ffn_input`: the last layer's normalised FFN input
+from trime.model.base import LMOutput
 
 
 def make_positions(tokens: Tensor, padding_idx: int) -> Tensor:

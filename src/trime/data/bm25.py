@@ -33,11 +33,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from trime.data.blocks import input_tokens, segment_bounds
+from trime.data.dictionary import Dictionary
+from trime.data.prepare import load_dictionary, load_split
 from trime.errors import ConfigError, DataError
 from trime.io import atomic_dir, atomic_file, fingerprint_array, is_complete, load_npy, read_json, read_meta
 from trime.io import save_npy, sha256_file, write_json, write_meta
 
-N_SPECIALS = 3  # dictionary ids 0..2 are <s> <pad> </s> (dropped); <unk> (3) stays as "<unk>"
+N_SPECIALS = Dictionary.unk  # ids below unk are <s> <pad> </s> (dropped); <unk> stays as "<unk>"
 TOKEN_PATTERN = r"(?u)\b\w+\b"  # like Lucene's tokenizer, single characters are kept
 BLOCK = 256  # queries per block; fixed, so a sharded run computes each row exactly like an unsharded one
 DENSE_DF = 0.08  # a term in more than this share of the segments is scored with a dense matmul
@@ -46,7 +48,7 @@ BACKENDS = ("bm25s",)
 __all__ = [
     "segment_texts", "write_segments", "read_segments", "analyze", "analyze_tokens", "bm25_weights", "build_index",
     "build_index_from_tokens", "search", "top_hits", "shard_range",
-    "load_results", "chain_order", "chain", "link_share", "bm25_batches", "load_batch_order",
+    "load_results", "chain_order", "chain", "link_share", "bm25_batches",
 ]
 
 
@@ -469,8 +471,6 @@ def bm25_batches(data_dir, tokens_per_sample: int, out_path, *, work_dir=None, s
     if backend not in BACKENDS:
         raise ConfigError(f"unknown BM25 backend {backend!r}: only {', '.join(BACKENDS)} is available "
                           "(pyserini is not supported)")
-    from trime.data.prepare import load_dictionary, load_split
-
     t0, out_path = time.time(), Path(out_path)
     work = Path(work_dir) if work_dir else out_path.with_suffix(".work")
     tokens, symbols = load_split(data_dir, "train"), list(load_dictionary(data_dir).symbols)
@@ -491,24 +491,3 @@ def bm25_batches(data_dir, tokens_per_sample: int, out_path, *, work_dir=None, s
     print(f"bm25 batches: {n_seg} segments of {tokens_per_sample} tokens, {link_share(order, hits):.1%} of steps "
           f"are BM25 hops, {time.time() - t0:.0f} s -> {out_path}")
     return out_path
-
-
-def load_batch_order(path, n_segments: int) -> np.ndarray:
-    """(S,) int64 training order from a BM25 batch file; it must be a permutation of 0..S-1."""
-    rebuild = "rebuild it with `trime bm25 batches` for this data and --tokens-per-sample"
-    order = read_json(path)
-    if not isinstance(order, list) or any(type(i) is not int for i in order):
-        raise DataError(f"{path}: not a JSON list of segment ids; {rebuild}")
-    if len(order) != n_segments:
-        raise DataError(f"{path}: lists {len(order)} segment ids but the training data has {n_segments} "
-                        f"segments; {rebuild}")
-    arr = np.asarray(order, dtype=np.int64)  # (S,)
-    bad = np.flatnonzero((arr < 0) | (arr >= n_segments))
-    if len(bad):
-        raise DataError(f"{path}: id {arr[bad[0]]} at position {bad[0]} is not a segment id "
-                        f"in [0, {n_segments}); {rebuild}")
-    counts = np.bincount(arr, minlength=n_segments)
-    if (counts != 1).any():
-        dup = int(np.flatnonzero(counts > 1)[0])
-        raise DataError(f"{path}: not a permutation (segment {dup} appears {counts[dup]} times); {rebuild}")
-    return arr

@@ -23,7 +23,16 @@ from pathlib import Path
 
 from trime import config as C
 from trime import io
+from trime.data.bm25 import bm25_batches
+from trime.data.fetch import CORPORA, fetch
+from trime.data.prepare import prepare_corpus, read_data_meta
+from trime.datastore_build import build_datastore
 from trime.errors import ConfigError
+from trime.evaluate import evaluate
+from trime.memory.index import build_index
+from trime.memory.neighbors import NeighborCache, sweep
+from trime.pipelines.report import write_report
+from trime.train import fit
 
 
 @dataclass
@@ -73,8 +82,6 @@ class Pipeline:
 
     # 1. data -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        from trime.data.fetch import CORPORA, fetch
-        from trime.data.prepare import prepare_corpus
 
         if io.is_complete(self.data):
             return
@@ -90,7 +97,6 @@ class Pipeline:
 
     # 2. models -----------------------------------------------------------------------------
     def bm25_order(self) -> Path:
-        from trime.bm25 import bm25_batches
 
         path = self.out / "bm25" / "batches.json"
         if not path.exists():
@@ -102,7 +108,6 @@ class Pipeline:
         return self.out / "models" / name
 
     def train(self, name: str) -> Path:
-        from trime.train import fit
 
         run = self.run_dir(name)
         last = run / "checkpoint_last"
@@ -119,8 +124,6 @@ class Pipeline:
 
     # 3. datastores -------------------------------------------------------------------------
     def datastore(self, name: str) -> tuple[Path, Path]:
-        from trime.external import build_datastore
-        from trime.memory.index import build_index
 
         if name in self.stores:
             return self.stores[name]
@@ -150,8 +153,6 @@ class Pipeline:
 
     def tune(self, system: System) -> dict:
         """Best τ / λ / T on valid, by re-scoring cached neighbours (one model pass)."""
-        from trime.evaluate import evaluate
-        from trime.memory.neighbors import NeighborCache, sweep
 
         if not system.tune:
             return {}
@@ -172,7 +173,6 @@ class Pipeline:
         return best
 
     def score(self, system: System, split: str, best: dict, tag: str = "", **kw) -> dict:
-        from trime.evaluate import evaluate
 
         path = self.out / "evals" / f"{slug(system.name)}{tag}.{split}.json"
         if path.exists():
@@ -200,7 +200,6 @@ def slug(name: str) -> str:
 
 
 def estimate_minutes(p: Pipeline) -> float:
-    from trime.data.prepare import read_data_meta
 
     cfg = C.build(C.TrainConfig, p.train_layer)
     train = 4 * p.rc.max_update * cfg.max_tokens / p.rc.train_tokens_per_s
@@ -217,7 +216,6 @@ def estimate_minutes(p: Pipeline) -> float:
 def reproduce(preset: str = "tiny", out: str | Path = "runs/reproduce", corpus: str = "shakespeare",
               char_level: bool = False, max_update: int = 0) -> dict:
     """Run (or resume) the whole pipeline; returns the results dictionary also written to results.json."""
-    from trime.report import write_report
 
     p = Pipeline(preset, Path(out), corpus, char_level, max_update)
     p.prepare_data()

@@ -1,0 +1,1 @@
+"""Pipelines: the main jobs (the language-model reproduction) and their reports."""
