@@ -66,14 +66,16 @@ def _clock(device) -> float:
 def eval_speed(bb, device, n_tokens: int, reps: int) -> tuple[float, float]:
     """(scored tok/s with local memory, scored tok/s of the plain forward) over the same windows; best of reps."""
     from trime import config as C
+    from trime.data.batching import Batch
     from trime.evaluate import Scorer
 
     g = torch.Generator().manual_seed(1)
     n_win = max(1, n_tokens // (L - CTX))
-    stream = torch.randint(2, V, (n_win, L + 1), generator=g).to(device)  # ids ≥ 2: none is the pad (1)
+    stream = torch.randint(1, V, (n_win, L + 1), generator=g).to(device)  # (windows, L + 1)
     inputs, labels = stream[:, :-1], stream[:, 1:]
     batch = 4
-    scorer = Scorer(bb.eval(), C.build(C.EvalConfig, {"use_local": True, "device": str(device)}))
+    cfg = C.build(C.EvalConfig, {"use_local": True, "device": str(device)})
+    scorer = Scorer(bb.eval(), cfg, dim=bb.dim, pad=0)  # pad 0 never occurs in the stream
     n_scored = n_win * (L - CTX)
     best = {"local": float("inf"), "forward": float("inf")}
     for r in range(reps + 1):
@@ -84,7 +86,7 @@ def eval_speed(bb, device, n_tokens: int, reps: int) -> tuple[float, float]:
                 for i in range(0, n_win, batch):
                     x, y = inputs[i : i + batch], labels[i : i + batch]
                     if kind == "local":
-                        scorer.score(x, y, [CTX] * len(x), [L - CTX] * len(x))
+                        scorer.score(Batch(x, y, [CTX] * len(x), [L - CTX] * len(x)))
                     else:
                         bb.model(input_ids=x)  # computes the logits of every position
             _sync(device)
@@ -95,7 +97,7 @@ def eval_speed(bb, device, n_tokens: int, reps: int) -> tuple[float, float]:
 
 def step_times(bb, device, reps: int, B: int = 4) -> dict[str, list[float]]:
     """Forward + backward seconds of each criterion for ``reps`` rounds on one batch of B × L tokens."""
-    from trime.losses import compute_loss
+    from trime.losses import LossSettings, compute_loss
 
     bb.train()
     g = torch.Generator().manual_seed(2)
@@ -105,7 +107,7 @@ def step_times(bb, device, reps: int, B: int = 4) -> dict[str, list[float]]:
     def run(kind):
         if kind == "hf labels=":
             return bb.model(input_ids=x, labels=x).loss
-        res = compute_loss(kind, bb(inputs), targets, bb.head, pad=-1)
+        res = compute_loss(LossSettings(kind, pad=-1), bb(inputs), targets, bb.head)
         return res.loss / res.n_targets
 
     kinds = ["ce", "trime", "hf labels="]

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from tests.reference import joint_log_prob as ref_joint
 from trime import config as C
 from trime.errors import CheckpointError, ConfigError, DataError, TrimeError
-from trime.losses import compute_loss
+from trime.losses import LossSettings, compute_loss
 from trime.model.hf import (
     HFBackbone,
     HFHead,
@@ -192,43 +192,47 @@ def test_trime_step_lowers_loss(model_dirs):
     opt = torch.optim.SGD(bb.parameters(), lr=0.1)
     losses = []
     for _ in range(4):
-        res = compute_loss("trime", bb(inputs), targets, bb.head, pad=-1)
+        res = compute_loss(LossSettings("trime", pad=-1), bb(inputs), targets, bb.head)
         opt.zero_grad()
         (res.loss / res.n_targets).backward()
         losses.append(res.loss.item() / res.n_targets)
         opt.step()
-    assert res.n_targets == targets.numel() and res.logs["mem_share"] > 0
+    assert int(res.n_targets) == targets.numel()
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-# (e) evaluation with local memory (trime.evaluate.Scorer) equals brute force, window by window
+# (e) evaluation with local memory (trime.evaluate.Scorer on make_batch windows) equals brute force
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
 def test_local_memory_scoring_matches_brute_force(model_dirs, family):
+    from trime.data.batching import make_batch
     from trime.evaluate import Scorer
 
     bb = load_hf(model_dirs[family])
-    temp = 0.7
-    stream = tokens(2, 15, seed=4)  # two windows of 14 inputs; ids ≥ 2 so none equals the current pad (1)
-    inputs, labels = stream[:, :-1], stream[:, 1:]
-    n_ctx, n_score = [5, 3], [9, 11]
+    temp, pad, eos = 0.7, 0, 1
+    stream = tokens(1, 40, seed=4, low=1)[0].numpy()  # ids ≥ 1: pad (0) never occurs
+    windows = np.array([[0, 9, 0], [9, 17, 5], [17, 30, 3]])  # (start, end, n_ctx); rows 1-2 are right-padded
+    batch = make_batch(stream, windows, pad=pad, eos=eos)
     for use_local in (False, True):
         cfg = C.build(C.EvalConfig, {"use_local": use_local, "softmax_temp": temp, "device": "cpu"})
-        got = Scorer(bb, cfg).score(inputs, labels, n_ctx, n_score)
+        got = Scorer(bb, cfg, dim=D, pad=pad).score(batch)
         want = []
-        q_seen, hook = capture(bb.model, KNOWN[family][0])
-        with torch.no_grad():
-            logits = bb.model(input_ids=inputs).logits.double()  # (2, 14, V): the model's own
-        hook.remove()
-        q = q_seen[-1].double()  # (2, 14, d)
-        for w in range(2):
-            logp, log_z = logits[w].log_softmax(-1), torch.logsumexp(logits[w], -1)
-            for i in range(n_ctx[w], n_ctx[w] + n_score[w]):
-                y = int(labels[w, i])
+        for start, end, n_ctx in windows.tolist():
+            pos = range(start - n_ctx, end)
+            inputs = torch.tensor([[eos if i == 0 else int(stream[i - 1]) for i in pos]])  # (1, T)
+            labels = [int(stream[i]) for i in pos]
+            q_seen, hook = capture(bb.model, KNOWN[family][0])
+            with torch.no_grad():
+                logits = bb.model(input_ids=inputs).logits[0].double()  # (T, V): the model's own
+            hook.remove()
+            q = q_seen[-1][0].double()  # (T, d)
+            logp, log_z = logits.log_softmax(-1), torch.logsumexp(logits, -1)
+            for i in range(n_ctx, len(labels)):
+                y = labels[i]
                 scores = [
-                    float(q[w, i] @ q[w, j]) / math.sqrt(D) / temp if use_local and j < i else -math.inf
-                    for j in range(14)
+                    float(q[i] @ q[j]) / math.sqrt(D) / temp if use_local and j < i else -math.inf
+                    for j in range(len(labels))
                 ]
-                want += ref_joint([logp[i, y]], [log_z[i]], [scores], labels[w].tolist(), [y])
+                want += ref_joint([logp[i, y]], [log_z[i]], [scores], labels, [y])
         np.testing.assert_allclose(got.double().numpy(), np.array(want), rtol=0, atol=2e-5)
 
 

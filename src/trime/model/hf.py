@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trime import io
 from trime.errors import CheckpointError, ConfigError
 from trime.model.adaptive import OutputHead
-from trime.model.transformer import LMOutput
+from trime.model.base import LMOutput
 
 KEYS = ("last_ffn_input", "final")
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the token part (64 MiB of float32)
@@ -444,8 +445,6 @@ HF_META = {"backbone": "hf"}
 def save_hf_checkpoint(path: str | os.PathLike, backbone: HFBackbone, tokenizer=None, **meta) -> Path:
     """Write a fine-tuned backbone as a trime checkpoint directory: save_pretrained layout
     (config.json, safetensors weights, the tokenizer when given) plus meta.json, written last."""
-    from trime import io
-
     path = Path(path)
     with io.atomic_dir(path, overwrite=True) as tmp:
         backbone.model.save_pretrained(tmp, safe_serialization=True)
@@ -466,16 +465,12 @@ def save_hf_checkpoint(path: str | os.PathLike, backbone: HFBackbone, tokenizer=
 
 def is_hf_checkpoint(path: str | os.PathLike) -> bool:
     """True for a complete trime checkpoint directory written by :func:`save_hf_checkpoint`."""
-    from trime import io
-
     meta = Path(path) / io.META
     return meta.is_file() and io.read_json(meta).get("backbone") == "hf"
 
 
 def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None, device="cpu", chunk_rows: int | None = None):
     """(HFBackbone in eval mode, meta) of a :func:`save_hf_checkpoint` directory; safetensors only."""
-    from trime import io
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
