@@ -2,9 +2,9 @@
 library function; a user's mistake (TrimeError) prints one line and exits 2.
 
     trime data fetch NAME            download a known corpus (shakespeare, wikitext-103, enwik8)
-    trime data prepare SRC --out D   dictionary + int32 token arrays
-    trime train DATA [--preset P]    train with CE or a TRIME objective (torchrun for many GPUs)
-    trime eval DATA --path CKPT      sliding-window evaluation with local / long / external memory
+    trime data prepare SRC --out D   dictionary + int32 token arrays (or --hf-tokenizer T: a model's own ids)
+    trime train DATA [--preset P]    train with CE or a TRIME objective (torchrun for many GPUs; --hf-model M)
+    trime eval DATA --path CKPT      sliding-window evaluation with local / long / external memory (or --hf-model M)
     trime reproduce                  the main job: the whole pipeline on the offline default corpus
 """
 
@@ -20,6 +20,7 @@ from trime import io
 from trime.checkpoint import convert
 from trime.data import bm25
 from trime.data.fetch import fetch
+from trime.data.hf_text import prepare_hf, prepare_hf_corpus
 from trime.data.prepare import load_dictionary, load_split, prepare, prepare_corpus
 from trime.datastore_build import build_datastore
 from trime.errors import TrimeError
@@ -42,7 +43,18 @@ def cmd_fetch(ns: argparse.Namespace) -> None:
 
 def cmd_prepare(ns: argparse.Namespace) -> None:
 
-    if ns.train or ns.valid or ns.test:
+    if ns.hf_tokenizer:
+        if ns.char_level or ns.dict:
+            raise TrimeError("--hf-tokenizer replaces --dict and --char-level: give one of them")
+        hf = {"gguf_file": ns.gguf_file, "overwrite": ns.overwrite}
+        splits = {k: getattr(ns, k) for k in ("train", "valid", "test") if getattr(ns, k)}
+        if not (splits or ns.src):
+            raise TrimeError("give a corpus directory (train.txt, valid.txt, test.txt) or --train/--valid/--test files")
+        out = prepare_hf(splits, ns.out, ns.hf_tokenizer, **hf) if splits else prepare_hf_corpus(
+            ns.src, ns.out, ns.hf_tokenizer, **hf)
+    elif ns.gguf_file:
+        raise TrimeError("--gguf-file needs --hf-tokenizer (the directory holding it)")
+    elif ns.train or ns.valid or ns.test:
         splits = {k: getattr(ns, k) for k in ("train", "valid", "test") if getattr(ns, k)}
         out = prepare(splits, ns.out, char_level=bool(ns.char_level), dictionary=ns.dict, overwrite=ns.overwrite)
     elif ns.src:
@@ -68,8 +80,8 @@ def cmd_eval(ns: argparse.Namespace) -> None:
 
     layers = {**_preset_layers(ns, "eval"), "data": ns.data}
     cfg = C.build(C.EvalConfig, layers, C.overrides_from_args(ns, C.EvalConfig))
-    if not cfg.path:
-        raise TrimeError("trime eval needs --path CHECKPOINT")
+    if not (cfg.path or cfg.hf_model):
+        raise TrimeError("trime eval needs --path CHECKPOINT or --hf-model NAME_OR_DIR")
     result = evaluate(cfg)
     print(f"| {cfg.gen_subset}: {result.n_tokens} tokens scored")
     print(result.line())
@@ -78,8 +90,8 @@ def cmd_eval(ns: argparse.Namespace) -> None:
 def cmd_datastore(ns: argparse.Namespace) -> None:
 
     cfg = C.build(C.DatastoreConfig, {"data": ns.data}, C.overrides_from_args(ns, C.DatastoreConfig))
-    if not (cfg.path and cfg.out):
-        raise TrimeError("trime datastore build needs --path CHECKPOINT and --out DIR")
+    if not ((cfg.path or cfg.hf_model) and cfg.out):
+        raise TrimeError("trime datastore build needs --path CHECKPOINT (or --hf-model NAME_OR_DIR) and --out DIR")
     print(f"| datastore in {build_datastore(cfg)}")
 
 
@@ -167,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--char-level", action=argparse.BooleanOptionalAction, default=None,
                     help="raw bytes, one token per byte (default: the corpus's meta.json, else word level)")
     pr.add_argument("--dict", help="reuse this dict.txt (e.g. a checkpoint's) instead of building one")
+    pr.add_argument("--hf-tokenizer", help="tokenize with this Hugging Face tokenizer (directory, hub name or .gguf "
+                    "file) instead of building a dictionary: for --hf-model")
+    pr.add_argument("--gguf-file", help="the GGUF file inside --hf-tokenizer's directory")
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_prepare)
 

@@ -140,7 +140,8 @@ def _neighbor_writer(cfg: EvalConfig, dim: int):
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Score a split of ``cfg.data`` with the checkpoint ``cfg.path`` and the chosen memories."""
     device = pick_device(cfg.device)
-    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
+    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint, hf_model=cfg.hf_model,
+                                            gguf_file=cfg.gguf_file, keytype=cfg.knn_keytype)
     data_dir = Path(cfg.data)
     check_vocabulary(data_dir, model_cfg.vocab_size, checkpoint_dictionary(ckpt_dir))
     pad, eos = special_ids(data_dir)

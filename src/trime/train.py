@@ -38,6 +38,7 @@ from trime.data.prepare import check_vocabulary, load_dictionary, load_split, sp
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import ConfigError, DataError
 from trime.losses import LossSettings, compute_loss
+from trime.model.hf import HFBackbone, load_hf, load_hf_weights
 from trime.model.transformer import build_model
 from trime.optim import build_optimizer, schedule, set_lr
 
@@ -168,12 +169,13 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress
     dist.init()
     device = pick_device(cfg.device)
     amp = autocast_dtype(cfg.amp, device)
-    model_cfg, data = _load_data(cfg, model_cfg, device)
+    hf = _hf_backbone(cfg, device) if cfg.hf_model else None
+    model_cfg, data = _load_data(cfg, hf.cfg if hf is not None else model_cfg, device)
     run_dir = Path(cfg.save_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _prepare_run_dir(run_dir, model_cfg, cfg)
     torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg).to(device)
+    model = build_model(model_cfg).to(device) if hf is None else hf.train()
     optimizer = build_optimizer(model.parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     group = _group_size(cfg)
@@ -181,7 +183,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress
                           dist.make_group_gather(group) if group > 1 else None)
     progress = _resume(run_dir, model, optimizer, objective, scaler, device)
     # adaptive bands and tail clusters without a token in a batch get no gradient that step
-    adaptive = bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
+    adaptive = hf is None and bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
     wrapped = dist.wrap_ddp(objective, find_unused_parameters=adaptive)
     parts = _Parts(model, objective, wrapped, optimizer, scaler, schedule(cfg), amp)
     n_seg = num_segments(len(data.train), cfg.tokens_per_sample)
@@ -191,11 +193,24 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress
     return run_dir
 
 
+def _hf_backbone(cfg: TrainConfig, device: torch.device) -> HFBackbone:
+    """The transformers causal LM of ``--hf-model`` to fine-tune (trime.model.hf), checked against L."""
+    key = "final" if cfg.knn_keytype == "final" else "last_ffn_input"
+    model = load_hf(cfg.hf_model, gguf_file=cfg.gguf_file or None, device=device, key=key)
+    if 0 < model.cfg.max_positions < cfg.tokens_per_sample:
+        raise ConfigError(f"--tokens-per-sample {cfg.tokens_per_sample} exceeds {cfg.hf_model}'s context of "
+                          f"{model.cfg.max_positions} positions")
+    return model
+
+
 def _resume(run_dir: Path, model, optimizer, objective, scaler, device) -> Progress:
     last = run_dir / "checkpoint_last"
     if not io.is_complete(last):
         return Progress()
-    model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)), strict=False)
+    if isinstance(model, HFBackbone):
+        load_hf_weights(model, last)
+    else:
+        model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)), strict=False)
     state = load_trainer_state(last)
     if state is None:
         raise DataError(f"{last}: no trainer state to resume from")

@@ -27,13 +27,16 @@ A model where rule 1 or 2 finds nothing raises a one-line ConfigError; ``key="fi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from trime import io
@@ -440,16 +443,29 @@ def load_hf(
 
 
 HF_META = {"backbone": "hf"}
+TRAINER = "trainer.pt"  # the trainer state file trime.checkpoint.load_trainer_state reads
 
 
-def save_hf_checkpoint(path: str | os.PathLike, backbone: HFBackbone, tokenizer=None, **meta) -> Path:
-    """Write a fine-tuned backbone as a trime checkpoint directory: save_pretrained layout
-    (config.json, safetensors weights, the tokenizer when given) plus meta.json, written last."""
+def save_hf_checkpoint(
+    path: str | os.PathLike,
+    backbone: HFBackbone,
+    tokenizer=None,
+    *,
+    train_cfg: Any = None,
+    trainer_state: dict | None = None,
+    **meta: Any,
+) -> Path:
+    """Write a backbone as a trime checkpoint directory: save_pretrained layout (config.json, safetensors
+    weights, the tokenizer when given), ``trainer.pt`` for resuming when given (tensors and plain
+    containers only), then meta.json (with the train config), written last; replaces an older one."""
     path = Path(path)
     with io.atomic_dir(path, overwrite=True) as tmp:
         backbone.model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER)
+        train = dataclasses.asdict(train_cfg) if dataclasses.is_dataclass(train_cfg) else train_cfg
         io.write_meta(
             tmp,
             "checkpoint",
@@ -458,9 +474,28 @@ def save_hf_checkpoint(path: str | os.PathLike, backbone: HFBackbone, tokenizer=
             source=backbone.cfg.name,
             vocab_size=backbone.vocab_size,
             d_model=backbone.dim,
+            train=train,
             **meta,
         )
     return path
+
+
+def load_hf_weights(backbone: HFBackbone, directory: str | os.PathLike) -> None:
+    """Load the safetensors weights of a save_pretrained directory into ``backbone.model`` (resuming a run)."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no safetensors weights")
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f), device=str(next(backbone.parameters()).device)))
+    model = backbone.model
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def is_hf_checkpoint(path: str | os.PathLike) -> bool:
@@ -486,7 +521,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None, device="cpu", chu
 
 def hf_fingerprint(name_or_dir: str | os.PathLike, gguf_file: str | None = None) -> str:
     """A short hash of a local model's weight files (the GGUF file, or every *.safetensors / *.bin in the
-    directory, by name and content); for a hub name, the name and the resolved commit when known."""
+    directory, by name and content); for a hub name, a hash of the name."""
     source, gguf = _resolve_source(name_or_dir, gguf_file)
     path = Path(source)
     h = hashlib.sha256()
