@@ -20,6 +20,7 @@ One tiny random Llama-architecture model (4 layers, d = 256, V = 32k, built from
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -249,6 +250,10 @@ def main() -> None:
         print(json.dumps(memory_child(args.memory_child, args.device)))
         return
     device = torch.device(args.device)
+    if importlib.util.find_spec("transformers") is None:
+        print("bench_hf: transformers is not installed (pip install trime[hf]); nothing measured", file=sys.stderr)
+        emit([], args.json)
+        return
     if not args.json:
         print(
             f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
