@@ -252,7 +252,7 @@ def _word_tokenizer(root: Path, words: list[str]) -> Path:
 
 def test_hf_text_prepare_round_trip(tmp_path):
     from trime.data.hf_text import choose_pad, prepare_hf, prepare_hf_corpus
-    from trime.data.prepare import load_split, prepare_corpus
+    from trime.data.prepare import check_vocabulary, load_split, prepare_corpus
     from trime.io import read_meta
 
     words = ["the", "cat", "sat", "on", "mat", "a", "dog"]
@@ -274,6 +274,9 @@ def test_hf_text_prepare_round_trip(tmp_path):
         np.testing.assert_array_equal(load_split(out, split), np.array(want, dtype=np.int32))
         assert meta["splits"][split]["lines"] == len(lines)
     assert meta["splits"]["test"]["unk"] == 1 and meta["splits"]["train"]["unk"] == 0
+    check_vocabulary(out, 12)  # a head with spare rows fits
+    with pytest.raises(DataError, match="only 9"):
+        check_vocabulary(out, 9)
     fairseq_style = read_meta(prepare_corpus(corpus, tmp_path / "word"), kind="data")
     assert set(meta["splits"]["train"]) == set(fairseq_style["splits"]["train"])
     assert set(fairseq_style) - {"dictionary"} <= set(meta)
