@@ -1,19 +1,23 @@
 # The two commands of the README:
 #   make reproduce   install, then run the main job on the offline default corpus
-#   make test        install, then run the test suite (offline)
+#   make test        install, then lint and run the test suite (offline) against the installed package
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 
-.PHONY: install reproduce test bench
+.PHONY: install reproduce test lint bench
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q ".[dev]"
 
 reproduce: install
 	$(PYTHON) -m trime reproduce
 
-test: install
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: install lint
 	$(PYTHON) -m pytest -q
 
 bench: install

@@ -28,11 +28,11 @@ import numpy as np
 from tqdm import tqdm
 
 from trime.data import bm25
-from trime.io import read_meta
+from trime.io import read_meta, shard_range
 
 WT103_TOKENS, WT103_VOCAB, WT103_ARTICLE = 103_227_021, 267_735, 3_600
 STOP = ["the", "of", "and", "in", "to", "a", "was", "is", "for", "on", "as", "by", "with", "that", "at"]
-PUNCT = [",", ".", "@-@", "(", ")", "\"", "'s", ";", ":", "@,@"]
+PUNCT = [",", ".", "@-@", "(", ")", '"', "'s", ";", ":", "@,@"]
 
 
 def synthetic_corpus(n_tokens: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -77,8 +77,8 @@ def run(tokens, symbols, L: int, work: Path, num_shards: int, measure: int, thre
     clock = Clock()
     seg, idx, res = work / "segments.jsonl", work / "index", work / "results"
     n_seg = clock("segments", bm25.write_segments, tokens, symbols, L, seg)
-    clock("index", bm25.build_index_from_tokens, tokens, symbols, L, seg, idx)
-    ranges = [bm25.shard_range(n_seg, num_shards, k) for k in range(measure)]
+    clock("index", lambda: bm25.build_index(seg, idx, analysed=bm25.analyze_tokens(tokens, symbols, L)))
+    ranges = [shard_range(n_seg, k, num_shards) for k in range(measure)]
     done = sum(hi - lo for lo, hi in ranges)
     out = {"n_seg": n_seg, "clock": clock, "searched": done}
     if measure < num_shards:  # the parts of bm25.search, so that the index is loaded once
@@ -132,21 +132,42 @@ def main() -> None:
     wall, cpu = clock.wall, clock.cpu
     if args.json:
         total = sum(wall.values())
-        rows = [{"bench": "bm25", "measure": f"pipeline segments/s ({n_seg} segments of {args.L})", "value": n_seg / total,
-                 "baseline": None, "ratio": None, "goal": "WikiText-103 < 10 min", "unit": "seg/s"}]
+        rows = [
+            {
+                "bench": "bm25",
+                "measure": f"pipeline segments/s ({n_seg} segments of {args.L})",
+                "value": n_seg / total,
+                "baseline": None,
+                "ratio": None,
+                "goal": "WikiText-103 < 10 min",
+                "unit": "seg/s",
+            }
+        ]
         if "share_chain" in r:
-            rows.append({"bench": "bm25", "measure": "consecutive pairs that are BM25 hits: chained vs random order",
-                         "value": r["share_chain"], "baseline": r["share_random"],
-                         "ratio": r["share_chain"] / max(r["share_random"], 1e-9), "goal": "", "unit": ""})
+            rows.append(
+                {
+                    "bench": "bm25",
+                    "measure": "consecutive pairs that are BM25 hits: chained vs random order",
+                    "value": r["share_chain"],
+                    "baseline": r["share_random"],
+                    "ratio": r["share_chain"] / max(r["share_random"], 1e-9),
+                    "goal": "",
+                    "unit": "",
+                }
+            )
         print(json.dumps(rows))
         return
     wt_seg = -(-WT103_TOKENS // 3072)
     scale = (wt_seg / n_seg) ** 2 if args.L == 3072 else float("nan")
     lin = WT103_TOKENS / len(tokens)
-    est = {k: sum(v * (scale if step == "search" else lin) for step, v in w.items())
-           for k, w in (("wall", wall), ("cpu", cpu))}
-    print(f"\nBM25 pipeline on {source}, L = {args.L}: {n_seg} segments, {args.threads or os.cpu_count()} threads, "
-          f"load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    est = {
+        k: sum(v * (scale if step == "search" else lin) for step, v in w.items())
+        for k, w in (("wall", wall), ("cpu", cpu))
+    }
+    print(
+        f"\nBM25 pipeline on {source}, L = {args.L}: {n_seg} segments, {args.threads or os.cpu_count()} threads, "
+        f"load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     print("| step | wall s | CPU s (all threads) |\n|---|---|---|")
     for k in wall:
         partial = k == "search" and r["searched"] < n_seg
@@ -157,11 +178,16 @@ def main() -> None:
     if "share_chain" in r:
         print(f"| consecutive pairs (a, b) with b among a's top-20 hits: chained order | {r['share_chain']:.3f} | |")
         print(f"| same, random order | {r['share_random']:.4f} | |")
-    how = "measured at full size" if abs(scale - 1) < 0.05 else \
-        f"crude: search scaled x{scale:.0f} (S^2) from {n_seg} segments, an upper bound; use --wt103"
+    how = (
+        "measured at full size"
+        if abs(scale - 1) < 0.05
+        else f"crude: search scaled x{scale:.0f} (S^2) from {n_seg} segments, an upper bound; use --wt103"
+    )
     if args.L == 3072:
-        print(f"| WikiText-103 estimate, {wt_seg} segments of 3072 | {est['wall'] / 60:.1f} min "
-              f"| {est['cpu'] / 60:.1f} CPU min |")
+        print(
+            f"| WikiText-103 estimate, {wt_seg} segments of 3072 | {est['wall'] / 60:.1f} min "
+            f"| {est['cpu'] / 60:.1f} CPU min |"
+        )
         print(f"({how})")
 
 

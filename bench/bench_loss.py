@@ -40,9 +40,19 @@ def build_model(device):
     from trime.model.transformer import build_model as build
 
     cfg = ModelConfig(
-        n_layers=4, d_model=256, d_ffn=1024, n_heads=4, dropout=0.0, vocab_size=V, max_positions=L,
-        adaptive_input=True, adaptive_input_cutoff=[2000, 10000], adaptive_input_factor=4.0,
-        adaptive_softmax_cutoff=[2000, 10000], adaptive_softmax_factor=4.0, tie_adaptive_weights=True,
+        n_layers=4,
+        d_model=256,
+        d_ffn=1024,
+        n_heads=4,
+        dropout=0.0,
+        vocab_size=V,
+        max_positions=L,
+        adaptive_input=True,
+        adaptive_input_cutoff=[2000, 10000],
+        adaptive_input_factor=4.0,
+        adaptive_softmax_cutoff=[2000, 10000],
+        adaptive_softmax_factor=4.0,
+        tie_adaptive_weights=True,
         tie_adaptive_proj=True,
     )
     return build(cfg).to(device)
@@ -152,8 +162,16 @@ def _reset_peak_rss() -> int:
 def memory(device: torch.device) -> dict[str, dict[str, float]]:
     out = {}
     for kind in ("chunked", "dense"):
-        cmd = [sys.executable, __file__, "--memory-child", kind, "--device", str(device),
-               "--threads", str(torch.get_num_threads())]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            kind,
+            "--device",
+            str(device),
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -188,16 +206,20 @@ def main() -> None:
     fastest = min(t["ce"])
     for name in ("memory: local", "memory: long"):
         best = min(t[name])
-        print(f"{name:<14} alone (fastest of {args.reps}): {best * 1e3:7.1f} ms"
-              f" = {best / fastest:.3f} × the fastest ce step")
+        print(
+            f"{name:<14} alone (fastest of {args.reps}): {best * 1e3:7.1f} ms"
+            f" = {best / fastest:.3f} × the fastest ce step"
+        )
     m = memory(device)
     what = "peak allocated growth" if device.type == "cuda" else "peak RSS growth"
     print(f"\njoint memory statistics, 3072 queries × 12288 keys, d=256, forward + backward ({what})")
     print(f"{'formulation':<12}{'MiB':>10}{'seconds':>10}")
     for k in ("chunked", "dense"):
         print(f"{k:<12}{m[k]['peak_mib']:>10.1f}{m[k]['seconds']:>10.3f}")
-    print(f"dense / chunked memory: {m['dense']['peak_mib'] / max(m['chunked']['peak_mib'], 1e-9):.1f}×; "
-          f"loss difference {abs(m['dense']['loss'] - m['chunked']['loss']):.2e}")
+    print(
+        f"dense / chunked memory: {m['dense']['peak_mib'] / max(m['chunked']['peak_mib'], 1e-9):.1f}×; "
+        f"loss difference {abs(m['dense']['loss'] - m['chunked']['loss']):.2e}"
+    )
 
 
 def rows(device, reps: int) -> list[dict]:
@@ -207,12 +229,29 @@ def rows(device, reps: int) -> list[dict]:
     for c, goal in (("trime", "≤ 1.03"), ("trime_long", "≤ 1.10")):
         ratio = statistics.median(a / b for a, b in zip(t[c], t["ce"]))
         what = "4 segments of memory" if c == "trime_long" else "local memory"
-        out.append({"bench": "loss", "measure": f"{c} step time ({what}) vs ce", "value": statistics.median(t[c]),
-                    "baseline": statistics.median(t["ce"]), "ratio": ratio, "goal": goal, "unit": "s"})
+        out.append(
+            {
+                "bench": "loss",
+                "measure": f"{c} step time ({what}) vs ce",
+                "value": statistics.median(t[c]),
+                "baseline": statistics.median(t["ce"]),
+                "ratio": ratio,
+                "goal": goal,
+                "unit": "s",
+            }
+        )
     m = memory(device)
-    out.append({"bench": "loss", "measure": "peak memory, chunked vs dense joint softmax (12k-token memory)",
-                "value": m["chunked"]["peak_mib"], "baseline": m["dense"]["peak_mib"],
-                "ratio": m["chunked"]["peak_mib"] / max(m["dense"]["peak_mib"], 1e-9), "goal": "≤ 0.25", "unit": "MiB"})
+    out.append(
+        {
+            "bench": "loss",
+            "measure": "peak memory, chunked vs dense joint softmax (12k-token memory)",
+            "value": m["chunked"]["peak_mib"],
+            "baseline": m["dense"]["peak_mib"],
+            "ratio": m["chunked"]["peak_mib"] / max(m["dense"]["peak_mib"], 1e-9),
+            "goal": "≤ 0.25",
+            "unit": "MiB",
+        }
+    )
     return out
 
 

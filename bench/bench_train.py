@@ -20,18 +20,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, row, synthetic_corpus  # noqa: E402
+from common import emit, row, synthetic_corpus
 
-from trime import config as C  # noqa: E402
+from trime import config as C
 
 
 def bare_loop(model_cfg, cfg, data: Path, updates: int, warm: int) -> float:
     """Tokens/s of forward + CE + backward + AdamW on the trainer's first batches."""
-    from trime.data.batching import epoch_batches
-    from trime.data.blocks import num_segments
+    from trime.data.batching import epoch_batches, make_batch
+    from trime.data.blocks import num_segments, segment_windows
     from trime.data.prepare import load_split
+    from trime.device import autocast, autocast_dtype
     from trime.model.transformer import build_model
-    from trime.train import autocast, autocast_dtype, make_batch
 
     device = torch.device("cpu")
     amp = autocast_dtype(cfg.amp, device)
@@ -45,7 +45,8 @@ def bare_loop(model_cfg, cfg, data: Path, updates: int, warm: int) -> float:
     for i, ids in enumerate(batches[: warm + updates]):
         if i == warm:
             t0, n = time.perf_counter(), 0
-        inputs, targets = make_batch(tokens, ids, L, device)
+        b = make_batch(tokens, segment_windows(ids, len(tokens), L), pad=1, eos=2, width=L, device=device)
+        inputs, targets = b.inputs, b.targets
         with autocast(device, amp):
             out = model(inputs)
             logp, _ = model.head.target_logp(out.h.reshape(-1, out.h.shape[-1]), targets.reshape(-1))
@@ -79,9 +80,18 @@ def main(argv=None) -> list[dict]:
         data = synthetic_corpus(root, 400_000, 20_000)
         model_cfg = C.build(C.ModelConfig, preset["model"])
         warm = 2
-        layers = {**preset["train"], "data": str(data), "save_dir": str(root / "run"), "max_update": a.updates + warm,
-                  "max_time": 0.0, "log_interval": 1, "save_interval_updates": 0, "criterion": "ce", "clip_norm": 0.0,
-                  "device": "cpu"}
+        layers = {
+            **preset["train"],
+            "data": str(data),
+            "save_dir": str(root / "run"),
+            "max_update": a.updates + warm,
+            "max_time": 0.0,
+            "log_interval": 1,
+            "save_interval_updates": 0,
+            "criterion": "ce",
+            "clip_norm": 0.0,
+            "device": "cpu",
+        }
         cfg = C.build(C.TrainConfig, layers)
         from trime.data.prepare import load_dictionary
 

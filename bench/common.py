@@ -41,12 +41,26 @@ def timed(fn, *args, **kw):
     return out, time.perf_counter() - t
 
 
-def row(bench: str, measure: str, value: float, baseline: float | None = None, goal: str = "",
-        unit: str = "", ratio: float | None = None) -> dict:
+def row(
+    bench: str,
+    measure: str,
+    value: float,
+    baseline: float | None = None,
+    goal: str = "",
+    unit: str = "",
+    ratio: float | None = None,
+) -> dict:
     if ratio is None and baseline:
         ratio = value / baseline
-    return {"bench": bench, "measure": measure, "value": value, "baseline": baseline, "ratio": ratio,
-            "goal": goal, "unit": unit}
+    return {
+        "bench": bench,
+        "measure": measure,
+        "value": value,
+        "baseline": baseline,
+        "ratio": ratio,
+        "goal": goal,
+        "unit": unit,
+    }
 
 
 def emit(rows: list[dict], as_json: bool) -> None:

@@ -12,7 +12,6 @@ import math
 import torch
 from torch import nn
 
-
 # ----------------------------------------------------------------------------------------------
 # The joint softmax (spec §2 step 3; DESIGN.md "The one idea everything shares")
 
@@ -59,11 +58,13 @@ def local_visible(i: int, j: int, L: int, key_valid) -> bool:
 
 def long_visible(i_stream: int, j: int, group_bounds, key_valid) -> bool:
     """Stream rows: same memory group and j strictly before i."""
+
     def group(r):
         for g in range(len(group_bounds) - 1):
             if group_bounds[g] <= r < group_bounds[g + 1]:
                 return g
         raise AssertionError(r)
+
     return bool(key_valid[j]) and group(i_stream) == group(j) and j < i_stream
 
 
@@ -164,9 +165,7 @@ def trime_loss(h, q, targets, head, keys, values, pred, pad: int) -> float:
         y = int(targets[i])
         if y == pad:
             continue
-        scores = [
-            float(q[i] @ keys[j]) / math.sqrt(d) if pred(i, j) else -math.inf for j in range(keys.shape[0])
-        ]
+        scores = [float(q[i] @ keys[j]) / math.sqrt(d) if pred(i, j) else -math.inf for j in range(keys.shape[0])]
         total -= joint_log_prob([tlp[i]], [tln[i]], [scores], values, [y])[0]
     return total
 

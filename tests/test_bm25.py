@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import types
 
 import numpy as np
@@ -18,10 +17,31 @@ import pytest
 from trime.data import bm25
 from trime.data.batching import load_batch_order
 from trime.data.blocks import input_tokens, segment_bounds
-from trime.errors import ConfigError, DataError
+from trime.errors import DataError
+from trime.io import shard_range
 
-SYMBOLS = ["<s>", "<pad>", "</s>", "<unk>", "The", "cats", "were", "running", ",", "don't", "a", "of",
-           "Paris", "x", "3", '"', "élan", "runs", "cat", "a\\b"] + [f"w{i}" for i in range(60)]
+SYMBOLS = [
+    "<s>",
+    "<pad>",
+    "</s>",
+    "<unk>",
+    "The",
+    "cats",
+    "were",
+    "running",
+    ",",
+    "don't",
+    "a",
+    "of",
+    "Paris",
+    "x",
+    "3",
+    '"',
+    "élan",
+    "runs",
+    "cat",
+    "a\\b",
+] + [f"w{i}" for i in range(60)]
 
 
 def corpus(n_tokens: int = 1500, seed: int = 0) -> np.ndarray:
@@ -51,6 +71,7 @@ def read_hits(results_dir, n):
 
 # --- segments and analysis -------------------------------------------------------------------
 
+
 def test_segments_match_blocks(tmp_path):
     tokens, L = corpus(700), 64
     n = bm25.write_segments(tokens, SYMBOLS, L, tmp_path / "s.jsonl")
@@ -66,7 +87,7 @@ def test_segments_match_blocks(tmp_path):
 
 def test_analyze_lucene_like():
     terms, off, vocab = bm25.analyze(['The cats were running , <unk> 3 x "', "don't Paris runs a of cat élan"])
-    docs = [[vocab[t] for t in terms[off[i]:off[i + 1]]] for i in range(2)]
+    docs = [[vocab[t] for t in terms[off[i] : off[i + 1]]] for i in range(2)]
     assert docs == [["cat", "were", "run", "unk", "3", "x"], ["don", "t", "pari", "run", "cat", "élan"]]
     assert vocab == sorted(vocab)
 
@@ -98,7 +119,7 @@ def test_bm25_weights_match_bm25s_and_brute_force():
     import scipy.sparse as sp
 
     terms, off, vocab = bm25.analyze_tokens(corpus(600, seed=1), SYMBOLS, 40)
-    ids = [terms[off[i]:off[i + 1]].tolist() for i in range(len(off) - 1)]
+    ids = [terms[off[i] : off[i + 1]].tolist() for i in range(len(off) - 1)]
     w = bm25.bm25_weights(bm25._term_counts(terms, off, len(vocab)))
     ref = bm25s.BM25(k1=0.9, b=0.4, method="lucene")
     ref.index((ids, {t: i for i, t in enumerate(vocab)}), create_empty_token=False, show_progress=False)
@@ -110,6 +131,7 @@ def test_bm25_weights_match_bm25s_and_brute_force():
 
 
 # --- search ----------------------------------------------------------------------------------
+
 
 def expected_hits(scores: np.ndarray, k: int) -> list[list[int]]:
     """Brute force: positive scores, best first, ties by smaller id, at most k."""
@@ -131,7 +153,7 @@ def test_search_matches_brute_force(tmp_path, monkeypatch, dense_df):
     d = build(tmp_path, tokens, L)
     bm25.search(d / "idx", d / "seg.jsonl", d / "res", top_k=7, n_threads=2)
     terms, off, _ = bm25.analyze_tokens(tokens, SYMBOLS, L)
-    docs = [terms[off[i]:off[i + 1]].tolist() for i in range(len(off) - 1)]
+    docs = [terms[off[i] : off[i + 1]].tolist() for i in range(len(off) - 1)]
     ref = lucene_scores(docs)
     got = read_hits(d / "res", len(docs))
     want = expected_hits(ref, 7)
@@ -149,7 +171,7 @@ def test_saved_index_is_a_bm25s_index(tmp_path):
     d = build(tmp_path, tokens, L)
     bm25.search(d / "idx", d / "seg.jsonl", d / "res", top_k=5)
     terms, off, vocab = bm25.analyze_tokens(tokens, SYMBOLS, L)
-    queries = [[vocab[t] for t in terms[off[i]:off[i + 1]]] for i in range(len(off) - 1)]
+    queries = [[vocab[t] for t in terms[off[i] : off[i + 1]]] for i in range(len(off) - 1)]
     res = bm25s.BM25.load(d / "idx").retrieve(queries, k=5, show_progress=False)
     ours = read_hits(d / "res", len(queries))
     assert sum(list(a) == b for a, b in zip(res.documents.tolist(), ours)) >= len(queries) - 1
@@ -196,10 +218,11 @@ def test_search_resumes_by_shard(tmp_path, monkeypatch):
 
 # --- chain -----------------------------------------------------------------------------------
 
+
 def write_results(path, hits, shards=2):
     path.mkdir()
     for k in range(shards):
-        lo, hi = bm25.shard_range(len(hits), shards, k)
+        lo, hi = shard_range(len(hits), k, shards)
         lines = [json.dumps({"id": i, "retrieval": hits[i]}) + "\n" for i in range(lo, hi)]
         (path / f"shard{k}.jsonl").write_text("".join(lines))
 
@@ -257,8 +280,8 @@ def test_results_must_cover_every_id_once(tmp_path):
 
 def test_duplicate_segments_are_chained_together(tmp_path):
     tokens, L = corpus(2000, seed=7), 40
-    tokens[7 * L - 1: 8 * L - 1] = tokens[2 * L - 1: 3 * L - 1]  # segment 7's inputs = segment 2's
-    tokens[30 * L - 1: 31 * L - 1] = tokens[11 * L - 1: 12 * L - 1]
+    tokens[7 * L - 1 : 8 * L - 1] = tokens[2 * L - 1 : 3 * L - 1]  # segment 7's inputs = segment 2's
+    tokens[30 * L - 1 : 31 * L - 1] = tokens[11 * L - 1 : 12 * L - 1]
     d = build(tmp_path, tokens, L)
     n = len(bm25.read_segments(d / "seg.jsonl"))
     bm25.search(d / "idx", d / "seg.jsonl", d / "res")
@@ -271,6 +294,7 @@ def test_duplicate_segments_are_chained_together(tmp_path):
 
 
 # --- pipeline and batch file -----------------------------------------------------------------
+
 
 @pytest.fixture
 def fake_prepare(monkeypatch):
@@ -294,17 +318,19 @@ def test_bm25_batches_pipeline(tmp_path, fake_prepare, capsys):
     assert (tmp_path / "b.json").read_bytes() == out.read_bytes()  # same seed, same file
     with pytest.raises(DataError, match="another setup"):
         bm25.bm25_batches("data", 64, tmp_path / "a/bm25_batches.json")
-    with pytest.raises(ConfigError, match="pyserini is not supported"):
-        bm25.bm25_batches("data", 50, tmp_path / "c.json", backend="pyserini")
 
 
 def test_load_batch_order_rejects_bad_files(tmp_path):
     p = tmp_path / "order.json"
     p.write_text(json.dumps([2, 0, 1]))
     assert load_batch_order(p, 3).tolist() == [2, 0, 1]
-    for content, match in [([2, 0, 1, 3], "lists 4 segment ids but the training data has 3"),
-                           ([2, 0, 0], "not a permutation"), ([2, 0, 3], "not a segment id"),
-                           ({"order": [0]}, "not a JSON list"), ([0, 1.0, 2], "not a JSON list")]:
+    for content, match in [
+        ([2, 0, 1, 3], "lists 4 segment ids but the training data has 3"),
+        ([2, 0, 0], "not a permutation"),
+        ([2, 0, 3], "not a segment id"),
+        ({"order": [0]}, "not a JSON list"),
+        ([0, 1.0, 2], "not a JSON list"),
+    ]:
         p.write_text(json.dumps(content))
         with pytest.raises(DataError, match=match):
             load_batch_order(p, 3)

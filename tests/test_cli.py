@@ -23,11 +23,32 @@ def assert_user_error(proc, words):
 def test_micro_workflow_end_to_end(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_lines=200)
     assert trime("data", "prepare", corpus, "--out", tmp_path / "data").returncode == 0
-    p = trime("train", tmp_path / "data", "--preset", "micro", "--criterion", "trime", "--max-update", "4",
-              "--save-dir", tmp_path / "run")
+    p = trime(
+        "train",
+        tmp_path / "data",
+        "--preset",
+        "micro",
+        "--criterion",
+        "trime",
+        "--max-update",
+        "4",
+        "--save-dir",
+        tmp_path / "run",
+    )
     assert p.returncode == 0, p.stderr
-    p = trime("eval", tmp_path / "data", "--path", tmp_path / "run", "--context-window", "16", "--use-local",
-              "--softmax-temp", "1.1", "--gen-subset", "test")
+    p = trime(
+        "eval",
+        tmp_path / "data",
+        "--path",
+        tmp_path / "run",
+        "--context-window",
+        "16",
+        "--use-local",
+        "--softmax-temp",
+        "1.1",
+        "--gen-subset",
+        "test",
+    )
     assert p.returncode == 0, p.stderr
     assert "Loss (base 2): " in p.stdout and ", Perplexity: " in p.stdout
 
@@ -58,8 +79,9 @@ def test_checkpoint_without_config(tmp_path):
     assert_user_error(trime("eval", tmp_path / "d", "--path", tmp_path / "ckpt"), "ckpt")
 
 
-@pytest.mark.parametrize("flags,words", [(["--max-tokens", "100"], "--max-tokens"),
-                                         (["--criterion", "trime_ext"], "--predefined-batches")])
+@pytest.mark.parametrize(
+    "flags,words", [(["--max-tokens", "100"], "--max-tokens"), (["--criterion", "trime_ext"], "--predefined-batches")]
+)
 def test_bad_flag_combinations(tmp_path, flags, words):
     assert_user_error(trime("train", tmp_path, "--preset", "micro", *flags), words)
 
@@ -73,10 +95,56 @@ def test_bm25_batches_feed_trime_ext(tmp_path):
     assert p.returncode == 0, p.stderr
     order = json.loads((tmp_path / "b.json").read_text())
     assert sorted(order) == list(range(len(order)))
-    p = trime("train", tmp_path / "data", "--preset", "micro", "--criterion", "trime_ext", "--predefined-batches",
-              tmp_path / "b.json", "--max-update", "2", "--save-dir", tmp_path / "run")
+    p = trime(
+        "train",
+        tmp_path / "data",
+        "--preset",
+        "micro",
+        "--criterion",
+        "trime_ext",
+        "--predefined-batches",
+        tmp_path / "b.json",
+        "--max-update",
+        "2",
+        "--save-dir",
+        tmp_path / "run",
+    )
     assert p.returncode == 0, p.stderr
     (tmp_path / "short.json").write_text(json.dumps(order[:-1]))
-    p = trime("train", tmp_path / "data", "--preset", "micro", "--criterion", "trime_ext", "--predefined-batches",
-              tmp_path / "short.json", "--max-update", "2", "--save-dir", tmp_path / "run2")
+    p = trime(
+        "train",
+        tmp_path / "data",
+        "--preset",
+        "micro",
+        "--criterion",
+        "trime_ext",
+        "--predefined-batches",
+        tmp_path / "short.json",
+        "--max-update",
+        "2",
+        "--save-dir",
+        tmp_path / "run2",
+    )
     assert_user_error(p, "short.json")
+
+
+def test_prepare_translation_pairs(tmp_path):
+    """`trime data prepare` of a pair corpus equals the library's prepare_pairs (itself checked against
+    fairseq-preprocess in tests/data/test_pairs.py); a missing target side is one clear line."""
+    from pathlib import Path
+
+    from trime.data.pairs import load_pair_split, prepare_pairs
+
+    raw = Path(__file__).parent / "assets" / "fairseq_pairs" / "raw"
+    flags = ["--source-lang", "es", "--target-lang", "en", "--bpe-merges", "200", "--allow-empty"]
+    p = trime("data", "prepare", raw, "--out", tmp_path / "cli", *flags)
+    assert p.returncode == 0, p.stderr
+    lib = prepare_pairs(raw, tmp_path / "lib", source_lang="es", target_lang="en", bpe_merges=200, allow_empty=True)
+    for side in ("es", "en"):
+        assert (tmp_path / "cli" / f"dict.{side}.txt").read_text() == (lib / f"dict.{side}.txt").read_text()
+    a, b = load_pair_split(tmp_path / "cli", "train"), load_pair_split(lib, "train")
+    assert a.src.tolist() == b.src.tolist() and a.tgt.tolist() == b.tgt.tolist()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.es").write_text("hola\n")
+    assert_user_error(trime("data", "prepare", bad, "--out", tmp_path / "x", *flags), "no parallel")

@@ -5,14 +5,16 @@ import pytest
 from trime import config as C
 from trime.cli import build_parser
 from trime.errors import ConfigError
+from trime.model.encoder_decoder import MTModelConfig
 
 
 def test_every_preset_loads_into_configs():
     for path in sorted(C.CONFIG_DIR.glob("*.toml")):
         preset = C.load_preset(path.stem)
-        C.build(C.ModelConfig, preset.get("model", {}), source=str(path))
+        mt = preset["_source"]["task"] == "translation"
+        C.build(MTModelConfig if mt else C.ModelConfig, preset.get("model", {}), source=str(path))
         if "train" in preset:
-            C.build(C.TrainConfig, preset["train"], source=str(path))
+            C.build(C.MTTrainConfig if mt else C.TrainConfig, preset["train"], source=str(path))
         if "eval" in preset:
             C.build(C.EvalConfig, preset["eval"], source=str(path))
 
@@ -50,6 +52,8 @@ def test_cross_field_rules():
 
 
 def test_list_flags_parse():
-    ns = build_parser().parse_args(["train", "D", "--adaptive-softmax-cutoff", "20000,60000", "--adam-betas", "0.9,0.98"])
+    ns = build_parser().parse_args(
+        ["train", "D", "--adaptive-softmax-cutoff", "20000,60000", "--adam-betas", "0.9,0.98"]
+    )
     assert C.overrides_from_args(ns, C.ModelConfig)["adaptive_softmax_cutoff"] == [20000, 60000]
     assert C.overrides_from_args(ns, C.TrainConfig)["adam_betas"] == [0.9, 0.98]

@@ -9,9 +9,10 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import reference as ref
 from trime import distributed as D
 from trime.losses import compute_loss
+
+import reference as ref
 
 B, L, D_MODEL, V, PAD = 2, 4, 6, 9, 1
 
@@ -49,8 +50,9 @@ def _params(model, head):
 
 
 def _worker(rank, world, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     D.init()
     model, head, tokens, targets = _setup()
@@ -63,10 +65,18 @@ def _worker(rank, world, port, path):
     (key_grad,) = torch.autograd.grad((all_keys * torch.arange(6.0)[:, None]).sum(), keys)
     varlen = D.all_gather_varlen(torch.arange(2 * (rank + 1) * 3.0).view(-1, 3) + 100 * rank)
     result = {
-        "loss": res.loss.item(), "n": res.n_targets, "grads": [g.clone() for g in grads],
-        "offset": offset, "bounds": bounds, "values": all_values.tolist(), "key_grad": key_grad,
-        "varlen": varlen, "sum": D.all_reduce_sum(3.0 + rank), "obj": D.broadcast_object({"r": rank}),
-        "objs": D.all_gather_object(rank), "world": (D.rank(), D.world_size(), D.is_main()),
+        "loss": res.loss.item(),
+        "n": res.n_targets,
+        "grads": [g.clone() for g in grads],
+        "offset": offset,
+        "bounds": bounds,
+        "values": all_values.tolist(),
+        "key_grad": key_grad,
+        "varlen": varlen,
+        "sum": D.all_reduce_sum(3.0 + rank),
+        "obj": D.broadcast_object({"r": rank}),
+        "objs": D.all_gather_object(rank),
+        "world": (D.rank(), D.world_size(), D.is_main()),
     }
     D.barrier()
     torch.save(result, f"{path}/rank{rank}.pt")
@@ -109,7 +119,7 @@ def test_other_ranks_keys_are_constants(ranks):
     for r in range(2):
         rows = slice(r * N, (r + 1) * N)
 
-        def gather(keys, values, r=r):  # the same stream with the other rank's rows detached
+        def gather(keys, values, r=r, q=q):  # the same stream with the other rank's rows detached
             parts = [keys if s == r else q[s * N : (s + 1) * N].detach() for s in range(2)]
             return torch.cat(parts), y, r * N, [0, 2 * N]
 

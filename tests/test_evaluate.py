@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_data, micro_checkpoint
-from tests.reference import joint_log_prob as ref_joint
 from trime import config as C
 from trime.checkpoint import load_model
-from reference import window
 from trime.data.blocks import eval_windows
 from trime.data.prepare import load_split
 from trime.evaluate import evaluate
+
+from reference import window
+from tests.fixtures import make_data, micro_checkpoint
+from tests.reference import joint_log_prob as ref_joint
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_vanilla_matches_position_by_position(setup, mode, Cw):
     assert res.n_tokens == len(load_split(data, "valid")) == len(ref)
     np.testing.assert_allclose(res.log_probs, ref, atol=2e-5)
     assert res.loss == pytest.approx(-ref.mean() / math.log(2), rel=1e-5)
-    assert res.line().startswith(f"Loss (base 2): {res.loss:.4f}, Perplexity: {2 ** res.loss:.2f}")
+    assert res.line().startswith(f"Loss (base 2): {res.loss:.4f}, Perplexity: {2**res.loss:.2f}")
 
 
 def test_local_memory_matches_brute_force(setup):
@@ -96,9 +97,10 @@ def test_word_probs_file_and_token_limit(setup, tmp_path):
 
 
 def test_wrong_dictionary_is_a_clear_error(setup, tmp_path):
-    from tests.fixtures import make_corpus
     from trime.data.prepare import prepare_corpus
-    from trime.errors import CheckpointError, DataError
+    from trime.errors import DataError
+
+    from tests.fixtures import make_corpus
 
     data, ckpt = setup
     corpus = make_corpus(tmp_path / "c", n_lines=30)

@@ -6,18 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_data, micro_checkpoint
-from tests.reference import joint_log_prob as ref_joint
 from trime import config as C
 from trime.checkpoint import load_model
-from reference import window
 from trime.data.blocks import eval_windows
 from trime.data.prepare import load_split
+from trime.datastore_build import build_datastore
 from trime.errors import DatastoreError
 from trime.evaluate import evaluate
-from trime.datastore_build import build_datastore
 from trime.memory.datastore import Datastore
 from trime.memory.index import build_index
+
+from reference import window
+from tests.fixtures import make_data, micro_checkpoint
+from tests.reference import joint_log_prob as ref_joint
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,16 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("ext")
     data = make_data(root, n_lines=120)
     ckpt = micro_checkpoint(root, data)
-    ds_cfg = C.DatastoreConfig(data=str(data), path=str(ckpt), out=str(root / "dstore"), context_window=8,
-                               batch_size=3, key_dtype="float32", device="cpu", amp="none")
+    ds_cfg = C.DatastoreConfig(
+        data=str(data),
+        path=str(ckpt),
+        out=str(root / "dstore"),
+        context_window=8,
+        batch_size=3,
+        key_dtype="float32",
+        device="cpu",
+        amp="none",
+    )
     dstore = build_datastore(ds_cfg)
     index = build_index(dstore, root / "dstore" / "knn.index.ip", metric="ip")
     return data, ckpt, dstore, index, ds_cfg
@@ -92,9 +101,15 @@ def ext_reference(data, ckpt, dstore, k, temp, lmbda=0.0, interp_temp=1.0, use_e
             top = torch.topk(sims, k).indices
             raw = [sims[j].item() for j in top]
             nv = [int(vals[j]) for j in top]
-            lp = ref_joint([tlp], [log_z], [[r / math.sqrt(q.shape[1]) / temp for r in raw]], [nv], [y])[0] if use_external else tlp
+            lp = (
+                ref_joint([tlp], [log_z], [[r / math.sqrt(q.shape[1]) / temp for r in raw]], [nv], [y])[0]
+                if use_external
+                else tlp
+            )
             if lmbda:
-                pk = sum(math.exp(r / interp_temp) for r, v in zip(raw, nv) if v == y) / sum(math.exp(r / interp_temp) for r in raw)
+                pk = sum(math.exp(r / interp_temp) for r, v in zip(raw, nv) if v == y) / sum(
+                    math.exp(r / interp_temp) for r in raw
+                )
                 lp = math.log((1 - lmbda) * math.exp(lp) + lmbda * pk)
             out.append(lp)
     return np.array(out)
@@ -102,8 +117,15 @@ def ext_reference(data, ckpt, dstore, k, temp, lmbda=0.0, interp_temp=1.0, use_e
 
 def ecfg(store, **kw):
     data, ckpt, dstore, index, _ = store
-    base = {"data": str(data), "path": str(ckpt), "device": "cpu", "context_window": 16,
-            "dstore": str(dstore), "indexfile": str(index), "k": 8}
+    base = {
+        "data": str(data),
+        "path": str(ckpt),
+        "device": "cpu",
+        "context_window": 16,
+        "dstore": str(dstore),
+        "indexfile": str(index),
+        "k": 8,
+    }
     return C.build(C.EvalConfig, base, kw)
 
 
@@ -119,7 +141,9 @@ def test_interpolation_matches_brute_force_and_lambda_zero_is_identity(store):
     ref = ext_reference(data, ckpt, dstore, 8, 1.0, lmbda=0.25, interp_temp=2.0)
     np.testing.assert_allclose(res.log_probs, ref, atol=5e-5)
     knn_only = evaluate(ecfg(store, use_interp=True, lmbda=0.25, interp_temp=2.0))  # kNN-LM on the plain model
-    np.testing.assert_allclose(knn_only.log_probs, ext_reference(data, ckpt, dstore, 8, 1.0, 0.25, 2.0, False), atol=5e-5)
+    np.testing.assert_allclose(
+        knn_only.log_probs, ext_reference(data, ckpt, dstore, 8, 1.0, 0.25, 2.0, False), atol=5e-5
+    )
     zero = evaluate(ecfg(store, use_external=True, use_interp=True, lmbda=0.0))
     plain = evaluate(ecfg(store, use_external=True))
     np.testing.assert_array_equal(zero.log_probs, plain.log_probs)
@@ -138,7 +162,10 @@ def test_sweep_from_cached_neighbors_equals_a_full_rerun(store, tmp_path):
     flags = dict(use_local=True, use_long=True, mem_size=40, use_external=True, use_interp=True)
     cache = tmp_path / "nb"
     evaluate(ecfg(store, **flags, lmbda=0.2, save_neighbors=str(cache), neighbors_top=0))
-    grid = [{"softmax_temp": 0.8, "lmbda": 0.3, "interp_temp": 2.0}, {"softmax_temp": 1.4, "lmbda": 0.1, "interp_temp": 1.0}]
+    grid = [
+        {"softmax_temp": 0.8, "lmbda": 0.3, "interp_temp": 2.0},
+        {"softmax_temp": 1.4, "lmbda": 0.1, "interp_temp": 1.0},
+    ]
     rows = sweep(NeighborCache.load(cache), grid)
     for row, setting in zip(rows, grid):
         full = evaluate(ecfg(store, **flags, **setting))

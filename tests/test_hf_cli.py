@@ -9,9 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from tests.fixtures import make_corpus, synthetic_text
 from trime import config as C
 from trime.cli import main
 from trime.data.blocks import eval_windows
@@ -20,6 +17,10 @@ from trime.evaluate import evaluate
 from trime.io import read_meta
 from trime.memory.datastore import Datastore
 from trime.model.hf import load_hf
+
+from tests.fixtures import make_corpus, synthetic_text
+
+transformers = pytest.importorskip("transformers")
 
 L, CTX = 16, 8
 

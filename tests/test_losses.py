@@ -1,15 +1,17 @@
 """Training criteria (spec §2, §2.1, §3, §4) against brute-force loops in tests/reference.py."""
 
+import importlib
 import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-import reference as ref
 from trime.errors import ConfigError, DataError
 from trime.losses import LossSettings, compute_loss
 from trime.memory import joint
+
+import reference as ref
 
 PAD = 1
 
@@ -52,7 +54,7 @@ def test_trime_matches_loops_and_skips_pad():
     assert res.loss.dtype == torch.float32 and res.loss.dim() == 0
     assert res.n_targets == y.numel() - 2 == int((y != PAD).sum())
     assert math.isclose(res.ce_sum, _ce(out, y, head), rel_tol=1e-6)
-    
+
 
 def test_trime_with_adaptive_head_matches_loops():
     out, y, _ = _batch(V=9, seed=1)
@@ -115,11 +117,15 @@ def test_trime_ext_in_batch_matches_loops(hidden):
 
 def test_trime_ext_never_hides_in_evaluation_and_draws_from_the_generator():
     out, y, head = _batch(B=1, L=3, pads=())
-    assert compute_loss(LossSettings("trime_ext", cross_sent_ratio=1.0), out, y, head, training=False).own_hidden is False
+    assert (
+        compute_loss(LossSettings("trime_ext", cross_sent_ratio=1.0), out, y, head, training=False).own_hidden is False
+    )
     draws = []
     for seed in (0, 0, 1):
         g = torch.Generator().manual_seed(seed)
-        runs = [compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.5), out, y, head, generator=g) for _ in range(40)]
+        runs = [
+            compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.5), out, y, head, generator=g) for _ in range(40)
+        ]
         draws.append([r.own_hidden for r in runs])
     assert draws[0] == draws[1] != draws[2]
     assert 8 < sum(draws[0]) < 32
@@ -127,11 +133,13 @@ def test_trime_ext_never_hides_in_evaluation_and_draws_from_the_generator():
 
 def _fake_gather(streams, me, bounds=None):
     """A 2-rank gather simulated in one process: other ranks' rows are constants (spec §3.2)."""
+
     def gather(keys, values):
         parts = [(keys, values) if r == me else (k.detach(), v) for r, (k, v) in enumerate(streams)]
         offset = sum(p[0].shape[0] for p in parts[:me])
         total = sum(p[0].shape[0] for p in parts)
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), offset, bounds or [0, total]
+
     return gather
 
 
@@ -164,7 +172,9 @@ def test_trime_ext_over_ranks_sees_other_ranks_segments():
     N, L = y.numel(), 4
     streams = [(out.q.reshape(N, -1)[4 * r : 4 * r + 4], y.reshape(N)[4 * r : 4 * r + 4]) for r in range(2)]
     mine = Out(out.h[1:], out.q[1:])
-    res = compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.0), mine, y[1:], head, gather=_fake_gather(streams, 1))
+    res = compute_loss(
+        LossSettings("trime_ext", cross_sent_ratio=0.0), mine, y[1:], head, gather=_fake_gather(streams, 1)
+    )
     valid = (y.reshape(N) != PAD).tolist()
     pred = lambda i, j: ref.ext_visible(1, i, j // L, j % L, False, valid[j])  # noqa: E731
     h, q, yy = out.h[1].reshape(4, -1), out.q[1].reshape(4, -1), y[1]
@@ -213,17 +223,36 @@ def test_bad_options_raise():
 
 
 def test_real_model_runs_every_criterion():
-    tr = pytest.importorskip("trime.model.transformer")
+    tr = importlib.import_module("trime.model.transformer")
     from trime.config import ModelConfig
 
-    cfg = ModelConfig(n_layers=1, d_model=16, d_ffn=32, n_heads=2, vocab_size=24, dropout=0.0,
-                      adaptive_softmax_cutoff=[8], adaptive_softmax_factor=2.0)
+    cfg = ModelConfig(
+        n_layers=1,
+        d_model=16,
+        d_ffn=32,
+        n_heads=2,
+        vocab_size=24,
+        dropout=0.0,
+        adaptive_softmax_cutoff=[8],
+        adaptive_softmax_factor=2.0,
+    )
     model = tr.build_model(cfg)
     tokens = torch.randint(4, 24, (2, 6), generator=torch.Generator().manual_seed(0))
-    for crit in ("ce", "trime", "trime_long", "trime_ext"):
-        res = compute_loss(crit, model(tokens), tokens, model.head)
-        res.loss.backward()
-        assert torch.isfinite(res.loss) and res.n_targets == 12
+    out = model(tokens)
+    L, valid = tokens.shape[1], [True] * tokens.numel()
+    want = {  # brute force over the adaptive head's full distribution, each criterion's visibility rule
+        "ce": _ce(out, tokens, model.head),
+        "trime": _ref(out, tokens, model.head, lambda i, j: ref.local_visible(i, j, L, valid)),
+        "trime_long": _ref(out, tokens, model.head, lambda i, j: ref.long_visible(i, j, [0, 12], valid)),
+        "trime_ext": _ref(
+            out, tokens, model.head, lambda i, j: ref.ext_visible(i // L, i % L, j // L, j % L, False, valid[j])
+        ),
+    }
+    for crit, value in want.items():
+        res = compute_loss(LossSettings(crit, cross_sent_ratio=0.0), out, tokens, model.head)
+        (g,) = torch.autograd.grad(res.loss, out.q, retain_graph=True)
+        assert res.n_targets == 12 and math.isclose(res.loss.item(), value, rel_tol=1e-5), crit
+        assert torch.isfinite(g).all()
 
 
 def test_trime_ext_keeps_to_its_memory_group():
@@ -231,7 +260,13 @@ def test_trime_ext_keeps_to_its_memory_group():
     N = y.numel()
     streams = [(out.q.reshape(N, -1)[6 * r : 6 * r + 6], y.reshape(N)[6 * r : 6 * r + 6]) for r in range(2)]
     mine = Out(out.h[2:], out.q[2:])
-    grouped = compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.0), mine, y[2:], head, gather=_fake_gather(streams, 1, bounds=[0, 6, 12]))
+    grouped = compute_loss(
+        LossSettings("trime_ext", cross_sent_ratio=0.0),
+        mine,
+        y[2:],
+        head,
+        gather=_fake_gather(streams, 1, bounds=[0, 6, 12]),
+    )
     alone = compute_loss(LossSettings("trime_ext", cross_sent_ratio=0.0), mine, y[2:], head)
     assert math.isclose(grouped.loss.item(), alone.loss.item(), rel_tol=1e-6)
 

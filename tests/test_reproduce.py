@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import make_corpus
 from trime.pipelines.reproduce import SYSTEMS, reproduce
+
+from tests.fixtures import make_corpus
 
 
 def test_micro_pipeline(tmp_path):
@@ -51,7 +52,9 @@ def _check_golden(out: Path, saved: dict) -> None:
     for s in saved["systems"]:
         want = golden["systems"][s["name"]]
         assert s["settings"] == want["settings"], s["name"]
-        assert (s["valid"]["ppl"], s["test"]["ppl"]) == pytest.approx((want["valid"], want["test"]), rel=1e-5), s["name"]
+        assert (s["valid"]["ppl"], s["test"]["ppl"]) == pytest.approx((want["valid"], want["test"]), rel=1e-5), s[
+            "name"
+        ]
     for name, pts in saved["memory_curve"].items():
         want = golden["memory_curve"][name]
         assert [m for m, _ in pts] == [m for m, _ in want], name

@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.fixtures import make_data
 from trime import config as C
 from trime.train import fit
+
+from tests.fixtures import make_data
 
 
 class Kill(Exception):
@@ -93,11 +94,41 @@ def test_torchrun_two_processes_long_memory(data, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), "-m", "trime", "train", str(data), "--preset", "micro", "--criterion",
-           "trime_long", "--keep-order", "--train-mem-size", "256", "--max-update", "3", "--device", "cpu",
-           "--adaptive-input", "--adaptive-input-cutoff", "20,40", "--adaptive-softmax-cutoff", "20,40",
-           "--tie-adaptive-weights", "--no-share-decoder-input-output-embed", "--save-dir", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "trime",
+        "train",
+        str(data),
+        "--preset",
+        "micro",
+        "--criterion",
+        "trime_long",
+        "--keep-order",
+        "--train-mem-size",
+        "256",
+        "--max-update",
+        "3",
+        "--device",
+        "cpu",
+        "--adaptive-input",
+        "--adaptive-input-cutoff",
+        "20,40",
+        "--adaptive-softmax-cutoff",
+        "20,40",
+        "--tie-adaptive-weights",
+        "--no-share-decoder-input-output-embed",
+        "--save-dir",
+        str(tmp_path / "run"),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

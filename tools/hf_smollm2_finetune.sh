@@ -14,7 +14,7 @@ GGUF=$(ls "$GGUF"/*.gguf)
 exec > >(tee -a "$OUT/log-finetune.txt") 2>&1
 run() { echo "+ trime $*"; /usr/bin/time -f "  (%e s)" $TRIME "$@" 2>&1 | { grep -v -i -E "warn|loading|converting|^$" || true; }; }
 WIN=(--tokens-per-sample 512 --context-window 256 --device cpu --amp none --max-sentences 2)
-for crit in ce trime; do
+for crit in ${CRITERIA:-ce trime}; do     # CRITERIA=ce and CRITERIA=trime can run side by side
   [ -f "$OUT/ft-$crit/checkpoint_last/meta.json" ] || run train "$OUT/data" --hf-model "$GGUF" --criterion "$crit" \
       --tokens-per-sample 256 --max-tokens 1024 --max-update "$UPDATES" --optimizer adam --lr 5e-5 \
       --lr-scheduler fixed --save-dir "$OUT/ft-$crit" --device cpu --amp none --log-interval 4 --seed 1

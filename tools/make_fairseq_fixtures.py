@@ -123,7 +123,9 @@ def dictconfig(src: str, dst: str) -> None:
     torch.save({"args": None, "cfg": dc, "model": {}}, dst)
 
 
-def score(ckpt: str, data: str, split: str, mode: str, tps: str, ctx: str, ids_npy: str, out_npy: str, out_json: str) -> None:
+def score(
+    ckpt: str, data: str, split: str, mode: str, tps: str, ctx: str, ids_npy: str, out_npy: str, out_json: str
+) -> None:
     """fairseq-eval-lm with ``SequenceScorer.generate`` wrapped to record what it scored.
 
     Checks that the scored targets are the whole split in order (each token exactly once), saves
@@ -132,8 +134,8 @@ def score(ckpt: str, data: str, split: str, mode: str, tps: str, ctx: str, ids_n
     import io
     import logging
 
-    import numpy as np
     import fairseq_cli.eval_lm as ev
+    import numpy as np
 
     rows: list[tuple[list[int], list[float]]] = []
     generate = ev.SequenceScorer.generate
@@ -144,9 +146,27 @@ def score(ckpt: str, data: str, split: str, mode: str, tps: str, ctx: str, ids_n
         return hypos
 
     ev.SequenceScorer.generate = recording
-    sys.argv = ["fairseq-eval-lm", data, "--path", ckpt, "--gen-subset", split, "--cpu",
-                "--tokens-per-sample", tps, "--context-window", ctx, "--sample-break-mode", mode,
-                "--batch-size", "1", "--max-tokens", "4096", "--num-workers", "0"]
+    sys.argv = [
+        "fairseq-eval-lm",
+        data,
+        "--path",
+        ckpt,
+        "--gen-subset",
+        split,
+        "--cpu",
+        "--tokens-per-sample",
+        tps,
+        "--context-window",
+        ctx,
+        "--sample-break-mode",
+        mode,
+        "--batch-size",
+        "1",
+        "--max-tokens",
+        "4096",
+        "--num-workers",
+        "0",
+    ]
     buf = io.StringIO()
     logging.getLogger("fairseq_cli.eval_lm").addHandler(logging.StreamHandler(buf))
     ev.cli_main()
@@ -158,10 +178,19 @@ def score(ckpt: str, data: str, split: str, mode: str, tps: str, ctx: str, ids_n
     if out_npy != "-":
         np.save(out_npy, logp, allow_pickle=False)
     m = re.match(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", printed)
-    record = {"printed": printed, "loss_base2": float(m.group(1)), "perplexity": float(m.group(2)),
-              "n_scored": int(logp.size), "n_windows": len(rows), "nll_nats": float(-logp.astype(np.float64).sum()),
-              "split": split, "break_mode": mode, "tokens_per_sample": int(tps), "context_window": int(ctx),
-              "logp_file": Path(out_npy).name if out_npy != "-" else None}
+    record = {
+        "printed": printed,
+        "loss_base2": float(m.group(1)),
+        "perplexity": float(m.group(2)),
+        "n_scored": int(logp.size),
+        "n_windows": len(rows),
+        "nll_nats": float(-logp.astype(np.float64).sum()),
+        "split": split,
+        "break_mode": mode,
+        "tokens_per_sample": int(tps),
+        "context_window": int(ctx),
+        "logp_file": Path(out_npy).name if out_npy != "-" else None,
+    }
     results = json.loads(Path(out_json).read_text()) if Path(out_json).exists() else {}
     results.setdefault(Path(ckpt).stem, {})[mode] = record
     Path(out_json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -32,11 +32,13 @@ from trime import io
 from trime.config import ModelConfig, build
 from trime.data.dictionary import Dictionary
 from trime.errors import CheckpointError
+from trime.model.encoder_decoder import MTModelConfig, build_mt_model
 from trime.model.fairseq_import import load_fairseq_checkpoint
 from trime.model.hf import HFBackbone, hf_fingerprint, is_hf_checkpoint, load_hf, load_hf_checkpoint, save_hf_checkpoint
 from trime.model.transformer import TransformerLM, build_model
 
 WEIGHTS, CONFIG, DICT, TRAINER = "model.safetensors", "config.json", "dict.txt", "trainer.pt"
+MODEL_TYPES = {ModelConfig: "transformer_lm", MTModelConfig: "transformer_mt"}  # config.json's model_type
 
 
 def state_dict_unique(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -55,8 +57,8 @@ def state_dict_unique(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
-    model_cfg: ModelConfig,
-    dict_path: str | Path,
+    model_cfg: Any,
+    dictionaries: str | Path | dict[str, Path],
     *,
     train_cfg: Any = None,
     trainer_state: dict | None = None,
@@ -64,18 +66,30 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint directory atomically (replacing an older one at the same path).
 
-    A Hugging Face backbone is written by trime.model.hf.save_hf_checkpoint (``dict_path`` unused)."""
+    ``dictionaries``: the dict.txt of a language model, or {file name: path} (a translation model's
+    dict.SRC.txt and dict.TGT.txt); they are copied in. ``model_cfg`` is a ModelConfig or MTModelConfig.
+    A Hugging Face backbone is written by trime.model.hf.save_hf_checkpoint (``dictionaries`` unused:
+    its data has the tokenizer's ids).
+    """
     path = Path(path)
     if isinstance(model, HFBackbone):
         return save_hf_checkpoint(path, model, train_cfg=train_cfg, trainer_state=trainer_state, **meta)
+    if not isinstance(dictionaries, dict):
+        dictionaries = {DICT: Path(dictionaries)}
     with io.atomic_dir(path, overwrite=True) as tmp:
         save_file(state_dict_unique(model), str(tmp / WEIGHTS))
-        cfg = {"model": _asdict(model_cfg), "train": _asdict(train_cfg) if train_cfg is not None else None}
+        cfg = {
+            "model_type": MODEL_TYPES[type(model_cfg)],
+            "model": _asdict(model_cfg),
+            "train": _asdict(train_cfg) if train_cfg is not None else None,
+        }
         io.write_json(tmp / CONFIG, cfg)
-        shutil.copyfile(dict_path, tmp / DICT)
+        for name, src in dictionaries.items():
+            shutil.copyfile(src, tmp / name)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
-        io.write_meta(tmp, "checkpoint", vocab_size=model_cfg.vocab_size, **meta)
+        vocab = getattr(model_cfg, "vocab_size", None) or getattr(model_cfg, "tgt_vocab_size", None)
+        io.write_meta(tmp, "checkpoint", vocab_size=vocab, **meta)
     return path
 
 
@@ -97,8 +111,10 @@ def resolve(path: str | Path) -> Path:
     for name in ("checkpoint_best", "checkpoint_last"):
         if io.is_complete(path / name):
             return path / name
-    raise CheckpointError(f"{path}: neither a checkpoint directory ({WEIGHTS}, {CONFIG}) nor a run with a complete "
-                          "checkpoint_best or checkpoint_last")
+    raise CheckpointError(
+        f"{path}: neither a checkpoint directory ({WEIGHTS}, {CONFIG}) nor a run with a complete "
+        "checkpoint_best or checkpoint_last"
+    )
 
 
 def read_config(ckpt_dir: Path) -> dict:
@@ -108,9 +124,18 @@ def read_config(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{ckpt_dir}: unreadable {CONFIG} ({e})") from None
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: bool = False, hf_model: str = "",
-               gguf_file: str = "", keytype: str = "last_ffn_input"):
-    """Load (model in eval mode, ModelConfig, checkpoint dir) from a trime checkpoint or run directory.
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    trust: bool = False,
+    hf_model: str = "",
+    gguf_file: str = "",
+    keytype: str = "last_ffn_input",
+):
+    """Load (model in eval mode, its config, checkpoint dir) from a trime checkpoint or run directory:
+    a TransformerLM (ModelConfig) or a TransformerMT (MTModelConfig), as its config.json says, or a
+    Hugging Face backbone (HFModelConfig) saved by a run with ``--hf-model``.
 
     A fairseq ``.pt`` file is converted on the fly (see trime.model.fairseq_import); its "checkpoint
     dir" is then the file itself. With ``hf_model`` (and no ``path``) the model is a transformers
@@ -131,17 +156,24 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: b
         ckpt_dir = path
     else:
         ckpt_dir = resolve(path)
-        model_cfg = build(ModelConfig, read_config(ckpt_dir)["model"], source=str(ckpt_dir / CONFIG))
+        config = read_config(ckpt_dir)
+        kind = config.get("model_type", "transformer_lm")  # checkpoints before translation are LMs
+        cls = {v: k for k, v in MODEL_TYPES.items()}.get(kind)
+        if cls is None:
+            raise CheckpointError(f"{ckpt_dir}: unknown model_type {kind!r} in {CONFIG}")
+        model_cfg = build(cls, config["model"], source=str(ckpt_dir / CONFIG))
         try:
             state = load_file(str(ckpt_dir / WEIGHTS))
         except Exception as e:  # safetensors raises several types for a damaged file
             raise CheckpointError(f"{ckpt_dir / WEIGHTS}: cannot read weights ({e})") from None
-    model = build_model(model_cfg)
+    model = build_mt_model(model_cfg) if isinstance(model_cfg, MTModelConfig) else build_model(model_cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{ckpt_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.to(device).eval(), model_cfg, ckpt_dir
 
 

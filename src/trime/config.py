@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from trime.errors import ConfigError
 
@@ -22,7 +23,9 @@ CRITERIA = ("ce", "trime", "trime_long", "trime_ext")
 KEYTYPES = ("last_ffn_input", "final")
 
 
-HF_MODEL_HELP = "a transformers causal LM instead of a trime checkpoint: save_pretrained directory, hub name or .gguf file"
+HF_MODEL_HELP = (
+    "a transformers causal LM instead of a trime checkpoint: save_pretrained directory, hub name or .gguf file"
+)
 GGUF_HELP = "the GGUF file inside --hf-model's directory"
 
 
@@ -59,23 +62,34 @@ class ModelConfig:
     adaptive_input: bool = opt(False, "adaptive input embeddings", "--adaptive-input")
     adaptive_input_factor: float = opt(4.0, "adaptive input width divisor per band", "--adaptive-input-factor")
     adaptive_input_cutoff: list[int] = opt([], "adaptive input band cutoffs", "--adaptive-input-cutoff")
-    adaptive_softmax_cutoff: list[int] = opt([], "adaptive softmax cutoffs (empty: plain softmax)", "--adaptive-softmax-cutoff")
+    adaptive_softmax_cutoff: list[int] = opt(
+        [], "adaptive softmax cutoffs (empty: plain softmax)", "--adaptive-softmax-cutoff"
+    )
     adaptive_softmax_factor: float = opt(4.0, "adaptive softmax width divisor per cluster", "--adaptive-softmax-factor")
     adaptive_softmax_dropout: float = opt(0.0, "dropout inside the adaptive softmax", "--adaptive-softmax-dropout")
-    tie_adaptive_weights: bool = opt(False, "tie adaptive softmax word weights to adaptive input embeddings", "--tie-adaptive-weights")
-    tie_adaptive_proj: bool = opt(False, "tie adaptive softmax tail projections to adaptive input projections", "--tie-adaptive-proj")
-    share_input_output_embed: bool = opt(True, "tie the plain softmax to the input embedding", "--share-decoder-input-output-embed")
+    tie_adaptive_weights: bool = opt(
+        False, "tie adaptive softmax word weights to adaptive input embeddings", "--tie-adaptive-weights"
+    )
+    tie_adaptive_proj: bool = opt(
+        False, "tie adaptive softmax tail projections to adaptive input projections", "--tie-adaptive-proj"
+    )
+    share_input_output_embed: bool = opt(
+        True, "tie the plain softmax to the input embedding", "--share-decoder-input-output-embed"
+    )
     max_positions: int = opt(512, "largest sequence the model accepts (= training tokens-per-sample)")
     vocab_size: int = opt(0, "vocabulary size (set from dict.txt when 0)")
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.adaptive_input and self.tie_adaptive_weights and self.adaptive_input_cutoff != self.adaptive_softmax_cutoff:
+        if (
+            self.adaptive_input
+            and self.tie_adaptive_weights
+            and self.adaptive_input_cutoff != self.adaptive_softmax_cutoff
+        ):
             raise ConfigError("tied adaptive weights need equal adaptive input and softmax cutoffs")
         if self.tie_adaptive_weights and not (self.adaptive_input and self.adaptive_softmax_cutoff):
             raise ConfigError("--tie-adaptive-weights needs --adaptive-input and --adaptive-softmax-cutoff")
-
 
 
 @dataclass
@@ -91,9 +105,13 @@ class TrainConfig:
     knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
     ce_warmup_epoch: int = opt(0, "plain cross-entropy for the first N epochs", "--ce-warmup-epoch")
     keep_order: bool = opt(False, "consecutive segments, identity order every epoch (long memory)", "--keep-order")
-    train_mem_size: int = opt(0, "trime_long across ranks: tokens of memory per group (0: one batch)", "--train-mem-size")
+    train_mem_size: int = opt(
+        0, "trime_long across ranks: tokens of memory per group (0: one batch)", "--train-mem-size"
+    )
     cross_sent_ratio: float = opt(0.9, "trime_ext: probability of hiding the own segment", "--cross-sent-ratio")
-    predefined_batches: str = opt("", "JSON list of segment ids giving the training order (BM25)", "--predefined-batches")
+    predefined_batches: str = opt(
+        "", "JSON list of segment ids giving the training order (BM25)", "--predefined-batches"
+    )
     chunk_size: int = opt(1024, "query rows per chunk of the memory loss", "--chunk-size")
     optimizer: str = opt("adam", "optimizer", "--optimizer", ("adam", "nag"))
     lr: float = opt(5e-4, "peak learning rate", "--lr")
@@ -101,7 +119,9 @@ class TrainConfig:
     adam_betas: list[float] = opt([0.9, 0.98], "Adam betas", "--adam-betas")
     adam_eps: float = opt(1e-8, "Adam epsilon", "--adam-eps")
     weight_decay: float = opt(0.0, "weight decay (decoupled for Adam)", "--weight-decay")
-    lr_scheduler: str = opt("inverse_sqrt", "learning-rate schedule", "--lr-scheduler", ("inverse_sqrt", "cosine", "fixed"))
+    lr_scheduler: str = opt(
+        "inverse_sqrt", "learning-rate schedule", "--lr-scheduler", ("inverse_sqrt", "cosine", "fixed")
+    )
     warmup_updates: int = opt(0, "linear warm-up updates", "--warmup-updates")
     warmup_init_lr: float = opt(1e-7, "learning rate at update 0 of the warm-up", "--warmup-init-lr")
     cosine_min_lr: float = opt(0.0, "cosine floor (fairseq's --lr in cosine mode)", "--cosine-min-lr")
@@ -113,7 +133,9 @@ class TrainConfig:
     max_epoch: int = opt(0, "stop after this many epochs (0: no limit)", "--max-epoch")
     max_time: float = opt(0.0, "stop after this many minutes (0: no limit)", "--max-time")
     seed: int = opt(1, "random seed", "--seed")
-    amp: str = opt("auto", "autocast dtype (auto: bf16 on CUDA/CPU when supported)", "--amp", ("auto", "none", "bf16", "fp16"))
+    amp: str = opt(
+        "auto", "autocast dtype (auto: bf16 on CUDA/CPU when supported)", "--amp", ("auto", "none", "bf16", "fp16")
+    )
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     log_interval: int = opt(10, "updates between log lines", "--log-interval")
     save_interval_updates: int = opt(0, "also checkpoint every N updates (0: each epoch)", "--save-interval-updates")
@@ -141,6 +163,57 @@ class TrainConfig:
 
 
 @dataclass
+class MTTrainConfig(TrainConfig):
+    """Training a translation model (MT spec §6): TrainConfig's optimisation and bookkeeping fields,
+    sentence-pair batches of at most ``--max-tokens`` (max(source, target) tokens, padded)."""
+
+    data: str = opt("", "prepared pairs directory (trime data prepare with --source-lang/--target-lang)")
+    save_dir: str = opt("runs/mt", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
+    max_tokens: int = opt(4096, "tokens per batch per process: sentences × longest side, padded", "--max-tokens")
+    label_smoothing: float = opt(0.1, "label smoothing ε of the cross-entropy", "--label-smoothing")
+    max_sentences: int = opt(0, "at most this many sentence pairs per batch (0: no limit)", "--batch-size")
+    lr: float = opt(5e-4, "peak learning rate", "--lr")
+    warmup_updates: int = opt(4000, "linear warm-up updates", "--warmup-updates")
+    weight_decay: float = opt(1e-4, "weight decay (decoupled for Adam)", "--weight-decay")
+    eval_bleu: bool = opt(
+        True, "keep checkpoint_best by validation BLEU (beam 5), not by validation loss", "--eval-bleu"
+    )
+    eval_bleu_sentences: int = opt(0, "translate at most this many validation sentences for BLEU (0: all)")
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ConfigError("--max-tokens must be positive")
+        if self.update_freq < 1:
+            raise ConfigError("--update-freq must be at least 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("--label-smoothing must be in [0, 1)")
+        if self.criterion != "ce":
+            raise ConfigError(f"translation training has criterion ce (label-smoothed), not {self.criterion!r}")
+
+
+@dataclass
+class TranslateConfig:
+    """Decoding a split of a pairs directory with beam search, and its BLEU (MT spec §9, §10)."""
+
+    data: str = opt("", "prepared pairs directory")
+    path: str = opt("", "translation checkpoint (a trime run or checkpoint directory)", "--path")
+    gen_subset: str = opt("test", "split to translate", "--gen-subset")
+    max_tokens: int = opt(4096, "source tokens per batch", "--max-tokens")
+    max_sentences: int = opt(0, "at most this many sentences per batch (0: no limit)", "--batch-size")
+    max_sentences_total: int = opt(
+        0, "translate only the first N sentences of the split (0: all)", "--max-sentences-total"
+    )
+    remove_bpe: bool = opt(True, "join subword-nmt BPE pieces (@@ ) before scoring", "--remove-bpe")
+    detok: str = opt("moses", "detokenise hypotheses and references before BLEU", "--detok", ("moses", "none"))
+    score_reference: bool = opt(
+        False, "print teacher-forced scores of the references instead of translating", "--score-reference"
+    )
+    results_path: str = opt("", "write S-/T-/H-/D- lines (fairseq-generate's format) to this file", "--results-path")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
+    trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+
+
+@dataclass
 class EvalConfig:
     """Sliding-window evaluation with any set of memories (spec §5)."""
 
@@ -154,13 +227,17 @@ class EvalConfig:
     max_eval_tokens: int = opt(0, "score at most this many tokens (0: the whole split)", "--max-eval-tokens")
     amp: str = opt("none", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
-    output_word_probs: str = opt("", "write per-token log-probabilities (natural log) to this .npy", "--output-word-probs")
+    output_word_probs: str = opt(
+        "", "write per-token log-probabilities (natural log) to this .npy", "--output-word-probs"
+    )
     knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
     softmax_temp: float = opt(1.0, "temperature τ dividing memory scores (never token logits)", "--softmax-temp")
     use_local: bool = opt(False, "local memory: earlier positions of the window", "--use-local")
     use_long: bool = opt(False, "long-term memory: FIFO of earlier scored positions", "--use-long")
     mem_size: int = opt(0, "FIFO length of the long-term memory", "--mem-size")
-    use_external: bool = opt(False, "external memory: k nearest datastore entries join the joint softmax", "--use-external")
+    use_external: bool = opt(
+        False, "external memory: k nearest datastore entries join the joint softmax", "--use-external"
+    )
     dstore: str = opt("", "datastore directory (trime datastore build)", "--dstore-filename")
     indexfile: str = opt("", "faiss index file (trime index build)", "--indexfile")
     k: int = opt(1024, "neighbours retrieved per scored token", "--k")
@@ -170,7 +247,9 @@ class EvalConfig:
     interp_temp: float = opt(1.0, "temperature T of the kNN distribution (raw scores / T)", "--interp-temp")
     save_neighbors: str = opt("", "cache what rescoring needs in this directory (for trime sweep)", "--save-neighbors")
     neighbors_top: int = opt(256, "local/long entries cached per token (0: all; exact re-scoring)", "--neighbors-top")
-    original_tail_quirk: bool = opt(False, "reproduce the original TRIME code's adaptive-softmax tail bug (spec §5.2)", "--original-tail-quirk")
+    original_tail_quirk: bool = opt(
+        False, "reproduce the original TRIME code's adaptive-softmax tail bug (spec §5.2)", "--original-tail-quirk"
+    )
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
     hf_model: str = opt("", HF_MODEL_HELP, "--hf-model")
     gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
@@ -243,7 +322,9 @@ class ReproduceConfig:
     n_lists: int = opt(0, "IVF lists of the datastore indexes (0: sized from the datastore)")
     index_train_size: int = opt(1_000_000, "keys sampled to train the datastore indexes")
     tune_tokens: int = opt(20000, "valid tokens whose neighbours are cached, all of them, for tuning (0: all)")
-    softmax_temps: list[float] = opt([0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0, 16.0, 32.0], "τ grid tuned on valid")
+    softmax_temps: list[float] = opt(
+        [0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0, 16.0, 32.0], "τ grid tuned on valid"
+    )
     lmbdas: list[float] = opt([0.05, 0.1, 0.2, 0.3, 0.4], "λ grid tuned on valid")
     interp_temps: list[float] = opt([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], "kNN temperature grid tuned on valid")
     train_tokens_per_s: float = opt(4000.0, "expected training speed, for the time estimate printed up front")
@@ -311,7 +392,7 @@ def build(cls: type, *layers: dict[str, Any], source: str = "") -> Any:
 
 
 def resolve_preset(name: str) -> Path:
-    """A preset is a path to a TOML file or the name of one in configs/."""
+    """A preset is a path to a TOML file or the name of one shipped in trime/configs/."""
     p = Path(name)
     if p.suffix == ".toml" and p.exists():
         return p
@@ -325,7 +406,8 @@ def resolve_preset(name: str) -> Path:
 def load_preset(name: str) -> dict[str, dict[str, Any]]:
     """Read a preset: a TOML file with [model], [train], [eval] ... tables.
 
-    A preset may say ``base = "other"`` at the top level to start from another preset.
+    A preset may say ``base = "other"`` at the top level to start from another preset, and
+    ``task = "translation"`` for an encoder-decoder recipe (its [model] is an MTModelConfig).
     """
     path = resolve_preset(name)
     try:
@@ -333,12 +415,14 @@ def load_preset(name: str) -> dict[str, dict[str, Any]]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
     base = data.pop("base", None)
+    task = data.pop("task", None)  # "translation" for encoder-decoder presets
     out: dict[str, dict[str, Any]] = load_preset(base) if base else {}
     for section, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: top-level key {section!r} must be a table")
         out.setdefault(section, {}).update(table)
     out.setdefault("_source", {})["path"] = str(path)
+    out["_source"]["task"] = task or out["_source"].get("task") or "language_modeling"
     return out
 
 

@@ -26,8 +26,14 @@ from trime.model.base import select_keys
 def build_datastore(cfg: DatastoreConfig) -> Path:
     """Write the datastore of ``cfg.path``'s memory keys over ``cfg.subset`` to ``cfg.out``; resumable."""
     device = pick_device(cfg.device)
-    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint, hf_model=cfg.hf_model,
-                                            gguf_file=cfg.gguf_file, keytype=cfg.knn_keytype)
+    model, model_cfg, ckpt_dir = load_model(
+        cfg.path,
+        device=device,
+        trust=cfg.trust_checkpoint,
+        hf_model=cfg.hf_model,
+        gguf_file=cfg.gguf_file,
+        keytype=cfg.knn_keytype,
+    )
     tokens = load_split(cfg.data, cfg.subset)
     pad, eos = special_ids(cfg.data)
     L = cfg.tokens_per_sample or model_cfg.max_positions
@@ -37,9 +43,13 @@ def build_datastore(cfg: DatastoreConfig) -> Path:
     start = resume_from(out, n_rows)
     windows = windows[windows[:, 0] >= start]  # windows start on row boundaries of earlier blocks
     meta = {
-        "key_type": cfg.knn_keytype, "vocab_size": model_cfg.vocab_size,
-        "model_fingerprint": model_fingerprint(ckpt_dir), "split_fingerprint": read_data_meta(cfg.data)["splits"][cfg.subset]["fingerprint"],
-        "split": cfg.subset, "context_window": cfg.context_window, "tokens_per_sample": L,
+        "key_type": cfg.knn_keytype,
+        "vocab_size": model_cfg.vocab_size,
+        "model_fingerprint": model_fingerprint(ckpt_dir),
+        "split_fingerprint": read_data_meta(cfg.data)["splits"][cfg.subset]["fingerprint"],
+        "split": cfg.subset,
+        "context_window": cfg.context_window,
+        "tokens_per_sample": L,
     }
     amp = autocast_dtype(cfg.amp, device)
     bar = tqdm(total=n_rows, initial=start, desc="datastore", unit="tok", dynamic_ncols=True, disable=None)

@@ -65,8 +65,13 @@ class EvalResult:
 
 def setting_of(cfg: EvalConfig) -> Setting:
     """The scoring setting an evaluation config asks for."""
-    return Setting(softmax_temp=cfg.softmax_temp, lmbda=cfg.lmbda if cfg.use_interp else 0.0,
-                   interp_temp=cfg.interp_temp, k=None, ext_in_joint=cfg.use_external)
+    return Setting(
+        softmax_temp=cfg.softmax_temp,
+        lmbda=cfg.lmbda if cfg.use_interp else 0.0,
+        interp_temp=cfg.interp_temp,
+        k=None,
+        ext_in_joint=cfg.use_external,
+    )
 
 
 class Scorer:
@@ -76,8 +81,16 @@ class Scorer:
     token's rows, which is all ``trime sweep`` needs to re-score at another τ, λ, T or k.
     """
 
-    def __init__(self, model, cfg: EvalConfig, *, dim: int, pad: int, external: ExternalMemory | None = None,
-                 writer: NeighborCacheWriter | None = None):
+    def __init__(
+        self,
+        model,
+        cfg: EvalConfig,
+        *,
+        dim: int,
+        pad: int,
+        external: ExternalMemory | None = None,
+        writer: NeighborCacheWriter | None = None,
+    ):
         self.model, self.cfg, self.dim, self.pad = model, cfg, dim, pad
         self.external, self.writer = external, writer
         self.fifo = MemoryFIFO(cfg.mem_size) if cfg.use_long else None
@@ -93,7 +106,9 @@ class Scorer:
         w_idx = torch.cat([torch.full_like(r, w) for w, r in enumerate(spans)])  # (n_all,)
         p_idx = torch.cat(spans)  # (n_all,)
         targets = batch.targets[w_idx, p_idx]
-        tok_logp, log_z = self.model.head.target_logp(out.h[w_idx, p_idx], targets, tail_quirk=self.cfg.original_tail_quirk)
+        tok_logp, log_z = self.model.head.target_logp(
+            out.h[w_idx, p_idx], targets, tail_quirk=self.cfg.original_tail_quirk
+        )
         if not (self.cfg.use_local or self.external is not None or self.writer is not None):
             return tok_logp
         results, a = [], 0
@@ -132,16 +147,28 @@ def _neighbor_writer(cfg: EvalConfig, dim: int):
         yield None
         return
     meta = {"eval_config": dataclasses.asdict(cfg)}
-    with NeighborCacheWriter(cfg.save_neighbors, dim=dim, ext_in_joint=cfg.use_external,
-                             mem_top=cfg.neighbors_top or None, meta=meta, overwrite=True) as writer:
+    with NeighborCacheWriter(
+        cfg.save_neighbors,
+        dim=dim,
+        ext_in_joint=cfg.use_external,
+        mem_top=cfg.neighbors_top or None,
+        meta=meta,
+        overwrite=True,
+    ) as writer:
         yield writer
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Score a split of ``cfg.data`` with the checkpoint ``cfg.path`` and the chosen memories."""
     device = pick_device(cfg.device)
-    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint, hf_model=cfg.hf_model,
-                                            gguf_file=cfg.gguf_file, keytype=cfg.knn_keytype)
+    model, model_cfg, ckpt_dir = load_model(
+        cfg.path,
+        device=device,
+        trust=cfg.trust_checkpoint,
+        hf_model=cfg.hf_model,
+        gguf_file=cfg.gguf_file,
+        keytype=cfg.knn_keytype,
+    )
     data_dir = Path(cfg.data)
     check_vocabulary(data_dir, model_cfg.vocab_size, checkpoint_dictionary(ckpt_dir))
     pad, eos = special_ids(data_dir)
@@ -153,15 +180,28 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     batch_size = 1 if cfg.use_long else cfg.batch_size
     external = None
     if cfg.use_external or cfg.use_interp:
-        external = ExternalMemory.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=model_cfg.d_model,
-                                       vocab_size=model_cfg.vocab_size, keytype=cfg.knn_keytype,
-                                       fingerprint=model_fingerprint(ckpt_dir))
+        external = ExternalMemory.open(
+            cfg.dstore,
+            cfg.indexfile,
+            k=cfg.k,
+            probe=cfg.probe,
+            dim=model_cfg.d_model,
+            vocab_size=model_cfg.vocab_size,
+            keytype=cfg.knn_keytype,
+            fingerprint=model_fingerprint(ckpt_dir),
+        )
     amp = autocast_dtype(cfg.amp, device)
     out = []
     with _neighbor_writer(cfg, model_cfg.d_model) as writer:
         scorer = Scorer(model, cfg, dim=model_cfg.d_model, pad=pad, external=external, writer=writer)
-        bar = tqdm(total=len(tokens), desc=f"eval {cfg.gen_subset}", unit="tok", dynamic_ncols=True, leave=False,
-                   disable=not sys.stderr.isatty())
+        bar = tqdm(
+            total=len(tokens),
+            desc=f"eval {cfg.gen_subset}",
+            unit="tok",
+            dynamic_ncols=True,
+            leave=False,
+            disable=not sys.stderr.isatty(),
+        )
         for i in range(0, len(windows), batch_size):
             batch = make_batch(tokens, windows[i : i + batch_size], pad=pad, eos=eos, device=device)
             with autocast(device, amp):

@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -60,9 +61,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Save an array as .npy, atomically."""
-    with atomic_file(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
@@ -101,6 +101,14 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Items [start, end) of shard ``shard`` of ``num_shards`` over n items: contiguous, in order,
+    sizes differing by at most one (datastore rows per rank, BM25 queries per search shard)."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} outside 0..{num_shards - 1}")
+    return n * shard // num_shards, n * (shard + 1) // num_shards
 
 
 def is_complete(path: str | os.PathLike) -> bool:

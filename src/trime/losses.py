@@ -50,7 +50,7 @@ class LossSettings:
         check_keytype(self.keytype)
 
     @classmethod
-    def of(cls, cfg: TrainConfig, pad: int) -> "LossSettings":
+    def of(cls, cfg: TrainConfig, pad: int) -> LossSettings:
         return cls(cfg.criterion, cfg.knn_keytype, pad, cfg.cross_sent_ratio, cfg.chunk_size)
 
 
@@ -125,8 +125,17 @@ def _stream(q: Tensor, y: Tensor, gather: Gather | None) -> tuple[Tensor, Tensor
     return keys, values, int(offset), bounds
 
 
-def _memory_setup(s: LossSettings, q: Tensor, y: Tensor, B: int, L: int, gather: Gather | None, training: bool,
-                  generator: torch.Generator | None, seg_ids: Tensor | None) -> _Memory:
+def _memory_setup(
+    s: LossSettings,
+    q: Tensor,
+    y: Tensor,
+    B: int,
+    L: int,
+    gather: Gather | None,
+    training: bool,
+    generator: torch.Generator | None,
+    seg_ids: Tensor | None,
+) -> _Memory:
     """The memory entries and their visibility rule for one criterion."""
     if s.criterion == "trime":  # §2: own segment, strictly earlier positions, no gather
         return _Memory(q, y, masks.local(B, L, key_valid=y != s.pad, device=q.device))

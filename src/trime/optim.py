@@ -7,7 +7,7 @@ Schedules are pure functions ``lr(n)`` of the number of updates already made, as
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -73,8 +73,14 @@ def inverse_sqrt(n: int, lr: float, warmup_updates: int, warmup_init_lr: float) 
 
 
 def cosine(
-    n: int, max_lr: float, min_lr: float, warmup_updates: int, warmup_init_lr: float,
-    period: int, t_mult: float = 1.0, shrink: float = 0.1,
+    n: int,
+    max_lr: float,
+    min_lr: float,
+    warmup_updates: int,
+    warmup_init_lr: float,
+    period: int,
+    t_mult: float = 1.0,
+    shrink: float = 0.1,
 ) -> float:
     """fairseq cosine (spec §9): after warm-up, with t = n − warmup and period P,
 

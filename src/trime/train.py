@@ -17,20 +17,20 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from trime import distributed as dist
 from trime import io
-from trime.checkpoint import load_trainer_state, save_checkpoint
+from trime.checkpoint import DICT, load_trainer_state, save_checkpoint
 from trime.config import ModelConfig, TrainConfig, to_dict
 from trime.data.batching import epoch_batches, load_batch_order, make_batch, valid_batches
 from trime.data.blocks import num_segments, segment_windows
@@ -52,8 +52,22 @@ class Progress:
     epoch: int = 1
     batches_done: int = 0  # batches of this rank consumed in the current epoch
     updates: int = 0
-    best_valid: float = float("inf")
+    best_valid: float = float("inf")  # lowest validation loss (or −metric, e.g. −BLEU) so far
     train_seconds: float = 0.0
+
+
+class TrainData(Protocol):
+    """What the update loop needs from a kind of training data (segments of a token stream here,
+    sentence pairs in trime.translation): this process's batches and their tensors."""
+
+    device: torch.device
+    dictionaries: dict[str, Path]  # file name in a checkpoint -> the data's dictionary file
+
+    def epoch_batches(self, epoch: int) -> list: ...  # this rank's batches of an epoch (pure in seed, epoch, rank)
+
+    def valid_batches(self) -> list: ...
+
+    def tensors(self, split: str, batch) -> dict[str, torch.Tensor]: ...  # keyword arguments of the objective
 
 
 class Objective(torch.nn.Module):
@@ -64,42 +78,86 @@ class Objective(torch.nn.Module):
         self.model, self.settings, self.gather = model, settings, gather
         self.generator = torch.Generator().manual_seed(seed + 7919 * dist.rank())
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, use_ce: bool = False,
-                seg_ids: torch.Tensor | None = None):
-        res = compute_loss(self.settings, self.model(inputs), targets, self.model.head, use_ce=use_ce,
-                           gather=self.gather, training=self.training, generator=self.generator, seg_ids=seg_ids)
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, seg_ids: torch.Tensor | None = None, use_ce: bool = False
+    ):
+        res = compute_loss(
+            self.settings,
+            self.model(inputs),
+            targets,
+            self.model.head,
+            use_ce=use_ce,
+            gather=self.gather,
+            training=self.training,
+            generator=self.generator,
+            seg_ids=seg_ids,
+        )
         return res.loss, res.n_targets.to(res.loss.dtype), res.ce_sum
 
 
 @dataclass
-class Data:
-    """The token streams of a run and how to turn segment ids into batches."""
+class SegmentData:
+    """The token streams of a language-model run: segments of L tokens, batched in the run's order."""
 
     train: np.ndarray
     valid: np.ndarray
     L: int
+    B: int  # segments per batch
     pad: int
     eos: int
+    seed: int
+    mode: str = "shuffled"  # shuffled | consecutive | predefined (data.batching)
+    order: np.ndarray | None = None  # the predefined order
+    group: int = 1  # ranks whose memories are gathered together
+    with_seg_ids: bool = False  # trime_ext checks its batches for repeated segments
+    dictionaries: dict[str, Path] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def batch(self, tokens: np.ndarray, ids: np.ndarray):
-        """(inputs (B, L), targets (B, L)) int64 of segments ``ids`` on the run's device."""
-        b = make_batch(tokens, segment_windows(ids, len(tokens), self.L), pad=self.pad, eos=self.eos, width=self.L,
-                       device=self.device)
-        return b.inputs, b.targets
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        n_seg = num_segments(len(self.train), self.L)
+        batches = epoch_batches(
+            n_seg, self.B, epoch, mode=self.mode, seed=self.seed, rank=dist.rank(), world_size=dist.world_size(),
+            num_comb_shards=self.group if self.mode == "consecutive" else 1, order=self.order,
+        )  # fmt: skip
+        if not batches:
+            raise DataError(
+                f"the training split has fewer than {self.B * dist.world_size()} segments of {self.L} tokens"
+            )
+        return batches
+
+    def valid_batches(self) -> list[np.ndarray]:
+        return valid_batches(num_segments(len(self.valid), self.L), self.B, dist.rank(), dist.world_size())
+
+    def tensors(self, split: str, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """inputs (B, L), targets (B, L) int64 of segments ``ids`` on the run's device (and their ids)."""
+        tokens = self.train if split == "train" else self.valid
+        b = make_batch(
+            tokens, segment_windows(ids, len(tokens), self.L), pad=self.pad, eos=self.eos, width=self.L,
+            device=self.device,
+        )  # fmt: skip
+        out = {"inputs": b.inputs, "targets": b.targets}
+        if self.with_seg_ids and split == "train":
+            out["seg_ids"] = torch.as_tensor(ids)  # on the CPU: checked without a device sync
+        return out
 
 
-def _load_data(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> tuple[ModelConfig, Data]:
+def _load_data(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> tuple[ModelConfig, SegmentData]:
     if model_cfg.vocab_size == 0:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=len(load_dictionary(cfg.data)))
     check_vocabulary(cfg.data, model_cfg.vocab_size)
     if model_cfg.max_positions < cfg.tokens_per_sample:
         model_cfg = dataclasses.replace(model_cfg, max_positions=cfg.tokens_per_sample)
-    valid = load_split(cfg.data, cfg.valid_subset)
+    train, valid = load_split(cfg.data, "train"), load_split(cfg.data, cfg.valid_subset)
     if cfg.max_valid_tokens:
         valid = valid[: cfg.max_valid_tokens]
     pad, eos = special_ids(cfg.data)
-    return model_cfg, Data(load_split(cfg.data, "train"), valid, cfg.tokens_per_sample, pad, eos, device)
+    mode, order = _batch_order(cfg, num_segments(len(train), cfg.tokens_per_sample))
+    dict_file = Path(cfg.data) / DICT
+    data = SegmentData(
+        train, valid, cfg.tokens_per_sample, cfg.max_tokens // cfg.tokens_per_sample, pad, eos, cfg.seed, mode, order,
+        _group_size(cfg), cfg.criterion == "trime_ext", {DICT: dict_file} if dict_file.exists() else {}, device,
+    )  # fmt: skip
+    return model_cfg, data
 
 
 def _batch_order(cfg: TrainConfig, n_segments: int):
@@ -117,7 +175,9 @@ def _group_size(cfg: TrainConfig) -> int:
         return 1
     c = cfg.train_mem_size // cfg.max_tokens if cfg.train_mem_size else 1
     if cfg.train_mem_size % cfg.max_tokens or world % c:
-        raise ConfigError(f"--train-mem-size {cfg.train_mem_size} must be a multiple of --max-tokens that divides the ranks")
+        raise ConfigError(
+            f"--train-mem-size {cfg.train_mem_size} must be a multiple of --max-tokens that divides the ranks"
+        )
     return c
 
 
@@ -131,20 +191,21 @@ def _prepare_run_dir(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) ->
             raise ConfigError(f"{run_dir}: holds a run of another model; use another --save-dir")
         for key in ("tokens_per_sample", "max_tokens", "criterion", "data", "seed", "keep_order", "predefined_batches"):
             if old["train"].get(key) != resolved["train"][key]:
-                raise ConfigError(f"{run_dir}: resuming with a different --{key.replace('_', '-')}; use another --save-dir")
+                raise ConfigError(
+                    f"{run_dir}: resuming with a different --{key.replace('_', '-')}; use another --save-dir"
+                )
     elif dist.is_main():
         io.write_json(path, resolved)
 
 
-def validate(objective: Objective, data: Data, B: int, amp) -> float:
-    """Base-2 loss per token of the run's criterion on consecutive validation segments."""
+def validate(objective: torch.nn.Module, data: TrainData, amp) -> float:
+    """Base-2 loss per target token of the run's criterion on the validation batches."""
     objective.eval()
     total = torch.zeros(2, dtype=torch.float64, device=data.device)
     with torch.no_grad():
-        for ids in valid_batches(num_segments(len(data.valid), data.L), B, dist.rank(), dist.world_size()):
-            inputs, targets = data.batch(data.valid, ids)
+        for batch in data.valid_batches():
             with autocast(data.device, amp):
-                loss, n, _ = objective(inputs, targets)
+                loss, n, _ = objective(**data.tensors("valid", batch))
             total += torch.stack([loss.double(), n.double()])
     objective.train()
     loss_sum, n = dist.all_reduce_sum(total).tolist()
@@ -156,7 +217,7 @@ class _Parts:
     """What the update loop drives: the model, its objective (and DDP wrapper), optimisation state."""
 
     model: torch.nn.Module
-    objective: Objective
+    objective: torch.nn.Module  # forward(**tensors, use_ce) -> (loss sum, targets, ce sum); .generator
     wrapped: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -165,30 +226,46 @@ class _Parts:
 
 
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress], None] | None = None) -> Path:
-    """Train (or resume) a run in ``cfg.save_dir``; returns the run directory."""
+    """Train (or resume) a language model in ``cfg.save_dir``; returns the run directory."""
     dist.init()
     device = pick_device(cfg.device)
-    amp = autocast_dtype(cfg.amp, device)
     hf = _hf_backbone(cfg, device) if cfg.hf_model else None
     model_cfg, data = _load_data(cfg, hf.cfg if hf is not None else model_cfg, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg).to(device) if hf is None else hf.train()
+    objective = Objective(
+        model, LossSettings.of(cfg, data.pad), cfg.seed, dist.make_group_gather(data.group) if data.group > 1 else None
+    )
+    # adaptive bands and tail clusters without a token in a batch get no gradient that step
+    unused = hf is None and bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
+    return run_training(cfg, model_cfg, model, objective, data, find_unused_parameters=unused, on_step=on_step)
+
+
+def run_training(
+    cfg: TrainConfig,
+    model_cfg,
+    model: torch.nn.Module,
+    objective: torch.nn.Module,
+    data: TrainData,
+    *,
+    find_unused_parameters: bool = False,
+    on_step: Callable[[Progress], None] | None = None,
+) -> Path:
+    """The shared part of every training run: run directory, optimiser, resume, the update loop.
+
+    ``model_cfg`` is the model's config dataclass (saved in config.json and every checkpoint);
+    ``objective`` wraps the model and its criterion (see :class:`Objective`)."""
+    device = data.device
+    amp = autocast_dtype(cfg.amp, device)
     run_dir = Path(cfg.save_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _prepare_run_dir(run_dir, model_cfg, cfg)
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg).to(device) if hf is None else hf.train()
     optimizer = build_optimizer(model.parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    group = _group_size(cfg)
-    objective = Objective(model, LossSettings.of(cfg, data.pad), cfg.seed,
-                          dist.make_group_gather(group) if group > 1 else None)
     progress = _resume(run_dir, model, optimizer, objective, scaler, device)
-    # adaptive bands and tail clusters without a token in a batch get no gradient that step
-    adaptive = hf is None and bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
-    wrapped = dist.wrap_ddp(objective, find_unused_parameters=adaptive)
+    wrapped = dist.wrap_ddp(objective, find_unused_parameters=find_unused_parameters)
     parts = _Parts(model, objective, wrapped, optimizer, scaler, schedule(cfg), amp)
-    n_seg = num_segments(len(data.train), cfg.tokens_per_sample)
-    mode, order = _batch_order(cfg, n_seg)
-    _Loop(cfg, model_cfg, run_dir, parts, data).run(progress, mode, order, n_seg, group, on_step)
+    _Loop(cfg, model_cfg, run_dir, parts, data).run(progress, on_step)
     dist.barrier()
     return run_dir
 
@@ -198,8 +275,10 @@ def _hf_backbone(cfg: TrainConfig, device: torch.device) -> HFBackbone:
     key = "final" if cfg.knn_keytype == "final" else "last_ffn_input"
     model = load_hf(cfg.hf_model, gguf_file=cfg.gguf_file or None, device=device, key=key)
     if 0 < model.cfg.max_positions < cfg.tokens_per_sample:
-        raise ConfigError(f"--tokens-per-sample {cfg.tokens_per_sample} exceeds {cfg.hf_model}'s context of "
-                          f"{model.cfg.max_positions} positions")
+        raise ConfigError(
+            f"--tokens-per-sample {cfg.tokens_per_sample} exceeds {cfg.hf_model}'s context of "
+            f"{model.cfg.max_positions} positions"
+        )
     return model
 
 
@@ -231,7 +310,7 @@ def _resume(run_dir: Path, model, optimizer, objective, scaler, device) -> Progr
 class _Loop:
     """The update loop; split from fit() to keep each step readable."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, run_dir: Path, parts: _Parts, data: Data):
+    def __init__(self, cfg: TrainConfig, model_cfg, run_dir: Path, parts: _Parts, data: TrainData):
         self.cfg, self.model_cfg, self.run_dir, self.parts, self.data = cfg, model_cfg, run_dir, parts, data
         self.log = io.JsonlLogger(run_dir / "log.jsonl", enabled=dist.is_main())
 
@@ -243,19 +322,22 @@ class _Loop:
             or (cfg.max_time and p.train_seconds >= cfg.max_time * 60)
         )
 
-    def run(self, p: Progress, mode: str, order, n_seg: int, group: int, on_step) -> None:
+    def run(self, p: Progress, on_step) -> None:
         cfg = self.cfg
-        B = cfg.max_tokens // cfg.tokens_per_sample
         while not self.done(p):
-            batches = epoch_batches(
-                n_seg, B, p.epoch, mode=mode, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size(),
-                num_comb_shards=group if mode == "consecutive" else 1, order=order,
-            )
-            if not batches:
-                raise DataError(f"{cfg.data}: the training split has fewer than {B * dist.world_size()} segments of {cfg.tokens_per_sample} tokens")
+            try:
+                batches = self.data.epoch_batches(p.epoch)
+            except DataError as e:
+                raise DataError(f"{cfg.data}: {e}") from None
             total = len(batches) // cfg.update_freq
-            bar = tqdm(total=total, initial=p.batches_done // cfg.update_freq, desc=f"epoch {p.epoch}",
-                       disable=not (dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
+            bar = tqdm(
+                total=total,
+                initial=p.batches_done // cfg.update_freq,
+                desc=f"epoch {p.epoch}",
+                disable=not (dist.is_main() and sys.stderr.isatty()),
+                dynamic_ncols=True,
+                leave=False,
+            )
             while p.batches_done + cfg.update_freq <= len(batches) and not self.done(p):
                 group_ids = batches[p.batches_done : p.batches_done + cfg.update_freq]
                 stats = self.update(group_ids, use_ce=p.epoch <= cfg.ce_warmup_epoch, p=p)
@@ -265,8 +347,11 @@ class _Loop:
                 if p.updates % cfg.log_interval == 0:
                     self.log.log(kind="train", epoch=p.epoch, update=p.updates, **stats)
                     if bar.disable and dist.is_main():
-                        print(f"| epoch {p.epoch:03d} | update {p.updates} | loss {stats['loss']:.3f} | "
-                              f"lr {stats['lr']:.3g} | {stats['tokens_per_s']:.0f} tok/s", flush=True)
+                        print(
+                            f"| epoch {p.epoch:03d} | update {p.updates} | loss {stats['loss']:.3f} | "
+                            f"lr {stats['lr']:.3g} | {stats['tokens_per_s']:.0f} tok/s",
+                            flush=True,
+                        )
                 if cfg.save_interval_updates and p.updates % cfg.save_interval_updates == 0:
                     self.save(p, best=False)
                 if on_step is not None:
@@ -278,13 +363,21 @@ class _Loop:
             self.save(p, best=False)
 
     def end_epoch(self, p: Progress) -> None:
-        valid = validate(self.parts.objective, self.data, self.cfg.max_tokens // self.cfg.tokens_per_sample,
-                         self.parts.amp)
-        improved = valid < p.best_valid
-        p.best_valid = min(p.best_valid, valid)
+        valid = validate(self.parts.objective, self.data, self.parts.amp)
+        record = {"loss": valid, "ppl": 2**valid}
+        key = valid  # checkpoint_best keeps the lowest key: the validation loss, or −metric when the data has one
+        metric = getattr(self.data, "selection_metric", None)  # (name, value; higher is better) e.g. BLEU
+        if metric is not None:
+            name, value = metric(self.parts.model)
+            record[name], key = value, -value
+        improved = key < p.best_valid
+        p.best_valid = min(p.best_valid, key)
         if dist.is_main():
-            print(f"| epoch {p.epoch:03d} | valid loss {valid:.4f} | valid ppl {2 ** valid:.2f} | updates {p.updates}")
-        self.log.log(kind="valid", epoch=p.epoch, update=p.updates, loss=valid, ppl=2**valid)
+            extra = "".join(f" | valid {k} {v:.2f}" for k, v in record.items() if k not in ("loss", "ppl"))
+            print(
+                f"| epoch {p.epoch:03d} | valid loss {valid:.4f} | valid ppl {2**valid:.2f}{extra} | updates {p.updates}"
+            )
+        self.log.log(kind="valid", epoch=p.epoch, update=p.updates, **record)
         p.epoch += 1
         p.batches_done = 0
         self.save(p, best=improved)
@@ -295,13 +388,12 @@ class _Loop:
         lr = run.lr_at(p.updates)
         set_lr(run.optimizer, lr)
         totals = torch.zeros(3, dtype=torch.float64, device=data.device)  # loss, targets, ce
-        for k, ids in enumerate(group_ids):
-            inputs, targets = data.batch(data.train, ids)
-            seg_ids = torch.as_tensor(ids) if cfg.criterion == "trime_ext" else None  # CPU: checked without a sync
+        for k, batch in enumerate(group_ids):
+            tensors = data.tensors("train", batch)
             sync = k == len(group_ids) - 1
-            with (nullcontext() if sync else dist.no_sync(run.wrapped)):
+            with nullcontext() if sync else dist.no_sync(run.wrapped):
                 with autocast(data.device, run.amp):
-                    loss, n, ce = run.wrapped(inputs, targets, use_ce, seg_ids)
+                    loss, n, ce = run.wrapped(**tensors, use_ce=use_ce)
                 run.scaler.scale(loss).backward()
             totals += torch.stack([loss.detach().double(), n.double(), ce.double()])
         totals = dist.all_reduce_sum(totals)
@@ -319,23 +411,42 @@ class _Loop:
         dt = time.time() - t0
         p.train_seconds += dt
         return {
-            "loss": totals[0].item() / n_total / LN2, "ce_loss": totals[2].item() / n_total / LN2,
-            "lr": lr, "gnorm": float(gnorm), "tokens_per_s": n_total / max(dt, 1e-9), "use_ce": use_ce,
+            "loss": totals[0].item() / n_total / LN2,
+            "ce_loss": totals[2].item() / n_total / LN2,
+            "lr": lr,
+            "gnorm": float(gnorm),
+            "tokens_per_s": n_total / max(dt, 1e-9),
+            "use_ce": use_ce,
         }
 
     def save(self, p: Progress, best: bool) -> None:
         run, device = self.parts, self.data.device
-        rng = {"torch": torch.get_rng_state(), "criterion": run.objective.generator.get_state(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "criterion": run.objective.generator.get_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
         rngs = dist.all_gather_object(rng)
         if not dist.is_main():
             return
-        state = {"progress": dataclasses.asdict(p), "optimizer": run.optimizer.state_dict(),
-                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "rng": rngs}
-        dict_path = Path(self.cfg.data) / "dict.txt"
+        state = {
+            "progress": dataclasses.asdict(p),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+            "rng": rngs,
+        }
+        dicts = self.data.dictionaries
         meta = {"epoch": p.epoch, "updates": p.updates, "best_valid": p.best_valid}
-        save_checkpoint(self.run_dir / "checkpoint_last", run.model, self.model_cfg, dict_path,
-                        train_cfg=self.cfg, trainer_state=state, **meta)
+        save_checkpoint(
+            self.run_dir / "checkpoint_last",
+            run.model,
+            self.model_cfg,
+            dicts,
+            train_cfg=self.cfg,
+            trainer_state=state,
+            **meta,
+        )
         if best:
-            save_checkpoint(self.run_dir / "checkpoint_best", run.model, self.model_cfg, dict_path,
-                            train_cfg=self.cfg, **meta)
+            save_checkpoint(
+                self.run_dir / "checkpoint_best", run.model, self.model_cfg, dicts, train_cfg=self.cfg, **meta
+            )

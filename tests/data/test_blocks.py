@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from reference import window
 from trime.data.batching import make_batch
 from trime.data.blocks import eval_windows, input_tokens, num_segments, segment_bounds, segment_windows
 from trime.errors import ConfigError
+
+from reference import window
 
 
 def stream(n=103, line=7, seed=0):

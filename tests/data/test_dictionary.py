@@ -28,7 +28,7 @@ def reference_symbols(counts: dict[str, int], padding_factor: int = 8) -> list[s
     symbols = SPECIALS + order
     i = 0
     while len(symbols) % padding_factor:
-        name = "madeupword%04d" % i
+        name = f"madeupword{i:04d}"
         if name not in symbols:
             symbols.append(name)
         i += 1
@@ -38,7 +38,7 @@ def reference_symbols(counts: dict[str, int], padding_factor: int = 8) -> list[s
 def test_specials_and_order_with_ties_and_padding():
     d = Dictionary.build(Counter({"b": 2, "a": 2, "c": 5, "d": 1, "B": 2}))
     assert (d.bos, d.pad, d.eos, d.unk) == (0, 1, 2, 3)
-    assert d.symbols == SPECIALS + ["c", "B", "a", "b", "d"] + ["madeupword%04d" % i for i in range(7)]
+    assert d.symbols == SPECIALS + ["c", "B", "a", "b", "d"] + [f"madeupword{i:04d}" for i in range(7)]
     assert len(d) == 16 and d.counts[9:] == [0] * 7
     assert d.index("B") == 5 and d[5] == "B"
 
@@ -70,12 +70,12 @@ def test_madeupword_in_the_text_is_skipped_when_padding():
     counts = {"madeupword0000": 1, "x": 3, "y": 2, "z": 2, "w": 1}
     d = Dictionary.build(Counter(counts))
     assert d.symbols == reference_symbols(counts)
-    assert d.symbols[-7:] == ["madeupword%04d" % i for i in range(1, 8)]
+    assert d.symbols[-7:] == [f"madeupword{i:04d}" for i in range(1, 8)]
     assert d.symbols.count("madeupword0000") == 1
 
 
 def test_literal_unk_and_eos_merge_into_the_specials():
-    d = Dictionary.build(Counter("a <unk> b <unk> a".split()) + Counter({"</s>": 3}))
+    d = Dictionary.build(Counter(["a", "<unk>", "b", "<unk>", "a"]) + Counter({"</s>": 3}))
     assert d.symbols[:6] == SPECIALS + ["a", "b"]
     assert d.symbols.count("<unk>") == 1
     assert d.counts[d.unk] == 1 + 2 and d.counts[d.eos] == 1 + 3
@@ -92,7 +92,7 @@ def test_encode_line_whitespace_and_empty():
 
 
 def test_string_round_trip_and_specials():
-    d = Dictionary.build(Counter("the cat sat on the mat".split()))
+    d = Dictionary.build(Counter(["the", "cat", "sat", "on", "the", "mat"]))
     line = "  the   cat sat\ton the dog "
     assert d.string(d.encode_line(line)) == "the cat sat on the <unk>"
     assert d.string([d.bos, 4, d.pad, d.eos]) == "the"

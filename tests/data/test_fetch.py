@@ -92,10 +92,35 @@ def patch_corpus(monkeypatch, name, **changes):
 
 def test_tokenize_paragraph_rule():
     assert tokenize_paragraph("'Tis now struck twelve. Get thee to bed, Francisco.") == (
-        "' Tis now struck twelve . Get thee to bed , Francisco .".split()
+        ["'", "Tis", "now", "struck", "twelve", ".", "Get", "thee", "to", "bed", ",", "Francisco", "."]
     )
-    assert tokenize_paragraph("[Re-enter Ghost.]--Stand, ho! o'er") == "[ Re @-@ enter Ghost . ] -- Stand , ho ! o'er".split()
-    assert tokenize_paragraph("Who's there?... &c. inventors' 1599") == "Who's there ? ... & c . inventors ' 1599".split()
+    assert tokenize_paragraph("[Re-enter Ghost.]--Stand, ho! o'er") == [
+        "[",
+        "Re",
+        "@-@",
+        "enter",
+        "Ghost",
+        ".",
+        "]",
+        "--",
+        "Stand",
+        ",",
+        "ho",
+        "!",
+        "o'er",
+    ]
+    assert tokenize_paragraph("Who's there?... &c. inventors' 1599") == [
+        "Who's",
+        "there",
+        "?",
+        "...",
+        "&",
+        "c",
+        ".",
+        "inventors",
+        "'",
+        "1599",
+    ]
     assert tokenize_paragraph("  ") == []
 
 

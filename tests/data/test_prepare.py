@@ -43,8 +43,8 @@ def ref_fairseq(train_path, paths):
     symbols = SPECIALS + types
     i = 0
     while len(symbols) % 8:
-        if "madeupword%04d" % i not in symbols:
-            symbols.append("madeupword%04d" % i)
+        if f"madeupword{i:04d}" not in symbols:
+            symbols.append(f"madeupword{i:04d}")
         i += 1
     index = {s: k for k, s in enumerate(symbols)}
     out = {}

@@ -54,14 +54,6 @@ def test_detached_dtype_follows_and_reset():
     assert len(fifo) == 0 and fifo.entries()[0].numel() == 0
 
 
-def test_continuity_resets_on_a_jump():
-    fifo = MemoryFIFO(size=8)
-    assert not fifo.continue_from(0, 0)
-    fifo.append(torch.randn(2, 2), torch.tensor([1, 2]))
-    assert not fifo.continue_from(1, 2) and len(fifo) == 2
-    assert fifo.continue_from(5, 5) and len(fifo) == 0
-
-
 def test_size_zero_holds_nothing():
     fifo = MemoryFIFO(size=0)
     fifo.append(torch.randn(3, 2), torch.tensor([1, 2, 3]))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from trime.errors import DatastoreError
-from trime.memory.datastore import (Datastore, DatastoreWriter, build_datastore, merge_shards, resume_from,
-                                    shard_range)
+from trime.io import shard_range
+from trime.memory.datastore import Datastore, DatastoreWriter, build_datastore, merge_shards, resume_from
 
 D, ROWS, BLOCK, VOCAB = 8, 103, 10, 50
 META = {"key_type": "last_ffn_input", "vocab_size": VOCAB, "model_fingerprint": "m1", "split_fingerprint": "s1"}
@@ -131,10 +131,12 @@ def test_check_compatible_names_the_difference(tmp_path):
     ds = Datastore.open(build_datastore(_blocks(), tmp_path / "ds", D, ROWS, META))
     ds.check_compatible(D, VOCAB, "last_ffn_input", "m1")
     ds.check_compatible(D, VOCAB, "last_ffn_input")  # fingerprint unknown: not checked
-    for args, what in [((D + 1, VOCAB, "last_ffn_input"), "dimension"),
-                       ((D, VOCAB, "final"), "key type"),
-                       ((D, VOCAB + 1, "last_ffn_input"), "vocabulary"),
-                       ((D, VOCAB, "last_ffn_input", "m2"), "not this model")]:
+    for args, what in [
+        ((D + 1, VOCAB, "last_ffn_input"), "dimension"),
+        ((D, VOCAB, "final"), "key type"),
+        ((D, VOCAB + 1, "last_ffn_input"), "vocabulary"),
+        ((D, VOCAB, "last_ffn_input", "m2"), "not this model"),
+    ]:
         with pytest.raises(DatastoreError, match=what):
             ds.check_compatible(*args)
     small = Datastore.open(build_datastore(_blocks(), tmp_path / "nometa", D, ROWS, {}))

@@ -24,7 +24,9 @@ def _one_faiss_thread():
 def _datastore(path, keys: np.ndarray, vocab: int = 100):
     n, d = keys.shape
     vals = np.random.default_rng(1).integers(4, vocab, n)
-    blocks = ((a, torch.from_numpy(keys[a : a + 1000]), torch.from_numpy(vals[a : a + 1000])) for a in range(0, n, 1000))
+    blocks = (
+        (a, torch.from_numpy(keys[a : a + 1000]), torch.from_numpy(vals[a : a + 1000])) for a in range(0, n, 1000)
+    )
     return build_datastore(blocks, path, d, n, {"key_type": "last_ffn_input", "vocab_size": vocab}, key_dtype="float32")
 
 

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-import reference as ref
 from trime.memory import joint, masks
+
+import reference as ref
 
 NEG = float("-inf")
 
@@ -140,8 +141,10 @@ def _check_chunked(queries, keys, leaves, values, targets, vis, chunk, tol):
     n = targets.shape[0]
     w_c, w_p = torch.rand(n, generator=g), torch.rand(n, generator=g)
     results = []
-    for fn in (lambda: joint.memory_stats(queries(), keys(), values, targets, vis, 0.3, chunk),
-               lambda: joint.dense_memory_stats(queries(), keys(), values, targets, vis, 0.3)):
+    for fn in (
+        lambda: joint.memory_stats(queries(), keys(), values, targets, vis, 0.3, chunk),
+        lambda: joint.dense_memory_stats(queries(), keys(), values, targets, vis, 0.3),
+    ):
         lzc, lzpos = fn()
         # a loss that touches both statistics; rows with -inf statistics contribute nothing
         loss = (torch.where(torch.isfinite(lzc), lzc, 0) * w_c.to(lzc)).sum()

@@ -44,8 +44,14 @@ def test_interpolate_matches_mixture_and_endpoints():
     lm = torch.log(torch.tensor([0.2, 0.5, 1e-30, 0.9]))
     kn = torch.log(torch.tensor([0.7, 0.0, 0.4, 0.01]))  # one −inf kNN term
     for lam in (0.0, 0.3, 1.0):
-        ref = torch.tensor([math.log((1 - lam) * math.exp(a) + lam * math.exp(b)) if (1 - lam) * math.exp(a) + lam * math.exp(b) > 0
-                            else float("-inf") for a, b in zip(lm.double().tolist(), kn.double().tolist())])
+        ref = torch.tensor(
+            [
+                math.log((1 - lam) * math.exp(a) + lam * math.exp(b))
+                if (1 - lam) * math.exp(a) + lam * math.exp(b) > 0
+                else float("-inf")
+                for a, b in zip(lm.double().tolist(), kn.double().tolist())
+            ]
+        )
         torch.testing.assert_close(interpolate(lm, kn, lam), ref.float())
     assert torch.equal(interpolate(lm, kn, 0.0), lm)  # λ = 0 reproduces the plain score exactly
     assert torch.equal(interpolate(lm, kn, 1.0), kn)

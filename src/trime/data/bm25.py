@@ -27,8 +27,8 @@ import os
 import random
 import re
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -36,23 +36,46 @@ from trime.data.blocks import input_tokens, segment_bounds
 from trime.data.dictionary import Dictionary
 from trime.data.prepare import load_dictionary, load_split
 from trime.errors import ConfigError, DataError
-from trime.io import atomic_dir, atomic_file, fingerprint_array, is_complete, load_npy, read_json, read_meta
-from trime.io import save_npy, sha256_file, write_json, write_meta
+from trime.io import (
+    atomic_dir,
+    atomic_file,
+    fingerprint_array,
+    is_complete,
+    load_npy,
+    read_json,
+    read_meta,
+    save_npy,
+    sha256_file,
+    shard_range,
+    write_json,
+    write_meta,
+)
 
 N_SPECIALS = Dictionary.unk  # ids below unk are <s> <pad> </s> (dropped); <unk> stays as "<unk>"
 TOKEN_PATTERN = r"(?u)\b\w+\b"  # like Lucene's tokenizer, single characters are kept
 BLOCK = 256  # queries per block; fixed, so a sharded run computes each row exactly like an unsharded one
 DENSE_DF = 0.08  # a term in more than this share of the segments is scored with a dense matmul
-BACKENDS = ("bm25s",)
 
 __all__ = [
-    "segment_texts", "write_segments", "read_segments", "analyze", "analyze_tokens", "bm25_weights", "build_index",
-    "build_index_from_tokens", "search", "top_hits", "shard_range",
-    "load_results", "chain_order", "chain", "link_share", "bm25_batches",
+    "analyze",
+    "analyze_tokens",
+    "bm25_batches",
+    "bm25_weights",
+    "build_index",
+    "chain",
+    "chain_order",
+    "link_share",
+    "load_results",
+    "read_segments",
+    "search",
+    "segment_texts",
+    "top_hits",
+    "write_segments",
 ]
 
 
 # --- segments (spec §7.1) -------------------------------------------------------------------
+
 
 def _joined(tokens: np.ndarray, words: np.ndarray, L: int) -> Iterator[tuple[int, str]]:
     if len(tokens) and (int(np.max(tokens)) >= len(words) or int(np.min(tokens)) < 0):
@@ -92,15 +115,17 @@ def read_segments(path: str | os.PathLike) -> list[str]:
                 rec = json.loads(line)
                 sid, text = rec["id"], rec["contents"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{path}:{line_no + 1}: not a {{\"id\", \"contents\"}} JSON line") from None
+                raise DataError(f'{path}:{line_no + 1}: not a {{"id", "contents"}} JSON line') from None
             if sid != line_no:
-                raise DataError(f"{path}:{line_no + 1}: segment id {sid}, expected {line_no} "
-                                "(ids must be 0..S-1 in order)")
+                raise DataError(
+                    f"{path}:{line_no + 1}: segment id {sid}, expected {line_no} (ids must be 0..S-1 in order)"
+                )
             texts.append(text)
     return texts
 
 
 # --- analysis and index ----------------------------------------------------------------------
+
 
 def _stop_set(stopwords: str | Sequence[str] | None) -> frozenset[str]:
     if stopwords in (None, "none", ""):
@@ -150,9 +175,9 @@ def _expand(word_ids: np.ndarray, doc_off: np.ndarray, table, chunk: int = 1 << 
     n_terms = np.concatenate([[0], np.cumsum(count[word_ids], dtype=np.int64)])  # (N+1,)
     parts = []
     for lo in range(0, len(word_ids), chunk):  # bounded memory for 100M words
-        w = word_ids[lo: lo + chunk]
+        w = word_ids[lo : lo + chunk]
         c = count[w]
-        first = np.repeat(starts[w] - n_terms[lo: lo + len(w)] + n_terms[lo], c)
+        first = np.repeat(starts[w] - n_terms[lo : lo + len(w)] + n_terms[lo], c)
         parts.append(flat[first + np.arange(int(c.sum()))])
     terms = np.concatenate(parts) if parts else np.zeros(0, np.int32)  # (T,)
     used = np.flatnonzero(np.bincount(terms, minlength=len(vocab)))
@@ -182,8 +207,9 @@ def analyze(texts: Sequence[str], stopwords="en", stemmer: str | None = "porter"
     return _expand(all_words, doc_off, _word_table(list(word_ids), stopwords, stemmer))
 
 
-def analyze_tokens(tokens: np.ndarray, symbols: Sequence[str], L: int, stopwords="en",
-                   stemmer: str | None = "porter") -> Analysed:
+def analyze_tokens(
+    tokens: np.ndarray, symbols: Sequence[str], L: int, stopwords="en", stemmer: str | None = "porter"
+) -> Analysed:
     """:func:`analyze` of the segment texts, computed from the token ids (identical result, ~50x faster).
 
     The segments' inputs laid end to end are ``[eos] + tokens[:-1]``; each dictionary symbol is
@@ -244,37 +270,52 @@ def _write_index(analysed, index_dir, segments_path, k1: float, b: float, **sett
         retriever.save(tmp, show_progress=False)
         for name in ("data", "indices", "indptr"):
             save_npy(tmp / f"query_tf.{name}.npy", getattr(tf, name))
-        write_meta(tmp, "bm25_index", n_segments=n, n_terms=len(vocab), k1=k1, b=b, token_pattern=TOKEN_PATTERN,
-                   **settings, segments_sha256=sha256_file(segments_path), bm25s_version=bm25s.__version__)
+        write_meta(
+            tmp,
+            "bm25_index",
+            n_segments=n,
+            n_terms=len(vocab),
+            k1=k1,
+            b=b,
+            token_pattern=TOKEN_PATTERN,
+            **settings,
+            segments_sha256=sha256_file(segments_path),
+            bm25s_version=bm25s.__version__,
+        )
     return Path(index_dir)
 
 
-def build_index(segments_path, index_dir, *, k1: float = 0.9, b: float = 0.4, stopwords="en",
-                stemmer: str | None = "porter") -> Path:
+def build_index(
+    segments_path,
+    index_dir,
+    *,
+    analysed: Analysed | None = None,
+    k1: float = 0.9,
+    b: float = 0.4,
+    stopwords="en",
+    stemmer: str | None = "porter",
+) -> Path:
     """Index every segment as a bm25s index (Lucene BM25, spec §7.2) in ``index_dir`` (meta.json last).
 
-    The weights come from :func:`bm25_weights` (vectorised; equal to bm25s's own ``index()``,
-    which is too slow for 100M tokens) and are saved with bm25s, so ``bm25s.BM25.load`` reads the
-    directory. The segments' term counts (``query_tf.*.npy``) are kept as the queries, so search
-    never re-tokenises.
+    The segments are analysed from ``segments_path`` unless ``analysed`` is given: the pipeline
+    passes :func:`analyze_tokens` of the token ids the file was written from (the same terms,
+    much faster; the line count is checked). The weights come from :func:`bm25_weights`
+    (vectorised; equal to bm25s's own ``index()``, which is too slow for 100M tokens) and are saved
+    with bm25s, so ``bm25s.BM25.load`` reads the directory. The segments' term counts
+    (``query_tf.*.npy``) are kept as the queries, so search never re-tokenises.
     """
-    analysed = analyze(read_segments(segments_path), stopwords, stemmer)
-    return _write_index(analysed, index_dir, segments_path, k1, b, stopwords=stopwords, stemmer=stemmer)
-
-
-def build_index_from_tokens(tokens: np.ndarray, symbols: Sequence[str], L: int, segments_path, index_dir, *,
-                            k1: float = 0.9, b: float = 0.4, stopwords="en", stemmer: str | None = "porter") -> Path:
-    """:func:`build_index` for ``segments_path`` written by :func:`write_segments` from these tokens,
-    analysing the token ids instead of re-reading the text (the same index, much faster)."""
-    analysed = analyze_tokens(tokens, symbols, L, stopwords, stemmer)
-    with open(segments_path, "rb") as f:
-        n_lines = sum(1 for _ in f)
-    if len(analysed[1]) - 1 != n_lines:
-        raise DataError(f"{segments_path} was not written from these tokens with L = {L}")
+    if analysed is None:
+        analysed = analyze(read_segments(segments_path), stopwords, stemmer)
+    else:
+        with open(segments_path, "rb") as f:
+            n_lines = sum(1 for _ in f)
+        if len(analysed[1]) - 1 != n_lines:
+            raise DataError(f"{segments_path} holds {n_lines} segments, the analysed tokens {len(analysed[1]) - 1}")
     return _write_index(analysed, index_dir, segments_path, k1, b, stopwords=stopwords, stemmer=stemmer)
 
 
 # --- search (spec §7.3) ----------------------------------------------------------------------
+
 
 class _Scorer:
     """BM25 scores of query blocks against all segments: sparse part + dense part, float32."""
@@ -284,10 +325,14 @@ class _Scorer:
 
         dense_df = DENSE_DF if dense_df is None else dense_df
         n, v = meta["n_segments"], meta["n_terms"]
-        w = sp.csc_matrix(tuple(load_npy(index_dir / f"{k}.csc.index.npy", mmap=False)
-                                for k in ("data", "indices", "indptr")), shape=(n, v))  # (S, V) weights
-        tf = sp.csr_matrix(tuple(load_npy(index_dir / f"query_tf.{k}.npy", mmap=False)
-                                 for k in ("data", "indices", "indptr")), shape=(n, v))  # (S, V) counts
+        w = sp.csc_matrix(
+            tuple(load_npy(index_dir / f"{k}.csc.index.npy", mmap=False) for k in ("data", "indices", "indptr")),
+            shape=(n, v),
+        )  # (S, V) weights
+        tf = sp.csr_matrix(
+            tuple(load_npy(index_dir / f"query_tf.{k}.npy", mmap=False) for k in ("data", "indices", "indptr")),
+            shape=(n, v),
+        )  # (S, V) counts
         dense = np.diff(w.indptr) > dense_df * n  # (V,) frequent terms
         self.n = n
         self.q_sparse, self.q_dense = tf[:, ~dense].tocsr(), tf[:, dense].tocsr()
@@ -316,16 +361,10 @@ def top_hits(scores: np.ndarray, k: int) -> list[list[int]]:
     return hits
 
 
-def shard_range(n_segments: int, num_shards: int, k: int) -> tuple[int, int]:
-    """Contiguous ids of shard ``k``: ``[k·ceil(S/num_shards), ...)`` (spec §7.3)."""
-    size = -(-n_segments // num_shards)
-    return min(k * size, n_segments), min((k + 1) * size, n_segments)
-
-
 def _search_shard(scorer: _Scorer, lo: int, hi: int, top_k: int, pool, bar) -> list[list[int]]:
     def block(j: int) -> list[list[int]]:
         b_lo, b_hi = j * BLOCK, min((j + 1) * BLOCK, scorer.n)  # whole, globally aligned blocks
-        hits = top_hits(scorer.scores(b_lo, b_hi), top_k)[max(lo - b_lo, 0): hi - b_lo]
+        hits = top_hits(scorer.scores(b_lo, b_hi), top_k)[max(lo - b_lo, 0) : hi - b_lo]
         bar.update(len(hits))
         return hits
 
@@ -333,8 +372,16 @@ def _search_shard(scorer: _Scorer, lo: int, hi: int, top_k: int, pool, bar) -> l
     return [h for hits in pool.map(block, blocks) for h in hits]
 
 
-def search(index_dir, segments_path, out_dir, *, top_k: int = 20, num_shards: int = 1,
-           shard_id: int | None = None, n_threads: int = 0) -> Path:
+def search(
+    index_dir,
+    segments_path,
+    out_dir,
+    *,
+    top_k: int = 20,
+    num_shards: int = 1,
+    shard_id: int | None = None,
+    n_threads: int = 0,
+) -> Path:
     """Top-``top_k`` hits of every segment's whole text, written as ``out_dir/shard{k}.jsonl``.
 
     ``shard_id=None`` does every shard; a shard whose file exists is skipped (each is written
@@ -351,17 +398,28 @@ def search(index_dir, segments_path, out_dir, *, top_k: int = 20, num_shards: in
     n = meta["n_segments"]
     if num_shards < 1 or (shard_id is not None and not 0 <= shard_id < num_shards):
         raise ConfigError(f"--shard-id {shard_id} must be in [0, --num-shards {num_shards})")
-    _check_setup(out_dir / "search.json", {"segments_sha256": meta["segments_sha256"], "top_k": top_k,
-                                           "num_shards": num_shards, "block": BLOCK, "dense_df": DENSE_DF})
-    todo = [k for k in (range(num_shards) if shard_id is None else [shard_id])
-            if not (out_dir / f"shard{k}.jsonl").exists()]
+    _check_setup(
+        out_dir / "search.json",
+        {
+            "segments_sha256": meta["segments_sha256"],
+            "top_k": top_k,
+            "num_shards": num_shards,
+            "block": BLOCK,
+            "dense_df": DENSE_DF,
+        },
+    )
+    todo = [
+        k for k in (range(num_shards) if shard_id is None else [shard_id]) if not (out_dir / f"shard{k}.jsonl").exists()
+    ]
     if todo:
         scorer = _Scorer(index_dir, meta)
-        total = sum(hi - lo for lo, hi in (shard_range(n, num_shards, k) for k in todo))
-        with ThreadPoolExecutor(n_threads or _n_cores()) as pool, \
-                tqdm(total=total, desc="bm25 search", unit="seg") as bar:
+        total = sum(hi - lo for lo, hi in (shard_range(n, k, num_shards) for k in todo))
+        with (
+            ThreadPoolExecutor(n_threads or _n_cores()) as pool,
+            tqdm(total=total, desc="bm25 search", unit="seg") as bar,
+        ):
             for k in todo:
-                lo, hi = shard_range(n, num_shards, k)
+                lo, hi = shard_range(n, k, num_shards)
                 hits = _search_shard(scorer, lo, hi, top_k, pool, bar)
                 with atomic_file(out_dir / f"shard{k}.jsonl") as tmp, open(tmp, "w") as f:
                     f.writelines(json.dumps({"id": lo + i, "retrieval": h}) + "\n" for i, h in enumerate(hits))
@@ -380,13 +438,16 @@ def _check_setup(path: Path, setup: dict) -> None:
         old = read_json(path)
         if old != json.loads(json.dumps(setup)):
             diff = sorted(k for k in set(old) | set(setup) if old.get(k) != setup.get(k))
-            raise DataError(f"{path.parent} holds work from another setup ({', '.join(diff)} differ): "
-                            "remove it or pick another directory")
+            raise DataError(
+                f"{path.parent} holds work from another setup ({', '.join(diff)} differ): "
+                "remove it or pick another directory"
+            )
     else:
         write_json(path, setup)
 
 
 # --- chain (spec §7.4, MT spec §5.4) ---------------------------------------------------------
+
 
 def load_results(results_dir, n_segments: int) -> list[list[int]]:
     """All shards' hit lists indexed by segment id; every id 0..S-1 must appear exactly once."""
@@ -403,10 +464,11 @@ def load_results(results_dir, n_segments: int) -> list[list[int]]:
                     rec = json.loads(line)
                     sid, ret = rec.get("id"), rec.get("retrieval")
                 except (json.JSONDecodeError, AttributeError):
-                    raise DataError(f"{where}: not an {{\"id\", \"retrieval\"}} JSON line") from None
+                    raise DataError(f'{where}: not an {{"id", "retrieval"}} JSON line') from None
                 if type(sid) is not int or not 0 <= sid < n_segments:
-                    raise DataError(f"{where}: segment id {sid!r} is not in [0, {n_segments}) "
-                                    "(results from other data?)")
+                    raise DataError(
+                        f"{where}: segment id {sid!r} is not in [0, {n_segments}) (results from other data?)"
+                    )
                 if hits[sid] is not None:
                     raise DataError(f"{where}: segment {sid} appears twice in the search results")
                 if not isinstance(ret, list) or any(type(h) is not int or not 0 <= h < n_segments for h in ret):
@@ -414,8 +476,10 @@ def load_results(results_dir, n_segments: int) -> list[list[int]]:
                 hits[sid] = ret
     missing = [i for i, h in enumerate(hits) if h is None]
     if missing:
-        raise DataError(f"{results_dir}: {len(missing)} of {n_segments} segments have no search results "
-                        f"(first: {missing[0]}); run `trime bm25 search` for the missing shards")
+        raise DataError(
+            f"{results_dir}: {len(missing)} of {n_segments} segments have no search results "
+            f"(first: {missing[0]}); run `trime bm25 search` for the missing shards"
+        )
     return hits  # type: ignore[return-value]
 
 
@@ -461,33 +525,49 @@ def link_share(order: Sequence[int], hits: Sequence[Sequence[int]]) -> float:
 
 # --- the pipeline and its product ------------------------------------------------------------
 
-def bm25_batches(data_dir, tokens_per_sample: int, out_path, *, work_dir=None, seed: int = 1, top_k: int = 20,
-                 num_shards: int = 1, backend: str = "bm25s", n_threads: int = 0) -> Path:
+
+def bm25_batches(
+    data_dir,
+    tokens_per_sample: int,
+    out_path,
+    *,
+    work_dir=None,
+    seed: int = 1,
+    top_k: int = 20,
+    num_shards: int = 1,
+    n_threads: int = 0,
+) -> Path:
     """Segments → index → search → chain for the training split of ``data_dir``; resumable.
 
     Intermediate files live in ``work_dir`` (default ``<out_path without suffix>.work/``); each
     finished step is reused. Writes the order as a JSON list of segment ids, prints a summary.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown BM25 backend {backend!r}: only {', '.join(BACKENDS)} is available "
-                          "(pyserini is not supported)")
     t0, out_path = time.time(), Path(out_path)
     work = Path(work_dir) if work_dir else out_path.with_suffix(".work")
     tokens, symbols = load_split(data_dir, "train"), list(load_dictionary(data_dir).symbols)
     n_seg = len(segment_bounds(len(tokens), tokens_per_sample))
     symbols_sha = hashlib.sha256("\n".join(symbols).encode()).hexdigest()[:16]
-    _check_setup(work / "setup.json", {"tokens": fingerprint_array(np.asarray(tokens)), "n_tokens": len(tokens),
-                                       "symbols": symbols_sha, "tokens_per_sample": tokens_per_sample})
+    _check_setup(
+        work / "setup.json",
+        {
+            "tokens": fingerprint_array(np.asarray(tokens)),
+            "n_tokens": len(tokens),
+            "symbols": symbols_sha,
+            "tokens_per_sample": tokens_per_sample,
+        },
+    )
     segments, index, results = work / "segments.jsonl", work / "index", work / "results"
     if not segments.exists():
         write_segments(tokens, symbols, tokens_per_sample, segments)
     if not is_complete(index):
-        build_index_from_tokens(tokens, symbols, tokens_per_sample, segments, index)
+        build_index(segments, index, analysed=analyze_tokens(tokens, symbols, tokens_per_sample))
     search(index, segments, results, top_k=top_k, num_shards=num_shards, n_threads=n_threads)
     hits = load_results(results, n_seg)
     order = chain_order(hits, seed)
     with atomic_file(out_path) as tmp:
         tmp.write_text(json.dumps(order) + "\n")
-    print(f"bm25 batches: {n_seg} segments of {tokens_per_sample} tokens, {link_share(order, hits):.1%} of steps "
-          f"are BM25 hops, {time.time() - t0:.0f} s -> {out_path}")
+    print(
+        f"bm25 batches: {n_seg} segments of {tokens_per_sample} tokens, {link_share(order, hits):.1%} of steps "
+        f"are BM25 hops, {time.time() - t0:.0f} s -> {out_path}"
+    )
     return out_path

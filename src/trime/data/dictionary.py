@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class Dictionary:
         return idx
 
     @classmethod
-    def build(cls, counts: Counter, padding_factor: int = 8) -> "Dictionary":
+    def build(cls, counts: Counter, padding_factor: int = 8) -> Dictionary:
         """The dictionary fairseq-preprocess makes from these token counts (threshold 0, nwords -1).
 
         ``counts`` may include the specials (e.g. one ``</s>`` per line, as fairseq counts them):
@@ -97,7 +97,7 @@ class Dictionary:
     # -- files ---------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Dictionary":
+    def load(cls, path: str | os.PathLike) -> Dictionary:
         """Read a fairseq ``dict.txt``; a malformed line or a duplicate symbol is a DataError."""
         path = Path(path)
         try:
@@ -125,9 +125,8 @@ class Dictionary:
             flag = f" {OVERWRITE_FLAG}" if sym in seen else ""
             seen.add(sym)
             out.append(f"{sym} {n}{flag}\n")
-        with atomic_file(path) as tmp:
-            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-                f.writelines(out)
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(out)
 
     # -- lookups -------------------------------------------------------------------------------
 

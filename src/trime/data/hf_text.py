@@ -67,7 +67,7 @@ def encode_lines(
 
 def choose_pad(preferred: int | None, counts: np.ndarray) -> int:
     """``preferred`` when it never occurs (counts (V,) per id), else the smallest id that never occurs."""
-    if preferred is not None and 0 <= preferred and (preferred >= len(counts) or counts[preferred] == 0):
+    if preferred is not None and preferred >= 0 and (preferred >= len(counts) or counts[preferred] == 0):
         return int(preferred)
     free = np.flatnonzero(counts == 0)
     if not len(free):

@@ -29,8 +29,8 @@ import re
 import sys
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -240,7 +240,7 @@ def _binarize(name: str, path: Path, d: Dictionary, char_level: bool, out: Path)
     ids, stats = encode_bytes(path, d) if char_level else encode_words(path, d)
     save_npy(out / f"{name}.npy", ids)
     return {
-        "tokens": int(len(ids)),
+        "tokens": len(ids),
         "lines": int(stats["lines"]),
         "unk": int(np.count_nonzero(ids == d.unk)),
         "replaced": int(stats["replaced"]),
@@ -370,18 +370,24 @@ def check_vocabulary(data_dir: str | os.PathLike, vocab_size: int, dictionary: D
     if (Path(data_dir) / DICT).exists():
         mine = load_dictionary(data_dir)
         if dictionary is not None and mine.symbols != dictionary.symbols:
-            raise DataError(f"{data_dir}/{DICT} differs from the model's dictionary: prepare the data with "
-                            "`trime data prepare ... --dict` from the checkpoint")
+            raise DataError(
+                f"{data_dir}/{DICT} differs from the model's dictionary: prepare the data with "
+                "`trime data prepare ... --dict` from the checkpoint"
+            )
         size = len(mine)
     else:
         size = int(meta["vocab_size"])
         if meta.get("level") == "hf":  # ids of a Hugging Face tokenizer: the model's head may have spare rows
             if dictionary is not None:
-                raise DataError(f"{data_dir}: prepared with a Hugging Face tokenizer, but the model has a "
-                                "fairseq dictionary: prepare the data with `trime data prepare ... --dict`")
+                raise DataError(
+                    f"{data_dir}: prepared with a Hugging Face tokenizer, but the model has a "
+                    "fairseq dictionary: prepare the data with `trime data prepare ... --dict`"
+                )
             if size > vocab_size:
-                raise DataError(f"{data_dir}: the tokenizer has {size} tokens but the model only {vocab_size}: "
-                                "prepare the data with the model's own tokenizer (--hf-tokenizer)")
+                raise DataError(
+                    f"{data_dir}: the tokenizer has {size} tokens but the model only {vocab_size}: "
+                    "prepare the data with the model's own tokenizer (--hf-tokenizer)"
+                )
             return
     if size != vocab_size:
         raise DataError(f"{data_dir}: the vocabulary has {size} types but the model expects {vocab_size}")

@@ -28,16 +28,14 @@ class MemoryFIFO:
         self.size = int(size)
         self._keys: torch.Tensor | None = None  # (M, d)
         self._values: torch.Tensor | None = None  # (M,) int64
-        self._last_id: int | None = None
 
     def __len__(self) -> int:
         return 0 if self._values is None else int(self._values.numel())
 
     def reset(self) -> None:
-        """Forget every entry (and the sample-id continuity)."""
+        """Forget every entry."""
         self._keys = None
         self._values = None
-        self._last_id = None
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys (M, d), values (M,) int64), oldest first; M = 0 gives (0, 0) and (0,) tensors
@@ -49,8 +47,9 @@ class MemoryFIFO:
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append n entries (keys (n, d), values (n,)) and keep the last ``size``."""
         if keys.dim() != 2 or values.dim() != 1 or keys.shape[0] != values.shape[0]:
-            raise ValueError(f"append needs keys (n, d) and values (n,), got {tuple(keys.shape)} "
-                             f"and {tuple(values.shape)}")
+            raise ValueError(
+                f"append needs keys (n, d) and values (n,), got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
         keys = keys.detach()
         values = values.detach().to(device=keys.device, dtype=torch.long)
         if self.size == 0:
@@ -63,13 +62,3 @@ class MemoryFIFO:
         # clone so the FIFO never keeps the caller's (possibly much larger) storage alive
         self._keys = keys[-self.size :].clone()
         self._values = values[-self.size :].clone()
-
-    def continue_from(self, first_id: int, last_id: int) -> bool:
-        """Record that the next window covers sample ids first_id..last_id; reset the FIFO (and
-        return True) when it does not follow the previous one (first_id != previous last_id + 1),
-        as the original does (spec §5.4)."""
-        broken = self._last_id is not None and first_id != self._last_id + 1
-        if broken:
-            self.reset()
-        self._last_id = int(last_id)
-        return broken

@@ -27,27 +27,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 
 from trime.errors import DataError, DatastoreError
-from trime.io import fingerprint_array, is_complete, read_json, read_meta, write_json, write_meta
+from trime.io import fingerprint_array, is_complete, read_json, read_meta, shard_range, write_json, write_meta
 
 KIND = "datastore"
 KEY_DTYPES = ("float16", "float32")
 PROGRESS = "progress.json"
 # meta fields the caller is expected to give (stored as None when missing)
 CALLER_FIELDS = ("key_type", "vocab_size", "model_fingerprint", "split_fingerprint")
-
-
-def shard_range(n_rows: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [start, end) written by ``rank`` of ``world``: contiguous, sizes differ by ≤ 1."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} outside world of {world}")
-    return n_rows * rank // world, n_rows * (rank + 1) // world
 
 
 def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
@@ -68,9 +61,18 @@ class DatastoreWriter:
     start), so ``write`` takes global row numbers.
     """
 
-    def __init__(self, out_dir, dim: int, *, key_dtype: str = "float16", expected_rows: int,
-                 meta: dict | None = None, row_offset: int = 0, flush_rows: int = 1 << 16,
-                 overwrite: bool = False):
+    def __init__(
+        self,
+        out_dir,
+        dim: int,
+        *,
+        key_dtype: str = "float16",
+        expected_rows: int,
+        meta: dict | None = None,
+        row_offset: int = 0,
+        flush_rows: int = 1 << 16,
+        overwrite: bool = False,
+    ):
         if key_dtype not in KEY_DTYPES:
             raise DatastoreError(f"key dtype must be one of {KEY_DTYPES}, got {key_dtype!r}")
         if expected_rows <= 0 or dim <= 0:
@@ -80,8 +82,9 @@ class DatastoreWriter:
         self.meta, self.row_offset, self.flush_rows = dict(meta or {}), int(row_offset), int(flush_rows)
         if is_complete(self.dir):
             if not overwrite:
-                raise DatastoreError(f"{self.dir}: a complete datastore is already there "
-                                     "(remove it or pass --overwrite)")
+                raise DatastoreError(
+                    f"{self.dir}: a complete datastore is already there (remove it or pass --overwrite)"
+                )
             (self.dir / "meta.json").unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._settings = {"dim": self.dim, "rows": self.rows, "key_dtype": key_dtype, "row_offset": self.row_offset}
@@ -103,7 +106,8 @@ class DatastoreWriter:
         if prog.get("settings") != self._settings:
             raise DatastoreError(
                 f"{self.dir}: an unfinished build with other settings is there "
-                f"({prog.get('settings')} vs {self._settings}); remove it or use another directory")
+                f"({prog.get('settings')} vs {self._settings}); remove it or use another directory"
+            )
         return _merge_ranges(prog["ranges"])
 
     def resume_from(self) -> int:
@@ -124,11 +128,15 @@ class DatastoreWriter:
         if cast.shape != (n, self.dim) or values.shape != (n,):
             raise DatastoreError(f"block of keys {cast.shape} / values {values.shape} does not fit dim {self.dim}")
         if a < 0 or a + n > self.rows:
-            raise DatastoreError(f"rows {row_start}..{row_start + n} fall outside this datastore's "
-                                 f"{self.row_offset}..{self.row_offset + self.rows}")
+            raise DatastoreError(
+                f"rows {row_start}..{row_start + n} fall outside this datastore's "
+                f"{self.row_offset}..{self.row_offset + self.rows}"
+            )
         if not np.isfinite(cast).all():
-            raise DatastoreError(f"non-finite keys in rows {row_start}..{row_start + n} "
-                                 f"(overflow in {self.key_dtype}? try key dtype float32)")
+            raise DatastoreError(
+                f"non-finite keys in rows {row_start}..{row_start + n} "
+                f"(overflow in {self.key_dtype}? try key dtype float32)"
+            )
         if n and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
             raise DatastoreError(f"values in rows {row_start}..{row_start + n} do not fit int32 token ids")
         self.keys[a : a + n] = cast
@@ -160,15 +168,20 @@ class DatastoreWriter:
             raise DatastoreError(f"{self.dir}: {missing} of {self.rows} rows were never written; cannot finalize")
         fields = {f: None for f in CALLER_FIELDS}
         fields.update(self.meta)
-        fields.update(dim=self.dim, rows=self.rows, key_dtype=self.key_dtype, row_offset=self.row_offset,
-                      values_fingerprint=fingerprint_array(np.asarray(self.vals)))
+        fields.update(
+            dim=self.dim,
+            rows=self.rows,
+            key_dtype=self.key_dtype,
+            row_offset=self.row_offset,
+            values_fingerprint=fingerprint_array(np.asarray(self.vals)),
+        )
         fields["fingerprint"] = _fingerprint(fields)
         del self.keys, self.vals
         meta = write_meta(self.dir, KIND, **fields)
         (self.dir / PROGRESS).unlink(missing_ok=True)
         return meta
 
-    def __enter__(self) -> "DatastoreWriter":
+    def __enter__(self) -> DatastoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -179,14 +192,34 @@ class DatastoreWriter:
 def _fingerprint(meta: dict) -> str:
     """Identity of a datastore's content: values, shape and what made the keys (never the keys'
     bytes: hashing hundreds of GB would cost more than the build)."""
-    parts = {k: meta.get(k) for k in ("dim", "rows", "key_dtype", "key_type", "model_fingerprint",
-                                       "split_fingerprint", "values_fingerprint", "shards")}
+    parts = {
+        k: meta.get(k)
+        for k in (
+            "dim",
+            "rows",
+            "key_dtype",
+            "key_type",
+            "model_fingerprint",
+            "split_fingerprint",
+            "values_fingerprint",
+            "shards",
+        )
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_datastore(batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]], out_dir, dim: int, n_rows: int,
-                    meta: dict | None = None, key_dtype: str = "float16", *, rank: int = 0, world: int = 1,
-                    flush_rows: int = 1 << 16) -> Path:
+def build_datastore(
+    batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+    out_dir,
+    dim: int,
+    n_rows: int,
+    meta: dict | None = None,
+    key_dtype: str = "float16",
+    *,
+    rank: int = 0,
+    world: int = 1,
+    flush_rows: int = 1 << 16,
+) -> Path:
     """Consume (row_start, keys (n, d), values (n,)) blocks in row order and finalize (spec §6.1).
 
     With world > 1, this rank writes only ``out_dir/shard{rank}`` (rows ``shard_range``; blocks
@@ -200,8 +233,15 @@ def build_datastore(batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]], o
     if is_complete(shard_dir):
         _check_same_build(read_meta(shard_dir, KIND), shard_dir, dim, end - start, key_dtype, meta or {})
         return shard_dir
-    with DatastoreWriter(shard_dir, dim, key_dtype=key_dtype, expected_rows=end - start, meta=meta,
-                         row_offset=start, flush_rows=flush_rows) as writer:
+    with DatastoreWriter(
+        shard_dir,
+        dim,
+        key_dtype=key_dtype,
+        expected_rows=end - start,
+        meta=meta,
+        row_offset=start,
+        flush_rows=flush_rows,
+    ) as writer:
         done = writer.resume_from()
         for row_start, keys, values in batches:
             n = int(values.shape[0])
@@ -249,17 +289,27 @@ def merge_shards(out_dir, world: int) -> dict:
     same = ("dim", "key_dtype") + CALLER_FIELDS
     for w, m in enumerate(metas):
         if (m["row_offset"], m["row_offset"] + m["rows"]) != shard_range(n_rows, w, world):
-            raise DatastoreError(f"{out_dir}/shard{w}: holds rows {m['row_offset']}..+{m['rows']}, "
-                                 f"expected {shard_range(n_rows, w, world)} of {n_rows}")
+            raise DatastoreError(
+                f"{out_dir}/shard{w}: holds rows {m['row_offset']}..+{m['rows']}, "
+                f"expected {shard_range(n_rows, w, world)} of {n_rows}"
+            )
         diff = [k for k in same if m.get(k) != metas[0].get(k)]
         if diff:
             raise DatastoreError(f"{out_dir}/shard{w}: differs from shard0 in {', '.join(diff)}")
     fields = {k: metas[0].get(k) for k in same}
-    extra = {k: v for k, v in metas[0].items() if k not in fields and k not in
-             ("kind", "trime_version", "created", "rows", "row_offset", "values_fingerprint", "fingerprint")}
+    extra = {
+        k: v
+        for k, v in metas[0].items()
+        if k not in fields
+        and k not in ("kind", "trime_version", "created", "rows", "row_offset", "values_fingerprint", "fingerprint")
+    }
     joined = "".join(m["values_fingerprint"] for m in metas).encode()
-    fields.update(extra, rows=n_rows, shards=[f"shard{w}" for w in range(world)],
-                  values_fingerprint=hashlib.sha256(joined).hexdigest()[:16])
+    fields.update(
+        extra,
+        rows=n_rows,
+        shards=[f"shard{w}" for w in range(world)],
+        values_fingerprint=hashlib.sha256(joined).hexdigest()[:16],
+    )
     fields["fingerprint"] = _fingerprint(fields)
     return write_meta(out_dir, KIND, **fields)
 
@@ -273,8 +323,9 @@ class Datastore:
         self.dim, self.rows, self.key_dtype = int(meta["dim"]), int(meta["rows"]), meta["key_dtype"]
         parts = [directory / s for s in meta["shards"]] if meta.get("shards") else [directory]
         self._parts = parts
-        self._offsets = np.cumsum([0] + [read_meta(p, KIND)["rows"] for p in parts]) if len(parts) > 1 \
-            else np.array([0, self.rows])
+        self._offsets = (
+            np.cumsum([0] + [read_meta(p, KIND)["rows"] for p in parts]) if len(parts) > 1 else np.array([0, self.rows])
+        )
         self._keys: list[np.ndarray] | None = None
         vals = np.concatenate([np.load(p / "vals.npy", allow_pickle=False) for p in parts])
         if vals.shape != (self.rows,):
@@ -283,7 +334,7 @@ class Datastore:
         self._values_on: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
-    def open(cls, directory) -> "Datastore":
+    def open(cls, directory) -> Datastore:
         directory = Path(directory)
         try:
             meta = read_meta(directory, KIND)
@@ -340,8 +391,10 @@ class Datastore:
         if m.get("vocab_size") is not None and m["vocab_size"] != vocab_size:
             raise DatastoreError(f"{where}: vocabulary of {m['vocab_size']} differs from the model's {vocab_size}")
         if self.rows and int(self.values.max()) >= vocab_size:
-            raise DatastoreError(f"{where}: holds token id {int(self.values.max())}, "
-                                 f"outside the model's vocabulary of {vocab_size}")
+            raise DatastoreError(
+                f"{where}: holds token id {int(self.values.max())}, outside the model's vocabulary of {vocab_size}"
+            )
         if model_fingerprint and m.get("model_fingerprint") and m["model_fingerprint"] != model_fingerprint:
-            raise DatastoreError(f"{where}: built with model {m['model_fingerprint']}, "
-                                 f"not this model ({model_fingerprint})")
+            raise DatastoreError(
+                f"{where}: built with model {m['model_fingerprint']}, not this model ({model_fingerprint})"
+            )

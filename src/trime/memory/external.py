@@ -21,8 +21,18 @@ class ExternalMemory:
         self.datastore, self.index, self.k = datastore, index, k
 
     @classmethod
-    def open(cls, dstore: str, indexfile: str, *, k: int, probe: int, dim: int, vocab_size: int, keytype: str,
-             fingerprint: str | None = None) -> "ExternalMemory":
+    def open(
+        cls,
+        dstore: str,
+        indexfile: str,
+        *,
+        k: int,
+        probe: int,
+        dim: int,
+        vocab_size: int,
+        keytype: str,
+        fingerprint: str | None = None,
+    ) -> ExternalMemory:
         ds = Datastore.open(dstore)
         ds.check_compatible(dim, vocab_size, keytype, fingerprint)
         index = Index.open(indexfile, probe=probe)

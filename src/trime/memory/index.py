@@ -65,9 +65,17 @@ def auto_code_size(dim: int, most: int = 64, min_subdim: int = 4) -> tuple[int, 
     return (gpu[-1], True) if gpu else (divisors[-1], False)
 
 
-def plan_index(n_rows: int, dim: int, *, metric: str = "ip", n_lists: int | None = None,
-               code_size: int | None = None, n_bits: int = 8, flat_below: int = FLAT_BELOW,
-               train_size: int = 1_000_000) -> dict:
+def plan_index(
+    n_rows: int,
+    dim: int,
+    *,
+    metric: str = "ip",
+    n_lists: int | None = None,
+    code_size: int | None = None,
+    n_bits: int = 8,
+    flat_below: int = FLAT_BELOW,
+    train_size: int = 1_000_000,
+) -> dict:
     """The index to build for R rows of width d (a plain dict, stored in the sidecar)."""
     if metric not in ("ip", "l2"):
         raise ConfigError(f"metric must be ip or l2, got {metric!r}")
@@ -81,10 +89,19 @@ def plan_index(n_rows: int, dim: int, *, metric: str = "ip", n_lists: int | None
     if dim % code_size:
         raise ConfigError(f"code size {code_size} must divide the key dimension {dim}")
     if n_train < 39 * max(n_lists, 1 << n_bits):
-        raise ConfigError(f"{n_train} training rows are too few for IVF-PQ with {n_lists} lists and {n_bits}-bit codes "
-                          f"(need ≥ {39 * max(n_lists, 1 << n_bits)}); use a flat index or more training rows")
-    return {"kind": "ivfpq", "metric": metric, "dim": dim, "n_lists": n_lists, "code_size": code_size,
-            "n_bits": n_bits, "gpu_ok": gpu_ok}
+        raise ConfigError(
+            f"{n_train} training rows are too few for IVF-PQ with {n_lists} lists and {n_bits}-bit codes "
+            f"(need ≥ {39 * max(n_lists, 1 << n_bits)}); use a flat index or more training rows"
+        )
+    return {
+        "kind": "ivfpq",
+        "metric": metric,
+        "dim": dim,
+        "n_lists": n_lists,
+        "code_size": code_size,
+        "n_bits": n_bits,
+        "gpu_ok": gpu_ok,
+    }
 
 
 def _faiss():
@@ -156,8 +173,9 @@ def _train(ds: Datastore, plan: dict, stage: Path, key: dict, *, train_size: int
     n = min(train_size, ds.rows)
     rng = np.random.default_rng(seed)
     rows = np.arange(ds.rows) if n == ds.rows else np.sort(rng.choice(ds.rows, n, replace=False))
-    sample = np.concatenate([ds.take_keys(rows[i : i + chunk])
-                             for i in tqdm(range(0, n, chunk), desc="read training sample", unit="chunk")])  # (n, d)
+    sample = np.concatenate(
+        [ds.take_keys(rows[i : i + chunk]) for i in tqdm(range(0, n, chunk), desc="read training sample", unit="chunk")]
+    )  # (n, d)
     faiss = _faiss()
     if gpu:
         gindex = _gpu_clone(index)
@@ -225,8 +243,9 @@ class IndexSettings:
     save_every: int = 10_000_000  # rows between saves of the partial index
 
 
-def build_index(datastore_dir, out_path, settings: IndexSettings | None = None, *, overwrite: bool = False,
-                **fields) -> Path:
+def build_index(
+    datastore_dir, out_path, settings: IndexSettings | None = None, *, overwrite: bool = False, **fields
+) -> Path:
     """Build the faiss index of a complete datastore and write it to ``out_path`` (spec §6.2).
 
     ``settings`` (or its ``fields`` as keywords) say how. Returns ``out_path``. A complete index
@@ -239,8 +258,16 @@ def build_index(datastore_dir, out_path, settings: IndexSettings | None = None, 
     n_bits, flat_below = st.n_bits, st.flat_below
     ds = Datastore.open(datastore_dir)
     out = Path(out_path)
-    plan = plan_index(ds.rows, ds.dim, metric=metric, n_lists=n_lists, code_size=code_size, n_bits=n_bits,
-                      flat_below=flat_below, train_size=train_size)
+    plan = plan_index(
+        ds.rows,
+        ds.dim,
+        metric=metric,
+        n_lists=n_lists,
+        code_size=code_size,
+        n_bits=n_bits,
+        flat_below=flat_below,
+        train_size=train_size,
+    )
     key = {**plan, "rows": ds.rows, "datastore": ds.fingerprint, "train_size": train_size, "seed": seed}
     side = out.with_name(out.name + ".json")
     if out.exists() and side.exists():
@@ -248,8 +275,9 @@ def build_index(datastore_dir, out_path, settings: IndexSettings | None = None, 
         if old.get("key") == key:
             return out
         if not overwrite:
-            raise DatastoreError(f"{out}: an index with other settings is already there "
-                                 "(remove it or pass --overwrite)")
+            raise DatastoreError(
+                f"{out}: an index with other settings is already there (remove it or pass --overwrite)"
+            )
     side.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     gpu = _gpu_wanted(use_gpu) and plan.get("gpu_ok", True)
@@ -262,9 +290,20 @@ def build_index(datastore_dir, out_path, settings: IndexSettings | None = None, 
     if index.ntotal != ds.rows:
         raise DatastoreError(f"{out}: index holds {index.ntotal} rows, the datastore {ds.rows}")
     _write_index(index, out)
-    write_json(side, {"key": key, "kind": plan["kind"], "metric": metric, "dim": ds.dim, "rows": ds.rows,
-                      "datastore_fingerprint": ds.fingerprint, "n_lists": plan["n_lists"],
-                      "code_size": plan["code_size"], "probe": probe})
+    write_json(
+        side,
+        {
+            "key": key,
+            "kind": plan["kind"],
+            "metric": metric,
+            "dim": ds.dim,
+            "rows": ds.rows,
+            "datastore_fingerprint": ds.fingerprint,
+            "n_lists": plan["n_lists"],
+            "code_size": plan["code_size"],
+            "probe": probe,
+        },
+    )
     for p in (partial, partial.with_name(partial.name + ".json")):
         p.unlink(missing_ok=True)
     return out
@@ -280,7 +319,7 @@ class Index:
         self._vectors: torch.Tensor | None = None  # flat kind on CPU: the keys, for exact search in torch
 
     @classmethod
-    def open(cls, path, *, probe: int = 8, use_gpu="auto", mmap: bool = False) -> "Index":
+    def open(cls, path, *, probe: int = 8, use_gpu="auto", mmap: bool = False) -> Index:
         """Read an index and its sidecar; set nprobe; clone to one GPU when wanted and possible.
         ``mmap`` maps the file instead of reading it (CPU only; less RAM, slower first searches)."""
         path = Path(path)
@@ -310,8 +349,10 @@ class Index:
     def check_datastore(self, ds: Datastore) -> None:
         """Raise DatastoreError when this index was not built from ``ds``."""
         if self.info["datastore_fingerprint"] != ds.fingerprint:
-            raise DatastoreError(f"{self.path}: built from datastore {self.info['datastore_fingerprint']}, "
-                                 f"not from {ds.dir} ({ds.fingerprint}); rebuild the index")
+            raise DatastoreError(
+                f"{self.path}: built from datastore {self.info['datastore_fingerprint']}, "
+                f"not from {ds.dir} ({ds.fingerprint}); rebuild the index"
+            )
 
     def search(self, queries, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k neighbours of queries (n, d) (tensor on any device, or array).

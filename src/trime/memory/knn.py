@@ -48,8 +48,9 @@ def knn_log_probs(scores: torch.Tensor, positive: torch.Tensor, temps: Sequence[
     return out
 
 
-def knn_log_prob(scores: torch.Tensor, values: torch.Tensor, targets: torch.Tensor, temp: float,
-                 valid: torch.Tensor | None = None) -> torch.Tensor:
+def knn_log_prob(
+    scores: torch.Tensor, values: torch.Tensor, targets: torch.Tensor, temp: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """log p_knn(y_i) = log Σ_{n: value_n = y_i} softmax_n(score_n / T) over the k neighbours (spec §5.5).
 
     scores (N, k): raw faiss similarities (inner products, no sqrt(d), no τ); values (N, k) the

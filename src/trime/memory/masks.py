@@ -29,7 +29,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-
 # Query rows per block for inside (causal) rules: the masked upper triangle of a block is computed
 # and thrown away, so shorter blocks waste less (measured on CPU: 128-256 rows are fastest).
 CAUSAL_ROWS = 256
@@ -133,12 +132,15 @@ class Visibility:
         def reduce(x: Tensor, how: str, init: int) -> Tensor:
             return torch.full((len(rows),), init, dtype=x.dtype, device=x.device).scatter_reduce(0, cid, x, how)
 
-        stats = torch.stack([
-            reduce(torch.where(nonempty, lo, M), "amin", M),  # lowest key any row sees
-            reduce(torch.where(nonempty, hi, 0), "amax", 0),  # one past the highest
-            reduce(lo, "amax", 0),
-            reduce(hi, "amin", M),
-        ], 1).tolist()  # (chunks, 4): one device sync
+        stats = torch.stack(
+            [
+                reduce(torch.where(nonempty, lo, M), "amin", M),  # lowest key any row sees
+                reduce(torch.where(nonempty, hi, 0), "amax", 0),  # one past the highest
+                reduce(lo, "amax", 0),
+                reduce(hi, "amin", M),
+            ],
+            1,
+        ).tolist()  # (chunks, 4): one device sync
         return [self._span(q0, q1, *st) for (q0, q1), st in zip(rows, stats)]
 
     def _span(self, q0: int, q1: int, lo_min: int, hi_max: int, lo_max: int, hi_min: int) -> Span:

@@ -30,9 +30,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -46,8 +46,9 @@ NEG_INF = float("-inf")
 FIELDS = ("tok_logp", "tok_log_z", "targets", "mem_scores", "mem_pos", "mem_count", "ext_scores", "ext_values")
 
 
-def select_entries(scores: torch.Tensor, positive: torch.Tensor, m: int,
-                   m_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_entries(
+    scores: torch.Tensor, positive: torch.Tensor, m: int, m_pos: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep m entries per row: the best ≤ m_pos positives for sure, then the best of the rest.
 
     scores (n, M) with −inf for invisible entries, positive (n, M) bool. Returns (n, m) scores
@@ -70,9 +71,18 @@ def select_entries(scores: torch.Tensor, positive: torch.Tensor, m: int,
 class NeighborCacheWriter:
     """Collects rows window by window; ``finalize()`` writes the cache directory atomically."""
 
-    def __init__(self, out_dir, *, dim: int, mem_top: int | None = 256, mem_top_pos: int | None = None,
-                 ext_in_joint: bool = False, meta: dict | None = None, chunk_rows: int = 16384,
-                 overwrite: bool = False):
+    def __init__(
+        self,
+        out_dir,
+        *,
+        dim: int,
+        mem_top: int | None = 256,
+        mem_top_pos: int | None = None,
+        ext_in_joint: bool = False,
+        meta: dict | None = None,
+        chunk_rows: int = 16384,
+        overwrite: bool = False,
+    ):
         self.out, self.dim, self.mem_top, self.ext_in_joint = Path(out_dir), int(dim), mem_top, bool(ext_in_joint)
         self.mem_top_pos = mem_top // 4 if mem_top is not None and mem_top_pos is None else mem_top_pos
         self.meta, self.chunk_rows = dict(meta or {}), int(chunk_rows)
@@ -83,8 +93,9 @@ class NeighborCacheWriter:
         self.ext_k: int | None = None
         self.chunks: list[dict] = []
 
-    def add(self, tok_logp, tok_log_z, targets, mem_scores=None, mem_values=None, ext_scores=None,
-            ext_values=None) -> None:
+    def add(
+        self, tok_logp, tok_log_z, targets, mem_scores=None, mem_values=None, ext_scores=None, ext_values=None
+    ) -> None:
         """Rows of one window (see :meth:`MemoryRows.build` for the arguments)."""
         self.add_rows(MemoryRows.build(tok_logp, tok_log_z, targets, mem_scores, mem_values, ext_scores, ext_values))
 
@@ -98,11 +109,20 @@ class NeighborCacheWriter:
         if self.ext_k is None:
             self.ext_k = rows.ext_scores.shape[1]
         if rows.ext_scores.shape[1] != self.ext_k:
-            raise DataError(f"every window must give the same number of external neighbours ({self.ext_k}), "
-                            f"got {rows.ext_scores.shape[1]}")
-        row = {"tok_logp": rows.tok_logp.float(), "tok_log_z": rows.tok_log_z.float(), "targets": rows.targets.int(),
-               "mem_scores": mem_scores, "mem_pos": mem_pos, "mem_count": count.int(),
-               "ext_scores": rows.ext_scores.float(), "ext_values": rows.ext_values.int()}
+            raise DataError(
+                f"every window must give the same number of external neighbours ({self.ext_k}), "
+                f"got {rows.ext_scores.shape[1]}"
+            )
+        row = {
+            "tok_logp": rows.tok_logp.float(),
+            "tok_log_z": rows.tok_log_z.float(),
+            "targets": rows.targets.int(),
+            "mem_scores": mem_scores,
+            "mem_pos": mem_pos,
+            "mem_count": count.int(),
+            "ext_scores": rows.ext_scores.float(),
+            "ext_values": rows.ext_values.int(),
+        }
         for f in FIELDS:
             self._buf[f].append(row[f].detach().cpu().numpy())
         self.mem_width = max(self.mem_width, mem_scores.shape[1])
@@ -129,14 +149,23 @@ class NeighborCacheWriter:
     def finalize(self) -> dict:
         """Write the last chunk and meta.json, then move the directory into place."""
         self._flush()
-        meta = write_meta(self.dir, KIND, **self.meta, dim=self.dim, rows=self.rows, mem_top=self.mem_top,
-                          mem_top_pos=self.mem_top_pos,
-                          mem_width=self.mem_width, ext_k=self.ext_k or 0, ext_in_joint=self.ext_in_joint,
-                          chunks=self.chunks)
+        meta = write_meta(
+            self.dir,
+            KIND,
+            **self.meta,
+            dim=self.dim,
+            rows=self.rows,
+            mem_top=self.mem_top,
+            mem_top_pos=self.mem_top_pos,
+            mem_width=self.mem_width,
+            ext_k=self.ext_k or 0,
+            ext_in_joint=self.ext_in_joint,
+            chunks=self.chunks,
+        )
         self._stack.close()
         return meta
 
-    def __enter__(self) -> "NeighborCacheWriter":
+    def __enter__(self) -> NeighborCacheWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -152,7 +181,7 @@ class NeighborCache:
     mem_count: torch.Tensor  # (N,) visible local/long entries before truncation
 
     @classmethod
-    def load(cls, directory, device: str | torch.device = "cpu") -> "NeighborCache":
+    def load(cls, directory, device: str | torch.device = "cpu") -> NeighborCache:
         directory = Path(directory)
         meta = read_meta(directory, KIND)
         width = meta["mem_width"]
@@ -183,27 +212,48 @@ def _setting(cache: NeighborCache, s: Mapping, ext_in_joint: bool | None) -> Set
     k = k_max if s.get("k") is None else min(int(s["k"]), k_max)
     if lam > 0 and k == 0:
         raise DataError("interpolation (lambda > 0) needs external neighbours, and this cache has none")
-    return Setting(softmax_temp=float(s.get("softmax_temp", 1.0)), lmbda=lam, interp_temp=float(s.get("interp_temp", 1.0)),
-                   k=k, ext_in_joint=cache.meta["ext_in_joint"] if ext_in_joint is None else bool(ext_in_joint))
+    return Setting(
+        softmax_temp=float(s.get("softmax_temp", 1.0)),
+        lmbda=lam,
+        interp_temp=float(s.get("interp_temp", 1.0)),
+        k=k,
+        ext_in_joint=cache.meta["ext_in_joint"] if ext_in_joint is None else bool(ext_in_joint),
+    )
 
 
-def rescore_tokens(cache: NeighborCache, softmax_temp: float, lmbda: float = 0.0, interp_temp: float = 1.0,
-                   k: int | None = None, *, ext_in_joint: bool | None = None, chunk: int = 8192) -> torch.Tensor:
+def rescore_tokens(
+    cache: NeighborCache,
+    softmax_temp: float,
+    lmbda: float = 0.0,
+    interp_temp: float = 1.0,
+    k: int | None = None,
+    *,
+    ext_in_joint: bool | None = None,
+    chunk: int = 8192,
+) -> torch.Tensor:
     """log p(y) of every cached token (N,) under new settings (spec §5.4, §5.5); k is capped at
     the cached k (None: all); ``ext_in_joint`` (default: as evaluated) puts the external
     neighbours in the joint softmax; λ > 0 mixes in p_knn at temperature ``interp_temp``."""
-    s = _setting(cache, {"softmax_temp": softmax_temp, "lmbda": lmbda, "interp_temp": interp_temp, "k": k}, ext_in_joint)
+    s = _setting(
+        cache, {"softmax_temp": softmax_temp, "lmbda": lmbda, "interp_temp": interp_temp, "k": k}, ext_in_joint
+    )
     return log_probs(cache.rows, [s], cache.meta["dim"], chunk)[0]
 
 
-def rescore(cache: NeighborCache, softmax_temp: float, lmbda: float = 0.0, interp_temp: float = 1.0,
-            k: int | None = None, **kw) -> float:
+def rescore(
+    cache: NeighborCache, softmax_temp: float, lmbda: float = 0.0, interp_temp: float = 1.0, k: int | None = None, **kw
+) -> float:
     """Total log-probability (nats) of the cached tokens under new settings."""
     return float(rescore_tokens(cache, softmax_temp, lmbda, interp_temp, k, **kw).double().sum())
 
 
-def sweep(cache: NeighborCache, grid: Mapping[str, Iterable] | Iterable[Mapping], *,
-          ext_in_joint: bool | None = None, chunk: int = 8192) -> list[dict]:
+def sweep(
+    cache: NeighborCache,
+    grid: Mapping[str, Iterable] | Iterable[Mapping],
+    *,
+    ext_in_joint: bool | None = None,
+    chunk: int = 8192,
+) -> list[dict]:
     """Perplexity for every setting: ``grid`` maps softmax_temp / lmbda / interp_temp / k to lists
     (their product) or is a list of dicts (missing: τ 1, λ 0, T 1, k all). Returns one row per
     setting, in order: the setting, nll_sum (nats), n_tokens, loss (base 2) and ppl. Scored by
@@ -216,6 +266,16 @@ def sweep(cache: NeighborCache, grid: Mapping[str, Iterable] | Iterable[Mapping]
     for s, logp in zip(settings, log_probs(cache.rows, settings, cache.meta["dim"], chunk)):
         nll = -float(logp.double().sum())
         loss = nll / max(n, 1) / math.log(2)
-        rows.append({"softmax_temp": s.softmax_temp, "lmbda": s.lmbda, "interp_temp": s.interp_temp, "k": s.k,
-                     "nll_sum": nll, "n_tokens": n, "loss": loss, "ppl": 2.0**loss})
+        rows.append(
+            {
+                "softmax_temp": s.softmax_temp,
+                "lmbda": s.lmbda,
+                "interp_temp": s.interp_temp,
+                "k": s.k,
+                "nll_sum": nll,
+                "n_tokens": n,
+                "loss": loss,
+                "ppl": 2.0**loss,
+            }
+        )
     return rows

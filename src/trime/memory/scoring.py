@@ -42,9 +42,16 @@ class MemoryRows:
     ext_values: Tensor  # (n, k) int64 the neighbours' tokens
 
     @classmethod
-    def build(cls, tok_logp: Tensor, tok_log_z: Tensor, targets: Tensor, mem_scores: Tensor | None = None,
-              mem_values: Tensor | None = None, ext_scores: Tensor | None = None,
-              ext_values: Tensor | None = None) -> "MemoryRows":
+    def build(
+        cls,
+        tok_logp: Tensor,
+        tok_log_z: Tensor,
+        targets: Tensor,
+        mem_scores: Tensor | None = None,
+        mem_values: Tensor | None = None,
+        ext_scores: Tensor | None = None,
+        ext_values: Tensor | None = None,
+    ) -> MemoryRows:
         """Rows from what a window gives: mem_scores (n, M) q·k/√d with −inf for invisible entries and
         mem_values (M,) or (n, M); ext_scores / ext_values (n, k) raw similarities (−inf for holes) and
         tokens, in any order (sorted best first here), or None for no memory of that kind."""
@@ -54,7 +61,10 @@ class MemoryRows:
             mem_scores, mem_values = torch.empty(n, 0, device=device), torch.empty(0, dtype=torch.long, device=device)
         mem_pos = mem_values.to(device).expand(n, -1) == targets[:, None]  # (n, M)
         if ext_scores is None:
-            ext_scores, ext_values = torch.empty(n, 0, device=device), torch.empty(n, 0, dtype=torch.long, device=device)
+            ext_scores, ext_values = (
+                torch.empty(n, 0, device=device),
+                torch.empty(n, 0, dtype=torch.long, device=device),
+            )
         ext_scores, order = ext_scores.float().sort(dim=1, descending=True, stable=True)  # (n, k)
         ext_values = ext_values.long().gather(1, order.to(ext_values.device))
         return cls(tok_logp, tok_log_z, targets, mem_scores, mem_pos, ext_scores, ext_values)
@@ -62,7 +72,7 @@ class MemoryRows:
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
-    def rows(self, sl: slice) -> "MemoryRows":
+    def rows(self, sl: slice) -> MemoryRows:
         return MemoryRows(**{f.name: getattr(self, f.name)[sl] for f in fields(self)})
 
 

@@ -47,29 +47,73 @@ from trime.model.transformer import TransformerLM
 
 # spec §1 and fairseq's base_lm_architecture; used only for options an ``args`` checkpoint lacks.
 BASE_DEFAULTS: dict[str, Any] = {
-    "decoder_layers": 6, "decoder_embed_dim": 512, "decoder_ffn_embed_dim": 2048, "decoder_attention_heads": 8,
-    "dropout": 0.1, "attention_dropout": 0.0, "activation_dropout": 0.0, "no_decoder_final_norm": False,
-    "adaptive_input": False, "adaptive_input_factor": 4, "adaptive_input_cutoff": None,
-    "adaptive_softmax_cutoff": None, "adaptive_softmax_factor": 4, "adaptive_softmax_dropout": 0.0,
-    "tie_adaptive_weights": False, "tie_adaptive_proj": False, "share_decoder_input_output_embed": False,
-    "no_scale_embedding": False, "activation_fn": "relu", "decoder_normalize_before": True,
+    "decoder_layers": 6,
+    "decoder_embed_dim": 512,
+    "decoder_ffn_embed_dim": 2048,
+    "decoder_attention_heads": 8,
+    "dropout": 0.1,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "no_decoder_final_norm": False,
+    "adaptive_input": False,
+    "adaptive_input_factor": 4,
+    "adaptive_input_cutoff": None,
+    "adaptive_softmax_cutoff": None,
+    "adaptive_softmax_factor": 4,
+    "adaptive_softmax_dropout": 0.0,
+    "tie_adaptive_weights": False,
+    "tie_adaptive_proj": False,
+    "share_decoder_input_output_embed": False,
+    "no_scale_embedding": False,
+    "activation_fn": "relu",
+    "decoder_normalize_before": True,
 }
-_WIKI103 = {"decoder_layers": 16, "decoder_attention_heads": 8, "dropout": 0.3, "attention_dropout": 0.1,
-            "activation_dropout": 0.1}
+_WIKI103 = {
+    "decoder_layers": 16,
+    "decoder_attention_heads": 8,
+    "dropout": 0.3,
+    "attention_dropout": 0.1,
+    "activation_dropout": 0.1,
+}
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "transformer_lm_wiki103": {**_WIKI103, "decoder_embed_dim": 1024, "decoder_ffn_embed_dim": 4096,
-                               "no_decoder_final_norm": True, "adaptive_input": True, "tie_adaptive_weights": True,
-                               "tie_adaptive_proj": True, "adaptive_input_cutoff": "20000,60000",
-                               "adaptive_softmax_cutoff": "20000,60000", "adaptive_softmax_dropout": 0.2},
-    "transformer_lm_wiki103_150M": {**_WIKI103, "decoder_embed_dim": 410, "decoder_ffn_embed_dim": 2100,
-                                    "decoder_attention_heads": 10},
-    "transformer_lm_enwik8": {**_WIKI103, "decoder_layers": 12, "decoder_embed_dim": 512,
-                              "decoder_ffn_embed_dim": 2048},
+    "transformer_lm_wiki103": {
+        **_WIKI103,
+        "decoder_embed_dim": 1024,
+        "decoder_ffn_embed_dim": 4096,
+        "no_decoder_final_norm": True,
+        "adaptive_input": True,
+        "tie_adaptive_weights": True,
+        "tie_adaptive_proj": True,
+        "adaptive_input_cutoff": "20000,60000",
+        "adaptive_softmax_cutoff": "20000,60000",
+        "adaptive_softmax_dropout": 0.2,
+    },
+    "transformer_lm_wiki103_150M": {
+        **_WIKI103,
+        "decoder_embed_dim": 410,
+        "decoder_ffn_embed_dim": 2100,
+        "decoder_attention_heads": 10,
+    },
+    "transformer_lm_enwik8": {
+        **_WIKI103,
+        "decoder_layers": 12,
+        "decoder_embed_dim": 512,
+        "decoder_ffn_embed_dim": 2048,
+    },
 }
 # Options trime's model does not implement: option -> the value it must have.
-UNSUPPORTED = {"decoder_learned_pos": False, "no_token_positional_embeddings": False, "layernorm_embedding": False,
-               "character_embeddings": False, "activation_fn": "relu", "decoder_normalize_before": True,
-               "scale_fc": False, "scale_attn": False, "scale_heads": False, "scale_resids": False}
+UNSUPPORTED = {
+    "decoder_learned_pos": False,
+    "no_token_positional_embeddings": False,
+    "layernorm_embedding": False,
+    "character_embeddings": False,
+    "activation_fn": "relu",
+    "decoder_normalize_before": True,
+    "scale_fc": False,
+    "scale_attn": False,
+    "scale_heads": False,
+    "scale_resids": False,
+}
 
 
 class _Inert:
@@ -91,9 +135,23 @@ class _ListConfig(_Inert):
 
 
 _OMEGACONF = {"omegaconf.dictconfig.DictConfig": _DictConfig, "omegaconf.listconfig.ListConfig": _ListConfig}
-_OMEGACONF.update({f"omegaconf.{n}": _Inert for n in (
-    "base.ContainerMetadata", "base.Metadata", "nodes.AnyNode", "nodes.StringNode", "nodes.IntegerNode",
-    "nodes.FloatNode", "nodes.BooleanNode", "nodes.BytesNode", "nodes.PathNode", "nodes.InterpolationResultNode")})
+_OMEGACONF.update(
+    {
+        f"omegaconf.{n}": _Inert
+        for n in (
+            "base.ContainerMetadata",
+            "base.Metadata",
+            "nodes.AnyNode",
+            "nodes.StringNode",
+            "nodes.IntegerNode",
+            "nodes.FloatNode",
+            "nodes.BooleanNode",
+            "nodes.BytesNode",
+            "nodes.PathNode",
+            "nodes.InterpolationResultNode",
+        )
+    }
+)
 
 
 def _allow_list() -> list:
@@ -131,8 +189,10 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict:
                 raise  # damaged rather than refused
             if not trust:
                 what = name.group(1) if name else _reason(e)
-                raise CheckpointError(f"{path}: refused to unpickle {what} (not on the allow-list); pass "
-                                      "--trust-checkpoint only if you trust where this file came from") from None
+                raise CheckpointError(
+                    f"{path}: refused to unpickle {what} (not on the allow-list); pass "
+                    "--trust-checkpoint only if you trust where this file came from"
+                ) from None
             state = torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:
         raise CheckpointError(f"{path}: unpickling needs the module {e.name!r}, which is not installed") from None
@@ -258,17 +318,24 @@ def model_config(opts: dict, weights: dict[str, torch.Tensor]) -> ModelConfig:
     tied = bool(o["tie_adaptive_weights"] and o["adaptive_input"])
     try:
         return ModelConfig(
-            arch=str(o.get("arch") or "fairseq"), n_layers=int(o["decoder_layers"]), d_model=int(o["decoder_embed_dim"]),
-            d_ffn=int(o["decoder_ffn_embed_dim"]), n_heads=int(o["decoder_attention_heads"]),
-            dropout=float(o["dropout"]), attention_dropout=float(o["attention_dropout"]),
-            activation_dropout=float(o["activation_dropout"] or 0.0), final_norm=not o["no_decoder_final_norm"],
-            scale_embedding=not o["no_scale_embedding"], adaptive_input=bool(o["adaptive_input"]),
+            arch=str(o.get("arch") or "fairseq"),
+            n_layers=int(o["decoder_layers"]),
+            d_model=int(o["decoder_embed_dim"]),
+            d_ffn=int(o["decoder_ffn_embed_dim"]),
+            n_heads=int(o["decoder_attention_heads"]),
+            dropout=float(o["dropout"]),
+            attention_dropout=float(o["attention_dropout"]),
+            activation_dropout=float(o["activation_dropout"] or 0.0),
+            final_norm=not o["no_decoder_final_norm"],
+            scale_embedding=not o["no_scale_embedding"],
+            adaptive_input=bool(o["adaptive_input"]),
             adaptive_input_factor=float(o["adaptive_input_factor"]),
             adaptive_input_cutoff=_cutoffs(o["adaptive_input_cutoff"]) if o["adaptive_input"] else [],
             adaptive_softmax_cutoff=_cutoffs(o["adaptive_softmax_cutoff"]),
             adaptive_softmax_factor=float(o["adaptive_softmax_factor"]),
             adaptive_softmax_dropout=float(o["adaptive_softmax_dropout"] or 0.0),
-            tie_adaptive_weights=tied, tie_adaptive_proj=bool(tied and o["tie_adaptive_proj"]),
+            tie_adaptive_weights=tied,
+            tie_adaptive_proj=bool(tied and o["tie_adaptive_proj"]),
             share_input_output_embed=bool(o["share_decoder_input_output_embed"]),
             max_positions=int(o.get("max_target_positions") or o.get("tokens_per_sample") or 1024),
             vocab_size=vocab_size(weights),
@@ -283,7 +350,7 @@ def _rename(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, t in model_state.items():
         if not key.startswith("decoder."):
             raise CheckpointError(f"unexpected weight {key!r}: not a decoder-only language model")
-        key = key[len("decoder."):]
+        key = key[len("decoder.") :]
         if key == "version" or key.endswith((".version", "._float_tensor")) or key == "_float_tensor":
             continue
         t = t.float() if t.is_floating_point() else t
@@ -321,14 +388,20 @@ def _match(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torc
         expected = {k: v.shape for k, v in TransformerLM(cfg).state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"weights do not fit the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise CheckpointError(
+            f"weights do not fit the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     for k, shape in expected.items():
         if weights[k].shape != shape:
-            raise CheckpointError(f"weight {k} has shape {tuple(weights[k].shape)}, the architecture needs {tuple(shape)}")
+            raise CheckpointError(
+                f"weight {k} has shape {tuple(weights[k].shape)}, the architecture needs {tuple(shape)}"
+            )
     return weights
 
 
-def load_fairseq_checkpoint(path: str | Path, *, trust: bool = False) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
+def load_fairseq_checkpoint(
+    path: str | Path, *, trust: bool = False
+) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
     """Read a fairseq / TRIME ``.pt`` -> (state dict for TransformerLM, ModelConfig, meta).
 
     Nothing beyond the module docstring's allow-list is unpickled unless ``trust`` is true. ``meta``
@@ -349,9 +422,15 @@ def load_fairseq_checkpoint(path: str | Path, *, trust: bool = False) -> tuple[d
         raise CheckpointError(f"{path}: {e}") from None
     history = state.get("optimizer_history") or [{}]
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in raw.values() if v.is_floating_point()})
-    meta = {"source": "fairseq", "generation": generation, "arch": cfg.arch, "path": str(path),
-            "num_updates": history[-1].get("num_updates") if isinstance(history[-1], dict) else None,
-            "tokens_per_sample": opts.get("tokens_per_sample"),
-            "sample_break_mode": task.get("sample_break_mode"),
-            "add_bos_token": bool(opts.get("add_bos_token", False)), "stored_dtypes": dtypes}
+    meta = {
+        "source": "fairseq",
+        "generation": generation,
+        "arch": cfg.arch,
+        "path": str(path),
+        "num_updates": history[-1].get("num_updates") if isinstance(history[-1], dict) else None,
+        "tokens_per_sample": opts.get("tokens_per_sample"),
+        "sample_break_mode": task.get("sample_break_mode"),
+        "add_bos_token": bool(opts.get("add_bos_token", False)),
+        "stored_dtypes": dtypes,
+    }
     return weights, cfg, meta

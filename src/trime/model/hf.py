@@ -27,6 +27,7 @@ A model where rule 1 or 2 finds nothing raises a one-line ConfigError; ``key="fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -446,6 +447,24 @@ HF_META = {"backbone": "hf"}
 TRAINER = "trainer.pt"  # the trainer state file trime.checkpoint.load_trainer_state reads
 
 
+@contextlib.contextmanager
+def _as_plain_model(model: nn.Module):
+    """A model loaded from GGUF holds plain dequantised tensors, but transformers keeps its GGUF
+    "quantizer", which refuses save_pretrained: save it as the plain model it is, then restore it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or getattr(method, "value", method) != "gguf":
+        yield
+        return
+    config, flag = model.config.quantization_config, model.is_quantized
+    model.hf_quantizer, model.is_quantized = None, False
+    del model.config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer, model.is_quantized, model.config.quantization_config = quantizer, flag, config
+
+
 def save_hf_checkpoint(
     path: str | os.PathLike,
     backbone: HFBackbone,
@@ -460,7 +479,8 @@ def save_hf_checkpoint(
     containers only), then meta.json (with the train config), written last; replaces an older one."""
     path = Path(path)
     with io.atomic_dir(path, overwrite=True) as tmp:
-        backbone.model.save_pretrained(tmp, safe_serialization=True)
+        with _as_plain_model(backbone.model):
+            backbone.model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if trainer_state is not None:

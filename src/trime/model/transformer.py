@@ -27,6 +27,7 @@ State-dict names (fairseq's, minus the leading ``decoder.``):
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -115,8 +116,10 @@ def _check(cfg: ModelConfig, padding_idx: int) -> None:
     if cfg.tie_adaptive_weights and cfg.adaptive_input_factor != cfg.adaptive_softmax_factor:
         raise ConfigError("--tie-adaptive-weights needs equal adaptive input and softmax factors")
     if cfg.adaptive_input and not cfg.adaptive_softmax_cutoff and cfg.share_input_output_embed:
-        raise ConfigError("adaptive input has no single matrix to share: add --adaptive-softmax-cutoff "
-                          "or --no-share-decoder-input-output-embed")
+        raise ConfigError(
+            "adaptive input has no single matrix to share: add --adaptive-softmax-cutoff "
+            "or --no-share-decoder-input-output-embed"
+        )
 
 
 class TransformerLM(nn.Module):
@@ -142,8 +145,14 @@ class TransformerLM(nn.Module):
         if cfg.adaptive_softmax_cutoff:
             tied = self.embed_tokens if cfg.tie_adaptive_weights else None
             self.adaptive_softmax = AdaptiveSoftmax(
-                V, d, cfg.adaptive_softmax_cutoff, cfg.adaptive_softmax_factor, cfg.adaptive_softmax_dropout,
-                padding_idx, tied, cfg.tie_adaptive_proj,
+                V,
+                d,
+                cfg.adaptive_softmax_cutoff,
+                cfg.adaptive_softmax_factor,
+                cfg.adaptive_softmax_dropout,
+                padding_idx,
+                tied,
+                cfg.tie_adaptive_proj,
             )
         else:
             tied = self.embed_tokens if cfg.share_input_output_embed else None

@@ -15,8 +15,10 @@ def table(results: dict) -> str:
     for r in rows:
         tuned = ", ".join(f"{_short[k]}={v:g}" for k, v in r["settings"].items()) or "-"
         change = (r["test"]["ppl"] / base["test"]["ppl"] - 1) * 100
-        lines.append(f"| {r['name']} | {r['memory']} | {tuned} | {r['valid']['ppl']:.2f} | {r['test']['ppl']:.2f} | "
-                     f"{change:+.1f}% |")
+        lines.append(
+            f"| {r['name']} | {r['memory']} | {tuned} | {r['valid']['ppl']:.2f} | {r['test']['ppl']:.2f} | "
+            f"{change:+.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -26,10 +28,12 @@ _short = {"softmax_temp": "τ", "lmbda": "λ", "interp_temp": "T"}
 def claims(results: dict) -> list[tuple[str, bool]]:
     """The paper's orderings, checked on test perplexity."""
     t = {r["name"]: r["test"]["ppl"] for r in results["systems"]}
-    checks = [("TrimeLM < CE", "TrimeLM", "Transformer (CE)"),
-              ("TrimeLM_long < TrimeLM", "TrimeLM_long", "TrimeLM"),
-              ("CE + kNN-LM < CE", "kNN-LM", "Transformer (CE)"),
-              ("TrimeLM_ext < CE + kNN-LM", "TrimeLM_ext", "kNN-LM")]
+    checks = [
+        ("TrimeLM < CE", "TrimeLM", "Transformer (CE)"),
+        ("TrimeLM_long < TrimeLM", "TrimeLM_long", "TrimeLM"),
+        ("CE + kNN-LM < CE", "kNN-LM", "Transformer (CE)"),
+        ("TrimeLM_ext < CE + kNN-LM", "TrimeLM_ext", "kNN-LM"),
+    ]
     return [(text, t[a] < t[b]) for text, a, b in checks if a in t and b in t]
 
 
@@ -77,8 +81,14 @@ def write_report(results: dict, out: Path) -> None:
     """results.json, results.md, test_ppl.png, memory_curve.png; prints the table."""
     md = table(results)
     checks = claims(results)
-    text = [f"# trime reproduce: {results['corpus']}, preset {results['preset']}", "", md, "",
-            "Claims of the paper, on test perplexity:", ""]
+    text = [
+        f"# trime reproduce: {results['corpus']}, preset {results['preset']}",
+        "",
+        md,
+        "",
+        "Claims of the paper, on test perplexity:",
+        "",
+    ]
     text += [f"- {'holds' if ok else 'does NOT hold'}: {c}" for c, ok in checks]
     text += ["", f"Total time: {results['minutes']:.1f} min."]
     results["claims"] = {c: ok for c, ok in checks}

@@ -1,0 +1,280 @@
+"""Translation: train a fairseq-style encoder-decoder and decode it with beam search (MT spec §3, §6, §9, §10).
+
+Training reuses the language model's trainer (trime.train.run_training: optimisers, schedules,
+checkpoints, kill-and-resume, torchrun); only the data and the criterion differ:
+
+- :class:`PairData` serves fairseq's length-bucketed token-budget batches of sentence pairs
+  (trime.data.pair_batching), reshuffled each epoch;
+- :class:`MTObjective` is fairseq's ``label_smoothed_cross_entropy``: for a target y with
+  log-probabilities lp (V,), loss = (1 − ε − ε/(V−1))·(−lp[y]) + ε/(V−1)·(−Σ_v lp[v]), summed over
+  non-pad targets (ε = ``--label-smoothing``); the logged ``ce`` is the plain NLL;
+- checkpoint_best is chosen by validation BLEU (beam 5, max length 1.2·S + 10, BPE removed,
+  Moses-detokenised, sacreBLEU), as the original's recipe does (MT spec §6), or by validation loss.
+
+:func:`translate` decodes a split (``trime mt generate``): hypotheses, fairseq-generate's S-/T-/H-/D-
+lines and corpus BLEU, or with ``score_reference`` the teacher-forced scores of the references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trime import distributed as dist
+from trime.checkpoint import load_model
+from trime.config import MTTrainConfig, TranslateConfig
+from trime.data.dictionary import Dictionary
+from trime.data.pair_batching import collate, epoch_batches, pair_batches
+from trime.data.pairs import PairSplit, load_pair_dictionaries, load_pair_split, read_pairs_meta
+from trime.device import pick_device
+from trime.errors import CheckpointError, DataError
+from trime.generate.beam import BeamConfig, Hypothesis, beam_search, score_reference
+from trime.generate.text import corpus_bleu, detokenize, ids_to_string, remove_bpe
+from trime.io import atomic_file
+from trime.model.encoder_decoder import MTModelConfig, TransformerMT, build_mt_model
+from trime.train import run_training
+
+VALID_BEAM = BeamConfig(beam=5, max_len_a=1.2, max_len_b=10)  # the original's validation BLEU (MT spec §6)
+
+
+def pair_dictionary_files(data_dir: str | Path) -> dict[str, Path]:
+    """{dict.SRC.txt: path, dict.TGT.txt: path} of a pairs directory (what a checkpoint copies)."""
+    langs = read_pairs_meta(data_dir)["langs"]
+    return {f"dict.{lang}.txt": Path(data_dir) / f"dict.{lang}.txt" for lang in (langs["source"], langs["target"])}
+
+
+@dataclass
+class PairData:
+    """The sentence pairs of a translation run as the trainer's TrainData."""
+
+    train: PairSplit
+    valid: PairSplit
+    batches: list[np.ndarray]  # the fixed batches of train (reshuffled per epoch)
+    valid_fixed: list[np.ndarray]
+    seed: int
+    tgt_dict: Dictionary
+    bleu_sentences: int = 0  # 0: validation BLEU on every valid sentence
+    eval_bleu: bool = True
+    dictionaries: dict[str, Path] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    pad: int = Dictionary.pad
+    eos: int = Dictionary.eos
+
+    @classmethod
+    def load(cls, cfg: MTTrainConfig, model_cfg: MTModelConfig, device: torch.device) -> PairData:
+        train, valid = load_pair_split(cfg.data, "train"), load_pair_split(cfg.data, cfg.valid_subset)
+        limits = {
+            "max_tokens": cfg.max_tokens,
+            "max_sentences": cfg.max_sentences or None,
+            "max_source_positions": model_cfg.max_source_positions,
+            "max_target_positions": model_cfg.max_target_positions,
+        }
+        batches = pair_batches(train.src_sizes, train.tgt_sizes, seed=cfg.seed, **limits)
+        valid_fixed = pair_batches(valid.src_sizes, valid.tgt_sizes, shuffle=False, skip_invalid=False, **limits)
+        _, tgt_dict = load_pair_dictionaries(cfg.data)
+        return cls(
+            train, valid, batches, valid_fixed, cfg.seed, tgt_dict, cfg.eval_bleu_sentences, cfg.eval_bleu,
+            pair_dictionary_files(cfg.data), device,
+        )  # fmt: skip
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        mine = epoch_batches(self.batches, epoch, seed=self.seed, rank=dist.rank(), world_size=dist.world_size())
+        if not mine:
+            raise DataError(f"the training split gives no batch for each of {dist.world_size()} processes")
+        return mine
+
+    def valid_batches(self) -> list[np.ndarray]:
+        return self.valid_fixed[dist.rank() :: dist.world_size()]
+
+    def tensors(self, split: str, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        b = collate(self.train if split == "train" else self.valid, ids, pad=self.pad, eos=self.eos)
+        return {
+            "src_tokens": b.src_tokens.to(self.device, non_blocking=True),  # (B, S) left-padded
+            "prev_output_tokens": b.prev_output_tokens.to(self.device, non_blocking=True),  # (B, T)
+            "target": b.target.to(self.device, non_blocking=True),  # (B, T) right-padded
+        }
+
+    @property
+    def selection_metric(self):
+        """("bleu", validation BLEU) for checkpoint_best, or None to keep the lowest validation loss."""
+        if not self.eval_bleu:
+            return None
+
+        def bleu(model: TransformerMT) -> tuple[str, float]:
+            n = len(self.valid) if not self.bleu_sentences else min(self.bleu_sentences, len(self.valid))
+            hyps = decode(model, self.valid, np.arange(n), VALID_BEAM, max_tokens=4096, device=self.device)
+            refs = [self.valid.target(i) for i in range(n)]
+            was_training = model.training
+            score = bleu_of(hyps, refs, self.tgt_dict).score
+            model.train(was_training)
+            return "bleu", float(score)
+
+        return bleu
+
+
+class MTObjective(torch.nn.Module):
+    """Translation model + label-smoothed cross-entropy in one forward (module docstring)."""
+
+    def __init__(self, model: TransformerMT, label_smoothing: float, seed: int, pad: int = Dictionary.pad):
+        super().__init__()
+        self.model, self.eps, self.pad = model, float(label_smoothing), pad
+        self.generator = torch.Generator().manual_seed(seed + 7919 * dist.rank())  # saved and restored with the run
+
+    def forward(self, src_tokens, prev_output_tokens, target, use_ce: bool = False):
+        keep = target != self.pad  # (B, T)
+        h = self.model(src_tokens, prev_output_tokens).h[keep]  # (M, d) non-pad target positions only
+        y = target[keep]  # (M,)
+        lp = self.model.head.log_probs(h).float()  # (M, V)
+        nll = -lp.gather(1, y[:, None]).squeeze(1)  # (M,)
+        loss = nll
+        if self.eps > 0 and not use_ce:
+            eps_i = self.eps / (lp.shape[1] - 1)
+            loss = (1.0 - self.eps - eps_i) * nll + eps_i * -lp.sum(1)
+        return loss.sum(), keep.sum().to(loss.dtype), nll.sum().detach()
+
+
+def fit_translation(model_cfg: MTModelConfig, cfg: MTTrainConfig, *, on_step=None) -> Path:
+    """Train (or resume) a translation model in ``cfg.save_dir``; returns the run directory."""
+    dist.init()
+    device = pick_device(cfg.device)
+    src_dict, tgt_dict = load_pair_dictionaries(cfg.data)
+    sizes = {"src_vocab_size": len(src_dict), "tgt_vocab_size": len(tgt_dict)}
+    for name, n in sizes.items():
+        if getattr(model_cfg, name) not in (0, n):
+            raise DataError(
+                f"{cfg.data}: the {name[:3]} dictionary has {n} types but the model expects {getattr(model_cfg, name)}"
+            )
+    model_cfg = dataclasses.replace(model_cfg, **sizes)
+    data = PairData.load(cfg, model_cfg, device)
+    torch.manual_seed(cfg.seed)
+    model = build_mt_model(model_cfg).to(device)
+    objective = MTObjective(model, cfg.label_smoothing, cfg.seed)
+    return run_training(cfg, model_cfg, model, objective, data, on_step=on_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode(
+    model: TransformerMT,
+    split: PairSplit,
+    ids: np.ndarray,
+    beam: BeamConfig,
+    *,
+    max_tokens: int = 4096,
+    max_sentences: int = 0,
+    device: torch.device | str = "cpu",
+    combiner=None,
+    progress: bool = False,
+) -> dict[int, Hypothesis]:
+    """{pair id: best hypothesis} for the pairs ``ids`` of ``split``, batched by source length."""
+    ids = np.asarray(ids, dtype=np.int64)
+    src_sizes = split.src_sizes[ids]
+    order = ids[np.argsort(src_sizes, kind="stable")]
+    batches, cur, longest = [], [], 0
+    for i in order.tolist():  # sorted by length: a batch's width is its last sentence's
+        n = int(split.src_sizes[i])
+        if cur and (max(longest, n) * (len(cur) + 1) > max_tokens or (max_sentences and len(cur) >= max_sentences)):
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    out: dict[int, Hypothesis] = {}
+    kw = {} if combiner is None else {"combiner": combiner}
+    bar = tqdm(total=len(ids), desc="translate", unit="sent", disable=not (progress and sys.stderr.isatty()))
+    for batch in batches:
+        b = collate(split, np.asarray(batch))
+        hyps = beam_search(model, b.src_tokens.to(device), beam, **kw)
+        for pid, nbest in zip(b.ids.tolist(), hyps):
+            out[pid] = nbest[0]
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def to_text(ids, d: Dictionary, *, escape_unk: bool = False, bpe: bool = True) -> str:
+    """Token ids as text, BPE joined (``@@ ``) when ``bpe``."""
+    text = ids_to_string(ids, d.symbols, eos=d.eos, pad=d.pad, unk=d.unk, escape_unk=escape_unk)
+    return remove_bpe(text) if bpe else text
+
+
+def bleu_of(hyps: dict[int, Hypothesis], refs: list[np.ndarray], d: Dictionary, *, bpe=True, detok="moses"):
+    """sacreBLEU of hypotheses ``hyps[i]`` against reference ids ``refs[i]`` (i = 0..n−1), as fairseq scores
+    them: BPE removed, a reference's ``<unk>`` never matching, Moses-detokenised (MT spec §10)."""
+    h = [to_text(hyps[i].tokens, d, bpe=bpe) for i in range(len(refs))]
+    r = [to_text(ref, d, escape_unk=True, bpe=bpe) for ref in refs]
+    if detok == "moses":
+        h, r = detokenize(h), detokenize(r)
+    return corpus_bleu(h, r)
+
+
+@dataclass
+class TranslateResult:
+    n_sentences: int
+    bleu: object | None  # sacrebleu's BLEUScore (str() gives "BLEU = ..."), None with score_reference
+    avg_score: float  # mean per-sentence score (natural log): normalised beam score or reference log-prob
+    seconds: float
+    lines: list[str]
+
+    def line(self) -> str:
+        if self.bleu is None:
+            return f"| {self.n_sentences} references scored: average log-prob per token {self.avg_score:.4f}"
+        return f"| {self.n_sentences} sentences in {self.seconds:.1f} s; {self.bleu}"
+
+
+def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> TranslateResult:
+    """Translate ``cfg.gen_subset`` of ``cfg.data`` with checkpoint ``cfg.path`` (module docstring)."""
+    beam = beam or BeamConfig()
+    device = pick_device(cfg.device)
+    model, model_cfg, _ = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
+    if not isinstance(model_cfg, MTModelConfig):
+        raise CheckpointError(f"{cfg.path}: a language model, not a translation model")
+    src_dict, tgt_dict = load_pair_dictionaries(cfg.data)
+    if (len(src_dict), len(tgt_dict)) != (model_cfg.src_vocab_size, model_cfg.tgt_vocab_size):
+        raise DataError(
+            f"{cfg.data}: dictionaries of {len(src_dict)}/{len(tgt_dict)} types, the model expects "
+            f"{model_cfg.src_vocab_size}/{model_cfg.tgt_vocab_size}: prepare the data with its --src-dict/--tgt-dict"
+        )
+    split = load_pair_split(cfg.data, cfg.gen_subset)
+    n = len(split) if not cfg.max_sentences_total else min(cfg.max_sentences_total, len(split))
+    ids = np.arange(n)
+    t0 = time.perf_counter()
+    lines: list[str] = []
+    if cfg.score_reference:
+        hyps: dict[int, Hypothesis] = {}
+        for a in range(0, n, 64):
+            b = collate(split, ids[a : a + 64])
+            for pid, hyp in zip(b.ids.tolist(), score_reference(model, b.src_tokens.to(device), b.target.to(device))):
+                hyps[pid] = hyp
+    else:
+        hyps = decode(model, split, ids, beam, max_tokens=cfg.max_tokens, max_sentences=cfg.max_sentences,
+                      device=device, progress=True)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    for i in range(n):
+        h = hyps[i]
+        lines += [
+            f"S-{i}\t{to_text(split.source(i), src_dict, bpe=False)}",
+            f"T-{i}\t{to_text(split.target(i), tgt_dict, escape_unk=True, bpe=cfg.remove_bpe)}",
+            f"H-{i}\t{h.score:.4f}\t{to_text(h.tokens, tgt_dict, bpe=False)}",
+            f"D-{i}\t{h.score:.4f}\t{to_text(h.tokens, tgt_dict, bpe=cfg.remove_bpe)}",
+        ]
+    avg = sum(hyps[i].score for i in range(n)) / max(n, 1)
+    bleu = None
+    if not cfg.score_reference:
+        refs = [split.target(i) for i in range(n)]
+        bleu = bleu_of(hyps, refs, tgt_dict, bpe=cfg.remove_bpe, detok=cfg.detok)
+    if cfg.results_path:
+        with atomic_file(cfg.results_path) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+    return TranslateResult(n, bleu, avg if math.isfinite(avg) else float("nan"), seconds, lines)
