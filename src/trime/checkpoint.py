@@ -10,6 +10,11 @@
 
 Loading never runs pickled code; original fairseq ``.pt`` files go through
 ``trime.model.fairseq_import`` and need ``--trust-checkpoint`` only for payloads beyond its allow-list.
+
+A Hugging Face backbone (trime.model.hf) is saved in the save_pretrained layout instead (config.json,
+safetensors weights, trainer.pt, meta.json with ``"backbone": "hf"``); ``load_model`` tells the two
+apart by that meta.json and also loads a plain transformers model (``hf_model``: directory, hub name
+or GGUF file).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from trime.data.dictionary import Dictionary
 from trime.errors import CheckpointError
 from trime.model.encoder_decoder import MTModelConfig, build_mt_model
 from trime.model.fairseq_import import load_fairseq_checkpoint
+from trime.model.hf import HFBackbone, hf_fingerprint, is_hf_checkpoint, load_hf, load_hf_checkpoint, save_hf_checkpoint
 from trime.model.transformer import TransformerLM, build_model
 
 WEIGHTS, CONFIG, DICT, TRAINER = "model.safetensors", "config.json", "dict.txt", "trainer.pt"
@@ -62,8 +68,12 @@ def save_checkpoint(
 
     ``dictionaries``: the dict.txt of a language model, or {file name: path} (a translation model's
     dict.SRC.txt and dict.TGT.txt); they are copied in. ``model_cfg`` is a ModelConfig or MTModelConfig.
+    A Hugging Face backbone is written by trime.model.hf.save_hf_checkpoint (``dictionaries`` unused:
+    its data has the tokenizer's ids).
     """
     path = Path(path)
+    if isinstance(model, HFBackbone):
+        return save_hf_checkpoint(path, model, train_cfg=train_cfg, trainer_state=trainer_state, **meta)
     if not isinstance(dictionaries, dict):
         dictionaries = {DICT: Path(dictionaries)}
     with io.atomic_dir(path, overwrite=True, kind="checkpoint") as tmp:
@@ -95,7 +105,7 @@ def resolve(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (a fairseq checkpoint must end in .pt)")
-    if (path / WEIGHTS).exists():
+    if (path / WEIGHTS).exists() or is_hf_checkpoint(path):
         if not io.is_complete(path):
             raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json); it was not finished writing")
         return path
@@ -119,14 +129,33 @@ def read_config(ckpt_dir: Path) -> dict:
     return cfg
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", trust: bool = False):
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    trust: bool = False,
+    hf_model: str = "",
+    gguf_file: str = "",
+    keytype: str = "last_ffn_input",
+):
     """Load (model in eval mode, its config, checkpoint dir) from a trime checkpoint or run directory:
-    a TransformerLM (ModelConfig) or a TransformerMT (MTModelConfig), as its config.json says.
+    a TransformerLM (ModelConfig) or a TransformerMT (MTModelConfig), as its config.json says, or a
+    Hugging Face backbone (HFModelConfig) saved by a run with ``--hf-model``.
 
     A fairseq ``.pt`` file is converted on the fly (see trime.model.fairseq_import); its "checkpoint
-    dir" is then the file itself.
+    dir" is then the file itself. With ``hf_model`` (and no ``path``) the model is a transformers
+    causal LM (trime.model.hf.load_hf) and the "checkpoint dir" its directory, GGUF file or hub name;
+    its model config is an HFModelConfig (d_model, vocab_size, max_positions). ``keytype`` 'final'
+    lets a model whose FFN cannot be found load.
     """
+    if hf_model:
+        key = "final" if keytype == "final" else "last_ffn_input"
+        model = load_hf(hf_model, gguf_file=gguf_file or None, device=device, key=key)
+        return model, model.cfg, Path(hf_model) / gguf_file if gguf_file else Path(hf_model)
     path = Path(path)
+    if path.is_dir() and is_hf_checkpoint(resolve(path)):
+        model, _ = load_hf_checkpoint(resolve(path), device=device)
+        return model, model.cfg, resolve(path)
     if path.is_file() and path.suffix == ".pt":
         state, model_cfg, _ = load_fairseq_checkpoint(path, trust=trust)
         ckpt_dir = path
@@ -159,15 +188,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """A short hash of a checkpoint's weights file (ties datastores, indexes and results to their
-    model): from meta.json when the checkpoint recorded it (no re-hashing), else of the file."""
+    """A short hash of a checkpoint's weights (ties datastores, indexes and results to their model):
+    from meta.json when the checkpoint recorded it (no re-hashing); else of a fairseq .pt or GGUF file
+    itself or a trime checkpoint's model.safetensors; else (a sharded Hugging Face directory or a hub
+    name) trime.model.hf.hf_fingerprint."""
     path = Path(path)
     if path.is_dir() and io.is_complete(path):
         recorded = io.read_json(path / "meta.json").get("weights_sha256")
         if recorded:
             return recorded[:16]
-    weights = path if path.is_file() else path / WEIGHTS
-    return io.sha256_file(weights)[:16]
+    if path.is_file():
+        return io.sha256_file(path)[:16]
+    if (path / WEIGHTS).is_file():
+        return io.sha256_file(path / WEIGHTS)[:16]
+    return hf_fingerprint(path)
 
 
 def load_weights(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -2,11 +2,12 @@
 library function; a user's mistake (TrimeError) prints one line and exits 2.
 
     trime data fetch NAME            download a known corpus (shakespeare, wikitext-103, enwik8)
-    trime data prepare SRC --out D   dictionary + int32 token arrays
-    trime train DATA [--preset P]    train with CE or a TRIME objective (torchrun for many GPUs)
-    trime eval DATA --path CKPT      sliding-window evaluation with local / long / external memory
+    trime data prepare SRC --out D   dictionary + int32 token arrays (or --hf-tokenizer T: a model's own ids)
+    trime train DATA [--preset P]    train with CE or a TRIME objective (torchrun for many GPUs; --hf-model M)
+    trime eval DATA --path CKPT      sliding-window evaluation with local / long / external memory (or --hf-model M)
     trime generate --path CKPT       continue a prompt with the memories of evaluation
     trime explain DATA --path CKPT   an HTML report of which memory entries moved each token's probability
+    trime mt train|datastore|generate  translation: encoder-decoder, TrimeMT, beam search, sacreBLEU
     trime reproduce                  the main job: the whole pipeline on the offline default corpus
 """
 
@@ -23,6 +24,7 @@ from trime import io
 from trime.checkpoint import convert
 from trime.data import bm25
 from trime.data.fetch import fetch
+from trime.data.hf_text import prepare_hf, prepare_hf_corpus
 from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
 from trime.data.pairs import CORPUS_KIND as PAIR_CORPUS_KIND
 from trime.data.pairs import prepare_pairs
@@ -60,6 +62,19 @@ def _is_pair_corpus(ns: argparse.Namespace) -> bool:
     return bool(ns.source_lang or ns.target_lang or kind == PAIR_CORPUS_KIND)
 
 
+def _prepare_hf(ns: argparse.Namespace):
+    """`trime data prepare --hf-tokenizer`: the tokenizer's ids instead of a dictionary."""
+    if ns.char_level or ns.dict:
+        raise TrimeError("--hf-tokenizer replaces --dict and --char-level: give one of them")
+    hf = {"gguf_file": ns.gguf_file, "overwrite": ns.overwrite}
+    splits = {k: getattr(ns, k) for k in ("train", "valid", "test") if getattr(ns, k)}
+    if splits:
+        return prepare_hf(splits, ns.out, ns.hf_tokenizer, **hf)
+    if ns.src:
+        return prepare_hf_corpus(ns.src, ns.out, ns.hf_tokenizer, **hf)
+    raise TrimeError("give a corpus directory (train.txt, valid.txt, test.txt) or --train/--valid/--test files")
+
+
 def cmd_prepare(ns: argparse.Namespace) -> None:
     if ns.src and _is_pair_corpus(ns):
         out = prepare_pairs(
@@ -67,6 +82,10 @@ def cmd_prepare(ns: argparse.Namespace) -> None:
             bpe_merges=ns.bpe_merges, bpe_codes=ns.bpe_codes, joined_dictionary=ns.joined_dictionary,
             src_dict=ns.src_dict, tgt_dict=ns.tgt_dict, allow_empty=ns.allow_empty, overwrite=ns.overwrite,
         )  # fmt: skip
+    elif ns.hf_tokenizer:
+        out = _prepare_hf(ns)
+    elif ns.gguf_file:
+        raise TrimeError("--gguf-file needs --hf-tokenizer (the directory holding it)")
     elif ns.train or ns.valid or ns.test:
         splits = {k: getattr(ns, k) for k in ("train", "valid", "test") if getattr(ns, k)}
         out = prepare(splits, ns.out, char_level=bool(ns.char_level), dictionary=ns.dict, overwrite=ns.overwrite)
@@ -91,8 +110,8 @@ def cmd_train(ns: argparse.Namespace) -> None:
 def cmd_eval(ns: argparse.Namespace) -> None:
     layers = {**_preset_layers(ns, "eval"), "data": ns.data}
     cfg = C.build(C.EvalConfig, layers, C.overrides_from_args(ns, C.EvalConfig))
-    if not cfg.path:
-        raise TrimeError("trime eval needs --path CHECKPOINT")
+    if not (cfg.path or cfg.hf_model):
+        raise TrimeError("trime eval needs --path CHECKPOINT or --hf-model NAME_OR_DIR")
     result = evaluate(cfg)
     print(f"| {cfg.gen_subset}: {result.n_tokens} tokens scored")
     print(result.line())
@@ -125,8 +144,8 @@ def cmd_explain(ns: argparse.Namespace) -> None:
 
 def cmd_datastore(ns: argparse.Namespace) -> None:
     cfg = C.build(C.DatastoreConfig, {"data": ns.data}, C.overrides_from_args(ns, C.DatastoreConfig))
-    if not (cfg.path and cfg.out):
-        raise TrimeError("trime datastore build needs --path CHECKPOINT and --out DIR")
+    if not ((cfg.path or cfg.hf_model) and cfg.out):
+        raise TrimeError("trime datastore build needs --path CHECKPOINT (or --hf-model NAME_OR_DIR) and --out DIR")
     print(f"| datastore in {build_datastore(cfg)}")
 
 
@@ -216,7 +235,7 @@ def cmd_convert(ns: argparse.Namespace) -> None:
 
 MT_SKIP = (
     "data", "tokens_per_sample", "knn_keytype", "keep_order", "train_mem_size", "cross_sent_ratio",
-    "predefined_batches", "chunk_size", "max_valid_tokens",
+    "predefined_batches", "chunk_size", "max_valid_tokens", "hf_model", "gguf_file",
 )  # fmt: skip  # language-model fields of TrainConfig that translation training does not use
 
 
@@ -299,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw bytes, one token per byte (default: the corpus's meta.json, else word level)",
     )
     pr.add_argument("--dict", help="reuse this dict.txt (e.g. a checkpoint's) instead of building one")
+    pr.add_argument(
+        "--hf-tokenizer",
+        help="tokenize with this Hugging Face tokenizer (directory, hub name or .gguf "
+        "file) instead of building a dictionary: for --hf-model",
+    )
+    pr.add_argument("--gguf-file", help="the GGUF file inside --hf-tokenizer's directory")
     pr.add_argument("--overwrite", action="store_true")
     pp = pr.add_argument_group("translation pairs (a corpus of train.L1/train.L2 files, e.g. from `trime data fetch`)")
     pp.add_argument("--source-lang", help="source file suffix (default: the corpus meta.json's, else src)")
@@ -337,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         "save_neighbors",
         "neighbors_top",
         "original_tail_quirk",
+        "hf_model",  # generation's KV cache is the fairseq-style model's (Hugging Face backbones: not yet)
+        "gguf_file",
     )
     g = sub.add_parser(
         "generate", help="continue a prompt with local / long / external memory (greedy, sampling, beam)"
@@ -353,7 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("explain", help="HTML (and JSON) report of the memory entries behind each token's probability")
     x.add_argument("data", nargs="?", help="prepared data directory (or give --text)")
     x.add_argument("--preset", help="a preset name or .toml path (its [eval] table)")
-    C.add_arguments(x, C.ExplainConfig, skip=("data", "output_word_probs", "save_neighbors", "neighbors_top"))
+    C.add_arguments(
+        x,
+        C.ExplainConfig,
+        skip=("data", "output_word_probs", "save_neighbors", "neighbors_top", "hf_model", "gguf_file"),
+    )
     x.set_defaults(func=cmd_explain)
 
     ds = sub.add_parser("datastore", help="external memory keys and values").add_subparsers(

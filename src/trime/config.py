@@ -24,6 +24,20 @@ CRITERIA = ("ce", "trime", "trime_long", "trime_ext")
 KEYTYPES = ("last_ffn_input", "final")
 
 
+HF_MODEL_HELP = (
+    "a transformers causal LM instead of a trime checkpoint: save_pretrained directory, hub name or .gguf file"
+)
+GGUF_HELP = "the GGUF file inside --hf-model's directory"
+
+
+def check_hf(path: str, hf_model: str, gguf_file: str, what: str = "--path") -> None:
+    """One model source: ``path`` (a trime checkpoint) or ``hf_model`` (+ ``gguf_file``), not both."""
+    if path and hf_model:
+        raise ConfigError(f"give {what} or --hf-model, not both")
+    if gguf_file and not hf_model:
+        raise ConfigError("--gguf-file needs --hf-model (the directory holding it)")
+
+
 def opt(
     default: Any,
     help: str,
@@ -147,9 +161,13 @@ class TrainConfig:
     valid_subset: str = opt("valid", "split used for validation", "--valid-subset")
     max_valid_tokens: int = opt(0, "validate on at most this many tokens (0: all)", "--max-valid-tokens", ge=0)
 
+    hf_model: str = opt("", HF_MODEL_HELP + " to fine-tune (the model flags are then unused)", "--hf-model")
+    gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
+
     def __post_init__(self) -> None:
         check_domains(self)
         check_device(self.device)
+        check_hf("", self.hf_model, self.gguf_file)
         if self.tokens_per_sample <= 0:
             raise ConfigError("--tokens-per-sample must be positive")
         if self.max_tokens < self.tokens_per_sample or self.max_tokens % self.tokens_per_sample:
@@ -293,10 +311,13 @@ class EvalConfig:
         False, "reproduce the original TRIME code's adaptive-softmax tail bug (spec §5.2)", "--original-tail-quirk"
     )
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+    hf_model: str = opt("", HF_MODEL_HELP, "--hf-model")
+    gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
 
     def __post_init__(self) -> None:
         check_domains(self)
         check_device(self.device)
+        check_hf(self.path, self.hf_model, self.gguf_file)
         if self.use_long and not self.use_local:
             raise ConfigError("--use-long needs --use-local (as in the original)")
         if self.use_long and self.mem_size <= 0:
@@ -378,10 +399,13 @@ class DatastoreConfig:
     amp: str = opt("auto", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+    hf_model: str = opt("", HF_MODEL_HELP, "--hf-model")
+    gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
 
     def __post_init__(self) -> None:
         check_domains(self)
         check_device(self.device)
+        check_hf(self.path, self.hf_model, self.gguf_file)
 
 
 @dataclass

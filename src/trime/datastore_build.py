@@ -47,7 +47,14 @@ def datastore_key(cfg: DatastoreConfig) -> dict:
 def build_datastore(cfg: DatastoreConfig) -> Path:
     """Write the datastore of ``cfg.path``'s memory keys over ``cfg.subset`` to ``cfg.out``; resumable."""
     device = pick_device(cfg.device)
-    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
+    model, model_cfg, ckpt_dir = load_model(
+        cfg.path,
+        device=device,
+        trust=cfg.trust_checkpoint,
+        hf_model=cfg.hf_model,
+        gguf_file=cfg.gguf_file,
+        keytype=cfg.knn_keytype,
+    )
     tokens = load_split(cfg.data, cfg.subset)
     pad, eos = special_ids(cfg.data)
     L = cfg.tokens_per_sample or model_cfg.max_positions

@@ -184,7 +184,14 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if cfg.output_word_probs:
         io.check_output_file(cfg.output_word_probs, "word-probabilities .npy", io.is_npy)
     device = pick_device(cfg.device)
-    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
+    model, model_cfg, ckpt_dir = load_model(
+        cfg.path,
+        device=device,
+        trust=cfg.trust_checkpoint,
+        hf_model=cfg.hf_model,
+        gguf_file=cfg.gguf_file,
+        keytype=cfg.knn_keytype,
+    )
     data_dir = Path(cfg.data)
     check_vocabulary(data_dir, model_cfg.vocab_size, checkpoint_dictionary(ckpt_dir))
     pad, eos = special_ids(data_dir)

@@ -48,6 +48,7 @@ from trime.data.prepare import (
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import CheckpointError, ConfigError, DataError
 from trime.losses import LossSettings, compute_loss
+from trime.model.hf import HFBackbone, load_hf, load_hf_weights
 from trime.model.transformer import build_model
 from trime.optim import build_optimizer, schedule, set_lr
 
@@ -322,14 +323,15 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, *, on_step: Callable[[Progress
     """Train (or resume) a language model in ``cfg.save_dir``; returns the run directory."""
     dist.init()
     device = pick_device(cfg.device)
-    model_cfg, data = _load_data(cfg, model_cfg, device)
+    hf = _hf_backbone(cfg, device) if cfg.hf_model else None
+    model_cfg, data = _load_data(cfg, hf.cfg if hf is not None else model_cfg, device)
     torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg).to(device)
+    model = build_model(model_cfg).to(device) if hf is None else hf.train()
     objective = Objective(
         model, LossSettings.of(cfg, data.pad), cfg.seed, dist.make_group_gather(data.group) if data.group > 1 else None
     )
     # adaptive bands and tail clusters without a token in a batch get no gradient that step
-    unused = bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
+    unused = hf is None and bool(model_cfg.adaptive_input or model_cfg.adaptive_softmax_cutoff)
     return run_training(cfg, model_cfg, model, objective, data, find_unused_parameters=unused, on_step=on_step)
 
 
@@ -362,6 +364,18 @@ def run_training(
     return run_dir
 
 
+def _hf_backbone(cfg: TrainConfig, device: torch.device) -> HFBackbone:
+    """The transformers causal LM of ``--hf-model`` to fine-tune (trime.model.hf), checked against L."""
+    key = "final" if cfg.knn_keytype == "final" else "last_ffn_input"
+    model = load_hf(cfg.hf_model, gguf_file=cfg.gguf_file or None, device=device, key=key)
+    if 0 < model.cfg.max_positions < cfg.tokens_per_sample:
+        raise ConfigError(
+            f"--tokens-per-sample {cfg.tokens_per_sample} exceeds {cfg.hf_model}'s context of "
+            f"{model.cfg.max_positions} positions"
+        )
+    return model
+
+
 def _resume(run_dir: Path, model, optimizer, objective, scaler, device, dictionaries: dict) -> Progress:
     last = run_dir / "checkpoint_last"
     if dist.is_main():
@@ -374,7 +388,10 @@ def _resume(run_dir: Path, model, optimizer, objective, scaler, device, dictiona
         if (last / name).is_file() and Path(src).read_bytes() != (last / name).read_bytes():
             raise DataError(f"{src} differs from the {name} of {last}: the data was prepared again")
     try:
-        model.load_state_dict(load_weights(last, device), strict=False)
+        if isinstance(model, HFBackbone):
+            load_hf_weights(model, last)
+        else:
+            model.load_state_dict(load_weights(last, device), strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{last}: weights do not fit the run's model ({str(e).splitlines()[0]})") from None
     state = load_trainer_state(last)

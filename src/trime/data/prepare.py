@@ -400,7 +400,8 @@ def special_ids(data_dir: str | os.PathLike) -> tuple[int, int]:
 
 def check_vocabulary(data_dir: str | os.PathLike, vocab_size: int, dictionary: Dictionary | None = None) -> None:
     """Raise DataError when the data's vocabulary does not fit a model's: its dict.txt differs from
-    the model's ``dictionary`` (when the model has one), or its size differs from ``vocab_size``."""
+    the model's ``dictionary`` (when the model has one), or its size differs from ``vocab_size``
+    (for data made with a Hugging Face tokenizer: exceeds it)."""
     meta = read_data_meta(data_dir)
     if (Path(data_dir) / DICT).exists():
         mine = load_dictionary(data_dir)
@@ -412,5 +413,17 @@ def check_vocabulary(data_dir: str | os.PathLike, vocab_size: int, dictionary: D
         size = len(mine)
     else:
         size = int(meta["vocab_size"])
+        if meta.get("level") == "hf":  # ids of a Hugging Face tokenizer: the model's head may have spare rows
+            if dictionary is not None:
+                raise DataError(
+                    f"{data_dir}: prepared with a Hugging Face tokenizer, but the model has a "
+                    "fairseq dictionary: prepare the data with `trime data prepare ... --dict`"
+                )
+            if size > vocab_size:
+                raise DataError(
+                    f"{data_dir}: the tokenizer has {size} tokens but the model only {vocab_size}: "
+                    "prepare the data with the model's own tokenizer (--hf-tokenizer)"
+                )
+            return
     if size != vocab_size:
         raise DataError(f"{data_dir}: the vocabulary has {size} types but the model expects {vocab_size}")
