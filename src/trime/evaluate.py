@@ -203,16 +203,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     batch_size = 1 if cfg.use_long else cfg.batch_size
     external = None
     if cfg.use_external or cfg.use_interp:
-        external = ExternalMemory.open(
-            cfg.dstore,
-            cfg.indexfile,
-            k=cfg.k,
-            probe=cfg.probe,
-            dim=model_cfg.d_model,
-            vocab_size=model_cfg.vocab_size,
-            keytype=cfg.knn_keytype,
-            fingerprint=model_fingerprint(ckpt_dir),
-        )
+        external = ExternalMemory.of(cfg, model_cfg, model_fingerprint(ckpt_dir))
     amp = autocast_dtype(cfg.amp, device)
     out = []
     with _neighbor_writer(cfg, model_cfg.d_model) as writer:

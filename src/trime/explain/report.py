@@ -162,16 +162,7 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
     windows = eval_windows(tokens, L, cfg.context_window, cfg.sample_break_mode, eos)
     external = recorder = None
     if cfg.use_external or cfg.use_interp:
-        external = ExternalMemory.open(
-            cfg.dstore,
-            cfg.indexfile,
-            k=cfg.k,
-            probe=cfg.probe,
-            dim=dim,
-            vocab_size=V,
-            keytype=cfg.knn_keytype,
-            fingerprint=model_fingerprint(ckpt_dir),
-        )
+        external = ExternalMemory.of(cfg, model_cfg, model_fingerprint(ckpt_dir))
         recorder = _RecordingExternal(external)
     dstore_tokens, dstore_note = _dstore_text(cfg, external)
     scorer = Scorer(model, cfg, dim=dim, pad=pad, external=recorder)

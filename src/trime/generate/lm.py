@@ -466,16 +466,7 @@ def open_decoder(cfg: GenerateConfig) -> tuple[LMDecoder, WordCodec | ByteCodec]
         check_vocabulary(cfg.data, model_cfg.vocab_size, dictionary)
     external = None
     if cfg.use_external or cfg.use_interp:
-        external = ExternalMemory.open(
-            cfg.dstore,
-            cfg.indexfile,
-            k=cfg.k,
-            probe=cfg.probe,
-            dim=model_cfg.d_model,
-            vocab_size=model_cfg.vocab_size,
-            keytype=cfg.knn_keytype,
-            fingerprint=model_fingerprint(ckpt_dir),
-        )
+        external = ExternalMemory.of(cfg, model_cfg, model_fingerprint(ckpt_dir))
     decoder = LMDecoder(
         model,
         cfg,

@@ -39,6 +39,13 @@ class ExternalMemory:
         index.check_datastore(ds)
         return cls(ds, index, k)
 
+    @classmethod
+    def of(cls, cfg, model_cfg, fingerprint: str | None = None) -> ExternalMemory:
+        """The external memory an evaluation-style config names (``dstore``, ``indexfile``, ``k``,
+        ``probe``, ``knn_keytype``), checked against a model config (``d_model``, ``vocab_size``)."""
+        return cls.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=model_cfg.d_model,
+                        vocab_size=model_cfg.vocab_size, keytype=cfg.knn_keytype, fingerprint=fingerprint)  # fmt: skip
+
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores (n, k) raw similarities best first, −inf for index holes; values (n, k) their tokens)."""
         scores, ids, valid = self.index.search(queries, self.k)

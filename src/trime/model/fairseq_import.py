@@ -384,8 +384,14 @@ def _match(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torc
             if weights[copy].shape != weights[kept].shape or not torch.equal(weights[copy], weights[kept]):
                 raise CheckpointError(f"tied weights {copy} and {kept} differ: the checkpoint is inconsistent")
             del weights[copy]
+    return require_shapes(lambda: TransformerLM(cfg), weights)
+
+
+def require_shapes(build, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` when they hold exactly the keys and shapes of the module ``build()`` makes (built on
+    the meta device, so nothing is allocated); else one CheckpointError naming what differs."""
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in TransformerLM(cfg).state_dict().items()}
+        expected = {k: v.shape for k, v in build().state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise CheckpointError(

@@ -22,7 +22,7 @@ import torch
 
 from trime.errors import CheckpointError, ConfigError
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT
-from trime.model.fairseq_import import model_options, read_checkpoint
+from trime.model.fairseq_import import model_options, read_checkpoint, require_shapes
 
 # fairseq's base_architecture (transformer_legacy.py); used only for options a checkpoint lacks.
 BASE_DEFAULTS: dict[str, Any] = {
@@ -190,19 +190,7 @@ def _match(cfg: MTModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, to
         weights["encoder.embed_tokens.weight"], weights["decoder.embed_tokens.weight"]
     ):
         raise CheckpointError("--share-all-embeddings but the encoder and decoder embeddings differ")
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in TransformerMT(cfg).state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights do not fit the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}"
-        )
-    for k, shape in expected.items():
-        if weights[k].shape != shape:
-            raise CheckpointError(
-                f"weight {k} has shape {tuple(weights[k].shape)}, the architecture needs {tuple(shape)}"
-            )
-    return weights
+    return require_shapes(lambda: TransformerMT(cfg), weights)
 
 
 def load_fairseq_mt_checkpoint(
