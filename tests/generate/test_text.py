@@ -7,9 +7,6 @@ import pytest
 from trime.errors import DataError
 from trime.generate.text import corpus_bleu, detokenize, ids_to_string, remove_bpe
 
-pytest.importorskip("sacrebleu")
-pytest.importorskip("sacremoses")
-
 SYMBOLS = ["<s>", "<pad>", "</s>", "<unk>", "new@@", "s", "it", "&apos;s", "good"]
 
 
