@@ -355,13 +355,14 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
         hyps = decode(model, split, ids, beam, max_tokens=cfg.max_tokens, max_sentences=cfg.max_sentences,
                       device=device, combiner=combiner, progress=True)  # fmt: skip
     seconds = time.perf_counter() - t0
-    for i in range(n):
-        h = hyps[i]
+    texts = [to_text(hyps[i].tokens, tgt_dict, bpe=cfg.remove_bpe) for i in range(n)]
+    detoks = detokenize(texts) if cfg.detok == "moses" else texts
+    for i in range(n):  # as fairseq-generate prints them: H with BPE removed, D detokenised as well
         lines += [
-            f"S-{i}\t{to_text(split.source(i), src_dict, bpe=False)}",
+            f"S-{i}\t{to_text(split.source(i), src_dict, bpe=cfg.remove_bpe)}",
             f"T-{i}\t{to_text(split.target(i), tgt_dict, escape_unk=True, bpe=cfg.remove_bpe)}",
-            f"H-{i}\t{h.score:.4f}\t{to_text(h.tokens, tgt_dict, bpe=False)}",
-            f"D-{i}\t{h.score:.4f}\t{to_text(h.tokens, tgt_dict, bpe=cfg.remove_bpe)}",
+            f"H-{i}\t{hyps[i].score:.4f}\t{texts[i]}",
+            f"D-{i}\t{hyps[i].score:.4f}\t{detoks[i]}",
         ]
     avg = sum(hyps[i].score for i in range(n)) / max(n, 1)
     bleu = None
