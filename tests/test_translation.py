@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -177,3 +178,38 @@ def test_mt_datastore_and_decoding_with_memory(pairs, tmp_path):
         res = translate(C.TranslateConfig(**base, dstore=str(ds_dir), indexfile=str(index), knn_mode=mode, k=4),
                         BeamConfig(beam=2))  # fmt: skip
         assert res.bleu is not None and res.n_sentences == vanilla.n_sentences
+
+
+def test_bm25_pair_order_feeds_trime_mt_training(pairs, tmp_path, capsys):
+    """`trime mt bm25` writes a permutation of the training pairs whose neighbours are BM25 hits far
+    more often than chance; trime_mt trains on it (packed in its order); a file for other data is refused."""
+    import json
+
+    from trime.data import bm25
+    from trime.data.pairs import load_pair_split
+    from trime.translation import bm25_pair_order
+
+    out = bm25_pair_order(pairs, tmp_path / "order.json")
+    order = json.loads(out.read_text())
+    n = len(load_pair_split(pairs, "train"))
+    assert sorted(order) == list(range(n))
+    hits = bm25.load_results(tmp_path / "order.work" / "results", n)
+    shuffled = list(np.random.default_rng(0).permutation(n))
+    assert bm25.link_share(order, hits) > 2 * bm25.link_share(shuffled, hits)
+    kw = dict(criterion="trime_mt", temp=10.0, topk_mem=8, label_smoothing=0.0, max_update=2, eval_bleu=False)
+    run = fit_translation(MTModelConfig(**TINY), _cfg(pairs, tmp_path / "run", predefined_batches=str(out), **kw))
+    assert (run / "checkpoint_last" / "meta.json").is_file()
+    (tmp_path / "short.json").write_text(json.dumps(order[:-1]))
+    capsys.readouterr()
+    args = [
+        "mt",
+        "train",
+        str(pairs),
+        "--save-dir",
+        str(tmp_path / "r2"),
+        "--predefined-batches",
+        str(tmp_path / "short.json"),
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lists" in err[0] and "trime mt bm25" in err[0]

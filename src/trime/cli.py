@@ -40,7 +40,7 @@ from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
 from trime.pipelines.reproduce import reproduce
 from trime.train import fit
-from trime.translation import build_mt_datastore, fit_translation, translate
+from trime.translation import bm25_pair_order, build_mt_datastore, fit_translation, translate
 
 
 def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
@@ -235,7 +235,7 @@ def cmd_convert(ns: argparse.Namespace) -> None:
 
 MT_SKIP = (
     "data", "tokens_per_sample", "knn_keytype", "keep_order", "train_mem_size", "cross_sent_ratio",
-    "predefined_batches", "chunk_size", "max_valid_tokens", "hf_model", "gguf_file",
+    "chunk_size", "max_valid_tokens", "hf_model", "gguf_file",
 )  # fmt: skip  # language-model fields of TrainConfig that translation training does not use
 
 
@@ -266,6 +266,11 @@ def cmd_mt_datastore(ns: argparse.Namespace) -> None:
     if not (cfg.path and cfg.out):
         raise TrimeError("trime mt datastore needs --path CHECKPOINT and --out DIR")
     print(f"| datastore in {build_mt_datastore(cfg)}")
+
+
+def cmd_mt_bm25(ns: argparse.Namespace) -> None:
+    bm25_pair_order(ns.data, ns.out, work_dir=ns.work_dir, seed=ns.seed, top_k=ns.top_k, num_shards=ns.num_shards,
+                    n_threads=ns.threads)  # fmt: skip
 
 
 def cmd_mt_generate(ns: argparse.Namespace) -> None:
@@ -474,6 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("data", help="prepared pairs directory")
     C.add_arguments(d, C.MTDatastoreConfig, skip=("data",))
     d.set_defaults(func=cmd_mt_datastore)
+    b = mts.add_parser("bm25", help="BM25 order of the training pairs for --criterion trime_mt --predefined-batches")
+    b.add_argument("data", help="prepared pairs directory (its train split's targets)")
+    b.add_argument("--out", required=True, help="JSON file to write (a permutation of the pair ids)")
+    b.add_argument("--work-dir", help="intermediate files (default: OUT without suffix + .work)")
+    b.add_argument("--seed", type=int, default=1, help="seed of the fallback order")
+    b.add_argument("--top-k", type=int, default=20, help="hits per target")
+    b.add_argument("--num-shards", type=int, default=1, help="search shards (resumable one by one)")
+    b.add_argument("--threads", type=int, default=0, help="search threads (0: all cores)")
+    b.set_defaults(func=cmd_mt_bm25)
     g = mts.add_parser("generate", help="translate a split with beam search and print sacreBLEU (fairseq-generate)")
     g.add_argument("data", help="prepared pairs directory")
     C.add_arguments(g, C.TranslateConfig, skip=("data",))

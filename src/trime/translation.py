@@ -18,6 +18,7 @@ lines and corpus BLEU, or with ``score_reference`` the teacher-forced scores of 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -29,10 +30,14 @@ import torch
 from tqdm import tqdm
 
 from trime import distributed as dist
+from trime import io
 from trime.checkpoint import load_model, model_fingerprint
 from trime.config import MTDatastoreConfig, MTTrainConfig, TranslateConfig
+from trime.data import bm25
+from trime.data.batching import load_batch_order
+from trime.data.bm25 import check_work_setup
 from trime.data.dictionary import Dictionary
-from trime.data.pair_batching import collate, epoch_batches, pair_batches
+from trime.data.pair_batching import batch_by_size, collate, epoch_batches, filter_by_size, pair_batches
 from trime.data.pairs import PairSplit, load_pair_dictionaries, load_pair_split, read_pairs_meta
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import CheckpointError, ConfigError, DataError
@@ -73,6 +78,7 @@ class PairData:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     pad: int = Dictionary.pad
     eos: int = Dictionary.eos
+    predefined: bool = False  # batches follow a BM25 order (--predefined-batches)
 
     @classmethod
     def load(cls, cfg: MTTrainConfig, model_cfg: MTModelConfig, device: torch.device) -> PairData:
@@ -83,16 +89,31 @@ class PairData:
             "max_source_positions": model_cfg.max_source_positions,
             "max_target_positions": model_cfg.max_target_positions,
         }
-        batches = pair_batches(train.src_sizes, train.tgt_sizes, seed=cfg.seed, **limits)
+        if cfg.predefined_batches:  # BM25 order (MT spec §5.6): packed in its order, the same every epoch
+            order = load_batch_order(
+                cfg.predefined_batches, len(train), "rebuild it with `trime mt bm25` for this data"
+            )
+            order, _ = filter_by_size(order, train.src_sizes, train.tgt_sizes, model_cfg.max_source_positions,
+                                      model_cfg.max_target_positions)  # fmt: skip
+            sizes = np.maximum(train.src_sizes, train.tgt_sizes)
+            batches = batch_by_size(order, sizes, cfg.max_tokens, cfg.max_sentences or None)
+        else:
+            batches = pair_batches(train.src_sizes, train.tgt_sizes, seed=cfg.seed, **limits)
         valid_fixed = pair_batches(valid.src_sizes, valid.tgt_sizes, shuffle=False, skip_invalid=False, **limits)
         _, tgt_dict = load_pair_dictionaries(cfg.data)
         return cls(
             train, valid, batches, valid_fixed, cfg.seed, tgt_dict, cfg.eval_bleu_sentences, cfg.eval_bleu,
-            pair_dictionary_files(cfg.data), device,
+            pair_dictionary_files(cfg.data), device, predefined=bool(cfg.predefined_batches),
         )  # fmt: skip
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        mine = epoch_batches(self.batches, epoch, seed=self.seed, rank=dist.rank(), world_size=dist.world_size())
+        W = dist.world_size()
+        if self.predefined:  # groups of W consecutive batches shuffled; batch k of a group to rank k (MT spec §5.7)
+            groups = [self.batches[i : i + W] for i in range(0, len(self.batches) // W * W, W)]
+            perm = np.random.RandomState(self.seed + epoch).permutation(len(groups))
+            mine = [groups[g][dist.rank()] for g in perm]
+        else:
+            mine = epoch_batches(self.batches, epoch, seed=self.seed, rank=dist.rank(), world_size=W)
         if not mine:
             raise DataError(f"the training split gives no batch for each of {dist.world_size()} processes")
         return mine
@@ -153,6 +174,38 @@ class MTObjective(torch.nn.Module):
             eps_i = self.eps / (lp.shape[1] - 1)
             loss = (1.0 - self.eps - eps_i) * nll + eps_i * -lp.sum(1)
         return loss.sum(), keep.sum().to(loss.dtype), nll.sum().detach()
+
+
+def bm25_pair_order(data_dir, out_path, *, work_dir=None, seed: int = 1, top_k: int = 20, num_shards: int = 1,
+                    n_threads: int = 0) -> Path:  # fmt: skip
+    """The BM25 order of the training pairs for TrimeMT (MT spec §5): every English target, BPE removed,
+    ``<unk>`` as UNKNOWNTOKENINREF and Moses-detokenised, is a document and its own query; hits are
+    chained into one permutation of the pair ids (trime.data.bm25), written as a JSON list.
+    Resumable through ``work_dir`` (default: OUT without suffix + .work)."""
+    out_path = Path(out_path)
+    work = Path(work_dir) if work_dir else out_path.with_suffix(".work")
+    work.mkdir(parents=True, exist_ok=True)
+    meta = read_pairs_meta(data_dir)
+    target = meta["langs"]["target"]
+    check_work_setup(work / "setup.json", {"targets": meta["splits"]["train"][target]["fingerprint"]})
+    split = load_pair_split(data_dir, "train")
+    segments, index, results = work / "segments.jsonl", work / "index", work / "results"
+    if not segments.exists():
+        _, tgt_dict = load_pair_dictionaries(data_dir)
+        texts = [to_text(split.target(i), tgt_dict).replace("<unk>", "UNKNOWNTOKENINREF") for i in range(len(split))]
+        with atomic_file(segments) as tmp:
+            tmp.write_text(
+                "".join(json.dumps({"id": i, "contents": t}) + "\n" for i, t in enumerate(detokenize(texts)))
+            )
+    if not io.is_complete(index):
+        bm25.build_index(segments, index)
+    bm25.search(index, segments, results, top_k=top_k, num_shards=num_shards, n_threads=n_threads)
+    hits = bm25.load_results(results, len(split))
+    order = bm25.chain_order(hits, seed)
+    with atomic_file(out_path) as tmp:
+        tmp.write_text(json.dumps(order) + "\n")
+    print(f"bm25 pairs: {len(split)} targets, {bm25.link_share(order, hits):.1%} of steps are BM25 hops -> {out_path}")
+    return out_path
 
 
 def fit_translation(model_cfg: MTModelConfig, cfg: MTTrainConfig, *, on_step=None) -> Path:

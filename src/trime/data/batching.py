@@ -65,10 +65,11 @@ def make_batch(
     )
 
 
-def load_batch_order(path, n_segments: int) -> np.ndarray:
+def load_batch_order(
+    path, n_segments: int, rebuild: str = "rebuild it with `trime bm25 batches` for this data and --tokens-per-sample"
+) -> np.ndarray:
     """(S,) int64 training order from a batch-order file (``trime bm25 batches``): a JSON
     permutation of the segment ids 0..S-1."""
-    rebuild = "rebuild it with `trime bm25 batches` for this data and --tokens-per-sample"
     order = read_json(path)
     if not isinstance(order, list) or any(type(i) is not int for i in order):
         raise DataError(f"{path}: not a JSON list of segment ids; {rebuild}")

@@ -399,7 +399,7 @@ def search(
     n = meta["n_segments"]
     if num_shards < 1 or (shard_id is not None and not 0 <= shard_id < num_shards):
         raise ConfigError(f"--shard-id {shard_id} must be in [0, --num-shards {num_shards})")
-    _check_setup(
+    check_work_setup(
         out_dir / "search.json",
         {
             "segments_sha256": meta["segments_sha256"],
@@ -433,7 +433,7 @@ def _n_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _check_setup(path: Path, setup: dict) -> None:
+def check_work_setup(path: Path, setup: dict) -> None:
     """Record what a resumable work directory was made from; refuse to mix in another setup."""
     if path.exists():
         old = read_json(path)
@@ -562,7 +562,7 @@ def bm25_batches(
     work = Path(work_dir) if work_dir else out_path.with_suffix(".work")
     tokens, symbols = load_split(data_dir, "train"), list(load_dictionary(data_dir).symbols)
     n_seg = len(segment_bounds(len(tokens), tokens_per_sample))
-    _check_setup(work / "setup.json", batches_setup(data_dir, tokens_per_sample))
+    check_work_setup(work / "setup.json", batches_setup(data_dir, tokens_per_sample))
     segments, index, results = work / "segments.jsonl", work / "index", work / "results"
     if not segments.exists():
         write_segments(tokens, symbols, tokens_per_sample, segments)
