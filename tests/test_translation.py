@@ -213,3 +213,47 @@ def test_bm25_pair_order_feeds_trime_mt_training(pairs, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lists" in err[0] and "trime mt bm25" in err[0]
+
+
+def test_sweep_from_cached_reference_neighbours_equals_the_combiners(pairs, tmp_path):
+    """--save-neighbors caches teacher-forced rows; `trime sweep`'s scoring of them equals the decoding
+    combiners applied to the same references: TrimeMT (paper form) at τ = T, kNN-MT at λ, T."""
+    from trime.checkpoint import load_model
+    from trime.data.pair_batching import collate
+    from trime.data.pairs import load_pair_split
+    from trime.generate.memory import MemoryCombiner
+    from trime.memory.external import ExternalMemory
+    from trime.memory.index import build_index
+    from trime.memory.neighbors import NeighborCache, rescore_tokens
+    from trime.translation import build_mt_datastore
+
+    run = fit_translation(MTModelConfig(**TINY), _cfg(pairs, tmp_path / "run", max_update=3, eval_bleu=False))
+    ckpt = run / "checkpoint_last"
+    ds = build_mt_datastore(C.MTDatastoreConfig(data=str(pairs), path=str(ckpt), out=str(tmp_path / "ds")))
+    index = build_index(ds, tmp_path / "ds" / "knn.index.ip", metric="ip")
+    cache = tmp_path / "nb"
+    cfg = C.TranslateConfig(data=str(pairs), path=str(ckpt), gen_subset="valid", dstore=str(ds), indexfile=str(index),
+                            k=6, save_neighbors=str(cache))  # fmt: skip
+    assert "trime sweep" in translate(cfg).line()
+    nb = NeighborCache.load(cache)
+    model, mcfg, _ = load_model(ckpt)
+    split = load_pair_split(pairs, "valid")
+    b = collate(split, np.arange(len(split)))
+    with torch.no_grad():
+        h = model(b.src_tokens, b.prev_output_tokens).h
+    keep = b.target != 1
+    h, y = h[keep], b.target[keep]
+    order = torch.argsort(b.ids.repeat_interleave(keep.sum(1)), stable=True)  # collate sorted rows by length
+    h, y = h[order], y[order]
+    ext = ExternalMemory.open(
+        str(ds), str(index), k=6, probe=8, dim=16, vocab_size=mcfg.tgt_vocab_size, keytype="final"
+    )
+    log_z = lambda x: model.head.target_logp(x, torch.zeros(len(x), dtype=torch.long))[1]  # noqa: E731
+    for mode, kw, sweep_kw in (("trime", {"temp": 3.0}, {"softmax_temp": 3.0}),
+                               ("knn", {"temp": 5.0, "lmbda": 0.3}, {"softmax_temp": 1.0, "lmbda": 0.3, "interp_temp": 5.0,
+                                                                    "ext_in_joint": False})):  # fmt: skip
+        comb = MemoryCombiner(ext.search, log_z, mode=mode, dim=16, **kw)
+        with torch.no_grad():
+            want = comb(-1, h, model.head.log_probs(h)).gather(1, y[:, None]).squeeze(1)
+        got = rescore_tokens(nb, **sweep_kw)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

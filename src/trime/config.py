@@ -253,6 +253,11 @@ class TranslateConfig:
     probe: int = opt(32, "faiss nprobe", "--probe")
     lmbda: float = opt(0.2, "knn mode: weight λ of the kNN distribution", "--lmbda")
     knn_temp: float = opt(10.0, "temperature T: kNN-MT a/T; TrimeMT a/(√d·T)", "--knn-temp")
+    save_neighbors: str = opt(
+        "",
+        "score the references teacher-forced and cache their neighbours here for trime sweep (no decoding)",
+        "--save-neighbors",
+    )
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
 

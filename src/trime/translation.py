@@ -49,6 +49,7 @@ from trime.losses import MTLossSettings, compute_mt_loss
 from trime.memory.datastore import build_datastore as write_datastore
 from trime.memory.datastore import resume_from
 from trime.memory.external import ExternalMemory
+from trime.memory.neighbors import NeighborCacheWriter
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT, build_mt_model
 from trime.model.fairseq_mt_import import load_fairseq_mt
 from trime.train import run_training
@@ -359,6 +360,35 @@ def memory_combiner(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTMod
                           dim=model_cfg.decoder_embed_dim)  # fmt: skip
 
 
+def save_mt_neighbors(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTModelConfig, split: PairSplit,
+                      n: int, fingerprint: str, device) -> Path:  # fmt: skip
+    """Teacher-force the references of the first ``n`` pairs and cache, per target token, the model's
+    log p_vocab(y), log Z and the k datastore neighbours of h (memory.neighbors): ``trime sweep`` then
+    scores TrimeMT (``--softmax-temp`` = T, the paper-consistent form) and kNN-MT (``--lmbda``,
+    ``--interp-temp`` = T) at any k without the model, exactly, since references need no beam."""
+    if not (cfg.dstore and cfg.indexfile):
+        raise ConfigError("--save-neighbors needs --dstore-filename and --indexfile")
+    dim = model_cfg.decoder_embed_dim
+    ext = ExternalMemory.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=dim,
+                              vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint)  # fmt: skip
+    meta = {"translate_config": dataclasses.asdict(cfg), "task": "translation"}
+    with NeighborCacheWriter(cfg.save_neighbors, dim=dim, ext_in_joint=True, mem_top=None, meta=meta,
+                             overwrite=True) as writer:  # fmt: skip
+        for a in range(0, n, 64):
+            b = collate(split, np.arange(a, min(a + 64, n)))
+            order = torch.argsort(b.ids).to(device)  # collate sorts by source length: back to sentence order
+            target = b.target.to(device)[order]
+            with torch.no_grad():
+                h = model(b.src_tokens.to(device), b.prev_output_tokens.to(device)).h[order]  # (B, T, d)
+                keep = target != Dictionary.pad
+                h, y = h[keep], target[keep]  # (M, d), (M,)
+                tlp, log_z = model.head.target_logp(h, y)
+                scores, values = ext.search(h)
+            writer.add(tlp, log_z, y, ext_scores=scores, ext_values=values)
+        writer.finalize()
+    return Path(cfg.save_neighbors)
+
+
 @dataclass
 class TranslateResult:
     n_sentences: int
@@ -367,7 +397,11 @@ class TranslateResult:
     seconds: float
     lines: list[str]
 
+    message: str = ""  # instead of the summary line (e.g. where neighbours were cached)
+
     def line(self) -> str:
+        if self.message:
+            return self.message
         if self.bleu is None:
             return f"| {self.n_sentences} references scored: average log-prob per token {self.avg_score:.4f}"
         return f"| {self.n_sentences} sentences in {self.seconds:.1f} s; {self.bleu}"
@@ -397,6 +431,10 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
     ids = np.arange(n)
     t0 = time.perf_counter()
     lines: list[str] = []
+    if cfg.save_neighbors:
+        cache = save_mt_neighbors(cfg, model, model_cfg, split, n, fingerprint, device)
+        done = f"| neighbours of {n} references cached in {cache}: tune k, λ, T with `trime sweep {cache}`"
+        return TranslateResult(n, None, float("nan"), time.perf_counter() - t0, [], message=done)
     if cfg.score_reference:
         hyps: dict[int, Hypothesis] = {}
         for a in range(0, n, 64):
