@@ -23,7 +23,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, row
+from common import emit, memory_children, reset_peak_rss, row, status_kib
 
 V, D, LAYERS, L, CTX = 32000, 256, 4, 256, 128
 
@@ -141,7 +140,7 @@ def memory_child(kind: str, device: str) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _reset_peak_rss()
+        base = reset_peak_rss()
     t0 = _clock(dev)
     tlp, log_z = head.target_logp(h, y)
     loss = -(tlp.sum() + 0.1 * log_z.sum())
@@ -150,38 +149,12 @@ def memory_child(kind: str, device: str) -> dict[str, float]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _status_kib("VmHWM") * 1024 - base
+        peak = status_kib("VmHWM") * 1024 - base
     return {"peak_mib": peak / 2**20, "seconds": _clock(dev) - t0, "loss": loss.item(), "chunk_rows": head.chunk_rows}
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark (Linux) and return the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
-
-
 def memory(device: torch.device) -> dict[str, dict[str, float]]:
-    out = {}
-    for kind in ("chunked", "full"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--memory-child",
-            kind,
-            "--device",
-            str(device),
-            "--threads",
-            str(torch.get_num_threads()),
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
+    return memory_children(__file__, ("chunked", "full"), device, torch.get_num_threads())
 
 
 def rows(device: torch.device, reps: int, n_tokens: int) -> list[dict]:

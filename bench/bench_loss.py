@@ -23,11 +23,14 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import memory_children, reset_peak_rss, status_kib  # noqa: E402
 
 from trime.losses import compute_loss
 
@@ -130,7 +133,7 @@ def memory_child(kind: str, device: str) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _reset_peak_rss()
+        base = reset_peak_rss()
     t0 = _clock(dev)
     if kind == "dense":
         stats = joint.dense_memory_stats(queries, keys, values, targets, vis, scale)
@@ -142,39 +145,13 @@ def memory_child(kind: str, device: str) -> dict[str, float]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _status_kib("VmHWM") * 1024 - base
+        peak = status_kib("VmHWM") * 1024 - base
     seconds = _clock(dev) - t0
     return {"peak_mib": peak / 2**20, "seconds": seconds, "loss": loss.item()}
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark (Linux) and return the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
-
-
 def memory(device: torch.device) -> dict[str, dict[str, float]]:
-    out = {}
-    for kind in ("chunked", "dense"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--memory-child",
-            kind,
-            "--device",
-            str(device),
-            "--threads",
-            str(torch.get_num_threads()),
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
+    return memory_children(__file__, ("chunked", "dense"), device, torch.get_num_threads())
 
 
 def main() -> None:

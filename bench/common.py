@@ -77,3 +77,31 @@ def print_table(rows: list[dict]) -> None:
         base = "" if r["baseline"] is None else f"{r['baseline']:.4g}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
         print(f"| {r['bench']} | {r['measure']} | {r['value']:.4g} {r['unit']} | {base} | {ratio} | {r['goal']} |")
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (Linux): VmRSS, VmHWM (peak) ..."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux) and return the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_kib("VmRSS") * 1024
+
+
+def memory_children(script: str, kinds: tuple[str, ...], device, threads: int) -> dict[str, dict]:
+    """Run ``script --memory-child KIND`` once per kind in a fresh process (so each peak is its own)
+    and return the JSON dict each prints last."""
+    import json
+    import subprocess
+    import sys
+
+    out = {}
+    for kind in kinds:
+        cmd = [sys.executable, script, "--memory-child", kind, "--device", str(device), "--threads", str(threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
