@@ -131,6 +131,7 @@ def memory_child(kind: str, device: str) -> dict[str, float]:
     dev = torch.device(device)
     N, vocab = 2048, 50000
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the same head in both child processes: equal losses check the chunked path
     lm_head = torch.nn.Linear(D, vocab, bias=False).to(dev)
     h = torch.randn(N, D, generator=g).to(dev).requires_grad_(True)  # (N, d)
     y = torch.randint(0, vocab, (N,), generator=g).to(dev)
