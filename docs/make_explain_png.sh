@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
-# The commands behind docs/explain.png: a small TRIME model on the shakespeare corpus, its training-set
-# datastore, `trime explain` on the start of the valid split, and a headless-Chromium screenshot.
-# CPU only; about half an hour on 2 busy cores. Needs chromium, chromium-driver and selenium.
+# The commands behind docs/explain.png: `trime explain` with the main job's TrimeLM_ext (local + long-term
+# + external memory + kNN-LM, with the τ, λ and T the main job tuned on valid), on the first 2,000 valid
+# tokens of the shakespeare corpus, and a headless-Chromium screenshot. Needs chromium,
+# chromium-driver and selenium; runs the main job first when RUN does not hold one (about 20 min).
 set -euo pipefail
-W=${1:-/tmp/trime-explain-demo}
-mkdir -p "$W"
-trime data fetch shakespeare --out "$W/corpus"
-trime data prepare "$W/corpus" --out "$W/data-bin"
-trime train "$W/data-bin" --preset tiny --criterion trime --decoder-layers 2 --decoder-embed-dim 128 \
-    --decoder-ffn-embed-dim 512 --max-positions 128 --tokens-per-sample 128 --max-tokens 2048 --lr 2e-3 \
-    --warmup-updates 50 --dropout 0.0 --adaptive-softmax-dropout 0 --max-time 16 --save-interval-updates 50 \
-    --save-dir "$W/run" --amp none
-trime datastore build "$W/data-bin" --path "$W/run" --gen-subset train --context-window 64 --out "$W/dstore" \
-    --amp none
-trime index build "$W/dstore" --train-size 50000
-trime explain "$W/data-bin" --path "$W/run" --gen-subset valid --max-eval-tokens 2000 --context-window 64 \
-    --use-local --use-long --mem-size 512 --use-external --dstore-filename "$W/dstore" \
-    --indexfile "$W/dstore/knn.index.ip" --k 64 --use-interp --lmbda 0.2 --dstore-data "$W/data-bin" \
-    --out "$W/report.html" --json "$W/report.json"
-python3 - "$W/report.html" "$W/report.json" "$W/explain.png" <<'EOF'
+RUN=${1:-runs/reproduce}
+OUT=${2:-/tmp/trime-explain}
+mkdir -p "$OUT"
+[ -f "$RUN/results.json" ] || trime reproduce --preset tiny --out "$RUN"
+read -r T L I < <(python3 -c "
+import json; r = json.load(open('$RUN/results.json'))
+s = next(x for x in r['systems'] if x['name'] == 'TrimeLM_ext')['settings']
+print(s['softmax_temp'], s['lmbda'], s['interp_temp'])")
+trime explain "$RUN/data-bin" --path "$RUN/models/trime_ext/checkpoint_last" --gen-subset valid \
+    --max-eval-tokens 2000 --context-window 128 --use-local --use-long --mem-size 4096 \
+    --use-external --dstore-filename "$RUN/dstore/trime_ext" --indexfile "$RUN/dstore/trime_ext/knn.index.ip" \
+    --k 64 --use-interp --softmax-temp "$T" --lmbda "$L" --interp-temp "$I" --dstore-data "$RUN/data-bin" \
+    --out "$OUT/report.html" --json "$OUT/report.json"
+python3 - "$OUT/report.html" "$OUT/report.json" "$OUT/explain.png" <<'EOF'
 import json, sys, time
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -52,4 +51,4 @@ try:  # 128 colours: a third of the size, no visible difference
 except ImportError:
     pass
 EOF
-echo "screenshot in $W/explain.png"
+echo "screenshot in $OUT/explain.png"
