@@ -9,7 +9,7 @@ import pytest
 from trime import io
 from trime.checkpoint import model_fingerprint
 from trime.data.prepare import data_fingerprint, read_data_meta
-from trime.pipelines.reproduce import SYSTEMS, Pipeline, reproduce, slug
+from trime.pipelines.reproduce import SYSTEMS, VARIANTS, Pipeline, reproduce, slug
 
 from tests.fixtures import make_corpus
 
@@ -69,6 +69,43 @@ def _check_stale_stages_are_redone(out: Path, corpus: Path, saved: dict, tmp_pat
     key = json.loads((out / "evals" / f"{slug(SYSTEMS[0].name)}.test.json").read_text())["key"]
     assert key["data"] == data_fingerprint(out / "data-bin", ["test"])
     assert base["ppl"] != {s["name"]: s for s in saved["systems"]}[SYSTEMS[0].name]["test"]["ppl"]
+
+
+def test_budget_study(tmp_path):
+    """Two budgets and every variant: each model is trained once, through 3 then 6 updates, and its copy
+    at 6 has the weights of a 6-update run from scratch; each budget is evaluated on its own; the study
+    report lists every system at every budget; a rerun trains nothing."""
+    corpus = make_corpus(tmp_path / "corpus", n_lines=300)
+    out = tmp_path / "study"
+    last = reproduce(preset="micro", out=out, corpus=str(corpus), max_update=[6, 3], variants=list(VARIANTS))
+    assert last["max_update"] == 6 and last["epochs"] > 0
+    names = [s.name for s in SYSTEMS] + [v[2].name for v in VARIANTS.values()]
+    for budget in (3, 6):
+        saved = json.loads((out / f"budget-{budget}" / "results.json").read_text())
+        assert [s["name"] for s in saved["systems"]] == names and saved["max_update"] == budget
+        assert (out / f"budget-{budget}" / "test_ppl.png").stat().st_size > 0
+        assert "TrimeLM_long, shuffled groups" in saved["memory_curve"]
+    for name in ("study.json", "study.md", "study.png"):
+        assert (out / name).stat().st_size > 0, name
+    study = json.loads((out / "study.json").read_text())
+    assert [b["max_update"] for b in study["budgets"]] == [3, 6]
+    md = (out / "study.md").read_text()
+    assert all(f"| {n} |" in md for n in names) and "| TrimeLM_long < TrimeLM |" in md
+
+    models = ["ce", "trime_long_shuffled", "trime_ext", "trime_ext_random"]
+    fresh = Pipeline("micro", tmp_path / "fresh", str(corpus), False, 6, list(VARIANTS))
+    fresh.prepare_data()
+    for name in models:
+        a = io.read_meta(out / "models" / name / "checkpoint_6")
+        b = io.read_meta(fresh.train(name))
+        assert a["updates"] == b["updates"] == 6 and a["weights_sha256"] == b["weights_sha256"], name
+        assert io.read_meta(out / "models" / name / "checkpoint_3")["updates"] == 3
+        assert not (out / "models" / name / "checkpoint_3" / "trainer.pt").exists()
+
+    stamp = (out / "models" / "ce" / "checkpoint_last" / "meta.json").stat().st_mtime
+    again = reproduce(preset="micro", out=out, corpus=str(corpus), max_update=[3, 6], variants=list(VARIANTS))
+    assert (out / "models" / "ce" / "checkpoint_last" / "meta.json").stat().st_mtime == stamp
+    assert [s["test"]["ppl"] for s in again["systems"]] == [s["test"]["ppl"] for s in last["systems"]]
 
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_micro.json"

@@ -38,7 +38,7 @@ from trime.generate.lm import generate, read_prompt
 from trime.memory.index import IndexSettings, build_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
-from trime.pipelines.reproduce import reproduce
+from trime.pipelines.reproduce import VARIANTS, reproduce
 from trime.train import fit
 from trime.translation import bm25_pair_order, build_mt_datastore, fit_translation, translate
 
@@ -173,6 +173,20 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError("expected comma-separated numbers, e.g. 0.8,1.0,1.2") from None
 
 
+def _budgets(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected updates, or comma-separated updates, e.g. 200,500,1000") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError("expected non-negative updates, e.g. 200 or 200,500,1000")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
 def cmd_sweep(ns: argparse.Namespace) -> None:
     grid = {"softmax_temp": ns.softmax_temp, "lmbda": ns.lmbda, "interp_temp": ns.interp_temp}
     if ns.k:
@@ -284,7 +298,14 @@ def cmd_mt_generate(ns: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(ns: argparse.Namespace) -> None:
-    reproduce(preset=ns.preset, out=ns.out, corpus=ns.corpus, char_level=ns.char_level, max_update=ns.max_update)
+    reproduce(
+        preset=ns.preset,
+        out=ns.out,
+        corpus=ns.corpus,
+        char_level=ns.char_level,
+        max_update=ns.max_update,
+        variants=list(VARIANTS) if ns.variants == ["all"] else ns.variants,
+    )
 
 
 def os_error_line(e: OSError) -> str:
@@ -499,7 +520,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/reproduce", help="directory for everything of this run")
     r.add_argument("--corpus", default="shakespeare", help="a known corpus name or a corpus directory")
     r.add_argument("--char-level", action="store_true", help="treat a corpus directory as raw bytes")
-    r.add_argument("--max-update", type=int, default=0, help="updates per model, the same for all (0: the preset's)")
+    r.add_argument(
+        "--max-update",
+        type=_budgets,
+        default=[0],
+        help="updates per model, the same for all (0: the preset's); several, e.g. 200,500,1000, run a budget "
+        "study: each model is trained once through them, each budget evaluated in OUT/budget-N, plus "
+        "study.md / study.png",
+    )
+    r.add_argument(
+        "--variants",
+        type=_names,
+        default=[],
+        help=f"more models that test an explanation, comma-separated or all: {', '.join(VARIANTS)}",
+    )
     r.set_defaults(func=cmd_reproduce)
     return p
 

@@ -122,6 +122,13 @@ class TrainConfig:
     knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
     ce_warmup_epoch: int = opt(0, "plain cross-entropy for the first N epochs", "--ce-warmup-epoch", ge=0)
     keep_order: bool = opt(False, "consecutive segments, identity order every epoch (long memory)", "--keep-order")
+    shuffle_groups: bool = opt(
+        False,
+        "with --keep-order: walk the runs of consecutive segments that make one step's memory in a new random "
+        "order each epoch (the original walks them in text order, so a budget under one epoch sees only the "
+        "corpus's beginning)",
+        "--shuffle-groups",
+    )
     train_mem_size: int = opt(
         0, "trime_long across ranks: tokens of memory per group (0: one batch)", "--train-mem-size", ge=0
     )
@@ -178,8 +185,8 @@ class TrainConfig:
             raise ConfigError("--update-freq must be at least 1")
         if not 0.0 <= self.cross_sent_ratio <= 1.0:
             raise ConfigError("--cross-sent-ratio must be in [0, 1]")
-        if self.criterion == "trime_ext" and not self.predefined_batches:
-            raise ConfigError("--criterion trime_ext needs --predefined-batches (make it with `trime bm25 batches`)")
+        if self.shuffle_groups and not self.keep_order:
+            raise ConfigError("--shuffle-groups shuffles the runs of --keep-order; add --keep-order")
         if self.criterion == "trime_long" and not self.keep_order:
             raise ConfigError("--criterion trime_long needs --keep-order (consecutive segments)")
 

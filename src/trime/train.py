@@ -127,7 +127,7 @@ class SegmentData:
         n_seg = num_segments(len(self.train), self.L)
         batches = epoch_batches(
             n_seg, self.B, epoch, mode=self.mode, seed=self.seed, rank=dist.rank(), world_size=dist.world_size(),
-            num_comb_shards=self.group if self.mode == "consecutive" else 1, order=self.order,
+            num_comb_shards=self.group if self.mode.startswith("consecutive") else 1, order=self.order,
         )  # fmt: skip
         if not batches:
             raise DataError(
@@ -181,7 +181,9 @@ def _load_data(cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device) -
 def _batch_order(cfg: TrainConfig, n_segments: int):
     if cfg.predefined_batches:
         return "predefined", load_batch_order(cfg.predefined_batches, n_segments)
-    return ("consecutive" if cfg.keep_order else "shuffled"), None
+    if cfg.keep_order:
+        return ("consecutive_shuffled" if cfg.shuffle_groups else "consecutive"), None
+    return "shuffled", None
 
 
 def _group_size(cfg: TrainConfig) -> int:
@@ -201,7 +203,9 @@ def _group_size(cfg: TrainConfig) -> int:
 
 # train fields a resumed run must keep (they change shapes, the objective or the batch sequence);
 # the data and the batch order are compared by content (run_inputs), never by path
-FIXED_ON_RESUME = ("tokens_per_sample", "max_tokens", "criterion", "seed", "keep_order", "optimizer", "update_freq")
+FIXED_ON_RESUME = (
+    "tokens_per_sample", "max_tokens", "criterion", "seed", "keep_order", "shuffle_groups", "optimizer", "update_freq",
+)  # fmt: skip
 PATH_FIELDS = ("data", "save_dir", "predefined_batches")
 
 

@@ -37,6 +37,28 @@ def test_consecutive_group_sharding():
     assert np.concatenate(r0).tolist() == list(range(8)) and np.concatenate(r1).tolist() == list(range(8, 16))
 
 
+def test_consecutive_shuffled_keeps_each_steps_memory_and_covers_the_corpus():
+    # one rank: every batch is a run of consecutive segments, as in "consecutive"; the runs come in a
+    # seeded random order, new each epoch, so the first batches of an epoch are not the corpus's start
+    a = epoch_batches(40, 4, 1, mode="consecutive_shuffled", seed=2)
+    assert sorted(x.tolist() for x in a) == [x.tolist() for x in epoch_batches(40, 4, 1, mode="consecutive")]
+    assert [x.tolist() for x in a] != [x.tolist() for x in epoch_batches(40, 4, 1, mode="consecutive")]
+    assert [x.tolist() for x in a] == [x.tolist() for x in epoch_batches(40, 4, 1, mode="consecutive_shuffled", seed=2)]
+    assert [x.tolist() for x in a] != [x.tolist() for x in epoch_batches(40, 4, 2, mode="consecutive_shuffled", seed=2)]
+    # 4 ranks in 2 groups of 2: at every step the 2 ranks of a group hold 2 consecutive batches in rank
+    # order (one step's memory, spec §3.1); over the epoch every full run is walked exactly once
+    ranks = [
+        epoch_batches(48, 2, 1, mode="consecutive_shuffled", rank=r, world_size=4, num_comb_shards=2)
+        for r in range(4)
+    ]
+    assert len({len(x) for x in ranks}) == 1
+    for g in (0, 2):
+        for lo, hi in zip(ranks[g], ranks[g + 1]):
+            assert hi.tolist() == [lo[-1] + 1, lo[-1] + 2] and lo.tolist() == [lo[0], lo[0] + 1] and lo[0] % 4 == 0
+    seen = sorted(int(b[0]) for r in ranks for b in r)
+    assert seen == list(range(0, 48, 2))
+
+
 def test_predefined_groups_stay_together():
     order = np.array([5, 3, 9, 1, 0, 2, 8, 7, 6, 4])
     ranks = [epoch_batches(10, 1, 2, mode="predefined", order=order, rank=r, world_size=2) for r in range(2)]

@@ -121,6 +121,17 @@ def epoch_batches(
         group, p = divmod(rank, c)
         mine = batches[group * per_group : (group + 1) * per_group]
         return mine[p::c]
+    if mode == "consecutive_shuffled":
+        # the runs of c consecutive batches that make one step's memory of a rank group, walked in a new
+        # random order each epoch and dealt to the W/c groups in turn: the in-batch memory is exactly
+        # that of "consecutive", but a budget under one epoch covers the whole corpus, not its beginning
+        batches = _chunks(np.arange(n_segments), segments_per_batch)
+        c, n_groups = num_comb_shards, world_size // num_comb_shards
+        runs = [batches[i : i + c] for i in range(0, len(batches) // c * c, c)]
+        runs = [runs[j] for j in rng.permutation(len(runs))]
+        n = len(runs) // n_groups * n_groups
+        group, p = divmod(rank, c)
+        return [run[p] for run in runs[group:n:n_groups]]
     if mode == "predefined":
         if order is None:
             raise ConfigError("the predefined order needs --predefined-batches")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from trime import config as C
 from trime import io
+from trime.checkpoint import TRAINER
 from trime.data.bm25 import batches_setup as bm25_setup
 from trime.data.bm25 import bm25_batches
 from trime.data.fetch import CORPORA, fetch
@@ -39,8 +40,8 @@ from trime.evaluate import eval_inputs, evaluate
 from trime.memory.datastore import build_mismatch
 from trime.memory.index import build_index
 from trime.memory.neighbors import NeighborCache, sweep
-from trime.pipelines.report import write_report
-from trime.train import fit, resolve_model_config, run_differences
+from trime.pipelines.report import write_report, write_study
+from trime.train import PATH_FIELDS, fit, resolve_model_config, run_differences
 
 MARKER = "reproduce.json"  # marks an --out directory as this job's
 
@@ -84,24 +85,79 @@ MODEL_FLAGS = {
     "ce": {},
     "trime": {"criterion": "trime"},
     "trime_long": {"criterion": "trime_long", "keep_order": True},
-    "trime_ext": {"criterion": "trime_ext"},
+    "trime_ext": {"criterion": "trime_ext", "predefined_batches": "bm25"},
 }
+
+# Variants that test an explanation of a result (``--variants``): each is one more model, trained with
+# the same budget, and one more row of the table, evaluated as the system it varies.
+VARIANTS = {
+    "long_shuffled": (
+        "trime_long_shuffled",
+        {"criterion": "trime_long", "keep_order": True, "shuffle_groups": True},
+        System(
+            "TrimeLM_long, shuffled groups",
+            "trime_long_shuffled",
+            "local + long",
+            {"use_local": True, "use_long": True},
+            ("softmax_temp",),
+        ),
+    ),
+    "ext_random": (
+        "trime_ext_random",
+        {"criterion": "trime_ext"},
+        dataclasses.replace(
+            SYSTEMS[6], name="TrimeLM_ext, random batches", model="trime_ext_random", dstore="trime_ext_random"
+        ),
+    ),
+    "ext_local": (
+        "trime_ext_local",
+        {"criterion": "trime_ext", "predefined_batches": "bm25", "cross_sent_ratio": 0.0},
+        dataclasses.replace(
+            SYSTEMS[6], name="TrimeLM_ext, cross-sent ratio 0", model="trime_ext_local", dstore="trime_ext_local"
+        ),
+    ),
+}
+# the learning-rate schedules that do not depend on --max-update: a larger budget continues a smaller one
+BUDGET_FREE = ("inverse_sqrt", "fixed")
 
 
 class Pipeline:
-    def __init__(self, preset: str, out: Path, corpus: str, char_level: bool, max_update: int):
+    """The stages of the job. One instance serves every budget of a study: ``set_budget`` points the
+    datastores, evaluations and results at that budget's directory (the run's own with one budget)."""
+
+    def __init__(
+        self,
+        preset: str,
+        out: Path,
+        corpus: str,
+        char_level: bool,
+        budgets: list[int] | int = 0,
+        variants: list[str] | tuple[str, ...] = (),
+    ):
         p = C.load_preset(preset)
         self.preset, self.out, self.corpus, self.char_level = preset, out, corpus, char_level
         self.model_cfg = C.build(C.ModelConfig, p.get("model", {}), source=preset)
         self.train_layer = p.get("train", {})
         self.eval_layer = p.get("eval", {})
-        self.rc = C.build(
-            C.ReproduceConfig, p.get("reproduce", {}), {"max_update": max_update} if max_update else {}, source=preset
-        )
-        self.L = C.build(C.TrainConfig, self.train_layer).tokens_per_sample
+        budgets = [budgets] if isinstance(budgets, int) else list(budgets)
+        self.rc = C.build(C.ReproduceConfig, p.get("reproduce", {}), source=preset)
+        self.budgets = sorted({b for b in budgets if b}) or [self.rc.max_update]
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"--variants: unknown {unknown[0]!r} (known: {', '.join(VARIANTS)})")
+        self.models = {**MODEL_FLAGS, **{VARIANTS[v][0]: VARIANTS[v][1] for v in variants}}
+        self.systems = SYSTEMS + [VARIANTS[v][2] for v in variants]
+        train = C.build(C.TrainConfig, self.train_layer)
+        self.L = train.tokens_per_sample
+        self.continues = train.lr_scheduler in BUDGET_FREE  # a larger budget resumes a smaller one
         self.data = out / "data-bin"
-        self.stores: dict[str, tuple[Path, Path]] = {}  # checked once per run, not per evaluation
         self.t0 = time.time()
+        self.set_budget(self.budgets[0])
+
+    def set_budget(self, budget: int) -> None:
+        self.rc = dataclasses.replace(self.rc, max_update=budget)
+        self.stage = self.out if len(self.budgets) == 1 else self.out / f"budget-{budget}"
+        self.stores: dict[str, tuple[Path, Path]] = {}  # checked once per budget, not per evaluation
 
     def say(self, msg: str) -> None:
         print(f"| [{(time.time() - self.t0) / 60:5.1f} min] {msg}", flush=True)
@@ -179,11 +235,17 @@ class Pipeline:
         return path
 
     def run_dir(self, name: str) -> Path:
-        return self.out / "models" / name
+        """A model's run: one for every budget when the schedule allows, else one per budget."""
+        base = self.out / "models" / name
+        return base if self.continues or len(self.budgets) == 1 else base.with_name(f"{name}-{self.rc.max_update}u")
+
+    def checkpoint(self, name: str) -> Path:
+        """The model ``name`` as it was after this budget's updates (a copy without trainer state)."""
+        return self.run_dir(name) / f"checkpoint_{self.rc.max_update}"
 
     def train_cfg(self, name: str) -> C.TrainConfig:
-        extra = dict(MODEL_FLAGS[name])
-        if name == "trime_ext":
+        extra = dict(self.models[name])
+        if extra.get("predefined_batches") == "bm25":
             extra["predefined_batches"] = str(self.bm25_order())
         layers = {
             **self.train_layer,
@@ -192,33 +254,43 @@ class Pipeline:
             "max_update": self.rc.max_update,
             "max_epoch": 0,
             "max_time": 0.0,
-            "save_interval_updates": max(self.rc.max_update // 4, 1),
+            "save_interval_updates": max(self.budgets[0] // 4, 1),
             **extra,
         }
         return C.build(C.TrainConfig, layers)
 
     def train(self, name: str) -> Path:
-        run = self.run_dir(name)
-        last = run / "checkpoint_last"
+        """Train (or continue) ``name`` to this budget; returns its checkpoint at exactly this budget."""
+        run, budget = self.run_dir(name), self.rc.max_update
+        last, snap = run / "checkpoint_last", self.checkpoint(name)
         cfg = self.train_cfg(name)
-        diff = run_differences(run, resolve_model_config(self.model_cfg, cfg), cfg, fields=None)
+        ignored = set(PATH_FIELDS) | {"save_interval_updates"} | ({"max_update"} if self.continues else set())
+        fields = [f.name for f in dataclasses.fields(cfg) if f.name not in ignored]
+        diff = run_differences(run, resolve_model_config(self.model_cfg, cfg), cfg, fields=fields)
         if diff:
             self.say(f"{name}: {', '.join(diff)} changed since it was trained: training it again")
             shutil.rmtree(run)
-        if io.is_complete(last) and io.read_meta(last).get("updates", 0) >= self.rc.max_update:
-            return last
-        self.say(f"training {name} for {self.rc.max_update} updates")
-        fit(self.model_cfg, cfg)
-        return last
+        if io.is_complete(snap):
+            return snap
+        done = io.read_meta(last).get("updates", 0) if io.is_complete(last) else 0
+        if done > budget:
+            self.say(f"{name}: has {done} updates and no copy at {budget}: training it again from the start")
+            shutil.rmtree(run)
+            done = 0
+        if done < budget:
+            self.say(f"training {name} to {budget} updates" + (f" (continuing from {done})" if done else ""))
+            fit(self.model_cfg, cfg)
+        keep_copy(last, snap)
+        return snap
 
     # 3. datastores -------------------------------------------------------------------------
     def datastore(self, name: str) -> tuple[Path, Path]:
         if name in self.stores:
             return self.stores[name]
-        d = self.out / "dstore" / name
+        d = self.stage / "dstore" / name
         cfg = C.DatastoreConfig(
             data=str(self.data),
-            path=str(self.run_dir(name) / "checkpoint_last"),
+            path=str(self.checkpoint(name)),
             out=str(d),
             context_window=self.rc.dstore_context,
             batch_size=8,
@@ -250,7 +322,7 @@ class Pipeline:
         layers = {
             **self.eval_layer,
             "data": str(self.data),
-            "path": str(self.run_dir(system.model) / "checkpoint_last"),
+            "path": str(self.checkpoint(system.model)),
             "gen_subset": split,
             "max_eval_tokens": self.rc.eval_tokens,
             "mem_size": self.rc.long_mem_size,
@@ -267,8 +339,8 @@ class Pipeline:
         """Best τ / λ / T on valid, by re-scoring cached neighbours (one model pass)."""
         if not system.tune:
             return {}
-        path = self.out / "evals" / f"{slug(system.name)}.tuned.json"
-        cache = self.out / "evals" / f"{slug(system.name)}.neighbors"
+        path = self.stage / "evals" / f"{slug(system.name)}.tuned.json"
+        cache = self.stage / "evals" / f"{slug(system.name)}.neighbors"
         cfg = self.eval_cfg(
             system, "valid", save_neighbors=str(cache), neighbors_top=0, max_eval_tokens=self.rc.tune_tokens
         )  # every memory entry kept, so re-scoring is exact
@@ -291,7 +363,7 @@ class Pipeline:
         return best
 
     def score(self, system: System, split: str, best: dict, tag: str = "", **kw) -> dict:
-        path = self.out / "evals" / f"{slug(system.name)}{tag}.{split}.json"
+        path = self.stage / "evals" / f"{slug(system.name)}{tag}.{split}.json"
         cfg = self.eval_cfg(system, split, **best, **kw)
         key = eval_inputs(cfg)
         if path.exists():
@@ -304,9 +376,11 @@ class Pipeline:
         return row
 
     def curve(self, best: dict[str, dict]) -> dict:
-        """Valid perplexity against long-term memory size: CE + cache vs TrimeLM_long."""
+        """Valid perplexity against long-term memory size: CE + cache vs TrimeLM_long (and its variants)."""
         out = {}
-        for system in (SYSTEMS[1], SYSTEMS[5]):
+        for system in [SYSTEMS[1], SYSTEMS[5]] + [
+            s for s in self.systems[len(SYSTEMS) :] if s.flags.get("use_long") and not s.dstore
+        ]:
             pts = []
             for m in self.rc.curve_mem_sizes:
                 flags = {"use_long": m > 0, "mem_size": m, "max_eval_tokens": self.rc.curve_tokens}
@@ -314,6 +388,16 @@ class Pipeline:
                 pts.append((m, row["ppl"]))
             out[system.name] = pts
         return out
+
+
+def keep_copy(last: Path, snap: Path) -> None:
+    """Copy a finished checkpoint to ``snap``, without the trainer state (it is evaluated, never resumed)."""
+    meta = io.read_meta(last, "checkpoint")
+    with io.atomic_dir(snap, overwrite=True, kind="checkpoint") as tmp:
+        for f in last.iterdir():
+            if f.name not in (TRAINER, io.META):
+                shutil.copy2(f, tmp / f.name)
+        io.write_meta(tmp, "checkpoint", **{k: v for k, v in meta.items() if k not in ("kind", "files", "created")})
 
 
 def _plain(x):
@@ -326,43 +410,40 @@ def slug(name: str) -> str:
 
 
 def estimate_minutes(p: Pipeline) -> float:
+    """Minutes of the whole job on a 2-core CPU, from the preset's expected speeds."""
     cfg = C.build(C.TrainConfig, p.train_layer)
-    train = 4 * p.rc.max_update * cfg.max_tokens / p.rc.train_tokens_per_s
+    updates = max(p.budgets) if p.continues else sum(p.budgets)
+    train = len(p.models) * updates * cfg.max_tokens * cfg.update_freq / p.rc.train_tokens_per_s
     splits = read_data_meta(p.data)["splits"]
     n_train = splits["train"]["tokens"]
     n_eval = sum(min(splits[s]["tokens"], p.rc.eval_tokens or 1 << 62) for s in ("valid", "test"))
     ctx = C.build(C.EvalConfig, p.eval_layer).context_window
     blowup = p.L / max(p.L - ctx, 1)
-    evals = len(SYSTEMS) * 1.5 * n_eval * blowup + 2 * p.rc.curve_tokens * blowup * len(p.rc.curve_mem_sizes)
-    dstore = 2 * n_train * p.L / max(p.L - p.rc.dstore_context, 1)
-    return (train + (evals + dstore) / p.rc.eval_tokens_per_s) / 60
+    curves = 2 + sum(1 for s in p.systems[len(SYSTEMS) :] if s.flags.get("use_long") and not s.dstore)
+    evals = len(p.systems) * 1.5 * n_eval * blowup + curves * p.rc.curve_tokens * blowup * len(p.rc.curve_mem_sizes)
+    dstore = len({s.dstore for s in p.systems if s.dstore}) * n_train * p.L / max(p.L - p.rc.dstore_context, 1)
+    return (train + len(p.budgets) * (evals + dstore) / p.rc.eval_tokens_per_s) / 60
 
 
-def reproduce(
-    preset: str = "tiny",
-    out: str | Path = "runs/reproduce",
-    corpus: str = "shakespeare",
-    char_level: bool = False,
-    max_update: int = 0,
-) -> dict:
-    """Run (or resume) the whole pipeline; returns the results dictionary also written to results.json."""
+def epochs_of(p: Pipeline, budget: int) -> float:
+    cfg = C.build(C.TrainConfig, p.train_layer)
+    return budget * cfg.max_tokens * cfg.update_freq / read_data_meta(p.data)["splits"]["train"]["tokens"]
 
-    p = Pipeline(preset, Path(out), corpus, char_level, max_update)
-    p.prepare_data()
-    p.say(
-        f"plan: 4 models x {p.rc.max_update} updates, 2 datastores, {len(SYSTEMS)} systems on valid and test; "
-        f"estimated {estimate_minutes(p):.0f} min on a 2-core CPU"
-    )
-    for name in MODEL_FLAGS:
+
+def run_budget(p: Pipeline, preset: str, corpus: str) -> dict:
+    """Train every model to ``p``'s current budget, evaluate every system, write the report."""
+    for name in p.models:
         p.train(name)
     results: dict = {
         "preset": preset,
         "corpus": corpus,
+        "max_update": p.rc.max_update,
+        "epochs": epochs_of(p, p.rc.max_update),
         "config": {"model": C.to_dict(p.model_cfg), "reproduce": dataclasses.asdict(p.rc)},
         "systems": [],
     }
     best_of: dict[str, dict] = {}
-    for system in SYSTEMS:
+    for system in p.systems:
         p.say(f"evaluating {system.name}")
         best = p.tune(system)
         best_of[system.name] = best
@@ -379,5 +460,40 @@ def reproduce(
         )
     results["memory_curve"] = p.curve(best_of)
     results["minutes"] = (time.time() - p.t0) / 60
-    write_report(results, p.out)
+    write_report(results, p.stage)
     return results
+
+
+def reproduce(
+    preset: str = "tiny",
+    out: str | Path = "runs/reproduce",
+    corpus: str = "shakespeare",
+    char_level: bool = False,
+    max_update: int | list[int] = 0,
+    variants: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """Run (or resume) the whole pipeline; returns the results dictionary also written to results.json.
+
+    With several budgets (``max_update=[200, 500, 1000]``) every model is trained once, through the
+    budgets in increasing order (a larger budget continues a smaller one when the learning-rate schedule
+    does not depend on --max-update, which makes it equal to a run of that budget from scratch); each
+    budget is evaluated in ``out/budget-N`` and the study (study.json / study.md / study.png, test
+    perplexity against budget) is written after each. Returns the largest budget's results."""
+
+    p = Pipeline(preset, Path(out), corpus, char_level, max_update, variants)
+    p.prepare_data()
+    budgets = ", ".join(map(str, p.budgets))
+    stores = len({s.dstore for s in p.systems if s.dstore})
+    p.say(
+        f"plan: {len(p.models)} models x {budgets} updates, {stores} datastores and {len(p.systems)} systems on "
+        f"valid and test per budget; estimated {estimate_minutes(p):.0f} min on a 2-core CPU"
+    )
+    done = []
+    for budget in p.budgets:
+        p.set_budget(budget)
+        if len(p.budgets) > 1:
+            p.say(f"budget {budget} updates ({epochs_of(p, budget):.1f} epochs)")
+        done.append(run_budget(p, preset, corpus))
+        if len(p.budgets) > 1:
+            write_study(done, p.out)
+    return done[-1]
