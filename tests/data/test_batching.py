@@ -48,8 +48,7 @@ def test_consecutive_shuffled_keeps_each_steps_memory_and_covers_the_corpus():
     # 4 ranks in 2 groups of 2: at every step the 2 ranks of a group hold 2 consecutive batches in rank
     # order (one step's memory, spec §3.1); over the epoch every full run is walked exactly once
     ranks = [
-        epoch_batches(48, 2, 1, mode="consecutive_shuffled", rank=r, world_size=4, num_comb_shards=2)
-        for r in range(4)
+        epoch_batches(48, 2, 1, mode="consecutive_shuffled", rank=r, world_size=4, num_comb_shards=2) for r in range(4)
     ]
     assert len({len(x) for x in ranks}) == 1
     for g in (0, 2):
