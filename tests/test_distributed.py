@@ -1,4 +1,5 @@
-"""trime.distributed with 2 real CPU processes (gloo): the gathered trime_long loss (spec §3.2)."""
+"""trime.distributed with 2 real CPU processes (gloo): the gathered trime_long loss (spec §3.2) and
+the gathered trime_mt loss (MT spec §4: other sentences of every rank, other ranks' entries constant)."""
 
 import os
 import socket
@@ -10,11 +11,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from trime import distributed as D
-from trime.losses import compute_loss
+from trime.losses import MTLossSettings, compute_loss, compute_mt_loss
 
 import reference as ref
 
 B, L, D_MODEL, V, PAD = 2, 4, 6, 9, 1
+MT_SETTINGS = {"ip_top5": MTLossSettings(temp=2.0, topk=5, dist="ip", pad=PAD),
+               "l2_all": MTLossSettings(temp=3.0, topk=0, dist="l2", pad=PAD)}  # fmt: skip
 
 
 class TinyLM(nn.Module):
@@ -49,6 +52,10 @@ def _params(model, head):
     return list(model.parameters()) + list(head.parameters())
 
 
+def _mt_params(model, head):  # trime_mt reads h only (its memory key is h itself, MT spec §1)
+    return [*model.emb.parameters(), *model.to_h.parameters(), *head.parameters()]
+
+
 def _worker(rank, world, port, path):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
@@ -60,6 +67,10 @@ def _worker(rank, world, port, path):
     gather = D.make_group_gather(2)
     res = compute_loss("trime_long", model(tokens[rows]), targets[rows], head, gather=gather)
     grads = torch.autograd.grad(res.loss, _params(model, head))
+    mt = {}
+    for name, settings in MT_SETTINGS.items():  # B target sentences of L positions per rank
+        out = compute_mt_loss(settings, model(tokens[rows]), targets[rows], head, gather=gather)
+        mt[name] = (out.loss.item(), out.n_targets.item(), torch.autograd.grad(out.loss, _mt_params(model, head)))
     keys = torch.randn(3, 2, requires_grad=True)
     all_keys, all_values, offset, bounds = gather(keys, torch.full((3,), rank))
     (key_grad,) = torch.autograd.grad((all_keys * torch.arange(6.0)[:, None]).sum(), keys)
@@ -68,6 +79,7 @@ def _worker(rank, world, port, path):
         "loss": res.loss.item(),
         "n": res.n_targets,
         "grads": [g.clone() for g in grads],
+        "mt": mt,
         "offset": offset,
         "bounds": bounds,
         "values": all_values.tolist(),
@@ -137,6 +149,40 @@ def test_other_ranks_keys_are_constants(ranks):
     for r, res in enumerate(ranks):  # gather: only the local slice carries a gradient
         assert torch.equal(res["key_grad"], torch.arange(6.0)[3 * r : 3 * r + 3, None].expand(3, 2))
         assert res["values"] == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("name", list(MT_SETTINGS))
+def test_gathered_trime_mt_equals_one_process_and_keeps_other_ranks_constant(ranks, name):
+    """Each rank's queries see every other sentence of both ranks: the two losses sum to the loss of
+    one process over all 2B sentences; the gradient of rank r's loss is that of its queries over the
+    whole batch with the other rank's decoder outputs detached (no gradient reaches another rank)."""
+    settings = MT_SETTINGS[name]
+    model, head, tokens, targets = _setup()
+    whole = compute_mt_loss(settings, model(tokens), targets, head)
+    assert sum(r["mt"][name][0] for r in ranks) == pytest.approx(whole.loss.item(), rel=1e-5, abs=1e-5)
+    assert sum(r["mt"][name][1] for r in ranks) == whole.n_targets.item()
+    out = model(tokens)
+    y = targets.reshape(-1)
+    N = B * L
+    for r in range(2):
+
+        def gather(keys, values, r=r):
+            h = out.h.reshape(2 * N, -1)
+            parts = [keys if s == r else h[s * N : (s + 1) * N].detach() for s in range(2)]
+            return torch.cat(parts), y, r * N, [0, 2 * N]
+
+        class Mine:
+            h, q = out.h[r * B : (r + 1) * B], out.q[r * B : (r + 1) * B]
+
+        res = compute_mt_loss(settings, Mine, targets[r * B : (r + 1) * B], head, gather=gather)
+        want = torch.autograd.grad(res.loss, _mt_params(model, head), retain_graph=True)
+        for got, w in zip(ranks[r]["mt"][name][2], want):
+            torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-4)
+        everywhere = torch.autograd.grad(
+            compute_mt_loss(settings, Mine, targets[r * B : (r + 1) * B], head, gather=lambda k, v, r=r: (
+                out.h.reshape(2 * N, -1), y, r * N, [0, 2 * N])).loss, _mt_params(model, head), retain_graph=True,
+        )  # fmt: skip
+        assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(everywhere, want))
 
 
 def test_varlen_gather_and_small_helpers(ranks):

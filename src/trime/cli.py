@@ -7,7 +7,8 @@ library function; a user's mistake (TrimeError) prints one line and exits 2.
     trime eval DATA --path CKPT      sliding-window evaluation with local / long / external memory (or --hf-model M)
     trime generate --path CKPT       continue a prompt with the memories of evaluation
     trime explain DATA --path CKPT   an HTML report of which memory entries moved each token's probability
-    trime mt train|datastore|generate  translation: encoder-decoder, TrimeMT, beam search, sacreBLEU
+    trime mt train|bm25|datastore|generate|reproduce
+                                     translation: encoder-decoder, TrimeMT, kNN-MT, beam search, sacreBLEU
     trime reproduce                  the main job: the whole pipeline on the offline default corpus
 """
 
@@ -38,6 +39,7 @@ from trime.generate.lm import generate, read_prompt
 from trime.memory.index import IndexSettings, build_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
+from trime.pipelines.mt_reproduce import mt_reproduce
 from trime.pipelines.reproduce import VARIANTS, reproduce
 from trime.train import fit
 from trime.translation import bm25_pair_order, build_mt_datastore, fit_translation, translate
@@ -297,6 +299,17 @@ def cmd_mt_generate(ns: argparse.Namespace) -> None:
     print(result.line())
 
 
+def cmd_mt_reproduce(ns: argparse.Namespace) -> None:
+    mt_reproduce(
+        preset=ns.preset,
+        out=ns.out,
+        corpus=ns.corpus,
+        max_epoch=ns.max_epoch,
+        source_lang=ns.source_lang,
+        target_lang=ns.target_lang,
+    )
+
+
 def cmd_reproduce(ns: argparse.Namespace) -> None:
     reproduce(
         preset=ns.preset,
@@ -514,6 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(g, C.TranslateConfig, skip=("data",))
     C.add_arguments(g, BeamConfig)
     g.set_defaults(func=cmd_mt_generate)
+    r = mts.add_parser(
+        "reproduce", help="the MT table: vanilla, kNN-MT, TrimeMT and TrimeMT + memory on one pair corpus"
+    )
+    r.add_argument("--preset", default="mt_cpu", help="translation preset (mt_cpu for a CPU)")
+    r.add_argument("--out", default="runs/mt-reproduce", help="directory for everything of this run")
+    r.add_argument("--corpus", default="bible-es-en", help="a known translation corpus or a pair corpus directory")
+    r.add_argument("--max-epoch", type=int, default=0, help="epochs per model, the same for both (0: the preset's)")
+    r.add_argument("--source-lang", help="a corpus directory's source file suffix (default: from its meta.json)")
+    r.add_argument("--target-lang", help="a corpus directory's target file suffix (default: from its meta.json)")
+    r.set_defaults(func=cmd_mt_reproduce)
 
     r = sub.add_parser("reproduce", help="the main job: prepare, train, evaluate and compare on one corpus")
     r.add_argument("--preset", default="tiny", help="size preset (tiny for a CPU)")

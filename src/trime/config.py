@@ -466,6 +466,36 @@ class ReproduceConfig:
         check_domains(self)
 
 
+@dataclass
+class MTReproduceConfig:
+    """The translation job's data, budget, memories and grids (the [reproduce] table of a translation preset)."""
+
+    bpe_merges: int = opt(10000, "joint BPE merges learned on the training pairs", ge=1)
+    moses: bool = opt(True, "Moses-tokenise both sides before BPE")
+    max_epoch: int = opt(5, "epochs per model (the same budget for both)", ge=1)
+    trime_temp: float = opt(10.0, "TrimeMT training: temperature τ of the memory scores (×√d)", gt=0)
+    trime_topk: int = opt(8, "TrimeMT training: memory entries kept per target position (0: all)", ge=0)
+    knn_k: int = opt(32, "kNN-MT: neighbours per decoding step and hypothesis", ge=1)
+    knn_metric: str = opt("l2", "kNN-MT's index metric (the original: l2)", choices=("l2", "ip"))
+    trime_k: int = opt(16, "TrimeMT: neighbours per decoding step and hypothesis", ge=1)
+    probe: int = opt(32, "faiss nprobe", ge=1)
+    n_lists: int = opt(0, "IVF lists of the indexes (0: sized from the datastore)", ge=0)
+    index_train_size: int = opt(1_000_000, "keys sampled to train the indexes", ge=1)
+    tune_sentences: int = opt(0, "valid sentences whose reference neighbours tune λ and T (0: all)", ge=0)
+    knn_lmbdas: list[float] = opt([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "kNN-MT λ grid tuned on valid", ge=0, lt=1)
+    knn_temps: list[float] = opt([1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0], "kNN-MT T grid", gt=0)
+    trime_temps: list[float] = opt([0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 40.0], "TrimeMT T grid (×√d)", gt=0)
+    beam: int = opt(5, "beam size of every decoding", ge=1)
+    lenpen: float = opt(1.0, "length penalty", ge=0)
+    max_len_a: float = opt(1.2, "max length = a · source length + b", ge=0)
+    max_len_b: int = opt(10, "max length = a · source length + b", ge=0)
+    test_sentences: int = opt(0, "decode at most this many valid/test sentences (0: all)", ge=0)
+    train_tokens_per_s: float = opt(4500.0, "expected training speed (target tokens/s), for the estimate", gt=0)
+
+    def __post_init__(self) -> None:
+        check_domains(self)
+
+
 def check_domains(cfg: Any) -> None:
     """Raise ConfigError (one line naming the flag) for a value outside its field's domain or choices."""
     for f in dataclasses.fields(cfg):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -163,19 +164,6 @@ class Pipeline:
         print(f"| [{(time.time() - self.t0) / 60:5.1f} min] {msg}", flush=True)
 
     # 1. data -------------------------------------------------------------------------------
-    def claim_out(self) -> None:
-        """The output directory is this job's: new, empty, or marked by an earlier run."""
-        out, marker = self.out, self.out / MARKER
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out}: is a file; choose a directory for the run")
-        legacy = io.is_complete(out / "data-bin") and (out / "models").is_dir()
-        if out.is_dir() and any(out.iterdir()) and not (marker.exists() or legacy):
-            raise ConfigError(
-                f"--out {out}: holds files that are not a trime reproduce run (no {MARKER}); choose another --out"
-            )
-        if not marker.exists():
-            io.write_json(marker, {"kind": "reproduce"})
-
     def corpus_dir(self) -> Path:
         src = Path(self.corpus)
         if src.is_dir():
@@ -210,7 +198,8 @@ class Pipeline:
         return diff
 
     def prepare_data(self) -> None:
-        self.claim_out()
+        legacy = io.is_complete(self.data) and (self.out / "models").is_dir()  # a run from before the marker
+        claim_out(self.out, MARKER, "reproduce", legacy)
         src = self.corpus_dir()
         if io.is_complete(self.data):
             diff = self.data_changes(src)
@@ -349,7 +338,7 @@ class Pipeline:
             "lmbda": self.rc.lmbdas if "lmbda" in system.tune else [0.0],
             "interp_temp": self.rc.interp_temps if "interp_temp" in system.tune else [1.0],
         }
-        key = _plain({"inputs": eval_inputs(cfg), "grid": grid, "tune": list(system.tune)})
+        key = plain({"inputs": eval_inputs(cfg), "grid": grid, "tune": list(system.tune)})
         if path.exists():
             done = io.read_json(path)
             if done.get("key") == key:
@@ -400,13 +389,25 @@ def keep_copy(last: Path, snap: Path) -> None:
         io.write_meta(tmp, "checkpoint", **{k: v for k, v in meta.items() if k not in ("kind", "files", "created")})
 
 
-def _plain(x):
+def claim_out(out: Path, marker: str, kind: str, legacy: bool = False) -> None:
+    """The output directory is this job's: new, empty, or marked by an earlier run of ``kind``."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; choose a directory for the run")
+    if out.is_dir() and any(out.iterdir()) and not ((out / marker).exists() or legacy):
+        raise ConfigError(
+            f"--out {out}: holds files that are not a trime {kind} run (no {marker}); choose another --out"
+        )
+    if not (out / marker).exists():
+        io.write_json(out / marker, {"kind": kind})
+
+
+def plain(x):
     """``x`` as it reads back from JSON (tuples become lists), for comparing with a stored key."""
     return json.loads(json.dumps(x, sort_keys=True))
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
 
 
 def estimate_minutes(p: Pipeline) -> float:

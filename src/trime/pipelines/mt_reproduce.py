@@ -1,0 +1,413 @@
+"""The translation job: the paper's MT table (MT spec §11) on one pair corpus, resumable, in one command.
+
+    trime mt reproduce [--preset mt_cpu] [--corpus bible-es-en] [--out runs/mt-reproduce]
+
+1. fetch and prepare the corpus (Moses tokenisation, joint BPE);
+2. the BM25 order of the training targets (MT spec §5);
+3. train, with the same budget (epochs): a vanilla model (label-smoothed CE) and TrimeMT (``trime_mt``
+   on BM25 batches); each keeps its checkpoint_best by validation BLEU, as the original's recipe;
+4. a datastore of each over the training targets (teacher-forced decoder outputs) and its faiss index:
+   L2 for kNN-MT, inner product for TrimeMT (MT spec §7–8);
+5. tune on valid from the references' cached neighbours (``trime sweep``'s machinery, exact because
+   references need no beam): kNN-MT's λ and T, TrimeMT's T — by the references' perplexity;
+6. decode valid and test with beam search: vanilla, vanilla + kNN-MT, TrimeMT, TrimeMT + external
+   memory (the paper's equation, and the released form (1 − λ)·p + p_knn at the same T); sacreBLEU;
+7. print the table, write results.json / results.md and bleu.png.
+
+Every stage is skipped when its artifact exists and was made from the same inputs, by content (corpus
+files, data, model weights, datastore, index, settings); a stage whose inputs changed is made again
+and says so. A rerun after a kill resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trime import config as C
+from trime import io
+from trime.checkpoint import model_fingerprint
+from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
+from trime.data.pairs import corpus_files, load_pair_dictionaries, prepare_pairs, read_pairs_meta
+from trime.errors import ConfigError
+from trime.generate.beam import BeamConfig
+from trime.memory.datastore import build_mismatch
+from trime.memory.index import build_index
+from trime.memory.neighbors import NeighborCache, sweep
+from trime.model.encoder_decoder import MTModelConfig
+from trime.pipelines.reproduce import BUDGET_FREE, claim_out, plain, slug
+from trime.train import PATH_FIELDS, run_differences
+from trime.translation import bm25_pair_order, build_mt_datastore, fit_translation, translate
+
+MARKER = "mt-reproduce.json"  # marks an --out directory as this job's
+
+
+@dataclass
+class MTSystem:
+    """One row of the table: a trained model decoded with or without the training-set datastore."""
+
+    name: str
+    model: str  # vanilla | trime_mt
+    memory: str  # as printed in the table
+    mode: str | None = None  # knn | trime | trime_released (TranslateConfig.knn_mode); None: no memory
+    tune: tuple[str, ...] = ()  # tuned on valid: lmbda, knn_temp
+    settings_of: str | None = None  # decoded with the settings another row tuned
+
+
+SYSTEMS = [
+    MTSystem("Transformer (CE)", "vanilla", "none"),
+    MTSystem("+ kNN-MT", "vanilla", "external: (1−λ)·p + λ·p_knn, λ fixed", "knn", ("lmbda", "knn_temp")),
+    MTSystem("TrimeMT", "trime_mt", "none"),
+    MTSystem("TrimeMT + external", "trime_mt", "external: joint softmax, λ dynamic", "trime", ("knn_temp",)),
+    MTSystem(
+        "TrimeMT + external (released form)",
+        "trime_mt",
+        "external: (1−λ)·p + p_knn, λ dynamic",
+        "trime_released",
+        settings_of="TrimeMT + external",
+    ),
+]
+# (better, worse) on test BLEU: the paper's orderings (IWSLT'14 De→En: 32.58 → 33.15 → 33.73)
+CLAIMS = [
+    ("+ kNN-MT", "Transformer (CE)"),
+    ("TrimeMT + external", "+ kNN-MT"),
+    ("TrimeMT + external", "TrimeMT"),
+    ("TrimeMT + external (released form)", "+ kNN-MT"),
+]
+
+
+class MTPipeline:
+    def __init__(self, preset: str, out: Path, corpus: str, max_epoch: int = 0, langs: tuple[str | None, ...] = ()):
+        p = C.load_preset(preset)
+        if p["_source"]["task"] != "translation":
+            raise ConfigError(f"preset {preset!r} is a language-model recipe; translation presets: mt_cpu, mt_micro")
+        src = p["_source"]["path"]
+        self.preset, self.out, self.corpus = preset, out, corpus
+        self.langs = tuple(langs) + (None,) * (2 - len(langs))  # --source-lang, --target-lang
+        self.model_cfg = C.build(MTModelConfig, p.get("model", {}), source=src)
+        self.train_layer = p.get("train", {})
+        self.rc = C.build(
+            C.MTReproduceConfig, p.get("reproduce", {}), {"max_epoch": max_epoch} if max_epoch else {}, source=src
+        )
+        self.data = out / "data-bin"
+        self.t0 = time.time()
+
+    def say(self, msg: str) -> None:
+        print(f"| [{(time.time() - self.t0) / 60:5.1f} min] {msg}", flush=True)
+
+    # 1. data -------------------------------------------------------------------------------
+    def corpus_dir(self) -> Path:
+        src = Path(self.corpus)
+        if src.is_dir():
+            return src
+        if self.corpus not in PAIR_CORPORA:
+            raise ConfigError(
+                f"--corpus {self.corpus!r} is neither a directory nor a known translation corpus "
+                f"({', '.join(PAIR_CORPORA)})"
+            )
+        src = self.out / "corpus"
+        if not (io.is_complete(src) and io.read_meta(src).get("name") == self.corpus):
+            self.say(f"fetching {self.corpus}")
+            fetch_pairs(self.corpus, src, overwrite=True)
+        return src
+
+    def prepare_data(self) -> None:
+        claim_out(self.out, MARKER, "mt-reproduce")
+        src = self.corpus_dir()
+        s, t, files = corpus_files(src, *self.langs)
+        key = {
+            "langs": [s, t],
+            "files": {f"{split}.{lang}": io.sha256_file(path) for split, pair in files.items()
+                      for lang, path in zip((s, t), pair)},
+            "moses": self.rc.moses,
+            "bpe_merges": self.rc.bpe_merges,
+        }  # fmt: skip
+        record = self.out / "data.json"
+        if io.is_complete(self.data) and record.exists() and io.read_json(record) == key:
+            return
+        if io.is_complete(self.data):
+            self.say("the corpus or its preparation changed: preparing it again")
+        self.say(f"preparing {src} (Moses: {self.rc.moses}, BPE {self.rc.bpe_merges} merges)")
+        prepare_pairs(
+            src,
+            self.data,
+            source_lang=s,
+            target_lang=t,
+            moses=self.rc.moses,
+            bpe_merges=self.rc.bpe_merges,
+            overwrite=True,
+        )
+        io.write_json(record, key)
+
+    # 2. models -----------------------------------------------------------------------------
+    def bm25_order(self) -> Path:
+        path = self.out / "bm25" / "order.json"
+        target = read_pairs_meta(self.data)["langs"]["target"]
+        setup = {"targets": read_pairs_meta(self.data)["splits"]["train"][target]["fingerprint"]}
+        done = self.out / "bm25" / "done.json"
+        if path.exists() and done.exists() and io.read_json(done) == setup:
+            return path
+        if path.parent.exists():
+            shutil.rmtree(path.parent)
+        self.say("BM25 order of the training targets")
+        bm25_pair_order(self.data, path, work_dir=self.out / "bm25" / "work")
+        io.write_json(done, setup)
+        return path
+
+    def run_dir(self, name: str) -> Path:
+        return self.out / "models" / name
+
+    def train_cfg(self, name: str) -> C.MTTrainConfig:
+        extra: dict = {}
+        if name == "trime_mt":
+            extra = {
+                "criterion": "trime_mt",
+                "temp": self.rc.trime_temp,
+                "topk_mem": self.rc.trime_topk,
+                "label_smoothing": 0.0,  # the original's trime_mt has none (MT spec §4)
+                "predefined_batches": str(self.bm25_order()),
+            }
+        layers = {
+            **self.train_layer,
+            "data": str(self.data),
+            "save_dir": str(self.run_dir(name)),
+            "max_epoch": self.rc.max_epoch,
+            "max_update": 0,
+            "max_time": 0.0,
+            **extra,
+        }
+        return C.build(C.MTTrainConfig, layers)
+
+    def train(self, name: str) -> Path:
+        """Train (or resume) ``name``; returns its checkpoint_best (by validation BLEU)."""
+        run, cfg = self.run_dir(name), self.train_cfg(name)
+        src_dict, tgt_dict = load_pair_dictionaries(self.data)
+        model_cfg = dataclasses.replace(self.model_cfg, src_vocab_size=len(src_dict), tgt_vocab_size=len(tgt_dict))
+        ignored = set(PATH_FIELDS) | ({"max_epoch"} if cfg.lr_scheduler in BUDGET_FREE else set())
+        diff = run_differences(
+            run, model_cfg, cfg, fields=[f.name for f in dataclasses.fields(cfg) if f.name not in ignored]
+        )
+        if diff:
+            self.say(f"{name}: {', '.join(diff)} changed since it was trained: training it again")
+            shutil.rmtree(run)
+        last = run / "checkpoint_last"
+        done = io.read_meta(last)["epoch"] - 1 if io.is_complete(last) else 0  # epochs finished
+        if done > self.rc.max_epoch:
+            self.say(f"{name}: trained for {done} epochs, more than {self.rc.max_epoch}: training it again")
+            shutil.rmtree(run)
+            done = 0
+        if done < self.rc.max_epoch:  # a larger budget continues a smaller one (the schedule does not depend on it)
+            self.say(
+                f"training {name} for {self.rc.max_epoch} epochs" + (f" (continuing after {done})" if done else "")
+            )
+            fit_translation(self.model_cfg, cfg)
+        return run / "checkpoint_best"
+
+    # 3. datastores -------------------------------------------------------------------------
+    def datastore(self, name: str) -> tuple[Path, Path]:
+        """The training-target datastore of model ``name`` and its index (L2 for kNN-MT, IP for TrimeMT)."""
+        d = self.out / "dstore" / name
+        cfg = C.MTDatastoreConfig(data=str(self.data), path=str(self.run_dir(name) / "checkpoint_best"), out=str(d))
+        want = {"model_fingerprint": model_fingerprint(cfg.path)}
+        if io.is_complete(d) and build_mismatch(d, want):
+            self.say(f"datastore of {name}: the model changed: building it again")
+            shutil.rmtree(d)
+        if not io.is_complete(d):
+            self.say(f"datastore of {name} over the training targets")
+            build_mt_datastore(cfg)
+        metric = self.rc.knn_metric if name == "vanilla" else "ip"
+        index = d / f"knn.index.{metric}"
+        if not index.exists():
+            self.say(f"faiss index ({metric}) of {name}")
+        build_index(
+            d,
+            index,
+            metric=metric,
+            probe=self.rc.probe,
+            n_lists=self.rc.n_lists or None,
+            train_size=self.rc.index_train_size,
+            overwrite=True,
+        )  # a no-op when the index on disk was built from this datastore with these settings
+        return d, index
+
+    # 4. tuning and decoding ----------------------------------------------------------------
+    def translate_cfg(self, system: MTSystem, split: str, **kw) -> C.TranslateConfig:
+        layers = {
+            "data": str(self.data),
+            "path": str(self.run_dir(system.model) / "checkpoint_best"),
+            "gen_subset": split,
+            "max_sentences_total": self.rc.test_sentences,
+        }
+        if system.mode:
+            d, index = self.datastore(system.model)
+            k = self.rc.knn_k if system.mode == "knn" else self.rc.trime_k
+            layers.update(dstore=str(d), indexfile=str(index), knn_mode=system.mode, k=k, probe=self.rc.probe)
+        return C.build(C.TranslateConfig, layers, kw)
+
+    def inputs(self, cfg: C.TranslateConfig) -> dict:
+        """What a result of ``cfg`` is made from, by content: model, data, datastore, index, settings."""
+        meta = read_pairs_meta(cfg.data)
+        key = {
+            "model": model_fingerprint(cfg.path),
+            "data": meta["splits"][cfg.gen_subset],
+            "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "path", "dstore",
+                                                                                       "indexfile", "results_path",
+                                                                                       "save_neighbors")},
+        }  # fmt: skip
+        if cfg.dstore:
+            key["datastore"] = io.read_meta(cfg.dstore).get("fingerprint")
+            key["index"] = io.read_json(Path(cfg.indexfile).with_name(Path(cfg.indexfile).name + ".json")).get("key")
+        return plain(key)
+
+    def tune(self, system: MTSystem) -> dict:
+        """Best λ / T on valid by the references' perplexity, re-scored from cached neighbours."""
+        if not system.tune:
+            return {}
+        path = self.out / "evals" / f"{slug(system.name)}.tuned.json"
+        cache = self.out / "evals" / f"{slug(system.name)}.neighbors"
+        cfg = self.translate_cfg(system, "valid", save_neighbors=str(cache), max_sentences_total=self.rc.tune_sentences)
+        if system.mode == "knn":
+            grid = [
+                {"softmax_temp": 1.0, "lmbda": lam, "interp_temp": t}
+                for lam in self.rc.knn_lmbdas
+                for t in self.rc.knn_temps
+            ]
+        else:
+            grid = [{"softmax_temp": t} for t in self.rc.trime_temps]
+        key = plain({"inputs": self.inputs(cfg), "grid": grid})
+        if path.exists() and io.read_json(path).get("key") == key:
+            return io.read_json(path)["best"]
+        made_from = cache.with_name(cache.name + ".inputs.json")
+        if not (io.is_complete(cache) and made_from.exists() and io.read_json(made_from) == key["inputs"]):
+            self.say(f"{system.name}: caching the neighbours of the valid references")
+            translate(cfg)
+            io.write_json(made_from, key["inputs"])
+        rows = sweep(NeighborCache.load(cache), grid, ext_in_joint=system.mode != "knn")
+        best = min(rows, key=lambda r: r["loss"])
+        best = {"knn_temp": best["interp_temp" if system.mode == "knn" else "softmax_temp"]} | (
+            {"lmbda": best["lmbda"]} if system.mode == "knn" else {}
+        )
+        io.write_json(path, {"best": best, "sweep": rows, "key": key})
+        return best
+
+    def beam(self) -> BeamConfig:
+        rc = self.rc
+        return BeamConfig(beam=rc.beam, lenpen=rc.lenpen, max_len_a=rc.max_len_a, max_len_b=rc.max_len_b)
+
+    def score(self, system: MTSystem, split: str, best: dict) -> dict:
+        path = self.out / "evals" / f"{slug(system.name)}.{split}.json"
+        hyps = self.out / "evals" / f"{slug(system.name)}.{split}.out"
+        cfg = self.translate_cfg(system, split, **best, results_path=str(hyps))
+        key = plain({"inputs": self.inputs(cfg), "beam": dataclasses.asdict(self.beam())})
+        if path.exists() and io.read_json(path).get("key") == key:
+            return {k: v for k, v in io.read_json(path).items() if k != "key"}
+        res = translate(cfg, self.beam())
+        row = {
+            "bleu": res.bleu.score,
+            "bleu_line": str(res.bleu),
+            "n_sentences": res.n_sentences,
+            "seconds": res.seconds,
+            "sentences_per_s": res.n_sentences / max(res.seconds, 1e-9),
+            "settings": best,
+        }
+        io.write_json(path, {**row, "key": key})
+        return row
+
+
+def claims(results: dict) -> list[tuple[str, bool]]:
+    t = {r["name"]: r["test"]["bleu"] for r in results["systems"]}
+    return [(f"{a} > {b}", t[a] > t[b]) for a, b in CLAIMS if a in t and b in t]
+
+
+def table(results: dict) -> str:
+    rows = results["systems"]
+    base = rows[0]["test"]["bleu"]
+    lines = [
+        "| model | memory | tuned on valid | valid BLEU | test BLEU | test vs CE | test sent/s |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        tuned = ", ".join(f"{ {'lmbda': 'λ', 'knn_temp': 'T'}[k] }={v:g}" for k, v in r["settings"].items()) or "-"
+        lines.append(
+            f"| {r['name']} | {r['memory']} | {tuned} | {r['valid']['bleu']:.2f} | {r['test']['bleu']:.2f} | "
+            f"{r['test']['bleu'] - base:+.2f} | {r['test']['sentences_per_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["systems"]
+    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=110)
+    names, vals = [r["name"] for r in rows], [r["test"]["bleu"] for r in rows]
+    colors = ["#8c8c8c" if r["model"] == "vanilla" else "#3b6fb6" for r in rows]
+    ax.barh(names[::-1], vals[::-1], color=colors[::-1])
+    for y, v in enumerate(vals[::-1]):
+        ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+    ax.set_xlabel("test BLEU (higher is better)")
+    ax.set_xlim(min(vals) * 0.9, max(vals) * 1.06)
+    ax.set_title(f"{Path(results['corpus']).name} / preset {results['preset']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(results: dict, out: Path) -> None:
+    checks = claims(results)
+    results["claims"] = {c: ok for c, ok in checks}
+    text = [f"# trime mt reproduce: {results['corpus']}, preset {results['preset']}", "", table(results), ""]
+    text += ["Claims of the paper, on test BLEU:", ""]
+    text += [f"- {'holds' if ok else 'does NOT hold'}: {c}" for c, ok in checks]
+    text += ["", f"Total time: {results['minutes']:.1f} min."]
+    io.write_json(out / "results.json", results)
+    with io.atomic_file(out / "results.md") as tmp:
+        tmp.write_text("\n".join(text) + "\n")
+    try:
+        plot(results, out / "bleu.png")
+    except ImportError:
+        print("| matplotlib is not installed: no plot (pip install 'trime[plot]')")
+    print("\n".join(text))
+
+
+def mt_reproduce(
+    preset: str = "mt_cpu",
+    out: str | Path = "runs/mt-reproduce",
+    corpus: str = "bible-es-en",
+    max_epoch: int = 0,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
+) -> dict:
+    """Run (or resume) the translation job; returns the results dictionary also written to results.json."""
+    p = MTPipeline(preset, Path(out), corpus, max_epoch, (source_lang, target_lang))
+    p.prepare_data()
+    p.say(
+        f"plan: vanilla and TrimeMT x {p.rc.max_epoch} epochs, 2 datastores, {len(SYSTEMS)} systems decoded on "
+        f"valid and test (beam {p.rc.beam})"
+    )
+    for name in ("vanilla", "trime_mt"):
+        p.train(name)
+    results: dict = {
+        "preset": preset,
+        "corpus": corpus,
+        "config": {"model": C.to_dict(p.model_cfg), "reproduce": dataclasses.asdict(p.rc)},
+        "systems": [],
+    }
+    best_of: dict[str, dict] = {}
+    for system in SYSTEMS:
+        p.say(f"decoding {system.name}")
+        best = best_of[system.settings_of] if system.settings_of else p.tune(system)
+        best_of[system.name] = best
+        row = {"name": system.name, "model": system.model, "memory": system.memory, "settings": best}
+        row |= {split: p.score(system, split, best) for split in ("valid", "test")}
+        results["systems"].append(row)
+    results["minutes"] = (time.time() - p.t0) / 60
+    write_report(results, p.out)
+    return json.loads(json.dumps(results))
