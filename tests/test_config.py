@@ -17,6 +17,8 @@ def test_every_preset_loads_into_configs():
             C.build(C.MTTrainConfig if mt else C.TrainConfig, preset["train"], source=str(path))
         if "eval" in preset:
             C.build(C.EvalConfig, preset["eval"], source=str(path))
+        if "reproduce" in preset:
+            C.build(C.MTReproduceConfig if mt else C.ReproduceConfig, preset["reproduce"], source=str(path))
 
 
 def test_flag_beats_preset_beats_default():
@@ -43,8 +45,9 @@ def test_unknown_preset_lists_known():
 def test_cross_field_rules():
     with pytest.raises(ConfigError):
         C.TrainConfig(tokens_per_sample=100, max_tokens=150)
-    with pytest.raises(ConfigError):
-        C.TrainConfig(criterion="trime_ext")
+    with pytest.raises(ConfigError, match="--keep-order"):
+        C.TrainConfig(shuffle_groups=True)  # it shuffles the runs of --keep-order
+    assert C.TrainConfig(criterion="trime_ext").predefined_batches == ""  # random batches: a named variant
     with pytest.raises(ConfigError):
         C.EvalConfig(use_long=True, mem_size=10)
     with pytest.raises(ConfigError):

@@ -472,7 +472,7 @@ class MTReproduceConfig:
 
     bpe_merges: int = opt(10000, "joint BPE merges learned on the training pairs", ge=1)
     moses: bool = opt(True, "Moses-tokenise both sides before BPE")
-    max_epoch: int = opt(5, "epochs per model (the same budget for both)", ge=1)
+    max_epoch: int = opt(3, "epochs per model (the same budget for both)", ge=1)
     trime_temp: float = opt(10.0, "TrimeMT training: temperature τ of the memory scores (×√d)", gt=0)
     trime_topk: int = opt(8, "TrimeMT training: memory entries kept per target position (0: all)", ge=0)
     knn_k: int = opt(32, "kNN-MT: neighbours per decoding step and hypothesis", ge=1)

@@ -1,6 +1,7 @@
 """The main job: the paper's whole pipeline on one corpus, resumable, in one command.
 
     trime reproduce [--preset tiny] [--corpus shakespeare] [--out runs/reproduce]
+                    [--max-update N | N1,N2,...] [--variants long_shuffled,ext_random,ext_local | all]
 
 1. fetch and prepare the corpus;
 2. train, with the same budget (model, steps, tokens per step): a CE model, TrimeLM (``trime``),
@@ -16,6 +17,13 @@ the corpus files; models: data, model, train config and BM25 order; datastores: 
 split, windows; evaluations: model, split, datastore, index, settings); a stage whose inputs
 changed is removed and made again, and says so. A rerun after a kill resumes; a rerun with
 nothing changed only reads meta.json files.
+
+A budget study (several ``--max-update``) trains every model once, through the budgets in increasing
+order, keeping a copy of each model at each budget (``models/NAME/checkpoint_N``): with a schedule
+that does not depend on --max-update (inverse_sqrt, fixed) the copy at N equals a run of N updates
+from scratch (the trainer resumes exactly). Each budget is evaluated in ``budget-N/``; ``study.md``,
+``study.json`` and ``study.png`` put the budgets side by side. ``--variants`` adds models that test
+an explanation of a result (VARIANTS), each one more row at every budget.
 """
 
 from __future__ import annotations
