@@ -339,10 +339,13 @@ def bleu_of(hyps: dict[int, Hypothesis], refs: list[np.ndarray], d: Dictionary, 
     """sacreBLEU of hypotheses ``hyps[i]`` against reference ids ``refs[i]`` (i = 0..n−1), as fairseq scores
     them: BPE removed, a reference's ``<unk>`` never matching, Moses-detokenised (MT spec §10)."""
     h = [to_text(hyps[i].tokens, d, bpe=bpe) for i in range(len(refs))]
+    return bleu_of_texts(detokenize(h) if detok == "moses" else h, refs, d, bpe=bpe, detok=detok)
+
+
+def bleu_of_texts(hyps: list[str], refs: list[np.ndarray], d: Dictionary, *, bpe=True, detok="moses"):
+    """:func:`bleu_of` for hypotheses already made text (and detokenised when ``detok`` is moses)."""
     r = [to_text(ref, d, escape_unk=True, bpe=bpe) for ref in refs]
-    if detok == "moses":
-        h, r = detokenize(h), detokenize(r)
-    return corpus_bleu(h, r)
+    return corpus_bleu(hyps, detokenize(r) if detok == "moses" else r)
 
 
 def memory_combiner(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTModelConfig, fingerprint: str):
@@ -459,7 +462,7 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
     bleu = None
     if not cfg.score_reference:
         refs = [split.target(i) for i in range(n)]
-        bleu = bleu_of(hyps, refs, tgt_dict, bpe=cfg.remove_bpe, detok=cfg.detok)
+        bleu = bleu_of_texts(detoks, refs, tgt_dict, bpe=cfg.remove_bpe, detok=cfg.detok)  # D- lines' text
     if cfg.results_path:
         with atomic_file(cfg.results_path) as tmp:
             tmp.write_text("\n".join(lines) + "\n")
