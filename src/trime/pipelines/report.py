@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from trime import io
@@ -130,28 +131,51 @@ def study_table(done: list[dict]) -> str:
 
 
 def plot_study(done: list[dict], path: Path) -> None:
+    """Left: test perplexity of every system against the budget. Right: the TRIME models (with their
+    memories) relative to TrimeLM at the same budget, where the paper's orderings are read off."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     names = list(dict.fromkeys(s["name"] for r in done for s in r["systems"]))
-    for i, name in enumerate(names):
-        pts = [(r["max_update"], s["test"]["ppl"]) for r in done for s in r["systems"] if s["name"] == name]
-        style = "--" if "," in name else "-"  # variants dashed
-        ax.plot(*zip(*pts), style, marker="o", color=plt.cm.tab10(i % 10), label=name)
+    color = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
     budgets = [r["max_update"] for r in done]
-    ax.set_xscale("log")
+    labels = [f"{r['max_update']}\n{r['epochs']:.1f} ep." for r in done]
+    fig, (ax, rel) = plt.subplots(1, 2, figsize=(11, 5.2), dpi=110)
+
+    def points(name):
+        return [(r["max_update"], s["test"]["ppl"]) for r in done for s in r["systems"] if s["name"] == name]
+
+    for name in names:
+        style = "--" if "," in name else "-"  # variants dashed
+        ax.plot(*zip(*points(name)), style, marker="o", color=color[name], label=name)
     ax.set_yscale("log")
-    ax.set_xticks(budgets, [f"{r['max_update']}\n{r['epochs']:.1f} ep." for r in done])
-    ax.minorticks_off()
-    ax.set_xlabel("training budget: updates (epochs), the same for every model")
+    ppl = [v for n in names for _, v in points(n)]
+    step = 10 ** max(int(math.log10(max(ppl) - min(ppl) + 1e-9)) - 1, 0) * 5  # about 5–20 ticks
+    ticks = [step * k for k in range(int(min(ppl) // step), int(max(ppl) // step) + 2)]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.set_ylabel("test perplexity (log scale)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(f"{Path(done[0]['corpus']).name} / preset {done[0]['preset']}: test perplexity by budget", fontsize=9)
-    fig.tight_layout()
+
+    base = {r["max_update"]: s["test"]["ppl"] for r in done for s in r["systems"] if s["name"] == "TrimeLM"}
+    for name in names:
+        if name.startswith("Trime") and name != "TrimeLM" and base:
+            pts = [(b, 100 * (v / base[b] - 1)) for b, v in points(name) if b in base]
+            rel.plot(*zip(*pts), "--" if "," in name else "-", marker="o", color=color[name], label=name)
+    rel.axhline(0, color=color.get("TrimeLM", "k"), lw=1.5)
+    rel.set_ylabel("test perplexity vs TrimeLM at the same budget (%)")
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    for a in (ax, rel):
+        a.set_xscale("log")
+        a.set_xticks(budgets, labels)
+        a.xaxis.set_minor_locator(NullLocator())
+        a.set_xlabel("training budget: updates (epochs), the same for every model")
+        a.grid(alpha=0.3)
+    fig.suptitle(f"{Path(done[0]['corpus']).name} / preset {done[0]['preset']}: test perplexity by budget", fontsize=9)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
