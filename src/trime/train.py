@@ -183,6 +183,10 @@ def _batch_order(cfg: TrainConfig, n_segments: int):
         return "predefined", load_batch_order(cfg.predefined_batches, n_segments)
     if cfg.keep_order:
         return ("consecutive_shuffled" if cfg.shuffle_groups else "consecutive"), None
+    if cfg.criterion == "trime_ext" and dist.is_main():
+        print(
+            "| note: trime_ext on random batches (no --predefined-batches): a step's other segments are not BM25 neighbours"
+        )
     return "shuffled", None
 
 

@@ -149,6 +149,8 @@ class Pipeline:
         self.train_layer = p.get("train", {})
         self.eval_layer = p.get("eval", {})
         budgets = [budgets] if isinstance(budgets, int) else list(budgets)
+        if any(b < 0 for b in budgets):
+            raise ConfigError(f"--max-update must be >= 0 (got {min(budgets)})")
         self.rc = C.build(C.ReproduceConfig, p.get("reproduce", {}), source=preset)
         self.budgets = sorted({b for b in budgets if b}) or [self.rc.max_update]
         unknown = [v for v in variants if v not in VARIANTS]
