@@ -39,6 +39,7 @@ from trime.memory.datastore import build_mismatch
 from trime.memory.index import build_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
+from trime.pipelines.report import plot_bars
 from trime.pipelines.reproduce import BUDGET_FREE, claim_out, plain, slug
 from trime.train import PATH_FIELDS, run_differences
 from trime.translation import bm25_pair_order, build_mt_datastore, fit_translation, translate
@@ -340,24 +341,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["systems"]
-    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=110)
-    names, vals = [r["name"] for r in rows], [r["test"]["bleu"] for r in rows]
-    colors = ["#8c8c8c" if r["model"] == "vanilla" else "#3b6fb6" for r in rows]
-    ax.barh(names[::-1], vals[::-1], color=colors[::-1])
-    for y, v in enumerate(vals[::-1]):
-        ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
-    ax.set_xlabel("test BLEU (higher is better)")
-    ax.set_xlim(min(vals) * 0.9, max(vals) * 1.06)
-    ax.set_title(f"{Path(results['corpus']).name} / preset {results['preset']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_bars(results, path, "bleu", "vanilla", "test BLEU (higher is better)", ".2f")
 
 
 def write_report(results: dict, out: Path) -> None:

@@ -47,26 +47,31 @@ CLAIMS = [
 ]
 
 
-def plot_systems(results: dict, path: Path) -> None:
+def plot_bars(results: dict, path: Path, metric: str, baseline_model: str, xlabel: str, fmt: str) -> None:
+    """One horizontal bar per system of ``results`` (its test ``metric``); the baseline model's rows grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["systems"]
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 0.8), dpi=110)
     names = [r["name"] for r in rows]
-    vals = [r["test"]["ppl"] for r in rows]
-    colors = ["#8c8c8c" if r["model"] == "ce" else "#3b6fb6" for r in rows]
+    vals = [r["test"][metric] for r in rows]
+    colors = ["#8c8c8c" if r["model"] == baseline_model else "#3b6fb6" for r in rows]
     ax.barh(names[::-1], vals[::-1], color=colors[::-1])
     for y, v in enumerate(vals[::-1]):
-        ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
-    ax.set_xlabel("test perplexity (lower is better)")
+        ax.text(v, y, f" {v:{fmt}}", va="center", fontsize=8)
+    ax.set_xlabel(xlabel)
     ax.set_xlim(min(vals) * 0.9, max(vals) * 1.08)
     ax.set_title(f"{Path(results['corpus']).name} / preset {results['preset']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_systems(results: dict, path: Path) -> None:
+    plot_bars(results, path, "ppl", "ce", "test perplexity (lower is better)", ".1f")
 
 
 def plot_memory_curve(results: dict, path: Path) -> None:
