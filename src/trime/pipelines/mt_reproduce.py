@@ -40,7 +40,7 @@ from trime.memory.index import build_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
 from trime.pipelines.report import plot_bars
-from trime.pipelines.reproduce import BUDGET_FREE, claim_out, plain, slug
+from trime.pipelines.reproduce import BUDGET_FREE, claim_out, corpus_dir, plain, slug
 from trime.train import PATH_FIELDS, run_differences
 from trime.translation import bm25_pair_order, build_mt_datastore, fit_translation, translate
 
@@ -102,19 +102,7 @@ class MTPipeline:
 
     # 1. data -------------------------------------------------------------------------------
     def corpus_dir(self) -> Path:
-        src = Path(self.corpus)
-        if src.is_dir():
-            return src
-        if self.corpus not in PAIR_CORPORA:
-            raise ConfigError(
-                f"--corpus {self.corpus!r} is neither a directory nor a known translation corpus "
-                f"({', '.join(PAIR_CORPORA)})"
-            )
-        src = self.out / "corpus"
-        if not (io.is_complete(src) and io.read_meta(src).get("name") == self.corpus):
-            self.say(f"fetching {self.corpus}")
-            fetch_pairs(self.corpus, src, overwrite=True)
-        return src
+        return corpus_dir(self.corpus, self.out, PAIR_CORPORA, fetch_pairs, "translation corpus")
 
     def prepare_data(self) -> None:
         claim_out(self.out, MARKER, "mt-reproduce")

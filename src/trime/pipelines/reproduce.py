@@ -175,18 +175,7 @@ class Pipeline:
 
     # 1. data -------------------------------------------------------------------------------
     def corpus_dir(self) -> Path:
-        src = Path(self.corpus)
-        if src.is_dir():
-            return src
-        if self.corpus not in CORPORA:
-            raise ConfigError(
-                f"--corpus {self.corpus!r} is neither a directory nor a known corpus ({', '.join(CORPORA)})"
-            )
-        src = self.out / "corpus"
-        if io.is_complete(src) and io.read_meta(src).get("name") == self.corpus:
-            return src
-        fetch(self.corpus, src, overwrite=True)
-        return src
+        return corpus_dir(self.corpus, self.out, CORPORA, fetch, "corpus")
 
     def data_changes(self, src: Path) -> list[str]:
         """What differs between the corpus files and the prepared data (by size, time, then sha256)."""
@@ -397,6 +386,20 @@ def keep_copy(last: Path, snap: Path) -> None:
             if f.name not in (TRAINER, io.META):
                 shutil.copy2(f, tmp / f.name)
         io.write_meta(tmp, "checkpoint", **{k: v for k, v in meta.items() if k not in ("kind", "files", "created")})
+
+
+def corpus_dir(corpus: str, out: Path, known, fetcher, what: str) -> Path:
+    """``corpus`` itself when it is a directory, else the known corpus of that name fetched into
+    ``out/corpus`` (once: a complete fetch of the same name is reused)."""
+    if Path(corpus).is_dir():
+        return Path(corpus)
+    if corpus not in known:
+        raise ConfigError(f"--corpus {corpus!r} is neither a directory nor a known {what} ({', '.join(known)})")
+    src = out / "corpus"
+    if not (io.is_complete(src) and io.read_meta(src).get("name") == corpus):
+        print(f"| fetching {corpus}", flush=True)
+        fetcher(corpus, src, overwrite=True)
+    return src
 
 
 def claim_out(out: Path, marker: str, kind: str, legacy: bool = False) -> None:
