@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
 from contextlib import nullcontext
 
 import torch
@@ -9,14 +12,39 @@ import torch
 from trime import distributed as dist
 from trime.errors import ConfigError
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_allocator_tuned = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 1 GiB for reuse instead of returning each to the OS.
+
+    By default glibc serves every block over 32 MiB (a (1536, 8000) float32 logits tensor is 49 MB)
+    with a fresh mmap and unmaps it when freed, so each such tensor costs a page fault per 4 KiB page:
+    allocating and filling one took 11 ms instead of 1 ms here, and a translation training step on 2
+    cores ran 15% faster in fp32 and 27% faster under bf16 autocast with it (bench/bench_mt.py).
+    The price: a process's resident memory stays near its peak. Idempotent; a no-op off glibc or when
+    the user set MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ (their choice wins). Returns whether
+    it changed anything."""
+    global _allocator_tuned
+    if _allocator_tuned or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    _allocator_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return _allocator_tuned
+
 
 def pick_device(name: str) -> torch.device:
-    """``auto``: this process's GPU (its local rank under torchrun) when CUDA is there, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cpu")
-    device = torch.device(name)
+    """``auto``: this process's GPU (its local rank under torchrun) when CUDA is there, else the CPU.
+
+    On the CPU it also tunes the allocator for large tensors (:func:`tune_cpu_allocator`)."""
+    if name == "auto" and torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank())
+    device = torch.device("cpu" if name == "auto" else name)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: this machine has no CUDA GPU that torch can use (try --device cpu)")
