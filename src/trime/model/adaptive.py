@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trime.errors import ConfigError
+from trime.model.ops import Dropout, dropout
 
 
 def full_cutoffs(cutoff: list[int], vocab_size: int, what: str = "cutoff") -> list[int]:
@@ -182,7 +183,7 @@ class AdaptiveSoftmax(OutputHead):
                 out = TiedLinear(emb, transpose=False)
             else:
                 proj, out = nn.Linear(d, w, bias=False), nn.Linear(w, size, bias=False)
-            self.tail.append(nn.Sequential(proj, nn.Dropout(dropout), out))
+            self.tail.append(nn.Sequential(proj, Dropout(dropout), out))
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.weight.numel():
                 nn.init.xavier_uniform_(m.weight)
@@ -192,7 +193,7 @@ class AdaptiveSoftmax(OutputHead):
 
     def _input(self, h: Tensor) -> Tensor:
         x = self._rows(h, self._head_weight())  # (N, d)
-        return F.dropout(x, self.dropout, self.training)
+        return dropout(x, self.dropout, self.training)
 
     def target_logp(self, h: Tensor, targets: Tensor, tail_quirk: bool = False) -> tuple[Tensor, Tensor]:
         """Spec §1 and §2 step 1: log p_tok(y) = log softmax_head(y) for a shortlist word, else

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from trime.config import build, load_preset, opt
 from trime.errors import ConfigError
 from trime.model.adaptive import PlainSoftmax
+from trime.model.ops import attention, dropout
 from trime.model.transformer import _linear, make_positions, sinusoidal_embedding
 
 
@@ -139,7 +140,7 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """q (B, H, Lq, hd), k/v (B, H, Lk, hd), mask broadcastable to (B, H, Lq, Lk) (True = may attend)."""
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)  # (B, H, Lq, hd)
+        y = attention(q, k, v, mask, causal, p)  # (B, H, Lq, hd)
         B, H, Lq, hd = y.shape
         return self.out_proj(y.transpose(1, 2).reshape(B, Lq, H * hd))
 
@@ -157,12 +158,12 @@ class FFN(nn.Module):
         self.activation_dropout = activation_dropout
 
     def ffn(self, x: Tensor) -> Tensor:
-        return self.fc2(F.dropout(F.relu(self.fc1(x)), self.activation_dropout, self.training))
+        return self.fc2(dropout(F.relu(self.fc1(x)), self.activation_dropout, self.training))
 
 
-def _sublayer(x: Tensor, norm: nn.LayerNorm, fn, pre: bool, dropout: float, training: bool) -> Tensor:
+def _sublayer(x: Tensor, norm: nn.LayerNorm, fn, pre: bool, p: float, training: bool) -> Tensor:
     """One residual block: pre-norm ``x + Drop(fn(LN(x)))`` or post-norm ``LN(x + Drop(fn(x)))``."""
-    y = F.dropout(fn(norm(x) if pre else x), dropout, training)
+    y = dropout(fn(norm(x) if pre else x), p, training)
     return x + y if pre else norm(x + y)
 
 
@@ -292,7 +293,7 @@ class _Stack(nn.Module):
         dtype = self.layers[0].final_layer_norm.weight.dtype
         x = self.embed_scale * self.embed_tokens(tokens).to(dtype)  # (B, L, d)
         pos = sinusoidal_embedding(positions, self.embed_tokens.embedding_dim, self.padding_idx)
-        return F.dropout(x + pos.to(dtype), self.dropout, self.training)
+        return dropout(x + pos.to(dtype), self.dropout, self.training)
 
 
 class TransformerEncoder(_Stack):

@@ -36,6 +36,7 @@ from trime.config import ModelConfig
 from trime.errors import ConfigError
 from trime.model.adaptive import AdaptiveInput, AdaptiveSoftmax, OutputHead, PlainSoftmax
 from trime.model.base import LMOutput
+from trime.model.ops import attention, dropout
 
 
 def make_positions(tokens: Tensor, padding_idx: int) -> Tensor:
@@ -79,14 +80,14 @@ class SelfAttention(nn.Module):
         q, k, v = heads  # each (B, H, T, hd)
         p = self.dropout if self.training else 0.0
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, hd)
+            y = attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, hd)
         else:
             past = cache.length(layer)
             k, v = cache.append(layer, k, v)  # (B, H, past + T, hd)
             mask = None  # one new position sees everything; several see the cache and their own past
             if T > 1:
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # (T, past + T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, hd)
+            y = attention(q, k, v, mask, dropout_p=p)  # (B, H, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
 
 
@@ -138,10 +139,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> tuple[Tensor, Tensor]:
         a = self.self_attn(self.self_attn_layer_norm(x), cache, layer)  # (B, T, d)
-        x = x + F.dropout(a, self.dropout, self.training)
+        x = x + dropout(a, self.dropout, self.training)
         u = self.final_layer_norm(x)  # (B, T, d) the last layer's u is the memory key q
-        f = F.dropout(F.relu(self.fc1(u)), self.activation_dropout, self.training)  # (B, T, f)
-        x = x + F.dropout(self.fc2(f), self.dropout, self.training)
+        f = dropout(F.relu(self.fc1(u)), self.activation_dropout, self.training)  # (B, T, f)
+        x = x + dropout(self.fc2(f), self.dropout, self.training)
         return x, u
 
 
@@ -217,7 +218,7 @@ class TransformerLM(nn.Module):
         if cache is not None:
             positions = positions + cache.length()
         pos = sinusoidal_embedding(positions, self.cfg.d_model, self.padding_idx)
-        x = F.dropout(x + pos.to(dtype), self.dropout, self.training)  # (B, T, d)
+        x = dropout(x + pos.to(dtype), self.dropout, self.training)  # (B, T, d)
         q = x
         for i, layer in enumerate(self.layers):
             x, q = layer(x, cache, i)

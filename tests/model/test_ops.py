@@ -1,0 +1,64 @@
+"""trime.model.ops: the CPU fast paths keep torch's semantics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trime import device
+from trime.model.ops import FP32_ATTENTION_BELOW, Dropout, attention, dropout
+
+
+def _qkv(L: int, dtype: torch.dtype, grad: bool = False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 3, L, 8, generator=g).to(dtype).requires_grad_(grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_short_reduced_precision_attention_runs_in_float32(causal):
+    q, k, v = _qkv(10, torch.bfloat16, grad=True)
+    mask = None if causal else torch.tensor([True] * 7 + [False] * 3).view(1, 1, 1, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v, mask, causal)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, want.to(torch.bfloat16))
+    y.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
+def test_long_or_float32_attention_is_torch_sdpa():
+    for L, dtype in ((FP32_ATTENTION_BELOW, torch.bfloat16), (12, torch.float32)):
+        q, k, v = _qkv(L, dtype)
+        assert torch.equal(attention(q, k, v, causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales(dtype):
+    p, n = 0.3, 400_000
+    x = torch.full((n,), 2.0, dtype=dtype, requires_grad=True)
+    torch.manual_seed(5)
+    y = dropout(x, p, training=True)
+    kept = y != 0
+    # the kept share is Binomial(n, 0.7)/n: 6 standard deviations is 0.0044
+    assert abs(kept.float().mean().item() - (1 - p)) < 6 * (p * (1 - p) / n) ** 0.5
+    assert torch.equal(y[kept], torch.full_like(y[kept], 2.0 / (1 - p)))
+    y.float().sum().backward()
+    assert torch.equal(x.grad, kept.to(dtype) * torch.tensor(1 / (1 - p), dtype=dtype))
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, p, training=True), y)  # the global generator: seeded runs repeat
+
+
+def test_dropout_identity_and_edges():
+    x = torch.randn(4, 5)
+    assert dropout(x, 0.5, training=False) is x and dropout(x, 0.0, training=True) is x
+    assert torch.equal(dropout(x, 1.0, training=True), torch.zeros_like(x))
+    m = Dropout(0.5).eval()
+    assert m(x) is x
+
+
+def test_tune_cpu_allocator_is_idempotent_and_yields_to_the_environment(monkeypatch):
+    device.tune_cpu_allocator()
+    assert device.tune_cpu_allocator() is False  # already done (or not glibc)
+    monkeypatch.setattr(device, "_allocator_tuned", False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert device.tune_cpu_allocator() is False
