@@ -48,7 +48,11 @@ class NAG(torch.optim.Optimizer):
 
 
 def build_optimizer(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """NAG or Adam with decoupled weight decay (fairseq's Adam = AdamW), over all parameters."""
+    """NAG or Adam with decoupled weight decay (fairseq's Adam = AdamW), over all parameters.
+
+    AdamW runs torch's fused kernel where every parameter's device has one (CPU and CUDA): one pass
+    over each tensor instead of about ten, the same update (a step of the mt_cpu model on 2 CPU
+    cores: 6 ms instead of 27 ms)."""
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "nag":
         return NAG(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -56,7 +60,10 @@ def build_optimizer(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer
         betas = tuple(cfg.adam_betas)
         if len(betas) != 2:
             raise ConfigError("--adam-betas takes two numbers, e.g. 0.9,0.98")
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused or None
+        )
     raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}")
 
 
