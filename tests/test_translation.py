@@ -108,17 +108,18 @@ def test_generate_a_fairseq_checkpoint_equals_fairseq_generate(tmp_path, capsys)
     data = prepare_pairs(corpus, tmp_path / "data", src_dict=assets / "dict.src.txt", tgt_dict=assets / "dict.tgt.txt")
     args = ["mt", "generate", str(data), "--path", str(assets / "post_tied.pt"), "--beam", "5"]
     assert main(args) == 0
-    hyps = {}
+    hyps, scores = {}, {}
     for line in capsys.readouterr().out.splitlines():
         if line.startswith("H-"):
-            key, _, text = line.split("\t")
-            hyps[int(key[2:])] = text
+            key, score, text = line.split("\t")
+            hyps[int(key[2:])], scores[int(key[2:])] = text, float(score)
     want = json.loads((assets / "generate.json").read_text())["post_tied"]["beam5"]["hypos"]
     symbols = (assets / "dict.tgt.txt").read_text().split("\n")
     words = ["<s>", "<pad>", "</s>", "<unk>"] + [line.split(" ")[0] for line in symbols if line]
     assert len(hyps) == len(want)
     for i, nbest in want.items():
         assert hyps[int(i)] == " ".join(words[t] for t in nbest[0]["tokens"][:-1]), i
+        assert scores[int(i)] == pytest.approx(nbest[0]["score"], abs=1e-4), i  # fairseq prints base-2 scores
 
 
 def test_trime_mt_training_runs_and_ce_warmup_switches(pairs, tmp_path):

@@ -451,12 +451,13 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
     seconds = time.perf_counter() - t0
     texts = [to_text(hyps[i].tokens, tgt_dict, bpe=cfg.remove_bpe) for i in range(n)]
     detoks = detokenize(texts) if cfg.detok == "moses" else texts
-    for i in range(n):  # as fairseq-generate prints them: H with BPE removed, D detokenised as well
+    for i in range(n):  # as fairseq-generate prints them: H with BPE removed, D detokenised too; base-2 scores
+        score = hyps[i].score / math.log(2)
         lines += [
             f"S-{i}\t{to_text(split.source(i), src_dict, bpe=cfg.remove_bpe)}",
             f"T-{i}\t{to_text(split.target(i), tgt_dict, escape_unk=True, bpe=cfg.remove_bpe)}",
-            f"H-{i}\t{hyps[i].score:.4f}\t{texts[i]}",
-            f"D-{i}\t{hyps[i].score:.4f}\t{detoks[i]}",
+            f"H-{i}\t{score}\t{texts[i]}",
+            f"D-{i}\t{score}\t{detoks[i]}",
         ]
     avg = sum(hyps[i].score for i in range(n)) / max(n, 1)
     bleu = None
