@@ -520,9 +520,7 @@ class _Loop:
         n_total = max(totals[1].item(), 1.0)
         run.scaler.unscale_(run.optimizer)
         scale = dist.world_size() / n_total  # data parallel averages over ranks; fairseq divides by the global count
-        for prm in run.model.parameters():
-            if prm.grad is not None:
-                prm.grad.mul_(scale)
+        torch._foreach_mul_([prm.grad for prm in run.model.parameters() if prm.grad is not None], scale)
         gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_norm or float("inf"))
         run.scaler.step(run.optimizer)
         run.scaler.update()
