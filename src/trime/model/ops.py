@@ -1,13 +1,13 @@
 """Attention and dropout for trime's Transformers, with CPU fast paths where torch's own are slow.
 
-Both keep torch's semantics; only the CPU cost changes (measured on 2 Sapphire Rapids cores, a
+Both keep torch's semantics; only the CPU cost changes (measured on 2 cores of an Intel Xeon with AMX, a
 (64, 24, 256) activation, forward + backward; bench/bench_mt.py shows the effect on a training step):
 
 - :func:`attention` is ``F.scaled_dot_product_attention``, but on the CPU in bf16/fp16 with fewer than
   256 keys it computes in float32: torch's reduced-precision flash-attention backward costs a near-fixed
   ~10 ms a call there (12 ms against fp32's 3 ms at 24 positions; equal at 256, bf16 ahead at 512).
-  Translation sentences are short, so under autocast this is the difference between bf16 training
-  being slower than fp32 and 1.3× faster.
+  Translation sentences are short: an mt_cpu training step under bf16 autocast went from 4,188 to
+  5,276 target tokens/s with this (float32: 3,830).
 - :func:`dropout` is ``F.dropout``, but on the CPU it draws its mask from 31-bit random integers
   instead of ``bernoulli_`` (2.8 ms → 1.4 ms); the keep probability is exact to 2^-31. Other devices
   use ``F.dropout`` (a fused kernel on CUDA).
