@@ -42,7 +42,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, True)
-    draws = torch.empty(x.shape, dtype=torch.int32).random_()  # uniform on [0, 2^31)
+    draws = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()  # uniform on [0, 2^31)
     keep = draws >= round(p * 2**31)
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
