@@ -212,7 +212,7 @@ def _train_against_fairseq(venv: Path, repeats: int) -> list[dict]:
     allocator setting (device.tune_cpu_allocator, through the environment) to show what that part is
     worth. trime is timed in float32 and with the mt_cpu preset's ``amp = "auto"`` (bf16 autocast where
     the CPU has bf16 instructions)."""
-    from trime.device import autocast, autocast_dtype
+    from trime.device import ALLOCATOR_THRESHOLD, autocast, autocast_dtype
     from trime.model.encoder_decoder import TransformerMT, mt_preset
 
     L, d, f, V, B, T = 3, 256, 512, 8000, 64, 24  # the mt_cpu preset, post-norm, tied
@@ -224,7 +224,8 @@ def _train_against_fairseq(venv: Path, repeats: int) -> list[dict]:
         return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
     plain = fairseq_tokens_per_s({})
-    tuned = fairseq_tokens_per_s({k: str(1 << 30) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")})
+    allocator = {f"MALLOC_{k}_THRESHOLD_": str(ALLOCATOR_THRESHOLD) for k in ("MMAP", "TRIM")}
+    tuned = fairseq_tokens_per_s(allocator)
     cfg = mt_preset("mt_cpu", src_vocab_size=V, tgt_vocab_size=V, dropout=0.1, decoder_normalize_before=False)
     src, tgt = torch.randint(4, V, (B, T)), torch.randint(4, V, (B, T))
     prev = torch.cat([torch.full((B, 1), 2), tgt[:, :-1]], 1)

@@ -13,6 +13,7 @@ from trime import distributed as dist
 from trime.errors import ConfigError
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+ALLOCATOR_THRESHOLD = 1 << 30  # both thresholds (bytes); as environment: MALLOC_{MMAP,TRIM}_THRESHOLD_
 _allocator_tuned = False
 
 
@@ -32,7 +33,9 @@ def tune_cpu_allocator() -> bool:
     if any(v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
     libc = ctypes.CDLL("libc.so.6")
-    _allocator_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    _allocator_tuned = bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, ALLOCATOR_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLD)
+    )
     return _allocator_tuned
 
 

@@ -52,7 +52,7 @@ from trime.memory.external import ExternalMemory
 from trime.memory.neighbors import NeighborCacheWriter
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT, build_mt_model
 from trime.model.fairseq_mt_import import load_fairseq_mt
-from trime.train import run_training
+from trime.train import LN2, run_training
 
 VALID_BEAM = BeamConfig(beam=5, max_len_a=1.2, max_len_b=10)  # the original's validation BLEU (MT spec §6)
 
@@ -452,7 +452,7 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
     texts = [to_text(hyps[i].tokens, tgt_dict, bpe=cfg.remove_bpe) for i in range(n)]
     detoks = detokenize(texts) if cfg.detok == "moses" else texts
     for i in range(n):  # as fairseq-generate prints them: H with BPE removed, D detokenised too; base-2 scores
-        score = hyps[i].score / math.log(2)
+        score = hyps[i].score / LN2
         lines += [
             f"S-{i}\t{to_text(split.source(i), src_dict, bpe=cfg.remove_bpe)}",
             f"T-{i}\t{to_text(split.target(i), tgt_dict, escape_unk=True, bpe=cfg.remove_bpe)}",
