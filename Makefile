@@ -18,7 +18,8 @@ lint:
 	$(PYTHON) -m ruff format --check .
 
 test: install lint
-	$(PYTHON) -m pytest -q
+	@start=$$(date +%s); $(PYTHON) -m pytest -q; rc=$$?; \
+	echo "make test: the suite took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 bench: install
 	$(PYTHON) bench/run

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -110,23 +112,67 @@ def test_budget_study(tmp_path):
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_micro.json"
 
+# What the golden numbers pin, and how tightly (issue #21). Measured between a 2-core AMD EPYC
+# (AVX512-BF16, no AMX) and an Intel Xeon with AMX, same wheels:
+# - torch's CPU kernels give the same training losses, memory-free, local and long-term perplexities
+#   to ~1e-7 relative: pinned at DETERMINISTIC.
+# - The systems with external memory search an IVF-PQ index. faiss trains its k-means centroids and
+#   PQ codebooks with the CPU's own SIMD distance kernels, so last-bit differences move centroids and
+#   with them the neighbours: valid perplexity moved 0.4% (kNN-LM), and kNN-LM's tuned T flipped
+#   1 -> 4 on a 0.3% near-tie. Their perplexities are pinned at FAISS_CPU, and their tuned setting is
+#   judged by the perplexity it gives: the golden setting must score, in this run's own sweep, within
+#   NEAR_TIE of the best setting. Systems without external memory must pick the golden setting itself.
+DETERMINISTIC = 1e-5
+FAISS_CPU = 0.02
+NEAR_TIE = 0.01
+
 
 def _check_golden(out: Path, saved: dict) -> None:
     """Training losses, tuned settings and perplexities of the micro job (CPU, fixed seeds) equal the
-    ones in tests/assets/golden_micro.json, written by the code before the module-layout change:
-    a refactor that changes a number fails here."""
+    ones in tests/assets/golden_micro.json, within what differs between CPUs (above): a refactor that
+    changes a number fails here. ``TRIME_WRITE_GOLDEN=1`` writes the file from this run instead."""
+    if os.environ.get("TRIME_WRITE_GOLDEN") == "1":
+        _write_golden(out, saved)
     golden = json.loads(GOLDEN.read_text())
     for model, rows in golden["train"].items():
         log = [json.loads(line) for line in (out / "models" / model / "log.jsonl").read_text().splitlines()]
         assert [[r["kind"], r["update"]] for r in log] == [r[:2] for r in rows], model
-        assert [r["loss"] for r in log] == pytest.approx([r[2] for r in rows], rel=1e-5), model
-    for s in saved["systems"]:
-        want = golden["systems"][s["name"]]
-        assert s["settings"] == want["settings"], s["name"]
-        assert (s["valid"]["ppl"], s["test"]["ppl"]) == pytest.approx((want["valid"], want["test"]), rel=1e-5), s[
-            "name"
-        ]
+        assert [r["loss"] for r in log] == pytest.approx([r[2] for r in rows], rel=DETERMINISTIC), model
+    for system in SYSTEMS:
+        s = {r["name"]: r for r in saved["systems"]}[system.name]
+        want = golden["systems"][system.name]
+        rel = FAISS_CPU if system.dstore else DETERMINISTIC
+        if system.dstore and s["settings"] != want["settings"]:
+            sweep_rows = io.read_json(out / "evals" / f"{slug(system.name)}.tuned.json")["sweep"]
+            best = min(r["ppl"] for r in sweep_rows)
+            at_golden = [r["ppl"] for r in sweep_rows if all(r[k] == v for k, v in want["settings"].items())]
+            assert len(at_golden) == 1 and at_golden[0] <= best * (1 + NEAR_TIE), (system.name, s["settings"])
+        else:
+            assert s["settings"] == want["settings"], system.name
+        got = (s["valid"]["ppl"], s["test"]["ppl"])
+        assert got == pytest.approx((want["valid"], want["test"]), rel=rel), system.name
     for name, pts in saved["memory_curve"].items():
         want = golden["memory_curve"][name]
         assert [m for m, _ in pts] == [m for m, _ in want], name
-        assert [p for _, p in pts] == pytest.approx([p for _, p in want], rel=1e-5), name
+        assert [p for _, p in pts] == pytest.approx([p for _, p in want], rel=DETERMINISTIC), name
+
+
+def _write_golden(out: Path, saved: dict) -> None:
+    train = {}
+    for model in ("ce", "trime", "trime_long", "trime_ext"):
+        log = [json.loads(line) for line in (out / "models" / model / "log.jsonl").read_text().splitlines()]
+        train[model] = [[r["kind"], r["update"], r["loss"]] for r in log]
+    systems = {
+        s["name"]: {"settings": s["settings"], "valid": s["valid"]["ppl"], "test": s["test"]["ppl"]}
+        for s in saved["systems"]
+        if s["name"] in {x.name for x in SYSTEMS}
+    }
+    golden = {"made_on": _cpu_name(), "memory_curve": saved["memory_curve"]}
+    GOLDEN.write_text(json.dumps({**golden, "systems": systems, "train": train}, indent=1) + "\n")
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
