@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trime.errors import ConfigError, DataError
-from trime.losses import LossSettings, compute_loss
+from trime.losses import LossSettings, compute_loss, diagnostics_record
 from trime.memory import joint
 
 import reference as ref
@@ -113,6 +113,36 @@ def test_trime_ext_in_batch_matches_loops(hidden):
     assert res.own_hidden is bool(hidden)
     pred = lambda i, j: ref.ext_visible(i // L, i % L, j // L, j % L, hidden, valid[j])  # noqa: E731
     assert math.isclose(res.loss.item(), _ref(out, y, head, pred), rel_tol=1e-5)
+
+
+def test_memory_diagnostics_equal_loops():
+    """The training log's memory diagnostics, against per-entry loops over the visible entries (every
+    row is sampled: the batch has fewer rows than DIAG_ROWS)."""
+    out, y, head = _batch(B=3, L=6, d=4, seed=6)
+    res = compute_loss("trime_long", out, y, head)
+    d = diagnostics_record(res.diag)
+    N = y.numel()
+    h, q, t = out.h.detach().reshape(N, -1), out.q.detach().reshape(N, -1), y.reshape(N)
+    valid = (t != PAD).tolist()
+    shares, scores, coss = [], [], []
+    for i in range(N):
+        if not valid[i]:
+            continue
+        seen = [j for j in range(N) if ref.long_visible(i, j, [0, N], valid)]
+        s = [float(q[i] @ q[j]) / math.sqrt(4) for j in seen]
+        coss += [float(torch.nn.functional.cosine_similarity(q[i], q[j], dim=0)) for j in seen]
+        with torch.no_grad():
+            _, log_z = head.target_logp(h[i : i + 1], t[i : i + 1])
+        z_mem = sum(math.exp(x) for x in s)
+        shares.append(z_mem / (math.exp(float(log_z)) + z_mem))
+        scores += s
+    assert d["mem_share"] == pytest.approx(sum(shares) / len(shares), rel=1e-5)
+    assert d["mem_score_mean"] == pytest.approx(sum(scores) / len(scores), rel=1e-5, abs=1e-6)
+    assert d["mem_score_max"] == pytest.approx(max(scores), rel=1e-5)
+    assert d["mem_cos"] == pytest.approx(sum(coss) / len(coss), rel=1e-5, abs=1e-6)
+    assert d["key_norm"] == pytest.approx(float(q.norm(dim=1).mean()), rel=1e-5)
+    assert compute_loss("trime_long", out, y, head, training=False).diag is None
+    assert compute_loss("trime_long", out, y, head, use_ce=True).diag is None
 
 
 def test_trime_ext_never_hides_in_evaluation_and_draws_from_the_generator():

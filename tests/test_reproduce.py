@@ -20,7 +20,7 @@ def test_micro_pipeline(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_lines=300)
     out = tmp_path / "run"
     results = reproduce(preset="micro", out=out, corpus=str(corpus))
-    for name in ("results.json", "results.md", "test_ppl.png", "memory_curve.png", "bm25/batches.json"):
+    for name in ("results.json", "results.md", "test_ppl.png", "memory_curve.png", "training.png", "bm25/batches.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for model in ("ce", "trime", "trime_long", "trime_ext"):
         assert (out / "models" / model / "checkpoint_last" / "meta.json").is_file()

@@ -84,6 +84,20 @@ def test_ce_warmup_switches_after_its_epochs(data, tmp_path):
     assert all(x["loss"] != x["ce_loss"] for x in train if not x["use_ce"])
 
 
+def test_ce_warmup_in_updates(data, tmp_path):
+    """--ce-warmup-updates N: plain CE for updates 1..N, the criterion after; memory diagnostics are
+    logged from the first TRIME update on, within their ranges."""
+    model, cfg = configs(data, tmp_path / "run", max_update=6, criterion="trime_ext", ce_warmup_updates=4)
+    run = fit(model, cfg)
+    train = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [(x["update"], x["use_ce"]) for x in train] == [(u, u <= 4) for u in range(1, 7)]
+    for x in train:
+        assert ("mem_share" in x) == (not x["use_ce"])
+        if "mem_share" in x:
+            assert 0 < x["mem_share"] < 1 and -1 <= x["mem_cos"] <= 1 and x["key_norm"] > 0
+            assert x["mem_score_mean"] <= x["mem_score_max"]
+
+
 def test_torchrun_two_processes_long_memory(data, tmp_path):
     """`torchrun -m trime train` with 2 gloo ranks gathering long memory (spec §3.2), adaptive softmax
     (whose rare tail clusters may get no gradient in a step)."""

@@ -121,6 +121,13 @@ class TrainConfig:
     criterion: str = opt("ce", "training objective", "--criterion", CRITERIA)
     knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
     ce_warmup_epoch: int = opt(0, "plain cross-entropy for the first N epochs", "--ce-warmup-epoch", ge=0)
+    ce_warmup_updates: int = opt(
+        0,
+        "plain cross-entropy for the first N updates (the epoch form for budgets under a few epochs; with "
+        "--ce-warmup-epoch, until both have passed)",
+        "--ce-warmup-updates",
+        ge=0,
+    )
     keep_order: bool = opt(False, "consecutive segments, identity order every epoch (long memory)", "--keep-order")
     shuffle_groups: bool = opt(
         False,

@@ -93,6 +93,14 @@ def all_reduce_sum(x: Tensor | float | int) -> Tensor | float | int:
     return type(x)(t.item())
 
 
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Elementwise maximum over ranks, as a new tensor."""
+    out = x.detach().clone()
+    if is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def all_gather_varlen(x: Tensor, group=None) -> list[Tensor]:
     """Gather tensors whose first dimension differs across ranks: pad to the longest, gather, unpad.
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from trime.config import CRITERIA, TrainConfig
@@ -62,6 +63,54 @@ class LossOutput:
     n_targets: Tensor  # () int64: number of non-pad targets
     ce_sum: Tensor  # () plain (adaptive-)softmax cross-entropy sum, detached, for logging (ori_loss)
     own_hidden: bool | None = None  # trime_ext: whether the own segment was hidden this call
+    diag: Tensor | None = None  # (len(DIAG_SUMS),) float64 sums for the training log; None without memory
+
+
+# What the training log says about the memory, as sums over one batch (``memory_diagnostics``) that
+# add over micro-batches and ranks; the trainer divides each by its count. Scores and cosines are
+# read for DIAG_ROWS query rows spread evenly over the batch, against every entry each one sees.
+DIAG_SUMS = ("mem_share", "n_rows", "mem_score", "mem_cos", "n_entries", "key_norm", "n_keys", "mem_score_max")
+DIAG_ROWS = 256
+
+
+@torch.no_grad()
+def memory_diagnostics(
+    q: Tensor, keys: Tensor, visible: masks.Visibility, tok_log_z: Tensor, mem_log_z: Tensor, keep: Tensor, scale: float
+) -> Tensor:
+    """Sums (DIAG_SUMS) that show a collapse as it happens: the memory's share of the softmax
+    Z_mem / (Z_tok + Z_mem) over scored rows; the memory scores s = scale·q·k and cosines q̂·k̂ of
+    DIAG_ROWS sampled rows against their visible entries (and the largest score); the key norms ‖k‖.
+
+    q (N, d) queries, keys (M, d), tok_log_z / mem_log_z (N,) log Z_tok / log Z_mem, keep (N,)."""
+    share = torch.sigmoid((mem_log_z - tok_log_z).float())  # (N,) Z_mem / (Z_tok + Z_mem); 0 when Z_mem = 0
+    rows = keep.nonzero().flatten()
+    rows = rows[torch.linspace(0, rows.numel() - 1, min(DIAG_ROWS, rows.numel()), device=rows.device).long()]
+    with torch.autocast(q.device.type, enabled=False):
+        qr, k = q[rows].float(), keys.float()  # (n, d), (M, d)
+        vis = visible.rows(rows)  # (n, M)
+        s = (qr @ k.T) * scale  # (n, M)
+        cos = F.normalize(qr, dim=1) @ F.normalize(k, dim=1).T  # (n, M)
+        n_vis = vis.sum()
+        top = s.masked_fill(~vis, float("-inf")).max() if n_vis else s.new_tensor(float("nan"))
+        norms = k.norm(dim=1)  # (M,)
+    sums = [share[keep].sum(), keep.sum(), s[vis].sum(), cos[vis].sum(), n_vis, norms.sum(), norms.numel(), top]
+    return torch.stack([torch.as_tensor(x, dtype=torch.float64, device=q.device) for x in sums])
+
+
+def diagnostics_record(sums: Tensor) -> dict[str, float]:
+    """The log fields from summed DIAG_SUMS (over micro-batches and ranks; the max already a max)."""
+    d = dict(zip(DIAG_SUMS, sums.tolist()))
+
+    def div(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    return {
+        "mem_share": div(d["mem_share"], d["n_rows"]),
+        "mem_score_mean": div(d["mem_score"], d["n_entries"]),
+        "mem_score_max": d["mem_score_max"],
+        "mem_cos": div(d["mem_cos"], d["n_entries"]),
+        "key_norm": div(d["key_norm"], d["n_keys"]),
+    }
 
 
 def compute_loss(
@@ -96,17 +145,22 @@ def compute_loss(
     keep = y != s.pad  # (N,)
     tlp, tln = head.target_logp(out.h.reshape(N, -1), y, tail_quirk=s.tail_quirk)  # (N,), (N,)
     ce_sum = -torch.where(keep, tlp, torch.zeros_like(tlp)).sum().detach()
-    own_hidden = None
+    own_hidden = diag = None
     if use_ce or s.criterion == "ce":
         log_p = tlp
     else:
         q = select_keys(out, s.keytype).reshape(N, -1)  # (N, d)
         setup = _memory_setup(s, q, y, B, L, gather, training, generator, seg_ids)
-        lzc, lzpos = memory_stats(q, setup.keys, setup.values, y, setup.visible, score_scale(q.shape[-1]), s.chunk_size)
+        scale = score_scale(q.shape[-1])
+        lzc, lzpos = memory_stats(q, setup.keys, setup.values, y, setup.visible, scale, s.chunk_size)
         log_p = combine(tlp, tln, lzc, lzpos)  # (N,)
         own_hidden = setup.own_hidden
+        if training and keep.any():
+            diag = memory_diagnostics(
+                q.detach(), setup.keys.detach(), setup.visible, tln.detach(), lzc.detach(), keep, scale
+            )
     loss = -torch.where(keep, log_p.float(), torch.zeros_like(log_p, dtype=torch.float32)).sum()
-    return LossOutput(loss=loss, n_targets=keep.sum(), ce_sum=ce_sum, own_hidden=own_hidden)
+    return LossOutput(loss=loss, n_targets=keep.sum(), ce_sum=ce_sum, own_hidden=own_hidden, diag=diag)
 
 
 @dataclass

@@ -47,7 +47,7 @@ from trime.data.prepare import (
 )
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import CheckpointError, ConfigError, DataError
-from trime.losses import LossSettings, compute_loss
+from trime.losses import LossSettings, compute_loss, diagnostics_record
 from trime.model.hf import HFBackbone, load_hf, load_hf_weights
 from trime.model.transformer import build_model
 from trime.optim import build_optimizer, schedule, set_lr
@@ -102,7 +102,7 @@ class Objective(torch.nn.Module):
             generator=self.generator,
             seg_ids=seg_ids,
         )
-        return res.loss, res.n_targets.to(res.loss.dtype), res.ce_sum
+        return res.loss, res.n_targets.to(res.loss.dtype), res.ce_sum, res.diag
 
 
 @dataclass
@@ -307,7 +307,7 @@ def validate(objective: torch.nn.Module, data: TrainData, amp) -> float:
     with torch.no_grad():
         for batch in data.valid_batches():
             with autocast(data.device, amp):
-                loss, n, _ = objective(**data.tensors("valid", batch))
+                loss, n, *_ = objective(**data.tensors("valid", batch))
             total += torch.stack([loss.double(), n.double()])
     objective.train()
     loss_sum, n = dist.all_reduce_sum(total).tolist()
@@ -460,7 +460,8 @@ class _Loop:
             )
             while p.batches_done + cfg.update_freq <= len(batches) and not self.done(p):
                 group_ids = batches[p.batches_done : p.batches_done + cfg.update_freq]
-                stats = self.update(group_ids, use_ce=p.epoch <= cfg.ce_warmup_epoch, p=p)
+                use_ce = p.epoch <= cfg.ce_warmup_epoch or p.updates < cfg.ce_warmup_updates
+                stats = self.update(group_ids, use_ce=use_ce, p=p)
                 p.batches_done += cfg.update_freq
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
@@ -508,15 +509,25 @@ class _Loop:
         lr = run.lr_at(p.updates)
         set_lr(run.optimizer, lr)
         totals = torch.zeros(3, dtype=torch.float64, device=data.device)  # loss, targets, ce
+        diag = None  # memory diagnostics (losses.DIAG_SUMS): sums, the last one a maximum
         for k, batch in enumerate(group_ids):
             tensors = data.tensors("train", batch)
             sync = k == len(group_ids) - 1
             with nullcontext() if sync else dist.no_sync(run.wrapped):
                 with autocast(data.device, run.amp):
-                    loss, n, ce = run.wrapped(**tensors, use_ce=use_ce)
+                    loss, n, ce, *more = run.wrapped(**tensors, use_ce=use_ce)
                 run.scaler.scale(loss).backward()
             totals += torch.stack([loss.detach().double(), n.double(), ce.double()])
+            if more and more[0] is not None:
+                d = more[0]
+                diag = d if diag is None else torch.cat([diag[:-1] + d[:-1], torch.maximum(diag[-1:], d[-1:])])
         totals = dist.all_reduce_sum(totals)
+        # every rank takes the same branch: the criterion and use_ce are the same on every rank
+        memory = (
+            {}
+            if diag is None
+            else diagnostics_record(torch.cat([dist.all_reduce_sum(diag[:-1]), dist.all_reduce_max(diag[-1:])]))
+        )
         n_total = max(totals[1].item(), 1.0)
         run.scaler.unscale_(run.optimizer)
         scale = dist.world_size() / n_total  # data parallel averages over ranks; fairseq divides by the global count
@@ -535,6 +546,7 @@ class _Loop:
             "gnorm": float(gnorm),
             "tokens_per_s": n_total / max(dt, 1e-9),
             "use_ce": use_ce,
+            **memory,
         }
 
     def save(self, p: Progress, best: bool) -> None:

@@ -92,8 +92,43 @@ def plot_memory_curve(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# training.png: what each panel shows, from the training log (train.py, losses.memory_diagnostics)
+TRAINING_PANELS = (
+    ("ce_loss", "token part's cross-entropy (bits)"),
+    ("mem_share", "memory share Z_mem / (Z_tok + Z_mem)"),
+    ("mem_score_mean", "mean memory score s"),
+    ("mem_score_max", "max memory score s"),
+    ("mem_cos", "mean cosine(query, visible key)"),
+    ("key_norm", "mean key norm"),
+)
+
+
+def plot_training(results: dict, path: Path) -> None:
+    """One panel per training diagnostic, one line per model: a collapse shows as it happens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.6), dpi=100)
+    for ax, (key, title) in zip(axes.flat, TRAINING_PANELS):
+        for name, rows in results["training"].items():
+            pts = [(r["update"], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts), label=name, lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("update", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write_report(results: dict, out: Path) -> None:
-    """results.json, results.md, test_ppl.png, memory_curve.png; prints the table."""
+    """results.json, results.md, test_ppl.png, memory_curve.png, training.png; prints the table."""
     md = table(results)
     checks = claims(results)
     text = [
@@ -113,6 +148,8 @@ def write_report(results: dict, out: Path) -> None:
     try:
         plot_systems(results, out / "test_ppl.png")
         plot_memory_curve(results, out / "memory_curve.png")
+        if results.get("training"):
+            plot_training(results, out / "training.png")
     except ImportError:
         print("| matplotlib is not installed: no plots (pip install 'trime[plot]')")
     print("\n".join(text))

@@ -53,6 +53,17 @@ from trime.pipelines.report import write_report, write_study
 from trime.train import PATH_FIELDS, fit, resolve_model_config, run_differences
 
 MARKER = "reproduce.json"  # marks an --out directory as this job's
+TRAINING_FIELDS = (
+    "update",
+    "loss",
+    "ce_loss",
+    "use_ce",
+    "mem_share",
+    "mem_score_mean",
+    "mem_score_max",
+    "mem_cos",
+    "key_norm",
+)
 
 
 @dataclass
@@ -271,6 +282,17 @@ class Pipeline:
         keep_copy(last, snap)
         return snap
 
+    def training_curves(self) -> dict[str, list[dict]]:
+        """Each model's logged training records up to this budget (its log.jsonl): the token part's
+        cross-entropy and the memory diagnostics (losses.DIAG_SUMS), for the report's training.png."""
+        out = {}
+        for name in self.models:
+            log = self.run_dir(name) / "log.jsonl"
+            rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            last = {r["update"]: r for r in rows if r.get("kind") == "train" and r["update"] <= self.rc.max_update}
+            out[name] = [{k: r[k] for k in TRAINING_FIELDS if k in r} for _, r in sorted(last.items())]
+        return out
+
     # 3. datastores -------------------------------------------------------------------------
     def datastore(self, name: str) -> tuple[Path, Path]:
         if name in self.stores:
@@ -473,6 +495,7 @@ def run_budget(p: Pipeline, preset: str, corpus: str) -> dict:
             }
         )
     results["memory_curve"] = p.curve(best_of)
+    results["training"] = p.training_curves()
     results["minutes"] = (time.time() - p.t0) / 60
     write_report(results, p.stage)
     return results
