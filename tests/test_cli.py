@@ -80,7 +80,12 @@ def test_checkpoint_without_config(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flags,words", [(["--max-tokens", "100"], "--max-tokens"), (["--shuffle-groups"], "--keep-order")]
+    "flags,words",
+    [
+        (["--max-tokens", "100"], "--max-tokens"),
+        (["--shuffle-groups"], "--keep-order"),
+        (["--simulate-ranks", "3"], "--simulate-ranks 3 must divide the 4 segments"),
+    ],
 )
 def test_bad_flag_combinations(tmp_path, flags, words):
     assert_user_error(trime("train", tmp_path, "--preset", "micro", *flags), words)

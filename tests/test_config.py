@@ -48,6 +48,10 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match="--keep-order"):
         C.TrainConfig(shuffle_groups=True)  # it shuffles the runs of --keep-order
     assert C.TrainConfig(criterion="trime_ext").predefined_batches == ""  # random batches: a named variant
+    with pytest.raises(ConfigError, match="--simulate-ranks 3 must divide the 4 segments"):
+        C.TrainConfig(tokens_per_sample=32, max_tokens=128, simulate_ranks=3)
+    with pytest.raises(ConfigError, match="--simulate-ranks"):
+        C.TrainConfig(simulate_ranks=0)
     with pytest.raises(ConfigError):
         C.EvalConfig(use_long=True, mem_size=10)
     with pytest.raises(ConfigError):
@@ -60,3 +64,15 @@ def test_list_flags_parse():
     )
     assert C.overrides_from_args(ns, C.ModelConfig)["adaptive_softmax_cutoff"] == [20000, 60000]
     assert C.overrides_from_args(ns, C.TrainConfig)["adam_betas"] == [0.9, 0.98]
+
+
+def test_simulate_ranks_is_a_language_model_train_flag(capsys):
+    parser = build_parser()
+    ns = parser.parse_args(["train", "D", "--simulate-ranks", "4"])
+    assert C.overrides_from_args(ns, C.TrainConfig)["simulate_ranks"] == 4
+    for args in (["train", "--help"], ["mt", "train", "--help"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(args)
+    lm, mt = capsys.readouterr().out.split("usage:")[1:]
+    assert "--simulate-ranks" in lm and "one cross-sentence coin per rank" in " ".join(lm.split())
+    assert "--simulate-ranks" not in mt  # translation training has no simulated ranks (cli.MT_SKIP)

@@ -1,5 +1,6 @@
 """trime.distributed with 2 real CPU processes (gloo): the gathered trime_long loss (spec §3.2) and
-the gathered trime_mt loss (MT spec §4: other sentences of every rank, other ranks' entries constant)."""
+the gathered trime_mt loss (MT spec §4: other sentences of every rank, other ranks' entries constant);
+with 2 and 4 processes, real ranks against simulated ranks in one process (losses.simulate_ranks)."""
 
 import os
 import socket
@@ -11,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from trime import distributed as D
-from trime.losses import MTLossSettings, compute_loss, compute_mt_loss
+from trime.losses import LossSettings, MTLossSettings, compute_loss, compute_mt_loss
 
 import reference as ref
 
@@ -56,12 +57,16 @@ def _mt_params(model, head):  # trime_mt reads h only (its memory key is h itsel
     return [*model.emb.parameters(), *model.to_h.parameters(), *head.parameters()]
 
 
-def _worker(rank, world, port, path):
+def _join(rank, world, port):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
     D.init()
+
+
+def _worker(rank, world, port, path):
+    _join(rank, world, port)
     model, head, tokens, targets = _setup()
     rows = slice(rank * B, (rank + 1) * B)
     gather = D.make_group_gather(2)
@@ -101,18 +106,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dist")
+def _run(worker, world, path):
+    """Run ``worker(rank, world, port, path)`` in ``world`` gloo processes; each rank's saved result."""
     # fork: the children reuse the imported torch instead of importing it again (seconds on 2 cores)
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(path)), nprocs=2, join=False, start_method="fork")
+    ctx = mp.start_processes(
+        worker, args=(world, _free_port(), str(path)), nprocs=world, join=False, start_method="fork"
+    )
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for proc in ctx.processes:
                 proc.kill()
-            pytest.fail("the 2 gloo processes did not finish in 120 s")
-    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+            pytest.fail(f"the {world} gloo processes did not finish in 120 s")
+    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _run(_worker, 2, tmp_path_factory.mktemp("dist"))
 
 
 def test_gathered_trime_long_equals_one_process_over_the_concatenation(ranks):
@@ -202,3 +213,81 @@ def test_single_process_helpers_are_identities():
     assert keys is x and offset == 0 and bounds == [0, 3]
     model = nn.Linear(2, 2)
     assert D.wrap_ddp(model) is model and D.broadcast_object(4) == 4 and D.all_gather_object(4) == [4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulated ranks: W real ranks, each with its own segments and the real gather, against one process
+# with simulate_ranks=W over all segments, on a real (micro) model: the same summed loss and, for
+# every parameter, the sum over ranks of each rank's gradient (what DDP with a sum gives)
+
+SIM_SEGMENTS, SIM_L, SIM_V = 4, 8, 40
+SIM_CASES = {  # name: (criterion, cross_sent_ratio (0 or 1: the coins are certain), ranks per memory group; 0: all)
+    "long": ("trime_long", 0.0, 0),
+    "ext_local": ("trime_ext", 0.0, 0),
+    "ext_hidden": ("trime_ext", 1.0, 0),
+}
+SIM_GROUPS_4 = {"long_groups_of_2": ("trime_long", 0.0, 2)}  # only with 4 ranks: two groups of two
+
+
+def _sim_cases(world):
+    return {**SIM_CASES, **(SIM_GROUPS_4 if world == 4 else {})}
+
+
+def _micro_setup():
+    from trime import config as C
+    from trime.model.transformer import build_model
+
+    torch.manual_seed(0)
+    model = build_model(C.build(C.ModelConfig, C.load_preset("micro")["model"], {"vocab_size": SIM_V}))
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(4, SIM_V, (SIM_SEGMENTS, SIM_L), generator=g)  # every rank's segments, rank order
+    targets = torch.randint(4, SIM_V, (SIM_SEGMENTS, SIM_L), generator=g)
+    targets[2, 5] = PAD
+    return model, tokens, targets
+
+
+def _grads(loss, model):
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]
+
+
+def _sim_worker(rank, world, port, path):
+    _join(rank, world, port)
+    model, tokens, targets = _micro_setup()
+    cases = _sim_cases(world)
+    gathers = {c: D.make_group_gather(c or world) for c in sorted({c for _, _, c in cases.values()})}
+    b = SIM_SEGMENTS // world
+    rows = slice(rank * b, (rank + 1) * b)
+    result = {}
+    for name, (crit, ratio, group) in cases.items():
+        settings = LossSettings(crit, pad=PAD, cross_sent_ratio=ratio)
+        res = compute_loss(settings, model(tokens[rows]), targets[rows], model.head, gather=gathers[group])
+        result[name] = (res.loss.item(), res.n_targets.item(), _grads(res.loss, model))
+    D.barrier()
+    torch.save(result, f"{path}/rank{rank}.pt")
+    D.cleanup()
+
+
+def _check_simulation(ranks):
+    world = len(ranks)
+    model, tokens, targets = _micro_setup()
+    for name, (crit, ratio, group) in _sim_cases(world).items():
+        settings = LossSettings(crit, pad=PAD, cross_sent_ratio=ratio, simulate_ranks=world, simulate_group=group)
+        res = compute_loss(settings, model(tokens), targets, model.head)
+        want = _grads(res.loss, model)
+        assert sum(r[name][0] for r in ranks) == pytest.approx(res.loss.item(), rel=1e-5, abs=1e-6), name
+        assert sum(r[name][1] for r in ranks) == res.n_targets.item()
+        for i, w in enumerate(want):
+            got = sum(r[name][2][i] for r in ranks)
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6, msg=lambda m, name=name, i=i: f"{name} #{i}: {m}")
+        if crit == "trime_long" and not group:  # the one-process gradient reaches other ranks' keys too
+            plain = _grads(compute_loss(LossSettings(crit, pad=PAD), model(tokens), targets, model.head).loss, model)
+            assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(plain, want))
+
+
+def test_two_real_ranks_equal_two_simulated_ranks(tmp_path):
+    _check_simulation(_run(_sim_worker, 2, tmp_path))
+
+
+def test_four_real_ranks_equal_four_simulated_ranks(tmp_path):
+    _check_simulation(_run(_sim_worker, 4, tmp_path))

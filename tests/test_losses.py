@@ -395,3 +395,137 @@ def test_trime_mt_gradient_reaches_only_this_ranks_keys():
     assert math.isclose(res.loss.item(), want, rel_tol=1e-5)
     (g,) = torch.autograd.grad(res.loss, out.h)
     assert g[2:].abs().sum() == 0 and g[:2].abs().sum() > 0  # only this rank's rows get a gradient
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulated ranks (DESIGN "Next seams"): one process computes what W ranks compute
+
+
+@pytest.mark.parametrize("crit", ["trime", "trime_long", "trime_ext"])
+def test_one_simulated_rank_is_the_plain_loss(crit):
+    out, y, head = _batch(B=4, L=3, seed=13)
+    params = [out.h, out.q, head.proj.weight]
+    plain = compute_loss(LossSettings(crit, cross_sent_ratio=0.0), out, y, head)
+    one = compute_loss(LossSettings(crit, cross_sent_ratio=0.0, simulate_ranks=1), out, y, head)
+    assert torch.equal(one.loss, plain.loss) and torch.equal(one.diag, plain.diag)
+    assert one.own_hidden == plain.own_hidden
+    for a, b in zip(torch.autograd.grad(one.loss, params), torch.autograd.grad(plain.loss, params)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "crit,W,group,ratio",
+    [
+        ("trime_long", 2, 0, 0.0),  # one group of both ranks
+        ("trime_long", 4, 2, 0.0),  # two groups of two ranks (num_comb_shards 2)
+        ("trime_long", 4, 1, 0.0),  # every rank alone (--train-mem-size 0)
+        ("trime_ext", 2, 0, 0.0),
+        ("trime_ext", 4, 0, 1.0),
+    ],
+)
+def test_simulated_ranks_equal_per_rank_references(crit, W, group, ratio):
+    """Rank r's rows query the stream of its memory group (spec §3.2, §4): the simulated loss is the
+    sum over ranks of that loss, by the loops of tests/reference.py."""
+    out, y, head = _batch(B=4, L=3, seed=13)
+    B, L = y.shape
+    N, n, c = B * L, B * L // W, group or W
+    h, q, t = out.h.reshape(N, -1), out.q.reshape(N, -1), y.reshape(N)
+    settings = LossSettings(crit, cross_sent_ratio=ratio, simulate_ranks=W, simulate_group=group)
+    res = compute_loss(settings, out, y, head)
+    want = 0.0
+    for r in range(W):
+        first = (r - r % c) * n  # the group's stream starts at its first rank's rows
+        keys, values, off = q[first : first + c * n], t[first : first + c * n], r * n - first
+        valid = (values != PAD).tolist()
+
+        def pred(i, j, off=off, valid=valid):
+            if crit == "trime_long":
+                return ref.long_visible(off + i, j, [0, c * n], valid)
+            return ref.ext_visible((off + i) // L, i % L, j // L, j % L, ratio == 1.0, valid[j])
+
+        rows = slice(r * n, (r + 1) * n)
+        want += ref.trime_loss(h[rows], q[rows], t[rows], head, keys, values, pred, PAD)
+    assert res.loss.item() == pytest.approx(want, rel=1e-5)
+    assert res.n_targets == int((y != PAD).sum())
+    assert res.own_hidden is (None if crit == "trime_long" else ratio == 1.0)
+
+
+@pytest.mark.parametrize("crit", ["trime_long", "trime_ext"])
+def test_simulated_ranks_gradient_is_the_sum_of_rank_gradients(crit):
+    """Other ranks' keys are constants (spec §3.2): the simulated gradient is the sum over ranks of
+    each rank's gradient, written densely with detach; for q it is not the one-process gradient."""
+    out, y, head = _batch(B=4, L=3, seed=14)
+    (B, L), W = y.shape, 2
+    N, n, d = B * L, B * L // W, out.q.shape[-1]
+    params = [out.h, out.q, head.proj.weight]
+    got = torch.autograd.grad(
+        compute_loss(LossSettings(crit, cross_sent_ratio=0.0, simulate_ranks=W), out, y, head).loss, params
+    )
+    plain = torch.autograd.grad(compute_loss(LossSettings(crit, cross_sent_ratio=0.0), out, y, head).loss, params)
+    h, q, t = out.h.reshape(N, d), out.q.reshape(N, d), y.reshape(N)
+    valid = (t != PAD).tolist()
+    preds = {
+        "trime_long": lambda i, j: ref.long_visible(i, j, [0, N], valid),
+        "trime_ext": lambda i, j: ref.ext_visible(i // L, i % L, j // L, j % L, False, valid[j]),
+    }
+    mask = ref.mask_from(preds[crit], N, N)  # stream rows: one group of both ranks
+    tlp, tln = head.target_logp(h, t)
+    dense = torch.zeros(())
+    for r in range(W):
+        rows = slice(r * n, (r + 1) * n)
+        keys = torch.cat([q[s * n : (s + 1) * n] if s == r else q[s * n : (s + 1) * n].detach() for s in range(W)])
+        scores = (q[rows] @ keys.T / math.sqrt(d)).masked_fill(~mask[rows], float("-inf"))
+        logp = joint.joint_log_prob(tlp[rows], tln[rows], scores, t, t[rows])
+        dense = dense - logp[t[rows] != PAD].sum()
+    for a, b in zip(got, torch.autograd.grad(dense, params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[0], plain[0], atol=1e-6, rtol=1e-5)  # h: the same loss values per row
+    assert (got[1] - plain[1]).abs().max() > 1e-2  # q: the cross-rank keys' share is missing
+
+
+def test_simulated_trime_ext_draws_one_coin_per_rank_in_rank_order():
+    """Each simulated rank draws its coin from the generator, rank 0 first; each rank's loss and
+    diagnostics are those of a rank with a gather (tests' _fake_gather) and that coin."""
+    out, y, head = _batch(B=4, L=3, seed=15)
+    W, n = 4, 3
+    settings = LossSettings("trime_ext", cross_sent_ratio=0.5, simulate_ranks=W)
+    seed = next(s for s in range(100) if 0 < sum(_coins(s, W)) < W)  # some ranks hide, some do not
+    hides = _coins(seed, W)
+    res = compute_loss(settings, out, y, head, generator=torch.Generator().manual_seed(seed))
+    q, t = out.q.reshape(W * n, -1), y.reshape(-1)
+    streams = [(q[r * n : (r + 1) * n], t[r * n : (r + 1) * n]) for r in range(W)]
+    loss, diag = 0.0, None
+    for r in range(W):
+        mine = Out(out.h[r : r + 1], out.q[r : r + 1])
+        one = LossSettings("trime_ext", cross_sent_ratio=float(hides[r]))
+        part = compute_loss(one, mine, y[r : r + 1], head, gather=_fake_gather(streams, r))
+        loss += part.loss.item()
+        d = part.diag
+        diag = d if diag is None else torch.cat([diag[:-1] + d[:-1], torch.maximum(diag[-1:], d[-1:])])
+    assert res.loss.item() == pytest.approx(loss, rel=1e-6)
+    torch.testing.assert_close(res.diag, diag)
+    assert res.own_hidden is True
+
+
+def _coins(seed, W):
+    g = torch.Generator().manual_seed(seed)
+    return [float(torch.rand((), generator=g)) < 0.5 for _ in range(W)]
+
+
+def test_simulated_ranks_refuse_what_ranks_cannot_do():
+    from trime.config import TrainConfig
+
+    out, y, head = _batch(B=4, L=3)
+    with pytest.raises(ConfigError, match="--simulate-ranks 3 must divide the 4 segments"):
+        compute_loss(LossSettings("trime_long", simulate_ranks=3), out, y, head)
+    with pytest.raises(ConfigError, match="real ranks"):
+        compute_loss(LossSettings("trime_long", simulate_ranks=2), out, y, head, gather=_fake_gather([], 0))
+    with pytest.raises(ConfigError):
+        LossSettings("trime_long", simulate_ranks=4, simulate_group=3)
+    # memory groups as the trainer forms them for real ranks (train._group_size), per simulated rank
+    cfg = dict(criterion="trime_long", keep_order=True, tokens_per_sample=32, max_tokens=128, simulate_ranks=4)
+    assert LossSettings.of(TrainConfig(**cfg, train_mem_size=64), PAD).simulate_group == 2
+    assert LossSettings.of(TrainConfig(**cfg), PAD).simulate_group == 1  # no --train-mem-size: each rank alone
+    assert LossSettings.of(TrainConfig(**{**cfg, "criterion": "trime_ext"}), PAD).simulate_group == 0  # all ranks
+    with pytest.raises(ConfigError, match="--train-mem-size 48"):
+        LossSettings.of(TrainConfig(**cfg, train_mem_size=48), PAD)

@@ -249,7 +249,7 @@ def cmd_convert(ns: argparse.Namespace) -> None:
 
 MT_SKIP = (
     "data", "tokens_per_sample", "knn_keytype", "keep_order", "train_mem_size", "cross_sent_ratio",
-    "chunk_size", "max_valid_tokens", "hf_model", "gguf_file",
+    "simulate_ranks", "chunk_size", "max_valid_tokens", "hf_model", "gguf_file",
 )  # fmt: skip  # language-model fields of TrainConfig that translation training does not use
 
 

@@ -140,6 +140,14 @@ class TrainConfig:
         0, "trime_long across ranks: tokens of memory per group (0: one batch)", "--train-mem-size", ge=0
     )
     cross_sent_ratio: float = opt(0.9, "trime_ext: probability of hiding the own segment", "--cross-sent-ratio")
+    simulate_ranks: int = opt(
+        1,
+        "split each batch's segments into W simulated ranks as the released multi-GPU recipes computed: each "
+        "rank's queries see other ranks' keys as constants, trime_ext draws one cross-sentence coin per rank; "
+        "W must divide the segments per batch",
+        "--simulate-ranks",
+        ge=1,
+    )
     predefined_batches: str = opt(
         "", "JSON list of segment ids giving the training order (BM25)", "--predefined-batches"
     )
@@ -192,6 +200,11 @@ class TrainConfig:
             raise ConfigError("--update-freq must be at least 1")
         if not 0.0 <= self.cross_sent_ratio <= 1.0:
             raise ConfigError("--cross-sent-ratio must be in [0, 1]")
+        if (self.max_tokens // self.tokens_per_sample) % self.simulate_ranks:
+            raise ConfigError(
+                f"--simulate-ranks {self.simulate_ranks} must divide the "
+                f"{self.max_tokens // self.tokens_per_sample} segments per batch (--max-tokens / --tokens-per-sample)"
+            )
         if self.shuffle_groups and not self.keep_order:
             raise ConfigError("--shuffle-groups shuffles the runs of --keep-order; add --keep-order")
         if self.criterion == "trime_long" and not self.keep_order:
@@ -457,6 +470,18 @@ class ReproduceConfig:
     curve_mem_sizes: list[int] = opt([0, 256, 512, 1024, 2048], "memory sizes of the memory-size curve", ge=0)
     dstore_context: int = opt(128, "context window when building the training-set datastores", ge=0)
     k: int = opt(64, "neighbours retrieved from the datastore", ge=1)
+    ce_warmup_updates: int = opt(
+        0,
+        "TRIME models: plain cross-entropy for their first N updates, as every released recipe starts with CE "
+        "(--ce-warmup-updates)",
+        ge=0,
+    )
+    ext_memory_segments: int = opt(
+        0,
+        "TrimeLM_ext: segments per forward pass, whose keys are one step's memory, as the 247M recipe's 4 GPUs of "
+        "one segment each (0: the preset's whole batch); the update keeps its tokens through more --update-freq",
+        ge=0,
+    )
     probe: int = opt(8, "faiss nprobe", ge=1)
     n_lists: int = opt(0, "IVF lists of the datastore indexes (0: sized from the datastore)", ge=0)
     index_train_size: int = opt(1_000_000, "keys sampled to train the datastore indexes", ge=1)

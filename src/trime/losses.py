@@ -11,6 +11,13 @@ the rank-ordered stream of the caller's memory group (this rank's rows at [offse
 keeping their gradient; other ranks' rows are constants, spec §3.2) and the cumulative bounds of
 the memory groups in it ([0, R] for one group). ``trime.distributed.make_group_gather`` makes one.
 
+Simulated ranks (``simulate_ranks`` W > 1, DESIGN "Next seams"): one process computes exactly what W
+ranks compute. The B segments are cut into W consecutive chunks, one per rank; rank r's rows query
+a stream built by ``simulated_gathers`` as make_group_gather builds it on rank r (its own chunk
+keeps its gradient, other chunks are constants), trime_ext draws one coin per rank in rank order,
+and the W losses add up. The gradient is then the sum over ranks of each rank's gradient (what
+data parallelism with a sum gives), not the gradient of the one-process loss.
+
 Named fixes: pad targets are neither scored nor memory entries (spec §2.7, §11.11).
 Letters: B segments, L positions, N = B·L rows, R gathered rows, d key width.
 """
@@ -44,15 +51,47 @@ class LossSettings:
     cross_sent_ratio: float = 0.9  # trime_ext: probability of hiding the own segment
     chunk_size: int = 1024  # query rows per block of the chunked memory softmax
     tail_quirk: bool = False  # the original's adaptive-softmax tail bug (spec §5.2)
+    simulate_ranks: int = 1  # W: compute in one process what W ranks compute (trime_long, trime_ext)
+    simulate_group: int = 0  # simulated ranks per memory group (num_comb_shards, spec §3.1); 0: all W
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ConfigError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         check_keytype(self.keytype)
+        W, c = self.simulate_ranks, self.simulate_group
+        if W < 1 or c < 0 or (c and W % c):
+            raise ConfigError(f"{W} simulated ranks cannot form memory groups of {c} ranks")
 
     @classmethod
     def of(cls, cfg: TrainConfig, pad: int) -> LossSettings:
-        return cls(cfg.criterion, cfg.knn_keytype, pad, cfg.cross_sent_ratio, cfg.chunk_size)
+        return cls(
+            cfg.criterion,
+            cfg.knn_keytype,
+            pad,
+            cfg.cross_sent_ratio,
+            cfg.chunk_size,
+            simulate_ranks=cfg.simulate_ranks,
+            simulate_group=_simulated_group(cfg),
+        )
+
+
+def _simulated_group(cfg: TrainConfig) -> int:
+    """Simulated ranks per memory group, formed as train._group_size forms real ones: trime_ext
+    gathers every rank (0); trime_long groups --train-mem-size tokens, counted in one rank's share
+    of --max-tokens, and without it (0) each rank is a group of its own (no gather)."""
+    W = cfg.simulate_ranks
+    if W == 1 or cfg.criterion != "trime_long":
+        return 0
+    per_rank = cfg.max_tokens // W  # the --max-tokens of one real rank
+    if not cfg.train_mem_size:
+        return 1
+    c = cfg.train_mem_size // per_rank
+    if cfg.train_mem_size % per_rank or not c or W % c:
+        raise ConfigError(
+            f"--train-mem-size {cfg.train_mem_size} must be a multiple of one simulated rank's {per_rank} tokens "
+            f"(--max-tokens / --simulate-ranks) that divides the {W} simulated ranks"
+        )
+    return c
 
 
 @dataclass
@@ -135,11 +174,18 @@ def compute_loss(
     probability ``cross_sent_ratio`` per call (drawn from ``generator``), only when ``training``.
     seg_ids (B,): dataset ids of the rows (on the CPU); trime_ext refuses a batch that holds one
     segment twice (the copy would show the own segment's future).
+    ``settings.simulate_ranks`` W > 1: the batch is W ranks' batches (module docstring); own_hidden
+    is then True when any rank hid its own segment, and diag adds the ranks' sums (max of the max).
     """
     s = LossSettings(settings) if isinstance(settings, str) else settings
     B, L = targets.shape
     if out.h.shape[:2] != (B, L):
         raise ValueError(f"hidden states {tuple(out.h.shape)} do not match targets {tuple(targets.shape)}")
+    W = s.simulate_ranks
+    if W > 1 and gather is not None:
+        raise ConfigError("--simulate-ranks simulates every rank in one process; it cannot run over real ranks")
+    if B % W:
+        raise ConfigError(f"--simulate-ranks {W} must divide the {B} segments per batch")
     N = B * L
     y = targets.reshape(N)  # (N,)
     keep = y != s.pad  # (N,)
@@ -150,17 +196,84 @@ def compute_loss(
         log_p = tlp
     else:
         q = select_keys(out, s.keytype).reshape(N, -1)  # (N, d)
-        setup = _memory_setup(s, q, y, B, L, gather, training, generator, seg_ids)
-        scale = score_scale(q.shape[-1])
-        lzc, lzpos = memory_stats(q, setup.keys, setup.values, y, setup.visible, scale, s.chunk_size)
-        log_p = combine(tlp, tln, lzc, lzpos)  # (N,)
-        own_hidden = setup.own_hidden
-        if training and keep.any():
-            diag = memory_diagnostics(
-                q.detach(), setup.keys.detach(), setup.visible, tln.detach(), lzc.detach(), keep, scale
-            )
+        if W == 1 or s.criterion == "trime":  # local memory lies inside each segment: ranks change nothing
+            W, gathers = 1, [gather]
+        else:
+            gathers = simulated_gathers(q, y, W, s.simulate_group or W)
+        n, b = N // W, B // W  # rows and segments of one (simulated) rank
+        parts, hides = [], []
+        for r, g in enumerate(gathers):  # in rank order: trime_ext draws rank r's coin r-th
+            rows = slice(r * n, (r + 1) * n)
+            ids = None if seg_ids is None else seg_ids[r * b : (r + 1) * b]
+            lp, hidden, d = _rank_log_p(s, q[rows], y[rows], tlp[rows], tln[rows], b, L, g, training, generator, ids)
+            parts.append(lp)
+            hides.append(hidden)
+            diag = add_diagnostics(diag, d)
+        log_p = torch.cat(parts)  # (N,)
+        # trime_ext: whether any rank hid its own segment (each rank draws its own coin); else None
+        own_hidden = None if hides[0] is None else any(hides)
     loss = -torch.where(keep, log_p.float(), torch.zeros_like(log_p, dtype=torch.float32)).sum()
     return LossOutput(loss=loss, n_targets=keep.sum(), ce_sum=ce_sum, own_hidden=own_hidden, diag=diag)
+
+
+def _rank_log_p(
+    s: LossSettings,
+    q: Tensor,
+    y: Tensor,
+    tlp: Tensor,
+    tln: Tensor,
+    B: int,
+    L: int,
+    gather: Gather | None,
+    training: bool,
+    generator: torch.Generator | None,
+    seg_ids: Tensor | None,
+) -> tuple[Tensor, bool | None, Tensor | None]:
+    """log p(y) (N,) of one rank's rows under the joint softmax with its memory, whether it hid its
+    own segment (trime_ext), and its memory diagnostics (training only)."""
+    setup = _memory_setup(s, q, y, B, L, gather, training, generator, seg_ids)
+    scale = score_scale(q.shape[-1])
+    lzc, lzpos = memory_stats(q, setup.keys, setup.values, y, setup.visible, scale, s.chunk_size)
+    keep = y != s.pad
+    diag = None
+    if training and keep.any():
+        diag = memory_diagnostics(
+            q.detach(), setup.keys.detach(), setup.visible, tln.detach(), lzc.detach(), keep, scale
+        )
+    return combine(tlp, tln, lzc, lzpos), setup.own_hidden, diag
+
+
+def add_diagnostics(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """Two DIAG_SUMS vectors as one: the sums added, the last entry (a maximum) the larger."""
+    if a is None or b is None:
+        return b if a is None else a
+    return torch.cat([a[:-1] + b[:-1], torch.maximum(a[-1:], b[-1:])])
+
+
+def simulated_gathers(q: Tensor, y: Tensor, W: int, group: int) -> list[Gather]:
+    """What ``trime.distributed.make_group_gather(group)`` gives each of W ranks, in one process.
+
+    The rows q (N, d), y (N,) are W equal consecutive chunks, chunk r being rank r's. Ranks
+    [g·group, (g+1)·group) form memory group g; rank r's gather returns its group's chunks in rank
+    order, its own argument (with its gradient) in its place and the others detached (spec §3.2),
+    its offset in that stream and the bounds [0, R] (a real gather also holds only its own group).
+    """
+    qs, ys = q.chunk(W), y.chunk(W)
+
+    def gather_of(r: int) -> Gather:
+        first = r - r % group  # the group's first rank
+
+        def gather(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, int, list[int]]:
+            ranks = range(first, first + group)
+            all_keys = [keys if i == r else qs[i].detach() for i in ranks]
+            all_values = [values if i == r else ys[i] for i in ranks]
+            offset = sum(k.shape[0] for k in all_keys[: r - first])
+            total = sum(k.shape[0] for k in all_keys)
+            return torch.cat(all_keys), torch.cat(all_values), offset, [0, total]
+
+        return gather
+
+    return [gather_of(r) for r in range(W)]
 
 
 @dataclass

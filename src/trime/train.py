@@ -47,7 +47,7 @@ from trime.data.prepare import (
 )
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import CheckpointError, ConfigError, DataError
-from trime.losses import LossSettings, compute_loss, diagnostics_record
+from trime.losses import LossSettings, add_diagnostics, compute_loss, diagnostics_record
 from trime.model.hf import HFBackbone, load_hf, load_hf_weights
 from trime.model.transformer import build_model
 from trime.optim import build_optimizer, schedule, set_lr
@@ -209,6 +209,7 @@ def _group_size(cfg: TrainConfig) -> int:
 # the data and the batch order are compared by content (run_inputs), never by path
 FIXED_ON_RESUME = (
     "tokens_per_sample", "max_tokens", "criterion", "seed", "keep_order", "shuffle_groups", "optimizer", "update_freq",
+    "simulate_ranks",
 )  # fmt: skip
 PATH_FIELDS = ("data", "save_dir", "predefined_batches")
 
@@ -255,7 +256,8 @@ def run_differences(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, fie
     diff = ["model"] if old["model"] != to_dict(model_cfg) else []
     new = to_dict(cfg)
     names = [k for k in new if k not in PATH_FIELDS] if fields is None else fields
-    diff += ["--" + k.replace("_", "-") for k in names if old["train"].get(k) != new.get(k)]
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # a field newer than the run: its default
+    diff += ["--" + k.replace("_", "-") for k in names if old["train"].get(k, default.get(k)) != new.get(k)]
     before, now = old.get("inputs"), json.loads(json.dumps(run_inputs(cfg)))
     if before is None:  # a run from before inputs were recorded: its data path is all there is
         if Path(old["train"].get("data", "")).resolve() != Path(cfg.data).resolve():
@@ -518,9 +520,8 @@ class _Loop:
                     loss, n, ce, *more = run.wrapped(**tensors, use_ce=use_ce)
                 run.scaler.scale(loss).backward()
             totals += torch.stack([loss.detach().double(), n.double(), ce.double()])
-            if more and more[0] is not None:
-                d = more[0]
-                diag = d if diag is None else torch.cat([diag[:-1] + d[:-1], torch.maximum(diag[-1:], d[-1:])])
+            if more:
+                diag = add_diagnostics(diag, more[0])
         totals = dist.all_reduce_sum(totals)
         # every rank takes the same branch: the criterion and use_ce are the same on every rank
         memory = (

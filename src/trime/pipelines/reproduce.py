@@ -246,6 +246,10 @@ class Pipeline:
         extra = dict(self.models[name])
         if extra.get("predefined_batches") == "bm25":
             extra["predefined_batches"] = str(self.bm25_order())
+        if extra.get("criterion", "ce") != "ce" and self.rc.ce_warmup_updates:
+            extra["ce_warmup_updates"] = self.rc.ce_warmup_updates
+        if extra.get("criterion") == "trime_ext" and self.rc.ext_memory_segments:
+            extra.update(self.memory_batches(self.rc.ext_memory_segments))
         layers = {
             **self.train_layer,
             "data": str(self.data),
@@ -257,6 +261,17 @@ class Pipeline:
             **extra,
         }
         return C.build(C.TrainConfig, layers)
+
+    def memory_batches(self, segments: int) -> dict:
+        """max_tokens / update_freq that put ``segments`` segments in each forward pass (one step's
+        memory) and keep the tokens of an update."""
+        base = C.build(C.TrainConfig, self.train_layer)
+        per_update = base.max_tokens * base.update_freq
+        if per_update % (segments * self.L):
+            raise ConfigError(
+                f"ext_memory_segments {segments} x {self.L} tokens does not divide the {per_update} tokens of an update"
+            )
+        return {"max_tokens": segments * self.L, "update_freq": per_update // (segments * self.L)}
 
     def train(self, name: str) -> Path:
         """Train (or continue) ``name`` to this budget; returns its checkpoint at exactly this budget."""
