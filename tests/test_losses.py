@@ -512,6 +512,21 @@ def _coins(seed, W):
     return [float(torch.rand((), generator=g)) < 0.5 for _ in range(W)]
 
 
+@pytest.mark.parametrize("crit", ["trime_long", "trime_ext"])
+def test_a_short_batch_leaves_the_last_simulated_ranks_empty(crit):
+    """A batch shorter than W ranks of rank_segments (an epoch's last, a BM25 chain's end) fills the ranks
+    in order and leaves the last ones without queries: 3 segments on 4 ranks of 1 are 3 ranks of 1."""
+    out, y, head = _batch(B=3, L=5, seed=9)
+    four = compute_loss(LossSettings(crit, cross_sent_ratio=0.0, simulate_ranks=4, rank_segments=1), out, y, head)
+    three = compute_loss(LossSettings(crit, cross_sent_ratio=0.0, simulate_ranks=3, rank_segments=1), out, y, head)
+    assert four.loss.item() == pytest.approx(three.loss.item(), rel=1e-6)
+    (g4,) = torch.autograd.grad(four.loss, out.q)
+    (g3,) = torch.autograd.grad(three.loss, out.q)
+    torch.testing.assert_close(g4, g3)
+    with pytest.raises(ConfigError, match="more than 2 simulated ranks of 1"):
+        compute_loss(LossSettings(crit, simulate_ranks=2, rank_segments=1), out, y, head)
+
+
 def test_simulated_ranks_refuse_what_ranks_cannot_do():
     from trime.config import TrainConfig
 

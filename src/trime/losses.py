@@ -53,6 +53,7 @@ class LossSettings:
     tail_quirk: bool = False  # the original's adaptive-softmax tail bug (spec §5.2)
     simulate_ranks: int = 1  # W: compute in one process what W ranks compute (trime_long, trime_ext)
     simulate_group: int = 0  # simulated ranks per memory group (num_comb_shards, spec §3.1); 0: all W
+    rank_segments: int = 0  # segments of a full batch of one simulated rank (0: B / W, which must divide)
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -72,6 +73,7 @@ class LossSettings:
             cfg.chunk_size,
             simulate_ranks=cfg.simulate_ranks,
             simulate_group=_simulated_group(cfg),
+            rank_segments=cfg.max_tokens // cfg.tokens_per_sample // cfg.simulate_ranks,
         )
 
 
@@ -184,8 +186,14 @@ def compute_loss(
     W = s.simulate_ranks
     if W > 1 and gather is not None:
         raise ConfigError("--simulate-ranks simulates every rank in one process; it cannot run over real ranks")
-    if B % W:
+    # each simulated rank takes up to c segments in rank order: a short batch (an epoch's last, or one cut at
+    # a BM25 chain's end) leaves the last ranks short or empty, as real ranks' shards are padded
+    c = s.rank_segments or B // W
+    if W > 1 and not s.rank_segments and B % W:
         raise ConfigError(f"--simulate-ranks {W} must divide the {B} segments per batch")
+    if W * c < B:
+        raise ConfigError(f"a batch of {B} segments is more than {W} simulated ranks of {c} segments")
+    cuts = [min(r * c, B) * L for r in range(W + 1)]  # row offsets of the ranks' chunks
     N = B * L
     y = targets.reshape(N)  # (N,)
     keep = y != s.pad  # (N,)
@@ -199,12 +207,16 @@ def compute_loss(
         if W == 1 or s.criterion == "trime":  # local memory lies inside each segment: ranks change nothing
             W, gathers = 1, [gather]
         else:
-            gathers = simulated_gathers(q, y, W, s.simulate_group or W)
-        n, b = N // W, B // W  # rows and segments of one (simulated) rank
+            gathers = simulated_gathers(q, y, cuts, s.simulate_group or W)
+        if W == 1:
+            cuts = [0, N]
         parts, hides = [], []
         for r, g in enumerate(gathers):  # in rank order: trime_ext draws rank r's coin r-th
-            rows = slice(r * n, (r + 1) * n)
-            ids = None if seg_ids is None else seg_ids[r * b : (r + 1) * b]
+            if cuts[r] == cuts[r + 1]:
+                continue  # an empty rank has no queries
+            rows = slice(cuts[r], cuts[r + 1])
+            b = (cuts[r + 1] - cuts[r]) // L
+            ids = None if seg_ids is None else seg_ids[cuts[r] // L : cuts[r + 1] // L]
             lp, hidden, d = _rank_log_p(s, q[rows], y[rows], tlp[rows], tln[rows], b, L, g, training, generator, ids)
             parts.append(lp)
             hides.append(hidden)
@@ -250,15 +262,18 @@ def add_diagnostics(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return torch.cat([a[:-1] + b[:-1], torch.maximum(a[-1:], b[-1:])])
 
 
-def simulated_gathers(q: Tensor, y: Tensor, W: int, group: int) -> list[Gather]:
+def simulated_gathers(q: Tensor, y: Tensor, cuts: list[int], group: int) -> list[Gather]:
     """What ``trime.distributed.make_group_gather(group)`` gives each of W ranks, in one process.
 
-    The rows q (N, d), y (N,) are W equal consecutive chunks, chunk r being rank r's. Ranks
+    The rows q (N, d), y (N,) are W consecutive chunks, rank r's being rows [cuts[r], cuts[r + 1])
+    (W + 1 offsets; a chunk may be empty). Ranks
     [g·group, (g+1)·group) form memory group g; rank r's gather returns its group's chunks in rank
     order, its own argument (with its gradient) in its place and the others detached (spec §3.2),
     its offset in that stream and the bounds [0, R] (a real gather also holds only its own group).
     """
-    qs, ys = q.chunk(W), y.chunk(W)
+    W = len(cuts) - 1
+    qs = [q[a:b] for a, b in zip(cuts, cuts[1:])]
+    ys = [y[a:b] for a, b in zip(cuts, cuts[1:])]
 
     def gather_of(r: int) -> Gather:
         first = r - r % group  # the group's first rank
