@@ -7,9 +7,11 @@ that must *succeed* (a copied run resumes, a changed --lr is logged) assert what
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,10 +20,14 @@ import torch
 
 from trime import config as C
 from trime import io
-from trime.cli import main
+from trime.checkpoint import save_checkpoint
+from trime.cli import build_parser, main
 from trime.data.blocks import num_segments
+from trime.data.pairs import load_pair_dictionaries, prepare_pairs
 from trime.data.prepare import load_split, prepare_corpus
+from trime.model.encoder_decoder import MTModelConfig, build_mt_model
 from trime.train import fit
+from trime.translation import pair_dictionary_files
 
 from tests.fixtures import make_corpus, make_data, micro_checkpoint
 
@@ -99,6 +105,28 @@ def dstore(data, ckpt, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    raw = Path(__file__).parent / "assets" / "fairseq_pairs" / "raw"
+    out = tmp_path_factory.mktemp("pairs") / "data"
+    return prepare_pairs(raw, out, source_lang="es", target_lang="en", bpe_merges=100, allow_empty=True)
+
+
+@pytest.fixture(scope="module")
+def mt_ckpt(pairs, tmp_path_factory) -> Path:
+    """A randomly initialised tiny translation model of the pairs' vocabularies."""
+    src, tgt = load_pair_dictionaries(pairs)
+    cfg = MTModelConfig(
+        encoder_layers=1, decoder_layers=1, encoder_embed_dim=16, decoder_embed_dim=16, encoder_ffn_embed_dim=32,
+        decoder_ffn_embed_dim=32, encoder_attention_heads=2, decoder_attention_heads=2, src_vocab_size=len(src),
+        tgt_vocab_size=len(tgt),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("mt") / "ckpt", build_mt_model(cfg), cfg, pair_dictionary_files(pairs)
+    )
+
+
 def copy_run(trained: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained, tmp_path / "copy"))
 
@@ -153,6 +181,50 @@ def test_other_commands_check_their_flags(capsys, data, ckpt, dstore, tmp_path):
     user_error(capsys, "index", "build", dstore, "--probe", "0", words="--probe must be >= 1")
     user_error(capsys, "reproduce", "--preset", "micro", "--out", tmp_path / "r", "--max-update", "-3")
     assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (("--lr", "-1"), "--lr must be > 0"),
+        (("--max-epoch", "-1"), "--max-epoch must be >= 0"),  # used to exit 0 having trained nothing
+        (("--warmup-updates", "-5"), "--warmup-updates must be >= 0"),
+        (("--label-smoothing", "1"), "--label-smoothing must be >= 0 and < 1"),
+        (("--batch-size", "-1"), "--batch-size must be >= 0"),
+        (("--temp", "0"), "--temp must be > 0"),
+        (("--dropout", "1"), "--dropout must be >= 0 and < 1"),
+        (("--encoder-layers", "0"), "--encoder-layers must be >= 1"),
+        (("--device", "gpu"), "--device must be"),
+    ],
+)
+def test_mt_train_flag_outside_its_domain(capsys, pairs, tmp_path, flags, words):
+    """Translation training checks the same domains as the language model's, before its run directory."""
+    user_error(
+        capsys, "mt", "train", pairs, "--preset", "mt_micro", "--save-dir", tmp_path / "run", *flags, words=words
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (("sweep", "NB", "--lmbda", "0.5,2"), "--lmbda must be >= 0 and <= 1 (got 2.0)"),  # each item of a grid
+        (("sweep", "NB", "--softmax-temp", "1,0"), "--softmax-temp must be > 0"),
+        (("sweep", "NB", "--k", "8,0"), "--k must be >= 1"),
+        (("generate", "--path", "CKPT", "--beam", "0"), "--beam must be >= 1"),
+        (("generate", "--path", "CKPT", "--sampling-topp", "1.5"), "--sampling-topp must be > 0 and <= 1"),
+        (("explain", "--path", "CKPT", "--text", "w1", "--top", "0"), "--top must be >= 1"),
+        (("mt", "generate", "DATA", "--path", "CKPT", "--lenpen", "-1"), "--lenpen must be >= 0"),
+        (("mt", "generate", "DATA", "--path", "CKPT", "--nbest", "3", "--beam", "2"), "--nbest 3 must be at most"),
+        (("mt", "generate", "DATA", "--path", "CKPT", "--k", "0"), "--k must be >= 1"),
+        (("mt", "datastore", "DATA", "--path", "CKPT", "--out", "OUT", "--max-tokens", "0"), "--max-tokens must be"),
+    ],
+)
+def test_generation_and_sweep_flags_outside_their_domain(capsys, tmp_path, argv, words):
+    """Checked where the config is built: before any model, cache or datastore is opened or written."""
+    names = {"NB", "CKPT", "DATA", "OUT"}
+    user_error(capsys, *(tmp_path / a if a in names else a for a in argv), words=words)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- training resume: content, not path strings ------------------------------------------------
@@ -460,3 +532,103 @@ def test_prepare_over_a_checkpoint(capsys, data, ckpt, tmp_path):
     before = snapshot(c)
     user_error(capsys, "data", "prepare", data.parent / "corpus", "--out", c, "--overwrite", words="'checkpoint'")
     assert snapshot(c) == before
+
+
+# --- files the user names: one way to write them (trime.io.output_file) --------------------------
+
+DIRECTORY_OUTPUTS = {  # flags naming a directory: each artifact claims it with its meta.json (atomic_dir)
+    "data fetch --out", "data prepare --out", "train --save-dir", "eval --save-neighbors", "datastore build --out",
+    "bm25 index --out", "bm25 search --out", "convert --out", "mt train --save-dir", "mt datastore --out",
+    "mt generate --save-neighbors", "mt reproduce --out", "reproduce --out",
+    "index build --out",  # a faiss file with a sidecar of its own: test_index_over_something_else
+}  # fmt: skip
+FILE_OUTPUTS = {  # flag -> the file it names in the test below
+    "eval --output-word-probs": "lp.npy",
+    "explain --out": "page.html",
+    "explain --json": "report.json",
+    "bm25 batches --out": "order.json",
+    "bm25 segments --out": "segments.jsonl",
+    "bm25 chain --out": "chain.json",
+    "mt bm25 --out": "order.json",
+    "mt generate --results-path": "hyps.txt",
+}
+
+
+def writing(flag: str, f: dict, out: Path) -> tuple:
+    """The command that writes ``out`` through ``flag``, reading the fixtures ``f`` (see ``outputs``)."""
+    cpu = ("--device", "cpu")
+    return {
+        "eval --output-word-probs": ("eval", f["data"], "--path", f["ckpt"], *cpu, "--max-eval-tokens", "40"),
+        "explain --out": ("explain", "--path", f["ckpt"], "--text", "w1 w2 w1", *cpu),
+        "explain --json": ("explain", "--path", f["ckpt"], "--text", "w1 w2", *cpu, "--out", out.with_suffix(".html")),
+        "bm25 batches --out": ("bm25", "batches", f["data"], "--tokens-per-sample", "32"),
+        "bm25 segments --out": ("bm25", "segments", f["data"], "--tokens-per-sample", "32"),
+        "bm25 chain --out": ("bm25", "chain", f["bm25"] / "results", "--index", f["bm25"] / "index"),
+        "mt bm25 --out": ("mt", "bm25", f["pairs"]),
+        "mt generate --results-path": (
+            "mt",
+            "generate",
+            f["pairs"],
+            "--path",
+            f["mt_ckpt"],
+            *cpu,
+            "--gen-subset",
+            "valid",
+            "--max-sentences-total",
+            "3",
+            "--beam",
+            "2",
+            "--max-len-b",
+            "4",
+        ),  # fmt: skip
+    }[flag] + (flag.split()[-1], out)
+
+
+def output_flags() -> set[str]:
+    """'COMMAND --FLAG' of every flag of the CLI that names a place to write."""
+    found: set[str] = set()
+
+    def walk(parser: argparse.ArgumentParser, command: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{command} {name}".strip())
+            found.update(
+                f"{command} {o}"
+                for o in action.option_strings
+                if re.fullmatch(r"--(out|output-.*|json|results-path|save-dir|save-neighbors)", o)
+            )
+
+    walk(build_parser(), "")
+    return found
+
+
+def test_every_output_flag_is_walked():
+    """A new command with an output flag must say which it writes: a file (walked below) or a directory."""
+    assert output_flags() == set(FILE_OUTPUTS) | DIRECTORY_OUTPUTS
+
+
+@pytest.fixture(scope="module")
+def outputs(data, ckpt, pairs, mt_ckpt, tmp_path_factory) -> dict:
+    """What the commands of :func:`writing` read, made once (bm25: a finished work directory for chain)."""
+    order = tmp_path_factory.mktemp("bm25") / "order.json"
+    assert main(["bm25", "batches", str(data), "--tokens-per-sample", "32", "--out", str(order)]) == 0
+    return {"data": data, "ckpt": ckpt, "pairs": pairs, "mt_ckpt": mt_ckpt, "bm25": order.with_suffix(".work")}
+
+
+@pytest.mark.parametrize("flag", sorted(FILE_OUTPUTS))
+def test_output_file_refuses_a_users_file_and_replaces_its_own(capsys, outputs, tmp_path, flag):
+    name = FILE_OUTPUTS[flag]
+    out = tmp_path / name
+    out.write_bytes(b'{"mine": [1, 2, 3]}\n')  # JSON, yet none of trime's kinds: not a list, no marker
+    before = snapshot(tmp_path)
+    user_error(capsys, *writing(flag, outputs, out), words="refusing to overwrite it")
+    assert snapshot(tmp_path) == before and [p.name for p in tmp_path.iterdir()] == [name]  # before any work
+    out.unlink()
+    out.mkdir()
+    user_error(capsys, *writing(flag, outputs, out), words="is a directory")
+    out.rmdir()
+    assert list(tmp_path.iterdir()) == []
+    ok(capsys, *writing(flag, outputs, out))
+    ok(capsys, *writing(flag, outputs, out))  # over trime's own earlier output
+    assert out.is_file() and [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

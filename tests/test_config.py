@@ -1,10 +1,15 @@
 """Presets, precedence (default < preset < flag) and one-line errors."""
 
+import dataclasses
+import inspect
+import typing
+
 import pytest
 
 from trime import config as C
 from trime.cli import build_parser
 from trime.errors import ConfigError
+from trime.generate.beam import BeamConfig
 from trime.model.encoder_decoder import MTModelConfig
 
 
@@ -75,4 +80,97 @@ def test_simulate_ranks_is_a_language_model_train_flag(capsys):
             parser.parse_args(args)
     lm, mt = capsys.readouterr().out.split("usage:")[1:]
     assert "--simulate-ranks" in lm and "one cross-sentence coin per rank" in " ".join(lm.split())
-    assert "--simulate-ranks" not in mt  # translation training has no simulated ranks (cli.MT_SKIP)
+    assert "--simulate-ranks" not in mt  # translation training has no simulated ranks (MTTrainConfig has no field)
+
+
+# --- every config checks its domains by construction ---------------------------------------------
+
+BOUNDS = ("ge", "gt", "lt", "le")
+
+
+def config_classes() -> list[type]:
+    """Every dataclass of trime.config, and the configs of other modules that the CLI builds from flags."""
+    own = [c for _, c in inspect.getmembers(C, dataclasses.is_dataclass) if c.__module__ == C.__name__]
+    return sorted({*own, MTModelConfig, BeamConfig}, key=lambda c: c.__name__)
+
+
+def outside(field: dataclasses.Field, kind: str, bound: float, t: type):
+    """A value just outside ``field``'s bound (a one-item list for a list field)."""
+    item = typing.get_args(t)[0] if typing.get_origin(t) is list else t
+    step = 1 if item is int else 0.5
+    bad = {"ge": bound - step, "gt": bound, "lt": bound, "le": bound + step}[kind]
+    bad = item(bad)
+    return [bad] if typing.get_origin(t) is list else bad
+
+
+def bounded_fields() -> list:
+    out = []
+    for cls in config_classes():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            for kind in BOUNDS:
+                if f.metadata.get(kind) is not None:
+                    out.append(pytest.param(cls, f, kind, hints[f.name], id=f"{cls.__name__}.{f.name}.{kind}"))
+    return out
+
+
+def test_every_config_is_a_checked_config():
+    """Each is a Config, so building it runs check_domains and every class's check, and its defaults pass."""
+    for cls in config_classes():
+        assert issubclass(cls, C.Config), cls
+        cls()
+
+
+@pytest.mark.parametrize("cls, field, kind, t", bounded_fields())
+def test_every_bounded_field_refuses_a_value_outside_its_domain(cls, field, kind, t):
+    bad = outside(field, kind, field.metadata[kind], t)
+    with pytest.raises(ConfigError, match=f"^{C.flag_name(field)} must be .*got"):
+        cls(**{field.name: bad})
+
+
+def test_every_field_with_choices_refuses_another_value():
+    for cls in config_classes():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("choices"):
+                with pytest.raises(ConfigError, match=f"^{C.flag_name(f)} must be one of"):
+                    cls(**{f.name: "no-such-choice"})
+
+
+def test_a_redefined_field_keeps_a_domain():
+    """A subclass that redefines a field (another default or help) must not drop the base's bound."""
+    for cls in config_classes():
+        for base in cls.__mro__[1:]:
+            if not dataclasses.is_dataclass(base):
+                continue
+            theirs = {f.name: f for f in dataclasses.fields(base)}
+            for f in dataclasses.fields(cls):
+                if f.name in theirs and any(theirs[f.name].metadata.get(k) is not None for k in BOUNDS):
+                    assert any(f.metadata.get(k) is not None for k in BOUNDS), f"{cls.__name__}.{f.name}"
+
+
+def test_a_config_cannot_skip_its_checks():
+    with pytest.raises(TypeError, match="check"):
+
+        class Careless(C.TrainConfig):
+            def __post_init__(self) -> None:  # would skip check_domains and TrainConfig's rules
+                pass
+
+    @dataclasses.dataclass
+    class Stricter(C.MTTrainConfig):
+        def check(self) -> None:
+            if self.max_epoch > 9:
+                raise ConfigError("--max-epoch at most 9 here")
+
+    with pytest.raises(ConfigError, match="--lr must be > 0"):
+        Stricter(lr=-1)  # the domains still hold
+    with pytest.raises(ConfigError, match="--device"):
+        Stricter(device="gpu")  # and the base's rules (RunConfig.check)
+    with pytest.raises(ConfigError, match="at most 9"):
+        Stricter(max_epoch=10)
+
+
+def test_translation_training_has_no_language_model_fields():
+    """Composed from RunConfig, not inherited from TrainConfig: nothing for the CLI to hide."""
+    lm_only = {f.name for f in dataclasses.fields(C.TrainConfig)} - {f.name for f in dataclasses.fields(C.RunConfig)}
+    assert {"tokens_per_sample", "keep_order", "simulate_ranks", "hf_model"} <= lm_only
+    assert {f.name for f in dataclasses.fields(C.MTTrainConfig)} & lm_only == {"criterion"}  # each task's own

@@ -30,3 +30,23 @@ def test_atomic_dir_never_replaces_foreign_files(tmp_path):
             io.write_meta(tmp, "test")
         with io.atomic_dir(tmp_path / "done") as tmp:
             io.write_meta(tmp, "test")
+
+
+def test_output_file_is_all_or_nothing_and_never_a_users(tmp_path):
+    """trime.io.output_file: a failed write leaves the earlier file whole; a file of another kind stays."""
+    out = tmp_path / "order.json"
+    with io.output_file(out, io.BATCH_ORDER) as tmp:
+        tmp.write_text("[2, 0, 1]\n")
+    with pytest.raises(RuntimeError), io.output_file(out, io.BATCH_ORDER) as tmp:
+        tmp.write_text("[1, ")
+        raise RuntimeError("killed")
+    assert out.read_text() == "[2, 0, 1]\n" and [p.name for p in tmp_path.iterdir()] == ["order.json"]
+    page = tmp_path / "page.html"
+    page.write_text("<html><head><title>mine</title></head></html>")
+    with pytest.raises(DataError, match="not a trime HTML report"), io.output_file(page, io.HTML_REPORT) as tmp:
+        tmp.write_text("never")
+    assert page.read_text() == "<html><head><title>mine</title></head></html>"
+    page.write_text(f"<html><head>{io.HTML_MARKER}</head></html>")  # an earlier report of ours
+    with io.output_file(page, io.HTML_REPORT) as tmp:
+        tmp.write_text("new")
+    assert page.read_text() == "new"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import operator
 import re
 import typing
 from dataclasses import dataclass, field
@@ -47,18 +48,44 @@ def opt(
     ge: float | None = None,
     gt: float | None = None,
     lt: float | None = None,
+    le: float | None = None,
     **kw: Any,
 ) -> Any:
-    """A dataclass field with CLI metadata; ``ge``/``gt``/``lt`` bound its value (for a list: each item),
-    checked by :func:`check_domains` in the config's ``__post_init__``."""
-    meta = {"help": help, "flag": flag, "choices": choices, "ge": ge, "gt": gt, "lt": lt}
+    """A dataclass field with CLI metadata; ``ge``/``gt``/``lt``/``le`` bound its value (for a list: each
+    item), checked by :func:`check_domains` whenever a :class:`Config` is built."""
+    meta = {"help": help, "flag": flag, "choices": choices, "ge": ge, "gt": gt, "lt": lt, "le": le}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
-class ModelConfig:
+class Config:
+    """The base of every config dataclass. Building one checks each field against its domain (the bounds
+    and choices given to :func:`opt`, by :func:`check_domains`), then runs the ``check`` of every class
+    in its hierarchy, base first: the cross-field rules, each a one-line ConfigError.
+
+    Subclasses write ``check`` and never ``__post_init__`` (refused when the class is made), so no config
+    can skip a domain check or a rule of its base; tests/test_config.py builds every field out of domain."""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "__post_init__" in vars(cls):
+            raise TypeError(f"{cls.__name__}: put cross-field rules in check(); Config.__post_init__ runs them")
+
+    def __post_init__(self) -> None:
+        check_domains(self)
+        for klass in reversed(type(self).__mro__):
+            rules = vars(klass).get("check")
+            if rules is not None:
+                rules(self)
+
+    def check(self) -> None:
+        """This class's own cross-field rules (its bases' have run already: do not call super())."""
+
+
+@dataclass
+class ModelConfig(Config):
     """A decoder-only Transformer LM with fairseq ``transformer_lm`` semantics (spec §1)."""
 
     arch: str = opt("custom", "architecture name (informational; presets set it)")
@@ -95,8 +122,7 @@ class ModelConfig:
     max_positions: int = opt(512, "largest sequence the model accepts (= training tokens-per-sample)", ge=1)
     vocab_size: int = opt(0, "vocabulary size (set from dict.txt when 0)", ge=0)
 
-    def __post_init__(self) -> None:
-        check_domains(self)
+    def check(self) -> None:
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if (
@@ -110,16 +136,15 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Data, objective, optimisation and bookkeeping of one training run (spec §2–4, §9)."""
+class RunConfig(Config):
+    """What every training run has, whatever its task: optimiser, schedule, when to stop, checkpoints and
+    logs (trime.train.run_training reads these). TrainConfig and MTTrainConfig each add their own data and
+    objective fields, so neither carries the other's."""
 
-    data: str = opt("", "prepared data directory (dict.txt, train.npy, valid.npy)")
+    data: str = opt("", "prepared data directory")
     save_dir: str = opt("runs/tiny", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
-    tokens_per_sample: int = opt(256, "segment length L", "--tokens-per-sample", ge=1)
-    max_tokens: int = opt(2048, "tokens per batch per process (a multiple of L)", "--max-tokens", ge=1)
+    max_tokens: int = opt(2048, "tokens per batch per process", "--max-tokens", ge=1)
     update_freq: int = opt(1, "batches accumulated per optimizer step", "--update-freq", ge=1)
-    criterion: str = opt("ce", "training objective", "--criterion", CRITERIA)
-    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
     ce_warmup_epoch: int = opt(0, "plain cross-entropy for the first N epochs", "--ce-warmup-epoch", ge=0)
     ce_warmup_updates: int = opt(
         0,
@@ -128,30 +153,7 @@ class TrainConfig:
         "--ce-warmup-updates",
         ge=0,
     )
-    keep_order: bool = opt(False, "consecutive segments, identity order every epoch (long memory)", "--keep-order")
-    shuffle_groups: bool = opt(
-        False,
-        "with --keep-order: walk the runs of consecutive segments that make one step's memory in a new random "
-        "order each epoch (the original walks them in text order, so a budget under one epoch sees only the "
-        "corpus's beginning)",
-        "--shuffle-groups",
-    )
-    train_mem_size: int = opt(
-        0, "trime_long across ranks: tokens of memory per group (0: one batch)", "--train-mem-size", ge=0
-    )
-    cross_sent_ratio: float = opt(0.9, "trime_ext: probability of hiding the own segment", "--cross-sent-ratio")
-    simulate_ranks: int = opt(
-        1,
-        "split each batch's segments into W simulated ranks as the released multi-GPU recipes computed: each "
-        "rank's queries see other ranks' keys as constants, trime_ext draws one cross-sentence coin per rank; "
-        "W must divide the segments per batch",
-        "--simulate-ranks",
-        ge=1,
-    )
-    predefined_batches: str = opt(
-        "", "JSON list of segment ids giving the training order (BM25)", "--predefined-batches"
-    )
-    chunk_size: int = opt(1024, "query rows per chunk of the memory loss", "--chunk-size", ge=1)
+    predefined_batches: str = opt("", "JSON list of ids giving the training order (BM25)", "--predefined-batches")
     optimizer: str = opt("adam", "optimizer", "--optimizer", ("adam", "nag"))
     lr: float = opt(5e-4, "peak learning rate", "--lr", gt=0)
     momentum: float = opt(0.99, "NAG momentum", "--momentum", ge=0, lt=1)
@@ -171,7 +173,7 @@ class TrainConfig:
     max_update: int = opt(0, "stop after this many updates (0: no limit)", "--max-update", ge=0)
     max_epoch: int = opt(0, "stop after this many epochs (0: no limit)", "--max-epoch", ge=0)
     max_time: float = opt(0.0, "stop after this many minutes (0: no limit)", "--max-time", ge=0)
-    seed: int = opt(1, "random seed", "--seed")
+    seed: int = opt(1, "random seed", "--seed", ge=0)
     amp: str = opt(
         "auto", "autocast dtype (auto: bf16 on CUDA/CPU when supported)", "--amp", ("auto", "none", "bf16", "fp16")
     )
@@ -181,25 +183,58 @@ class TrainConfig:
         0, "also checkpoint every N updates (0: each epoch)", "--save-interval-updates", ge=0
     )
     valid_subset: str = opt("valid", "split used for validation", "--valid-subset")
+
+    def check(self) -> None:
+        check_device(self.device)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Training a language model (spec §2–4, §9): RunConfig plus segments of a token stream and the
+    TRIME objectives."""
+
+    data: str = opt("", "prepared data directory (dict.txt, train.npy, valid.npy)")
+    max_tokens: int = opt(2048, "tokens per batch per process (a multiple of L)", "--max-tokens", ge=1)
+    predefined_batches: str = opt(
+        "", "JSON list of segment ids giving the training order (BM25)", "--predefined-batches"
+    )
+    tokens_per_sample: int = opt(256, "segment length L", "--tokens-per-sample", ge=1)
+    criterion: str = opt("ce", "training objective", "--criterion", CRITERIA)
+    knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
+    keep_order: bool = opt(False, "consecutive segments, identity order every epoch (long memory)", "--keep-order")
+    shuffle_groups: bool = opt(
+        False,
+        "with --keep-order: walk the runs of consecutive segments that make one step's memory in a new random "
+        "order each epoch (the original walks them in text order, so a budget under one epoch sees only the "
+        "corpus's beginning)",
+        "--shuffle-groups",
+    )
+    train_mem_size: int = opt(
+        0, "trime_long across ranks: tokens of memory per group (0: one batch)", "--train-mem-size", ge=0
+    )
+    cross_sent_ratio: float = opt(
+        0.9, "trime_ext: probability of hiding the own segment", "--cross-sent-ratio", ge=0, le=1
+    )
+    simulate_ranks: int = opt(
+        1,
+        "split each batch's segments into W simulated ranks as the released multi-GPU recipes computed: each "
+        "rank's queries see other ranks' keys as constants, trime_ext draws one cross-sentence coin per rank; "
+        "W must divide the segments per batch",
+        "--simulate-ranks",
+        ge=1,
+    )
+    chunk_size: int = opt(1024, "query rows per chunk of the memory loss", "--chunk-size", ge=1)
     max_valid_tokens: int = opt(0, "validate on at most this many tokens (0: all)", "--max-valid-tokens", ge=0)
 
     hf_model: str = opt("", HF_MODEL_HELP + " to fine-tune (the model flags are then unused)", "--hf-model")
     gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
 
-    def __post_init__(self) -> None:
-        check_domains(self)
-        check_device(self.device)
+    def check(self) -> None:
         check_hf("", self.hf_model, self.gguf_file)
-        if self.tokens_per_sample <= 0:
-            raise ConfigError("--tokens-per-sample must be positive")
-        if self.max_tokens < self.tokens_per_sample or self.max_tokens % self.tokens_per_sample:
+        if self.max_tokens % self.tokens_per_sample:
             raise ConfigError(
                 f"--max-tokens {self.max_tokens} must be a positive multiple of --tokens-per-sample {self.tokens_per_sample}"
             )
-        if self.update_freq < 1:
-            raise ConfigError("--update-freq must be at least 1")
-        if not 0.0 <= self.cross_sent_ratio <= 1.0:
-            raise ConfigError("--cross-sent-ratio must be in [0, 1]")
         if (self.max_tokens // self.tokens_per_sample) % self.simulate_ranks:
             raise ConfigError(
                 f"--simulate-ranks {self.simulate_ranks} must divide the "
@@ -212,27 +247,29 @@ class TrainConfig:
 
 
 @dataclass
-class MTTrainConfig(TrainConfig):
-    """Training a translation model (MT spec §6): TrainConfig's optimisation and bookkeeping fields,
-    sentence-pair batches of at most ``--max-tokens`` (max(source, target) tokens, padded)."""
+class MTTrainConfig(RunConfig):
+    """Training a translation model (MT spec §6): RunConfig plus sentence-pair batches of at most
+    ``--max-tokens`` (max(source, target) tokens, padded) and the translation objectives."""
 
     data: str = opt("", "prepared pairs directory (trime data prepare with --source-lang/--target-lang)")
     save_dir: str = opt("runs/mt", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
-    max_tokens: int = opt(4096, "tokens per batch per process: sentences × longest side, padded", "--max-tokens")
-    label_smoothing: float = opt(0.1, "label smoothing ε of the cross-entropy", "--label-smoothing")
-    max_sentences: int = opt(0, "at most this many sentence pairs per batch (0: no limit)", "--batch-size")
-    lr: float = opt(5e-4, "peak learning rate", "--lr")
-    warmup_updates: int = opt(4000, "linear warm-up updates", "--warmup-updates")
-    weight_decay: float = opt(1e-4, "weight decay (decoupled for Adam)", "--weight-decay")
+    max_tokens: int = opt(4096, "tokens per batch per process: sentences × longest side, padded", "--max-tokens", ge=1)
+    predefined_batches: str = opt(
+        "", "JSON list of pair ids giving the training order (trime mt bm25)", "--predefined-batches"
+    )
+    weight_decay: float = opt(1e-4, "weight decay (decoupled for Adam)", "--weight-decay", ge=0)
+    warmup_updates: int = opt(4000, "linear warm-up updates", "--warmup-updates", ge=0)
+    label_smoothing: float = opt(0.1, "label smoothing ε of the cross-entropy", "--label-smoothing", ge=0, lt=1)
+    max_sentences: int = opt(0, "at most this many sentence pairs per batch (0: no limit)", "--batch-size", ge=0)
     eval_bleu: bool = opt(
         True, "keep checkpoint_best by validation BLEU (beam 5), not by validation loss", "--eval-bleu"
     )
-    eval_bleu_sentences: int = opt(0, "translate at most this many validation sentences for BLEU (0: all)")
+    eval_bleu_sentences: int = opt(0, "translate at most this many validation sentences for BLEU (0: all)", ge=0)
     criterion: str = opt(
         "ce", "ce: label-smoothed cross-entropy; trime_mt: TrimeMT (MT spec §4)", "--criterion", ("ce", "trime_mt")
     )
-    temp: float = opt(1.0, "trime_mt: temperature τ of the memory scores (README: 10)", "--temp")
-    topk_mem: int = opt(0, "trime_mt: memory entries kept per target position (0: all; README: 8)", "--topk-mem")
+    temp: float = opt(1.0, "trime_mt: temperature τ of the memory scores (README: 10)", "--temp", gt=0)
+    topk_mem: int = opt(0, "trime_mt: memory entries kept per target position (0: all; README: 8)", "--topk-mem", ge=0)
     dist_func: str = opt("ip", "trime_mt: similarity of decoder outputs", "--dist-func", ("ip", "l2"))
     ce_warmup_released: bool = opt(
         False,
@@ -240,30 +277,18 @@ class MTTrainConfig(TrainConfig):
         "--ce-warmup-released",
     )
 
-    def __post_init__(self) -> None:
-        if self.max_tokens <= 0:
-            raise ConfigError("--max-tokens must be positive")
-        if self.update_freq < 1:
-            raise ConfigError("--update-freq must be at least 1")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("--label-smoothing must be in [0, 1)")
-        if self.criterion not in ("ce", "trime_mt"):
-            raise ConfigError(f"translation training has criterion ce or trime_mt, not {self.criterion!r}")
-        if self.temp <= 0 or self.topk_mem < 0:
-            raise ConfigError("--temp must be positive and --topk-mem at least 0")
-
 
 @dataclass
-class TranslateConfig:
+class TranslateConfig(Config):
     """Decoding a split of a pairs directory with beam search, and its BLEU (MT spec §9, §10)."""
 
     data: str = opt("", "prepared pairs directory")
     path: str = opt("", "translation checkpoint (a trime run or checkpoint directory)", "--path")
     gen_subset: str = opt("test", "split to translate", "--gen-subset")
-    max_tokens: int = opt(4096, "source tokens per batch", "--max-tokens")
-    max_sentences: int = opt(0, "at most this many sentences per batch (0: no limit)", "--batch-size")
+    max_tokens: int = opt(4096, "source tokens per batch", "--max-tokens", ge=1)
+    max_sentences: int = opt(0, "at most this many sentences per batch (0: no limit)", "--batch-size", ge=0)
     max_sentences_total: int = opt(
-        0, "translate only the first N sentences of the split (0: all)", "--max-sentences-total"
+        0, "translate only the first N sentences of the split (0: all)", "--max-sentences-total", ge=0
     )
     remove_bpe: bool = opt(True, "join subword-nmt BPE pieces (@@ ) before scoring", "--remove-bpe")
     detok: str = opt("moses", "detokenise hypotheses and references before BLEU", "--detok", ("moses", "none"))
@@ -276,10 +301,10 @@ class TranslateConfig:
     knn_mode: str = opt(
         "trime", "how neighbours join the distribution (MT spec §9)", "--knn-mode", ("knn", "trime", "trime_released")
     )
-    k: int = opt(16, "neighbours retrieved per hypothesis and step", "--k")
-    probe: int = opt(32, "faiss nprobe", "--probe")
-    lmbda: float = opt(0.2, "knn mode: weight λ of the kNN distribution", "--lmbda")
-    knn_temp: float = opt(10.0, "temperature T: kNN-MT a/T; TrimeMT a/(√d·T)", "--knn-temp")
+    k: int = opt(16, "neighbours retrieved per hypothesis and step", "--k", ge=1)
+    probe: int = opt(32, "faiss nprobe", "--probe", ge=1)
+    lmbda: float = opt(0.2, "knn mode: weight λ of the kNN distribution", "--lmbda", ge=0, le=1)
+    knn_temp: float = opt(10.0, "temperature T: kNN-MT a/T; TrimeMT a/(√d·T)", "--knn-temp", gt=0)
     save_neighbors: str = opt(
         "",
         "score the references teacher-forced and cache their neighbours here for trime sweep (no decoding)",
@@ -288,23 +313,29 @@ class TranslateConfig:
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
 
+    def check(self) -> None:
+        check_device(self.device)
+
 
 @dataclass
-class MTDatastoreConfig:
+class MTDatastoreConfig(Config):
     """The decoder states of a translation model over a split's targets (MT spec §7), teacher-forced."""
 
     data: str = opt("", "prepared pairs directory")
     path: str = opt("", "translation checkpoint whose decoder outputs h are stored", "--path")
     out: str = opt("", "datastore directory to write", "--out")
     subset: str = opt("train", "split to store", "--gen-subset")
-    max_tokens: int = opt(4096, "tokens per forward pass", "--max-tokens")
+    max_tokens: int = opt(4096, "tokens per forward pass", "--max-tokens", ge=1)
     key_dtype: str = opt("float16", "key precision on disk", "--key-dtype", ("float16", "float32"))
     amp: str = opt("none", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
 
+    def check(self) -> None:
+        check_device(self.device)
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Config):
     """Sliding-window evaluation with any set of memories (spec §5)."""
 
     data: str = opt("", "prepared data directory")
@@ -333,7 +364,7 @@ class EvalConfig:
     k: int = opt(1024, "neighbours retrieved per scored token", "--k", ge=1)
     probe: int = opt(8, "faiss nprobe (IVF lists searched)", "--probe", ge=1)
     use_interp: bool = opt(False, "kNN-LM interpolation with the retrieved neighbours", "--use-interp")
-    lmbda: float = opt(0.0, "interpolation weight λ of the kNN distribution", "--lmbda", ge=0)
+    lmbda: float = opt(0.0, "interpolation weight λ of the kNN distribution", "--lmbda", ge=0, le=1)
     interp_temp: float = opt(1.0, "temperature T of the kNN distribution (raw scores / T)", "--interp-temp", gt=0)
     save_neighbors: str = opt("", "cache what rescoring needs in this directory (for trime sweep)", "--save-neighbors")
     neighbors_top: int = opt(
@@ -346,8 +377,7 @@ class EvalConfig:
     hf_model: str = opt("", HF_MODEL_HELP, "--hf-model")
     gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
 
-    def __post_init__(self) -> None:
-        check_domains(self)
+    def check(self) -> None:
         check_device(self.device)
         check_hf(self.path, self.hf_model, self.gguf_file)
         if self.use_long and not self.use_local:
@@ -356,10 +386,6 @@ class EvalConfig:
             raise ConfigError("--use-long needs --mem-size > 0")
         if (self.use_external or self.use_interp) and not (self.dstore and self.indexfile):
             raise ConfigError("--use-external/--use-interp need --dstore-filename and --indexfile")
-        if self.softmax_temp <= 0 or self.interp_temp <= 0:
-            raise ConfigError("temperatures must be positive")
-        if not 0.0 <= self.lmbda <= 1.0:
-            raise ConfigError("--lmbda must be in [0, 1]")
 
 
 @dataclass
@@ -368,31 +394,28 @@ class GenerateConfig(EvalConfig):
     EvalConfig's, so each step's distribution is the one ``trime eval`` would score the same text with."""
 
     context_window: int = opt(
-        -1, "tokens of context the window keeps when it slides (-1: half the window)", "--context-window"
+        -1, "tokens of context the window keeps when it slides (-1: half the window)", "--context-window", ge=-1
     )
     prompt: str = opt("", "text to continue (newlines end lines)", "--prompt")
     prompt_file: str = opt("", "read the prompt from this file", "--prompt-file")
-    max_new_tokens: int = opt(50, "tokens to generate at most", "--max-new-tokens")
+    max_new_tokens: int = opt(50, "tokens to generate at most", "--max-new-tokens", ge=0)
     stop_at_eos: bool = opt(True, "stop at </s> (the end of a line for word-level data)", "--stop-at-eos")
     sampling: bool = opt(False, "sample instead of greedy or beam search", "--sampling")
-    temperature: float = opt(1.0, "sampling temperature (divides the final log-probabilities)", "--temperature")
-    sampling_topk: int = opt(0, "sample among the k most likely tokens (0: all)", "--sampling-topk")
-    sampling_topp: float = opt(1.0, "sample among the smallest set holding this probability mass", "--sampling-topp")
-    beam: int = opt(1, "beam size (1: greedy or sampling)", "--beam")
-    lenpen: float = opt(1.0, "beam search: scores are divided by length ** lenpen", "--lenpen")
-    seed: int = opt(1, "sampling seed", "--seed")
+    temperature: float = opt(1.0, "sampling temperature (divides the final log-probabilities)", "--temperature", gt=0)
+    sampling_topk: int = opt(0, "sample among the k most likely tokens (0: all)", "--sampling-topk", ge=0)
+    sampling_topp: float = opt(
+        1.0, "sample among the smallest set holding this probability mass", "--sampling-topp", gt=0, le=1
+    )
+    beam: int = opt(1, "beam size (1: greedy or sampling)", "--beam", ge=1)
+    lenpen: float = opt(1.0, "beam search: scores are divided by length ** lenpen", "--lenpen", ge=0)
+    seed: int = opt(1, "sampling seed", "--seed", ge=0)
     kv_cache: bool = opt(True, "incremental decoding with cached keys/values", "--kv-cache")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
         if self.sample_break_mode != "none":
             raise ConfigError("generation slides fixed windows: --sample-break-mode must be none")
-        if self.max_new_tokens < 0 or self.beam < 1:
-            raise ConfigError("--max-new-tokens must be >= 0 and --beam >= 1")
         if self.sampling and self.beam > 1:
             raise ConfigError("choose --sampling or --beam > 1, not both")
-        if self.temperature <= 0 or not 0.0 < self.sampling_topp <= 1.0 or self.sampling_topk < 0:
-            raise ConfigError("--temperature must be > 0, --sampling-topp in (0, 1], --sampling-topk >= 0")
 
 
 @dataclass
@@ -406,17 +429,12 @@ class ExplainConfig(EvalConfig):
     dstore_data: str = opt(
         "", "prepared data directory of the datastore's split (shows the text around neighbours)", "--dstore-data"
     )
-    top: int = opt(8, "memory entries and competing tokens shown per token", "--top")
-    snippet: int = opt(8, "tokens of text shown on each side of a memory entry", "--snippet")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.top < 1 or self.snippet < 0:
-            raise ConfigError("--top must be >= 1 and --snippet >= 0")
+    top: int = opt(8, "memory entries and competing tokens shown per token", "--top", ge=1)
+    snippet: int = opt(8, "tokens of text shown on each side of a memory entry", "--snippet", ge=0)
 
 
 @dataclass
-class DatastoreConfig:
+class DatastoreConfig(Config):
     """Keys and values of every scored position of a split (spec §6.1)."""
 
     data: str = opt("", "prepared data directory")
@@ -434,14 +452,13 @@ class DatastoreConfig:
     hf_model: str = opt("", HF_MODEL_HELP, "--hf-model")
     gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
 
-    def __post_init__(self) -> None:
-        check_domains(self)
+    def check(self) -> None:
         check_device(self.device)
         check_hf(self.path, self.hf_model, self.gguf_file)
 
 
 @dataclass
-class IndexConfig:
+class IndexConfig(Config):
     """A faiss index over a datastore (spec §6.2)."""
 
     dstore: str = opt("", "datastore directory")
@@ -450,17 +467,14 @@ class IndexConfig:
     n_lists: int = opt(0, "IVF lists (0: sized from the datastore; the original used 4096)", "--ncentroids", ge=0)
     code_size: int = opt(0, "PQ sub-quantizers (0: the largest divisor of d up to 64)", "--code-size", ge=0)
     train_size: int = opt(1_000_000, "keys sampled to train the quantizers", "--train-size", ge=1)
-    seed: int = opt(1, "sampling seed", "--seed")
+    seed: int = opt(1, "sampling seed", "--seed", ge=0)
     chunk: int = opt(500_000, "keys added at a time", "--num-keys-to-add-at-a-time", ge=1)
     probe: int = opt(8, "default nprobe stored with the index", "--probe", ge=1)
     use_gpu: str = opt("auto", "build on a GPU when faiss has one", "--use-gpu", ("auto", "yes", "no"))
 
-    def __post_init__(self) -> None:
-        check_domains(self)
-
 
 @dataclass
-class ReproduceConfig:
+class ReproduceConfig(Config):
     """The main job's budget and grids (the [reproduce] table of a preset)."""
 
     max_update: int = opt(200, "updates per model (the same budget for every model)", ge=1)
@@ -489,17 +503,14 @@ class ReproduceConfig:
     softmax_temps: list[float] = opt(
         [0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0, 16.0, 32.0], "τ grid tuned on valid", gt=0
     )
-    lmbdas: list[float] = opt([0.05, 0.1, 0.2, 0.3, 0.4], "λ grid tuned on valid", ge=0)
+    lmbdas: list[float] = opt([0.05, 0.1, 0.2, 0.3, 0.4], "λ grid tuned on valid", ge=0, le=1)
     interp_temps: list[float] = opt([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], "kNN temperature grid tuned on valid", gt=0)
     train_tokens_per_s: float = opt(4000.0, "expected training speed, for the time estimate printed up front", gt=0)
     eval_tokens_per_s: float = opt(12000.0, "expected scoring speed (window tokens/s), for the estimate", gt=0)
 
-    def __post_init__(self) -> None:
-        check_domains(self)
-
 
 @dataclass
-class MTReproduceConfig:
+class MTReproduceConfig(Config):
     """The translation job's data, budget, memories and grids (the [reproduce] table of a translation preset)."""
 
     bpe_merges: int = opt(10000, "joint BPE merges learned on the training pairs", ge=1)
@@ -524,8 +535,22 @@ class MTReproduceConfig:
     test_sentences: int = opt(0, "decode at most this many valid/test sentences (0: all)", ge=0)
     train_tokens_per_s: float = opt(4500.0, "expected training speed (target tokens/s), for the estimate", gt=0)
 
-    def __post_init__(self) -> None:
-        check_domains(self)
+
+@dataclass
+class SweepConfig(Config):
+    """A grid of memory settings re-scored over cached neighbours (trime sweep, spec §5.4): the product
+    of the lists below, each item checked like the single flag of ``trime eval``."""
+
+    cache: str = opt("", "directory written by trime eval --save-neighbors")
+    softmax_temp: list[float] = opt([1.0], "memory temperatures τ", "--softmax-temp", gt=0)
+    lmbda: list[float] = opt([0.0], "interpolation weights λ", "--lmbda", ge=0, le=1)
+    interp_temp: list[float] = opt([1.0], "kNN temperatures T", "--interp-temp", gt=0)
+    k: list[int] = opt([], "neighbour counts, each capped at the cached k (empty: all of them)", "--k", ge=1)
+
+    def check(self) -> None:
+        for f in ("softmax_temp", "lmbda", "interp_temp"):
+            if not getattr(self, f):
+                raise ConfigError(f"--{f.replace('_', '-')} needs at least one value")
 
 
 def check_domains(cfg: Any) -> None:
@@ -537,19 +562,14 @@ def check_domains(cfg: Any) -> None:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
-            bad = (
-                (m.get("ge") is not None and not v >= m["ge"])
-                or (m.get("gt") is not None and not v > m["gt"])
-                or (m.get("lt") is not None and not v < m["lt"])
-                or v != v
-            )
-            if bad:
-                parts = [
-                    f">= {m['ge']:g}" if m.get("ge") is not None else "",
-                    f"> {m['gt']:g}" if m.get("gt") is not None else "",
-                ]
-                parts.append(f"< {m['lt']:g}" if m.get("lt") is not None else "")
-                raise ConfigError(f"{flag_name(f)} must be {' and '.join(x for x in parts if x)} (got {v})")
+            bounds = [(op, m[key]) for key, op in _BOUNDS if m.get(key) is not None]
+            if v != v or not all(_HOLDS[op](v, b) for op, b in bounds):
+                words = " and ".join(f"{op} {b:g}" for op, b in bounds) or "a number"
+                raise ConfigError(f"{flag_name(f)} must be {words} (got {v})")
+
+
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("lt", "<"), ("le", "<="))  # opt()'s keyword, the bound in words
+_HOLDS = {">=": operator.ge, ">": operator.gt, "<": operator.lt, "<=": operator.le}
 
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

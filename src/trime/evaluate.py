@@ -182,7 +182,7 @@ def _neighbor_writer(cfg: EvalConfig, dim: int):
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Score a split of ``cfg.data`` with the checkpoint ``cfg.path`` and the chosen memories."""
     if cfg.output_word_probs:
-        io.check_output_file(cfg.output_word_probs, "word-probabilities .npy", io.is_npy)
+        io.check_output_file(cfg.output_word_probs, io.WORD_PROBS)  # before the work, and again when written
     device = pick_device(cfg.device)
     model, model_cfg, ckpt_dir = load_model(
         cfg.path,
@@ -230,5 +230,6 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     level = read_data_meta(data_dir).get("level", "word")
     result = EvalResult(loss=loss, ppl=2**loss, n_tokens=n, level=level, log_probs=logp)
     if cfg.output_word_probs:
-        io.save_npy(cfg.output_word_probs, logp.astype(np.float32))
+        with io.output_file(cfg.output_word_probs, io.WORD_PROBS) as tmp, open(tmp, "wb") as f:
+            np.save(f, logp.astype(np.float32), allow_pickle=False)
     return result

@@ -11,9 +11,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,14 +200,42 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | Non
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_output_file(path: str | os.PathLike, what: str, is_own) -> None:
-    """Refuse to write the file ``path`` over a directory or over a file that ``is_own(path)`` does
-    not recognise as an earlier output of the same kind (a user's file is never overwritten)."""
+# --- single files the user names (--out report.html, --results-path, --output-word-probs ...) ------
+
+GENERATOR = "trime"  # the marker inside a file of ours, where its format has room for one
+HTML_MARKER = f'<meta name="generator" content="{GENERATOR}">'
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """A kind of single file a command writes at a path the user names, and how an earlier one of ours
+    is recognised: by a marker inside where the format has room for one (HTML and JSON reports), else by
+    its shape (a JSON list of ids, a .npy, fairseq's S-/T-/H-/D- lines), which a file the user keeps
+    under that name is not expected to have."""
+
+    what: str  # named in the refusal: "holds something that is not a {what}"
+    is_own: Callable[[Path], bool]
+
+
+def check_output_file(path: str | os.PathLike, kind: OutputKind) -> Path:
+    """Refuse (one line) to write the file ``path`` over a directory or over a file that is not an earlier
+    output of ``kind``; a user's file is never replaced. Call it before a long job, so that a path that
+    will be refused is refused before the work; :func:`output_file` checks again when it writes."""
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"{path}: is a directory, not a {what} file; choose another path")
-    if path.exists() and not is_own(path):
-        raise DataError(f"{path}: holds something that is not a {what}; refusing to overwrite it")
+        raise DataError(f"{path}: is a directory, not a {kind.what} file; choose another path")
+    if path.exists() and not kind.is_own(path):
+        raise DataError(f"{path}: holds something that is not a {kind.what}; refusing to overwrite it")
+    return path
+
+
+@contextlib.contextmanager
+def output_file(path: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
+    """The one way to write a file the user named: refuse what is not ours (:func:`check_output_file`),
+    then yield a temporary path that is renamed over ``path`` if the block succeeds (:func:`atomic_file`),
+    so the path holds the old file or the whole new one, never a part."""
+    with atomic_file(check_output_file(path, kind)) as tmp:
+        yield tmp
 
 
 def is_npy(path: Path) -> bool:
@@ -219,6 +249,54 @@ def is_id_list(path: Path) -> bool:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(obj, list) and all(type(i) is int for i in obj)
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def has_html_marker(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return HTML_MARKER.encode() in f.read(4096)  # it sits in <head>
+
+
+def has_json_marker(path: Path) -> bool:
+    try:
+        obj = json.loads(_text(path) or "null")
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("generator") == GENERATOR
+
+
+_HYPOTHESIS_LINE = re.compile(r"^[STHDP]-\d+\t")
+
+
+def is_hypotheses(path: Path) -> bool:
+    """Only fairseq-generate's lines (``S-0<tab>source``, ``H-0<tab>score<tab>text`` ...); an empty file too."""
+    text = _text(path)
+    return text is not None and all(_HYPOTHESIS_LINE.match(line) for line in text.splitlines() if line)
+
+
+def is_segments(path: Path) -> bool:
+    """BM25 segments: JSON lines ``{"id": 0, "contents": ...}`` from id 0 (the first line is looked at)."""
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        obj = json.loads(first) if first.strip() else {"id": 0, "contents": ""}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(obj, dict) and set(obj) == {"id", "contents"} and obj["id"] == 0
+
+
+BATCH_ORDER = OutputKind("batch order (JSON list of ids)", is_id_list)
+WORD_PROBS = OutputKind("word-probabilities .npy", is_npy)
+HTML_REPORT = OutputKind("trime HTML report", has_html_marker)
+JSON_REPORT = OutputKind("trime JSON report", has_json_marker)
+HYPOTHESES = OutputKind("results file (S-/T-/H-/D- lines)", is_hypotheses)
+SEGMENTS = OutputKind("segments file (JSON lines of id and contents)", is_segments)
 
 
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:

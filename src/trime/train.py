@@ -255,7 +255,7 @@ def run_differences(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, fie
         return []
     diff = ["model"] if old["model"] != to_dict(model_cfg) else []
     new = to_dict(cfg)
-    names = [k for k in new if k not in PATH_FIELDS] if fields is None else fields
+    names = [k for k in new if k not in PATH_FIELDS] if fields is None else [k for k in fields if k in new]
     default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # a field newer than the run: its default
     diff += ["--" + k.replace("_", "-") for k in names if old["train"].get(k, default.get(k)) != new.get(k)]
     before, now = old.get("inputs"), json.loads(json.dumps(run_inputs(cfg)))

@@ -183,7 +183,7 @@ def bm25_pair_order(data_dir, out_path, *, work_dir=None, seed: int = 1, top_k: 
     ``<unk>`` as UNKNOWNTOKENINREF and Moses-detokenised, is a document and its own query; hits are
     chained into one permutation of the pair ids (trime.data.bm25), written as a JSON list.
     Resumable through ``work_dir`` (default: OUT without suffix + .work)."""
-    out_path = Path(out_path)
+    out_path = io.check_output_file(out_path, io.BATCH_ORDER)  # before the work: a user's file is refused at once
     work = Path(work_dir) if work_dir else out_path.with_suffix(".work")
     work.mkdir(parents=True, exist_ok=True)
     meta = read_pairs_meta(data_dir)
@@ -203,7 +203,7 @@ def bm25_pair_order(data_dir, out_path, *, work_dir=None, seed: int = 1, top_k: 
     bm25.search(index, segments, results, top_k=top_k, num_shards=num_shards, n_threads=n_threads)
     hits = bm25.load_results(results, len(split))
     order = bm25.chain_order(hits, seed)
-    with atomic_file(out_path) as tmp:
+    with io.output_file(out_path, io.BATCH_ORDER) as tmp:
         tmp.write_text(json.dumps(order) + "\n")
     print(f"bm25 pairs: {len(split)} targets, {bm25.link_share(order, hits):.1%} of steps are BM25 hops -> {out_path}")
     return out_path
@@ -413,6 +413,8 @@ class TranslateResult:
 def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> TranslateResult:
     """Translate ``cfg.gen_subset`` of ``cfg.data`` with checkpoint ``cfg.path`` (module docstring)."""
     beam = beam or BeamConfig()
+    if cfg.results_path:
+        io.check_output_file(cfg.results_path, io.HYPOTHESES)  # before decoding, and again when written
     device = pick_device(cfg.device)
     src_dict, tgt_dict = load_pair_dictionaries(cfg.data)
     if Path(cfg.path).is_file() and cfg.path.endswith(".pt"):  # a fairseq translation checkpoint
@@ -465,6 +467,6 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
         refs = [split.target(i) for i in range(n)]
         bleu = bleu_of_texts(detoks, refs, tgt_dict, bpe=cfg.remove_bpe, detok=cfg.detok)  # D- lines' text
     if cfg.results_path:
-        with atomic_file(cfg.results_path) as tmp:
+        with io.output_file(cfg.results_path, io.HYPOTHESES) as tmp:
             tmp.write_text("\n".join(lines) + "\n")
     return TranslateResult(n, bleu, avg if math.isfinite(avg) else float("nan"), seconds, lines)

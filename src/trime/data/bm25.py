@@ -37,12 +37,14 @@ from trime.data.dictionary import Dictionary
 from trime.data.prepare import load_dictionary, load_split, read_data_meta
 from trime.errors import ConfigError, DataError
 from trime.io import (
+    BATCH_ORDER,
+    SEGMENTS,
     atomic_dir,
     atomic_file,
     check_output_file,
     is_complete,
-    is_id_list,
     load_npy,
+    output_file,
     read_json,
     read_meta,
     save_npy,
@@ -98,7 +100,7 @@ def write_segments(tokens: np.ndarray, symbols: Sequence[str], L: int, out_path:
 
     n_seg = len(segment_bounds(len(tokens), L))
     escaped = np.asarray([json.dumps(w, ensure_ascii=False)[1:-1] for w in symbols], dtype=object)
-    with atomic_file(out_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with output_file(out_path, SEGMENTS) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for s, text in tqdm(_joined(tokens, escaped, L), total=n_seg, desc="bm25 segments", unit="seg"):
             f.write(f'{{"id": {s}, "contents": "{text}"}}\n')  # = json.dumps, symbols escaped once
     return n_seg
@@ -558,7 +560,7 @@ def bm25_batches(
     finished step is reused. Writes the order as a JSON list of segment ids, prints a summary.
     """
     t0, out_path = time.time(), Path(out_path)
-    check_output_file(out_path, "batch order (JSON list of segment ids)", is_id_list)
+    check_output_file(out_path, BATCH_ORDER)  # before the work: a user's file there is refused at once
     work = Path(work_dir) if work_dir else out_path.with_suffix(".work")
     tokens, symbols = load_split(data_dir, "train"), list(load_dictionary(data_dir).symbols)
     n_seg = len(segment_bounds(len(tokens), tokens_per_sample))
@@ -571,7 +573,7 @@ def bm25_batches(
     search(index, segments, results, top_k=top_k, num_shards=num_shards, n_threads=n_threads)
     hits = load_results(results, n_seg)
     order = chain_order(hits, seed)
-    with atomic_file(out_path) as tmp:
+    with output_file(out_path, BATCH_ORDER) as tmp:
         tmp.write_text(json.dumps(order) + "\n")
     print(
         f"bm25 batches: {n_seg} segments of {tokens_per_sample} tokens, {link_share(order, hits):.1%} of steps "

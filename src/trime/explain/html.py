@@ -10,6 +10,8 @@ from __future__ import annotations
 import html
 import json
 
+from trime import io
+
 _CSS = r"""
 :root { --ink:#1f2328; --muted:#656d76; --line:#d8dee4; --bg:#f6f8fa; --card:#fff;
   --local:#2f81f7; --long:#8250df; --ext:#d4761c; --tok:#8c959f; --good:#1a7f37; --bad:#cf222e; }
@@ -233,6 +235,7 @@ document.body.dataset.ready = '1';
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+{generator}
 <title>{title}</title>
 <style>{css}</style></head>
 <body>
@@ -275,6 +278,7 @@ def render(report: dict) -> str:
     return _PAGE.format(
         title=html.escape(f"trime explain: {s['source']}"),
         sub=html.escape(sub),
+        generator=io.HTML_MARKER,  # how the next run recognises this page as ours (trime.io.output_file)
         css=_CSS,
         js=_JS,
         data=data,

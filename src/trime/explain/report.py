@@ -22,9 +22,9 @@ row gets the text around it; without, the report says which column it cannot sho
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -306,11 +306,13 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
 
 def explain(cfg: ExplainConfig) -> dict:
     """Write the HTML report (and the JSON with ``cfg.json``); returns the report's data."""
+    io.check_output_file(cfg.out, io.HTML_REPORT)  # both refused before the work if they are a user's
+    if cfg.json:
+        io.check_output_file(cfg.json, io.JSON_REPORT)
     report = explain_tokens(cfg)
     if cfg.json:
-        io.write_json(cfg.json, report)
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with io.atomic_file(out) as tmp:
+        with io.output_file(cfg.json, io.JSON_REPORT) as tmp:
+            tmp.write_text(json.dumps({"generator": io.GENERATOR, **report}, indent=2, sort_keys=True) + "\n")
+    with io.output_file(cfg.out, io.HTML_REPORT) as tmp:
         tmp.write_text(render(report), encoding="utf-8")
     return report

@@ -29,27 +29,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trime.config import opt
+from trime.config import Config, opt
 from trime.errors import ConfigError
 from trime.generate.combiners import Combiner, vanilla
 
 
 @dataclass
-class BeamConfig:
+class BeamConfig(Config):
     """fairseq-generate's search options (MT spec §9 "Common"; fairseq defaults)."""
 
-    beam: int = opt(5, "beam size K (1 = greedy)", "--beam")
-    lenpen: float = opt(1.0, "length penalty: final score = sum of log-probs / length^lenpen", "--lenpen")
-    max_len_a: float = opt(0.0, "max length = a · padded source length + b", "--max-len-a")
+    beam: int = opt(5, "beam size K (1 = greedy)", "--beam", ge=1)
+    lenpen: float = opt(1.0, "length penalty: final score = sum of log-probs / length^lenpen", "--lenpen", ge=0)
+    max_len_a: float = opt(0.0, "max length = a · padded source length + b", "--max-len-a", ge=0)
     max_len_b: int = opt(200, "max length = a · padded source length + b", "--max-len-b")
-    min_len: int = opt(1, "minimum length (eos excluded)", "--min-len")
-    nbest: int = opt(1, "hypotheses returned per sentence", "--nbest")
+    min_len: int = opt(1, "minimum length (eos excluded)", "--min-len", ge=0)
+    nbest: int = opt(1, "hypotheses returned per sentence", "--nbest", ge=1)
     unk_penalty: float = opt(0.0, "subtracted from the unk log-probability", "--unkpen")
     normalize_scores: bool = opt(True, "divide by length^lenpen (off = --unnormalized)")
 
-    def __post_init__(self) -> None:
-        if self.beam < 1 or self.nbest < 1 or self.nbest > self.beam:
-            raise ConfigError(f"need 1 <= nbest ({self.nbest}) <= beam ({self.beam})")
+    def check(self) -> None:
+        if self.nbest > self.beam:
+            raise ConfigError(f"--nbest {self.nbest} must be at most --beam {self.beam}")
 
 
 @dataclass

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trime.config import build, load_preset, opt
+from trime.config import Config, build, load_preset, opt
 from trime.errors import ConfigError
 from trime.model.adaptive import PlainSoftmax
 from trime.model.ops import attention, dropout
@@ -47,27 +47,27 @@ from trime.model.transformer import _linear, make_positions, sinusoidal_embeddin
 
 
 @dataclass
-class MTModelConfig:
+class MTModelConfig(Config):
     """fairseq ``transformer`` options (MT spec §3). Defaults: ``transformer_iwslt_de_en`` dims with the
     TRIME release's flags (post-norm encoder, pre-norm decoder + final LayerNorm, tied decoder embeddings)."""
 
     arch: str = opt("transformer_iwslt_de_en", "architecture name (informational; presets set it)")
-    encoder_layers: int = opt(6, "encoder layers", "--encoder-layers")
-    decoder_layers: int = opt(6, "decoder layers", "--decoder-layers")
-    encoder_embed_dim: int = opt(512, "encoder width", "--encoder-embed-dim")
-    decoder_embed_dim: int = opt(512, "decoder width d (= h's width)", "--decoder-embed-dim")
-    encoder_ffn_embed_dim: int = opt(1024, "encoder FFN width", "--encoder-ffn-embed-dim")
-    decoder_ffn_embed_dim: int = opt(1024, "decoder FFN width", "--decoder-ffn-embed-dim")
-    encoder_attention_heads: int = opt(4, "encoder attention heads", "--encoder-attention-heads")
-    decoder_attention_heads: int = opt(4, "decoder attention heads", "--decoder-attention-heads")
+    encoder_layers: int = opt(6, "encoder layers", "--encoder-layers", ge=1)
+    decoder_layers: int = opt(6, "decoder layers", "--decoder-layers", ge=1)
+    encoder_embed_dim: int = opt(512, "encoder width", "--encoder-embed-dim", ge=1)
+    decoder_embed_dim: int = opt(512, "decoder width d (= h's width)", "--decoder-embed-dim", ge=1)
+    encoder_ffn_embed_dim: int = opt(1024, "encoder FFN width", "--encoder-ffn-embed-dim", ge=1)
+    decoder_ffn_embed_dim: int = opt(1024, "decoder FFN width", "--decoder-ffn-embed-dim", ge=1)
+    encoder_attention_heads: int = opt(4, "encoder attention heads", "--encoder-attention-heads", ge=1)
+    decoder_attention_heads: int = opt(4, "decoder attention heads", "--decoder-attention-heads", ge=1)
     encoder_normalize_before: bool = opt(
         False, "pre-norm encoder layers + final LayerNorm", "--encoder-normalize-before"
     )
     decoder_normalize_before: bool = opt(True, "pre-norm decoder layers", "--decoder-normalize-before")
     decoder_final_norm: bool = opt(True, "final decoder LayerNorm when pre-norm (off = --no-decoder-final-norm)")
-    dropout: float = opt(0.3, "dropout after embeddings and sub-layers", "--dropout")
-    attention_dropout: float = opt(0.0, "dropout on attention probabilities", "--attention-dropout")
-    activation_dropout: float = opt(0.0, "dropout after the FFN ReLU", "--activation-dropout")
+    dropout: float = opt(0.3, "dropout after embeddings and sub-layers", "--dropout", ge=0, lt=1)
+    attention_dropout: float = opt(0.0, "dropout on attention probabilities", "--attention-dropout", ge=0, lt=1)
+    activation_dropout: float = opt(0.0, "dropout after the FFN ReLU", "--activation-dropout", ge=0, lt=1)
     share_decoder_input_output_embed: bool = opt(
         True, "tie the output matrix to the decoder input embedding", "--share-decoder-input-output-embed"
     )
@@ -75,20 +75,18 @@ class MTModelConfig:
         False, "one embedding for encoder input, decoder input and output (joined dictionary)", "--share-all-embeddings"
     )
     scale_embedding: bool = opt(True, "multiply token embeddings by sqrt(d) (off = --no-scale-embedding)")
-    max_source_positions: int = opt(1024, "longest source", "--max-source-positions")
+    max_source_positions: int = opt(1024, "longest source", "--max-source-positions", ge=1)
     max_target_positions: int = opt(
-        1024, "longest target (beam search caps max length at this - 1)", "--max-target-positions"
+        1024, "longest target (beam search caps max length at this - 1)", "--max-target-positions", ge=1
     )
-    src_vocab_size: int = opt(0, "source dictionary size (set from dict.<src>.txt when 0)")
-    tgt_vocab_size: int = opt(0, "target dictionary size (set from dict.<tgt>.txt when 0)")
+    src_vocab_size: int = opt(0, "source dictionary size (set from dict.<src>.txt when 0)", ge=0)
+    tgt_vocab_size: int = opt(0, "target dictionary size (set from dict.<tgt>.txt when 0)", ge=0)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for side in ("encoder", "decoder"):
             d, h = getattr(self, f"{side}_embed_dim"), getattr(self, f"{side}_attention_heads")
             if d % h:
                 raise ConfigError(f"{side}_embed_dim {d} is not divisible by {side}_attention_heads {h}")
-            if getattr(self, f"{side}_layers") < 1:
-                raise ConfigError(f"the {side} needs at least one layer")
         if self.share_all_embeddings:
             if self.encoder_embed_dim != self.decoder_embed_dim:
                 raise ConfigError("--share-all-embeddings needs equal encoder and decoder widths")
