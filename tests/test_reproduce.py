@@ -1,5 +1,6 @@
 """The main job at micro size: every artifact exists, the numbers equal the golden ones, a rerun resumes."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,11 +12,13 @@ import pytest
 from trime import io
 from trime.checkpoint import model_fingerprint
 from trime.data.prepare import data_fingerprint, read_data_meta
+from trime.errors import ConfigError
 from trime.pipelines.reproduce import SYSTEMS, VARIANTS, Pipeline, reproduce, slug
 
 from tests.fixtures import make_corpus
 
 
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_micro_pipeline(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_lines=300)
     out = tmp_path / "run"
@@ -73,6 +76,23 @@ def _check_stale_stages_are_redone(out: Path, corpus: Path, saved: dict, tmp_pat
     assert base["ppl"] != {s["name"]: s for s in saved["systems"]}[SYSTEMS[0].name]["test"]["ppl"]
 
 
+def test_training_settings_of_the_models(tmp_path):
+    """--seed reaches every model; the [reproduce] table's CE warm-up reaches the TRIME models only, and
+    ext_memory_segments gives TrimeLM_ext that many segments per forward pass with the update's tokens."""
+    p = Pipeline("micro", tmp_path / "run", str(make_corpus(tmp_path / "corpus", n_lines=120)), False, 3, seed=5)
+    p.prepare_data()
+    p.rc = dataclasses.replace(p.rc, ce_warmup_updates=2, ext_memory_segments=2)
+    ce, ext, long = p.train_cfg("ce"), p.train_cfg("trime_ext"), p.train_cfg("trime_long")
+    assert ce.seed == ext.seed == long.seed == 5
+    assert (ce.ce_warmup_updates, ext.ce_warmup_updates, long.ce_warmup_updates) == (0, 2, 2)
+    assert (ext.max_tokens, ext.update_freq) == (2 * p.L, ce.max_tokens * ce.update_freq // (2 * p.L))
+    assert (long.max_tokens, long.update_freq) == (ce.max_tokens, ce.update_freq)
+    p.rc = dataclasses.replace(p.rc, ext_memory_segments=3)
+    with pytest.raises(ConfigError, match="ext_memory_segments 3"):
+        p.train_cfg("trime_ext")
+
+
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_budget_study(tmp_path):
     """Two budgets and every variant: each model is trained once, through 3 then 6 updates, and its copy
     at 6 has the weights of a 6-update run from scratch; each budget is evaluated on its own; the study

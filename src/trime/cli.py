@@ -168,13 +168,6 @@ def cmd_index(ns: argparse.Namespace) -> None:
     print(f"| index in {path}")
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected comma-separated numbers, e.g. 0.8,1.0,1.2") from None
-
-
 def _budgets(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x]
@@ -188,10 +181,11 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_sweep(ns: argparse.Namespace) -> None:
-    grid = {"softmax_temp": ns.softmax_temp, "lmbda": ns.lmbda, "interp_temp": ns.interp_temp}
-    if ns.k:
-        grid["k"] = [int(k) for k in ns.k]
-    rows = sweep(NeighborCache.load(ns.cache), grid)
+    cfg = C.build(C.SweepConfig, {"cache": ns.cache}, C.overrides_from_args(ns, C.SweepConfig))
+    grid = {"softmax_temp": cfg.softmax_temp, "lmbda": cfg.lmbda, "interp_temp": cfg.interp_temp}
+    if cfg.k:
+        grid["k"] = cfg.k
+    rows = sweep(NeighborCache.load(cfg.cache), grid)
     print("| softmax_temp | lmbda | interp_temp |    k | loss (base 2) |    ppl |")
     for r in rows:
         print(
@@ -237,20 +231,16 @@ def cmd_bm25(ns: argparse.Namespace) -> None:
         )
     elif step == "chain":
         n = io.read_meta(ns.index, "bm25_index")["n_segments"]
-        io.check_output_file(ns.out, "batch order (JSON list of segment ids)", io.is_id_list)
-        io.write_json(ns.out, bm25.chain(ns.results, n, seed=ns.seed))
+        io.check_output_file(ns.out, io.BATCH_ORDER)
+        order = bm25.chain(ns.results, n, seed=ns.seed)
+        with io.output_file(ns.out, io.BATCH_ORDER) as tmp:
+            tmp.write_text(json.dumps(order) + "\n")
         print(f"| order of {n} segments in {ns.out}")
 
 
 def cmd_convert(ns: argparse.Namespace) -> None:
     out = convert(ns.checkpoint, ns.out, dict_path=ns.dict, trust=ns.trust_checkpoint)
     print(f"| trime checkpoint in {out}")
-
-
-MT_SKIP = (
-    "data", "tokens_per_sample", "knn_keytype", "keep_order", "train_mem_size", "cross_sent_ratio",
-    "simulate_ranks", "chunk_size", "max_valid_tokens", "hf_model", "gguf_file",
-)  # fmt: skip  # language-model fields of TrainConfig that translation training does not use
 
 
 def _mt_preset(ns: argparse.Namespace) -> dict:
@@ -316,6 +306,7 @@ def cmd_reproduce(ns: argparse.Namespace) -> None:
         char_level=ns.char_level,
         max_update=ns.max_update,
         variants=list(VARIANTS) if ns.variants == ["all"] else ns.variants,
+        seed=ns.seed,
     )
 
 
@@ -443,10 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", help="re-score cached neighbours (trime eval --save-neighbors) over a grid of τ, λ, T, k"
     )
     sw.add_argument("cache", help="directory written by trime eval --save-neighbors")
-    sw.add_argument("--softmax-temp", type=_floats, default=[1.0], help="memory temperatures τ")
-    sw.add_argument("--lmbda", type=_floats, default=[0.0], help="interpolation weights λ")
-    sw.add_argument("--interp-temp", type=_floats, default=[1.0], help="kNN temperatures T")
-    sw.add_argument("--k", type=_floats, default=None, help="neighbour counts (at most the cached k)")
+    C.add_arguments(sw, C.SweepConfig, skip=("cache",))
     sw.set_defaults(func=cmd_sweep)
 
     bm = sub.add_parser("bm25", help="BM25 batch order for trime_ext (--predefined-batches)")
@@ -503,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", help='mt_cpu, transformer_iwslt_de_en, or a .toml path with task = "translation"')
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     C.add_arguments(t, MTModelConfig, skip=("src_vocab_size", "tgt_vocab_size"))
-    C.add_arguments(t, C.MTTrainConfig, skip=MT_SKIP)
+    C.add_arguments(t, C.MTTrainConfig, skip=("data",))
     t.set_defaults(func=cmd_mt_train)
     d = mts.add_parser(
         "datastore", help="teacher-forced decoder states over a split's targets (then trime index build)"
@@ -554,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_names,
         default=[],
         help=f"more models that test an explanation, comma-separated or all: {', '.join(VARIANTS)}",
+    )
+    r.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="training seed of every model (default: the preset's); the same job with another seed in another "
+        "--out measures the run-to-run noise of each row",
     )
     r.set_defaults(func=cmd_reproduce)
     return p

@@ -153,11 +153,12 @@ class Pipeline:
         char_level: bool,
         budgets: list[int] | int = 0,
         variants: list[str] | tuple[str, ...] = (),
+        seed: int | None = None,
     ):
         p = C.load_preset(preset)
         self.preset, self.out, self.corpus, self.char_level = preset, out, corpus, char_level
         self.model_cfg = C.build(C.ModelConfig, p.get("model", {}), source=preset)
-        self.train_layer = p.get("train", {})
+        self.train_layer = {**p.get("train", {}), **({} if seed is None else {"seed": seed})}
         self.eval_layer = p.get("eval", {})
         budgets = [budgets] if isinstance(budgets, int) else list(budgets)
         if any(b < 0 for b in budgets):
@@ -490,6 +491,7 @@ def run_budget(p: Pipeline, preset: str, corpus: str) -> dict:
         "corpus": corpus,
         "max_update": p.rc.max_update,
         "epochs": epochs_of(p, p.rc.max_update),
+        "seed": C.build(C.TrainConfig, p.train_layer).seed,
         "config": {"model": C.to_dict(p.model_cfg), "reproduce": dataclasses.asdict(p.rc)},
         "systems": [],
     }
@@ -523,8 +525,10 @@ def reproduce(
     char_level: bool = False,
     max_update: int | list[int] = 0,
     variants: list[str] | tuple[str, ...] = (),
+    seed: int | None = None,
 ) -> dict:
     """Run (or resume) the whole pipeline; returns the results dictionary also written to results.json.
+    ``seed``: every model's training seed (None: the preset's).
 
     With several budgets (``max_update=[200, 500, 1000]``) every model is trained once, through the
     budgets in increasing order (a larger budget continues a smaller one when the learning-rate schedule
@@ -532,7 +536,7 @@ def reproduce(
     budget is evaluated in ``out/budget-N`` and the study (study.json / study.md / study.png, test
     perplexity against budget) is written after each. Returns the largest budget's results."""
 
-    p = Pipeline(preset, Path(out), corpus, char_level, max_update, variants)
+    p = Pipeline(preset, Path(out), corpus, char_level, max_update, variants, seed)
     p.prepare_data()
     budgets = ", ".join(map(str, p.budgets))
     stores = len({s.dstore for s in p.systems if s.dstore})
