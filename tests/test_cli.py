@@ -20,6 +20,7 @@ def assert_user_error(proc, words):
     assert words in lines[0], lines[0]
 
 
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_micro_workflow_end_to_end(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_lines=200)
     assert trime("data", "prepare", corpus, "--out", tmp_path / "data").returncode == 0
@@ -72,6 +73,7 @@ def test_train_without_data(tmp_path):
     assert_user_error(trime("train", tmp_path / "nodata", "--preset", "micro", "--save-dir", tmp_path / "r"), "nodata")
 
 
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_checkpoint_without_config(tmp_path):
     corpus = make_corpus(tmp_path / "c", n_lines=30)
     assert trime("data", "prepare", corpus, "--out", tmp_path / "d").returncode == 0
@@ -91,6 +93,7 @@ def test_bad_flag_combinations(tmp_path, flags, words):
     assert_user_error(trime("train", tmp_path, "--preset", "micro", *flags), words)
 
 
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_bm25_batches_feed_trime_ext(tmp_path):
     import json
 
@@ -133,6 +136,7 @@ def test_bm25_batches_feed_trime_ext(tmp_path):
     assert_user_error(p, "short.json")
 
 
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_prepare_translation_pairs(tmp_path):
     """`trime data prepare` of a pair corpus equals the library's prepare_pairs (itself checked against
     fairseq-preprocess in tests/data/test_pairs.py); a missing target side is one clear line."""

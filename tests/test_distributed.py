@@ -289,5 +289,6 @@ def test_two_real_ranks_equal_two_simulated_ranks(tmp_path):
     _check_simulation(_run(_sim_worker, 2, tmp_path))
 
 
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_four_real_ranks_equal_four_simulated_ranks(tmp_path):
     _check_simulation(_run(_sim_worker, 4, tmp_path))

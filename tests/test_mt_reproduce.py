@@ -25,6 +25,7 @@ def _corpus(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_micro_translation_job(tmp_path):
     corpus, out = _corpus(tmp_path / "corpus"), tmp_path / "run"
     res = mt_reproduce("mt_micro", out, str(corpus), source_lang="es", target_lang="en")

@@ -98,6 +98,7 @@ def test_ce_warmup_in_updates(data, tmp_path):
             assert x["mem_score_mean"] <= x["mem_score_max"]
 
 
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_torchrun_two_processes_long_memory(data, tmp_path):
     """`torchrun -m trime train` with 2 gloo ranks gathering long memory (spec §3.2), adaptive softmax
     (whose rare tail clusters may get no gradient in a step)."""

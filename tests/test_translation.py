@@ -140,6 +140,7 @@ def test_trime_mt_training_runs_and_ce_warmup_switches(pairs, tmp_path):
     assert all(not u and loss != ce for loss, ce, u in losses(released))
 
 
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_mt_datastore_and_decoding_with_memory(pairs, tmp_path):
     """The training-set datastore has one row per target token holding the teacher-forced h; decoding
     with it in knn mode at λ = 0 gives exactly the vanilla translations; trime modes run."""
