@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--allow-empty", action="store_true", help="keep empty lines as fairseq does (default: an error)")
     pr.set_defaults(func=cmd_prepare)
 
-    t = sub.add_parser("train", help="train a language model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train a language model")
     t.add_argument("data", help="prepared data directory")
     t.add_argument("--preset", help="a preset name (shipped in trime/configs) or a .toml path (model and train tables)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -111,11 +111,12 @@ def plot_training(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(11, 5.6), dpi=100)
+    color = {name: f"C{i}" for i, name in enumerate(results["training"])}  # one colour per model in every panel
     for ax, (key, title) in zip(axes.flat, TRAINING_PANELS):
         for name, rows in results["training"].items():
             pts = [(r["update"], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
             if pts:
-                ax.plot(*zip(*pts), label=name, lw=1.2)
+                ax.plot(*zip(*pts), label=name, lw=1.2, color=color[name])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("update", fontsize=8)
         ax.tick_params(labelsize=7)
