@@ -119,7 +119,7 @@ def test_memory_diagnostics_equal_loops():
     """The training log's memory diagnostics, against per-entry loops over the visible entries (every
     row is sampled: the batch has fewer rows than DIAG_ROWS)."""
     out, y, head = _batch(B=3, L=6, d=4, seed=6)
-    res = compute_loss("trime_long", out, y, head)
+    res = compute_loss("trime_long", out, y, head, diagnose=True)
     d = diagnostics_record(res.diag)
     N = y.numel()
     h, q, t = out.h.detach().reshape(N, -1), out.q.detach().reshape(N, -1), y.reshape(N)
@@ -141,8 +141,8 @@ def test_memory_diagnostics_equal_loops():
     assert d["mem_score_max"] == pytest.approx(max(scores), rel=1e-5)
     assert d["mem_cos"] == pytest.approx(sum(coss) / len(coss), rel=1e-5, abs=1e-6)
     assert d["key_norm"] == pytest.approx(float(q.norm(dim=1).mean()), rel=1e-5)
-    assert compute_loss("trime_long", out, y, head, training=False).diag is None
-    assert compute_loss("trime_long", out, y, head, use_ce=True).diag is None
+    assert compute_loss("trime_long", out, y, head).diag is None  # only when asked: the logged updates
+    assert compute_loss("trime_long", out, y, head, use_ce=True, diagnose=True).diag is None
 
 
 def test_trime_ext_never_hides_in_evaluation_and_draws_from_the_generator():
@@ -405,8 +405,8 @@ def test_trime_mt_gradient_reaches_only_this_ranks_keys():
 def test_one_simulated_rank_is_the_plain_loss(crit):
     out, y, head = _batch(B=4, L=3, seed=13)
     params = [out.h, out.q, head.proj.weight]
-    plain = compute_loss(LossSettings(crit, cross_sent_ratio=0.0), out, y, head)
-    one = compute_loss(LossSettings(crit, cross_sent_ratio=0.0, simulate_ranks=1), out, y, head)
+    plain = compute_loss(LossSettings(crit, cross_sent_ratio=0.0), out, y, head, diagnose=True)
+    one = compute_loss(LossSettings(crit, cross_sent_ratio=0.0, simulate_ranks=1), out, y, head, diagnose=True)
     assert torch.equal(one.loss, plain.loss) and torch.equal(one.diag, plain.diag)
     assert one.own_hidden == plain.own_hidden
     for a, b in zip(torch.autograd.grad(one.loss, params), torch.autograd.grad(plain.loss, params)):
@@ -491,14 +491,14 @@ def test_simulated_trime_ext_draws_one_coin_per_rank_in_rank_order():
     settings = LossSettings("trime_ext", cross_sent_ratio=0.5, simulate_ranks=W)
     seed = next(s for s in range(100) if 0 < sum(_coins(s, W)) < W)  # some ranks hide, some do not
     hides = _coins(seed, W)
-    res = compute_loss(settings, out, y, head, generator=torch.Generator().manual_seed(seed))
+    res = compute_loss(settings, out, y, head, generator=torch.Generator().manual_seed(seed), diagnose=True)
     q, t = out.q.reshape(W * n, -1), y.reshape(-1)
     streams = [(q[r * n : (r + 1) * n], t[r * n : (r + 1) * n]) for r in range(W)]
     loss, diag = 0.0, None
     for r in range(W):
         mine = Out(out.h[r : r + 1], out.q[r : r + 1])
         one = LossSettings("trime_ext", cross_sent_ratio=float(hides[r]))
-        part = compute_loss(one, mine, y[r : r + 1], head, gather=_fake_gather(streams, r))
+        part = compute_loss(one, mine, y[r : r + 1], head, gather=_fake_gather(streams, r), diagnose=True)
         loss += part.loss.item()
         d = part.diag
         diag = d if diag is None else torch.cat([diag[:-1] + d[:-1], torch.maximum(diag[-1:], d[-1:])])

@@ -132,7 +132,7 @@ def memory_diagnostics(
         s = (qr @ k.T) * scale  # (n, M)
         cos = F.normalize(qr, dim=1) @ F.normalize(k, dim=1).T  # (n, M)
         n_vis = vis.sum()
-        top = s.masked_fill(~vis, float("-inf")).max() if n_vis else s.new_tensor(float("nan"))
+        top = s.masked_fill(~vis, float("-inf")).amax() if s.numel() else s.new_tensor(float("-inf"))
         norms = k.norm(dim=1)  # (M,)
     sums = [share[keep].sum(), keep.sum(), s[vis].sum(), cos[vis].sum(), n_vis, norms.sum(), norms.numel(), top]
     return torch.stack([torch.as_tensor(x, dtype=torch.float64, device=q.device) for x in sums])
@@ -148,7 +148,7 @@ def diagnostics_record(sums: Tensor) -> dict[str, float]:
     return {
         "mem_share": div(d["mem_share"], d["n_rows"]),
         "mem_score_mean": div(d["mem_score"], d["n_entries"]),
-        "mem_score_max": d["mem_score_max"],
+        "mem_score_max": d["mem_score_max"] if d["n_entries"] else float("nan"),
         "mem_cos": div(d["mem_cos"], d["n_entries"]),
         "key_norm": div(d["key_norm"], d["n_keys"]),
     }
@@ -165,6 +165,7 @@ def compute_loss(
     training: bool = True,
     generator: torch.Generator | None = None,
     seg_ids: Tensor | None = None,
+    diagnose: bool = False,
 ) -> LossOutput:
     """The loss of ``settings.criterion`` (a criterion name for the defaults) for B segments of L
     targets (spec §2, §3, §4).
@@ -176,6 +177,8 @@ def compute_loss(
     probability ``cross_sent_ratio`` per call (drawn from ``generator``), only when ``training``.
     seg_ids (B,): dataset ids of the rows (on the CPU); trime_ext refuses a batch that holds one
     segment twice (the copy would show the own segment's future).
+    diagnose: also return the memory diagnostics (``diag``, DIAG_SUMS) when a memory is used; the trainer
+    asks on the updates it logs only, so that other updates pay nothing for them.
     ``settings.simulate_ranks`` W > 1: the batch is W ranks' batches (module docstring); own_hidden
     is then True when any rank hid its own segment, and diag adds the ranks' sums (max of the max).
     """
@@ -193,7 +196,6 @@ def compute_loss(
         raise ConfigError(f"--simulate-ranks {W} must divide the {B} segments per batch")
     if W > 1 and W * c < B:
         raise ConfigError(f"a batch of {B} segments is more than {W} simulated ranks of {c} segments")
-    cuts = [min(r * c, B) * L for r in range(W + 1)]  # row offsets of the ranks' chunks
     N = B * L
     y = targets.reshape(N)  # (N,)
     keep = y != s.pad  # (N,)
@@ -205,11 +207,10 @@ def compute_loss(
     else:
         q = select_keys(out, s.keytype).reshape(N, -1)  # (N, d)
         if W == 1 or s.criterion == "trime":  # local memory lies inside each segment: ranks change nothing
-            W, gathers = 1, [gather]
+            gathers, cuts = [gather], [0, N]
         else:
+            cuts = [min(r * c, B) * L for r in range(W + 1)]  # row offsets of the ranks' chunks
             gathers = simulated_gathers(q, y, cuts, s.simulate_group or W)
-        if W == 1:
-            cuts = [0, N]
         parts, hides = [], []
         for r, g in enumerate(gathers):  # in rank order: trime_ext draws rank r's coin r-th
             if cuts[r] == cuts[r + 1]:
@@ -217,7 +218,9 @@ def compute_loss(
             rows = slice(cuts[r], cuts[r + 1])
             b = (cuts[r + 1] - cuts[r]) // L
             ids = None if seg_ids is None else seg_ids[cuts[r] // L : cuts[r + 1] // L]
-            lp, hidden, d = _rank_log_p(s, q[rows], y[rows], tlp[rows], tln[rows], b, L, g, training, generator, ids)
+            lp, hidden, d = _rank_log_p(
+                s, q[rows], y[rows], tlp[rows], tln[rows], b, L, g, training, generator, ids, diagnose
+            )
             parts.append(lp)
             hides.append(hidden)
             diag = add_diagnostics(diag, d)
@@ -240,17 +243,17 @@ def _rank_log_p(
     training: bool,
     generator: torch.Generator | None,
     seg_ids: Tensor | None,
+    diagnose: bool,
 ) -> tuple[Tensor, bool | None, Tensor | None]:
     """log p(y) (N,) of one rank's rows under the joint softmax with its memory, whether it hid its
-    own segment (trime_ext), and its memory diagnostics (training only)."""
+    own segment (trime_ext), and its memory diagnostics (when ``diagnose``)."""
     setup = _memory_setup(s, q, y, B, L, gather, training, generator, seg_ids)
     scale = score_scale(q.shape[-1])
     lzc, lzpos = memory_stats(q, setup.keys, setup.values, y, setup.visible, scale, s.chunk_size)
-    keep = y != s.pad
     diag = None
-    if training and keep.any():
+    if diagnose:  # on every rank alike, scored rows or not: the trainer all-reduces the sums
         diag = memory_diagnostics(
-            q.detach(), setup.keys.detach(), setup.visible, tln.detach(), lzc.detach(), keep, scale
+            q.detach(), setup.keys.detach(), setup.visible, tln.detach(), lzc.detach(), y != s.pad, scale
         )
     return combine(tlp, tln, lzc, lzpos), setup.own_hidden, diag
 

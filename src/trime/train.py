@@ -89,7 +89,12 @@ class Objective(torch.nn.Module):
         self.generator = torch.Generator().manual_seed(seed + 7919 * dist.rank())
 
     def forward(
-        self, inputs: torch.Tensor, targets: torch.Tensor, seg_ids: torch.Tensor | None = None, use_ce: bool = False
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        seg_ids: torch.Tensor | None = None,
+        use_ce: bool = False,
+        diagnose: bool = False,
     ):
         res = compute_loss(
             self.settings,
@@ -101,6 +106,7 @@ class Objective(torch.nn.Module):
             training=self.training,
             generator=self.generator,
             seg_ids=seg_ids,
+            diagnose=diagnose,
         )
         return res.loss, res.n_targets.to(res.loss.dtype), res.ce_sum, res.diag
 
@@ -463,7 +469,8 @@ class _Loop:
             while p.batches_done + cfg.update_freq <= len(batches) and not self.done(p):
                 group_ids = batches[p.batches_done : p.batches_done + cfg.update_freq]
                 use_ce = p.epoch <= cfg.ce_warmup_epoch or p.updates < cfg.ce_warmup_updates
-                stats = self.update(group_ids, use_ce=use_ce, p=p)
+                logged = (p.updates + 1) % cfg.log_interval == 0
+                stats = self.update(group_ids, use_ce=use_ce, p=p, diagnose=logged and not use_ce)
                 p.batches_done += cfg.update_freq
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
@@ -505,7 +512,7 @@ class _Loop:
         p.batches_done = 0
         self.save(p, best=improved)
 
-    def update(self, group_ids, use_ce: bool, p: Progress) -> dict:
+    def update(self, group_ids, use_ce: bool, p: Progress, diagnose: bool = False) -> dict:
         cfg, run, data = self.cfg, self.parts, self.data
         t0 = time.time()
         lr = run.lr_at(p.updates)
@@ -517,7 +524,7 @@ class _Loop:
             sync = k == len(group_ids) - 1
             with nullcontext() if sync else dist.no_sync(run.wrapped):
                 with autocast(data.device, run.amp):
-                    loss, n, ce, *more = run.wrapped(**tensors, use_ce=use_ce)
+                    loss, n, ce, *more = run.wrapped(**tensors, use_ce=use_ce, diagnose=diagnose)
                 run.scaler.scale(loss).backward()
             totals += torch.stack([loss.detach().double(), n.double(), ce.double()])
             if more:

@@ -160,7 +160,8 @@ class MTObjective(torch.nn.Module):
         self.gather = dist.make_group_gather(dist.world_size()) if trime is not None and dist.world_size() > 1 else None
         self.generator = torch.Generator().manual_seed(seed + 7919 * dist.rank())  # saved and restored with the run
 
-    def forward(self, src_tokens, prev_output_tokens, target, use_ce: bool = False):
+    def forward(self, src_tokens, prev_output_tokens, target, use_ce: bool = False, diagnose: bool = False):
+        # diagnose: asked by the shared training loop on logged updates; translation logs no memory diagnostics
         if self.trime is not None:
             out = self.model(src_tokens, prev_output_tokens)
             res = compute_mt_loss(self.trime, out, target, self.model.head, use_ce=use_ce, gather=self.gather)
