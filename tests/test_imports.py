@@ -22,6 +22,7 @@ LEVELS = {
     "trime.checkpoint": 2,
     "trime.memory": 3,
     "trime.losses": 4,
+    "trime.jobs": 4,
     "trime.train": 5,
     "trime.evaluate": 5,
     "trime.datastore_build": 5,

@@ -34,12 +34,12 @@ import torch
 from tqdm import tqdm
 
 from trime import io
-from trime.checkpoint import checkpoint_dictionary, load_model, model_fingerprint, resolve
+from trime.checkpoint import model_fingerprint, resolve
 from trime.config import EvalConfig
 from trime.data.batching import Batch, make_batch
-from trime.data.blocks import eval_windows
-from trime.data.prepare import check_vocabulary, data_fingerprint, load_split, read_data_meta, special_ids
-from trime.device import autocast, autocast_dtype, pick_device
+from trime.data.prepare import data_fingerprint, read_data_meta
+from trime.device import autocast, autocast_dtype
+from trime.jobs import open_model
 from trime.memory import masks
 from trime.memory.cache import MemoryFIFO
 from trime.memory.external import ExternalMemory
@@ -183,27 +183,13 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     """Score a split of ``cfg.data`` with the checkpoint ``cfg.path`` and the chosen memories."""
     if cfg.output_word_probs:
         io.check_output_file(cfg.output_word_probs, io.WORD_PROBS)  # before the work, and again when written
-    device = pick_device(cfg.device)
-    model, model_cfg, ckpt_dir = load_model(
-        cfg.path,
-        device=device,
-        trust=cfg.trust_checkpoint,
-        hf_model=cfg.hf_model,
-        gguf_file=cfg.gguf_file,
-        keytype=cfg.knn_keytype,
-    )
-    data_dir = Path(cfg.data)
-    check_vocabulary(data_dir, model_cfg.vocab_size, checkpoint_dictionary(ckpt_dir))
-    pad, eos = special_ids(data_dir)
-    tokens = load_split(data_dir, cfg.gen_subset)
-    if cfg.max_eval_tokens:
-        tokens = tokens[: cfg.max_eval_tokens]
-    L = cfg.tokens_per_sample or model_cfg.max_positions
-    windows = eval_windows(tokens, L, cfg.context_window, cfg.sample_break_mode, eos)
+    job = open_model(cfg, data=cfg.data)
+    model, model_cfg, device = job.model, job.model_cfg, job.device
+    pad, eos = job.pad_eos
+    tokens = job.split(cfg.gen_subset, cfg.max_eval_tokens)
+    windows = job.windows(tokens, cfg.sample_break_mode)
     batch_size = 1 if cfg.use_long else cfg.batch_size
-    external = None
-    if cfg.use_external or cfg.use_interp:
-        external = ExternalMemory.of(cfg, model_cfg, model_fingerprint(ckpt_dir))
+    external = job.external()
     amp = autocast_dtype(cfg.amp, device)
     out = []
     with _neighbor_writer(cfg, model_cfg.d_model) as writer:
@@ -227,7 +213,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     logp = torch.cat(out).numpy() if out else np.zeros(0, np.float32)
     n = len(logp)
     loss = float(-logp.astype(np.float64).sum() / max(n, 1) / LN2)
-    level = read_data_meta(data_dir).get("level", "word")
+    level = read_data_meta(cfg.data).get("level", "word")
     result = EvalResult(loss=loss, ppl=2**loss, n_tokens=n, level=level, log_probs=logp)
     if cfg.output_word_probs:
         with io.output_file(cfg.output_word_probs, io.WORD_PROBS) as tmp, open(tmp, "wb") as f:
