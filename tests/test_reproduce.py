@@ -7,6 +7,7 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trime import io
@@ -36,7 +37,12 @@ def test_micro_pipeline(tmp_path):
             assert math.isfinite(s[split]["ppl"]) and s[split]["ppl"] > 1 and s[split]["n_tokens"] > 0
     for pts in saved["memory_curve"].values():
         assert all(math.isfinite(p) for _, p in pts)
-    assert set(saved["claims"]) and all(isinstance(v, bool) for v in saved["claims"].values())
+    verdicts = {"holds", "does NOT hold", "not shown"}
+    assert set(saved["claims"]) and set(saved["claims"].values()) <= verdicts
+    for o in saved["orderings"]:  # each tested by the paired bootstrap over the kept per-token scores
+        assert 0 <= o["p_value"] <= 1 and o["spread"].startswith("difference 95% CI")
+    for s in saved["systems"]:
+        assert len(np.load(out / s["test"]["word_probs"])) == s["test"]["n_tokens"]
     _check_golden(out, saved)
 
     stamp = (out / "models" / "ce" / "checkpoint_last" / "meta.json").stat().st_mtime

@@ -533,6 +533,9 @@ class MTReproduceConfig(Config):
     max_len_a: float = opt(1.2, "max length = a · source length + b", ge=0)
     max_len_b: int = opt(10, "max length = a · source length + b", ge=0)
     test_sentences: int = opt(0, "decode at most this many valid/test sentences (0: all)", ge=0)
+    bleu_floor: float = opt(
+        10.0, "test BLEU a system needs for its orderings to be shown (below it, it does not translate yet)", ge=0
+    )
     train_tokens_per_s: float = opt(4500.0, "expected training speed (target tokens/s), for the estimate", gt=0)
 
 

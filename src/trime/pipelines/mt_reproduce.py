@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,10 +36,12 @@ from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
 from trime.data.pairs import corpus_files, load_pair_dictionaries, prepare_pairs, read_pairs_meta
 from trime.errors import ConfigError
 from trime.generate.beam import BeamConfig
+from trime.generate.text import detokenize
 from trime.memory.datastore import build_mismatch
 from trime.memory.index import build_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
+from trime.pipelines.confidence import ALPHA, Ordering, paired_bleu, verdict
 from trime.pipelines.report import plot_bars
 from trime.pipelines.reproduce import BUDGET_FREE, claim_out, corpus_dir, plain, slug
 from trime.train import PATH_FIELDS, run_differences
@@ -307,9 +310,41 @@ class MTPipeline:
         return row
 
 
-def claims(results: dict) -> list[tuple[str, bool]]:
-    t = {r["name"]: r["test"]["bleu"] for r in results["systems"]}
-    return [(f"{a} > {b}", t[a] > t[b]) for a, b in CLAIMS if a in t and b in t]
+def read_results(path: Path) -> tuple[list[str], list[str]]:
+    """(hypotheses, references) of a results file as its BLEU scored them: the D- lines' text, and the
+    T- lines Moses-detokenised (trime mt generate's --detok moses, the job's setting)."""
+    hyps: dict[int, str] = {}
+    refs: dict[int, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        tag, _, rest = line.partition("-")
+        if tag in ("D", "T"):
+            i, _, text = rest.partition("\t")
+            if tag == "D":
+                hyps[int(i)] = text.split("\t", 1)[1] if "\t" in text else ""
+            else:
+                refs[int(i)] = text
+    n = len(refs)
+    return [hyps[i] for i in range(n)], detokenize([refs[i] for i in range(n)])
+
+
+def orderings(results: dict, out: Path) -> list[Ordering]:
+    """The paper's orderings on test BLEU, each with sacreBLEU's paired bootstrap verdict
+    (trime.pipelines.confidence) over the hypotheses kept under ``out``; a system under the job's BLEU
+    floor has not learned to translate, so its orderings are not shown."""
+    t = {r["name"]: r["test"] for r in results["systems"]}
+    floor = results["config"]["reproduce"].get("bleu_floor")
+    found = []
+    for a, b in CLAIMS:
+        if a not in t or b not in t:
+            continue
+        files = [out / "evals" / f"{slug(x)}.test.out" for x in (a, b)]  # as MTPipeline.score writes them
+        if all(f.exists() for f in files):
+            (ha, refs), (hb, _) = read_results(files[0]), read_results(files[1])
+            p, spread = paired_bleu(ha, hb, refs)
+        else:
+            p, spread = math.nan, "no hypotheses kept"
+        found.append(verdict(f"{a} > {b}", t[a]["bleu"], t[b]["bleu"], p, spread, higher_is_better=True, floor=floor))
+    return found
 
 
 def table(results: dict) -> str:
@@ -333,11 +368,17 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write_report(results: dict, out: Path) -> None:
-    checks = claims(results)
-    results["claims"] = {c: ok for c, ok in checks}
+    checks = orderings(results, out)
+    results["claims"] = {o.claim: o.verdict for o in checks}
+    results["orderings"] = [o.to_dict() for o in checks]
+    floor = results["config"]["reproduce"].get("bleu_floor")
     text = [f"# trime mt reproduce: {results['corpus']}, preset {results['preset']}", "", table(results), ""]
-    text += ["Claims of the paper, on test BLEU:", ""]
-    text += [f"- {'holds' if ok else 'does NOT hold'}: {c}" for c, ok in checks]
+    text += [
+        f"Claims of the paper, on test BLEU (sacreBLEU's paired bootstrap; an ordering within the noise, p ≥ "
+        f"{ALPHA:g}, or of a system under {floor:g} BLEU is not shown):",
+        "",
+    ]
+    text += [o.line() for o in checks]
     text += ["", f"Total time: {results['minutes']:.1f} min."]
     io.write_json(out / "results.json", results)
     with io.atomic_file(out / "results.md") as tmp:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from trime import io
+from trime.pipelines.confidence import ALPHA, Ordering, paired_perplexity, verdict
 
 
 def table(results: dict) -> str:
@@ -24,12 +25,25 @@ def table(results: dict) -> str:
 
 
 _short = {"softmax_temp": "τ", "lmbda": "λ", "interp_temp": "T"}
+_VERDICT = {"holds": "holds", "does NOT hold": "fails", "not shown": "not shown", True: "holds", False: "fails"}
 
 
-def claims(results: dict) -> list[tuple[str, bool]]:
-    """The paper's orderings, checked on test perplexity."""
-    t = {r["name"]: r["test"]["ppl"] for r in results["systems"]}
-    return [(f"{a} < {b}", t[a] < t[b]) for a, b in CLAIMS if a in t and b in t]
+def orderings(results: dict, out: Path | None = None) -> list[Ordering]:
+    """The paper's orderings on test perplexity, each with its verdict (trime.pipelines.confidence): the
+    paired bootstrap over blocks of the test set's per-token log-probabilities, kept under ``out`` by
+    the job; a result without them (a run of an older version) gets "not shown"."""
+    t = {r["name"]: r["test"] for r in results["systems"]}
+    found = []
+    for a, b in CLAIMS:
+        if a not in t or b not in t:
+            continue
+        files = [out / t[x]["word_probs"] for x in (a, b) if out is not None and "word_probs" in t[x]]
+        if len(files) == 2 and all(f.exists() for f in files):
+            p, spread = paired_perplexity(io.load_npy(files[0]), io.load_npy(files[1]))
+        else:
+            p, spread = math.nan, "no per-token scores kept"
+        found.append(verdict(f"{a} < {b}", t[a]["ppl"], t[b]["ppl"], p, spread, higher_is_better=False))
+    return found
 
 
 # (better, worse) on test perplexity: the paper's orderings (WikiText-103, 247M: CE 18.70 > kNN-LM 16.65;
@@ -131,18 +145,20 @@ def plot_training(results: dict, path: Path) -> None:
 def write_report(results: dict, out: Path) -> None:
     """results.json, results.md, test_ppl.png, memory_curve.png, training.png; prints the table."""
     md = table(results)
-    checks = claims(results)
+    checks = orderings(results, out)
     text = [
         f"# trime reproduce: {results['corpus']}, preset {results['preset']}",
         "",
         md,
         "",
-        "Claims of the paper, on test perplexity:",
+        "Claims of the paper, on test perplexity (paired bootstrap over blocks of 256 test tokens; "
+        f"an ordering within the noise, p ≥ {ALPHA:g}, is not shown):",
         "",
     ]
-    text += [f"- {'holds' if ok else 'does NOT hold'}: {c}" for c, ok in checks]
+    text += [o.line() for o in checks]
     text += ["", f"Total time: {results['minutes']:.1f} min."]
-    results["claims"] = {c: ok for c, ok in checks}
+    results["claims"] = {o.claim: o.verdict for o in checks}
+    results["orderings"] = [o.to_dict() for o in checks]
     io.write_json(out / "results.json", results)
     with io.atomic_file(out / "results.md") as tmp:
         tmp.write_text("\n".join(text) + "\n")
@@ -165,11 +181,9 @@ def study_table(done: list[dict]) -> str:
         cells = [next((f"{s['test']['ppl']:.2f}" for s in r["systems"] if s["name"] == name), "-") for r in done]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| ordering (test ppl) | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    held = [dict(claims(r)) for r in done]
+    held = [r.get("claims", {}) for r in done]
     for claim in dict.fromkeys(c for h in held for c in h):
-        lines.append(
-            f"| {claim} | " + " | ".join({True: "holds", False: "fails"}.get(h.get(claim), "-") for h in held) + " |"
-        )
+        lines.append(f"| {claim} | " + " | ".join(_VERDICT.get(h.get(claim), "-") for h in held) + " |")
     return "\n".join(lines)
 
 

@@ -390,14 +390,20 @@ class Pipeline:
 
     def score(self, system: System, split: str, best: dict, tag: str = "", **kw) -> dict:
         path = self.stage / "evals" / f"{slug(system.name)}{tag}.{split}.json"
+        # the table's test scores keep their per-token log-probabilities: the orderings' paired bootstrap
+        probs = path.with_suffix(".npy") if split == "test" and not tag else None
+        if probs is not None:
+            kw["output_word_probs"] = str(probs)
         cfg = self.eval_cfg(system, split, **best, **kw)
         key = eval_inputs(cfg)
-        if path.exists():
+        if path.exists() and (probs is None or probs.exists()):
             row = io.read_json(path)
             if row.get("key") == key:
                 return {k: v for k, v in row.items() if k != "key"}
         res = evaluate(cfg)
         row = {"loss": res.loss, "ppl": res.ppl, "n_tokens": res.n_tokens, "settings": best}
+        if probs is not None:
+            row["word_probs"] = str(probs.relative_to(self.stage))
         io.write_json(path, {**row, "key": key})
         return row
 
