@@ -14,7 +14,7 @@ from trime import io
 from trime.checkpoint import model_fingerprint
 from trime.data.prepare import data_fingerprint, read_data_meta
 from trime.errors import ConfigError
-from trime.pipelines.reproduce import SYSTEMS, VARIANTS, Pipeline, reproduce, slug
+from trime.pipelines.reproduce import SYSTEMS, VARIANTS, Pipeline, plan_warnings, reproduce, slug
 
 from tests.fixtures import make_corpus
 
@@ -96,6 +96,25 @@ def test_training_settings_of_the_models(tmp_path):
     p.rc = dataclasses.replace(p.rc, ext_memory_segments=3)
     with pytest.raises(ConfigError, match="ext_memory_segments 3"):
         p.train_cfg("trime_ext")
+
+
+def test_plan_warns_of_a_small_corpus(tmp_path):
+    """The plan warns when the budget is many epochs of the corpus and when the test split is too small for
+    its orderings to be shown; a budget of a fraction of an epoch on a larger test split warns of nothing."""
+    p = Pipeline("micro", tmp_path / "run", str(make_corpus(tmp_path / "corpus", n_lines=120)), False, 400)
+    p.prepare_data()
+    warnings = plan_warnings(p)
+    assert len(warnings) == 2
+    assert "small for this budget: 400 updates are" in warnings[0] and "epochs" in warnings[0]
+    assert "test split has only" in warnings[1]
+    p.budgets = [1]
+    p.rc = dataclasses.replace(p.rc, eval_tokens=0)
+    with pytest.MonkeyPatch.context() as mp:  # a test split of 100k tokens
+        mp.setattr(
+            "trime.pipelines.reproduce.read_data_meta",
+            lambda d: {"splits": {"train": {"tokens": 10**6}, "test": {"tokens": 10**5}}},
+        )
+        assert plan_warnings(p) == []
 
 
 @pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes

@@ -488,6 +488,31 @@ def epochs_of(p: Pipeline, budget: int) -> float:
     return budget * cfg.max_tokens * cfg.update_freq / read_data_meta(p.data)["splits"]["train"]["tokens"]
 
 
+SMALL_EPOCHS = 10  # more passes than this over the training text: the models mostly memorise it
+SMALL_TEST_BLOCKS = 20  # fewer blocks of 256 test tokens than this: the bootstrap has little to resample
+
+
+def plan_warnings(p: Pipeline) -> list[str]:
+    """What the plan should warn of before the job starts: a corpus small for the preset's budget, and a
+    test split too small for its orderings to be shown."""
+    out = []
+    budget = max(p.budgets)
+    epochs = epochs_of(p, budget)
+    if epochs > SMALL_EPOCHS:
+        out.append(
+            f"the corpus is small for this budget: {budget} updates are {epochs:.0f} epochs of its training text, "
+            "so the models will mostly memorise it; pass a smaller --max-update or a larger corpus"
+        )
+    n_test = read_data_meta(p.data)["splits"]["test"]["tokens"]
+    n_test = min(n_test, p.rc.eval_tokens) if p.rc.eval_tokens else n_test
+    if n_test < SMALL_TEST_BLOCKS * 256:
+        out.append(
+            f"the test split has only {n_test} scored tokens ({-(-n_test // 256)} blocks of 256): an ordering "
+            "needs a large difference to be shown, and closer ones will be reported as not shown"
+        )
+    return out
+
+
 def run_budget(p: Pipeline, preset: str, corpus: str) -> dict:
     """Train every model to ``p``'s current budget, evaluate every system, write the report."""
     for name in p.models:
@@ -547,9 +572,12 @@ def reproduce(
     budgets = ", ".join(map(str, p.budgets))
     stores = len({s.dstore for s in p.systems if s.dstore})
     p.say(
-        f"plan: {len(p.models)} models x {budgets} updates, {stores} datastores and {len(p.systems)} systems on "
+        f"plan: {len(p.models)} models x {budgets} updates ({epochs_of(p, max(p.budgets)):.1f} epochs at the "
+        f"largest), {stores} datastores and {len(p.systems)} systems on "
         f"valid and test per budget; estimated {estimate_minutes(p):.0f} min on a 2-core CPU"
     )
+    for warning in plan_warnings(p):
+        p.say(f"warning: {warning}")
     done = []
     for budget in p.budgets:
         p.set_budget(budget)
