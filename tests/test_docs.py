@@ -1,8 +1,15 @@
-"""README.md and docs/*.md stay true to the code: every `trime` command in their code blocks parses
+r"""README.md and docs/*.md stay true to the code: every `trime` command in their code blocks parses
 with the CLI's own parser, every relative link and image resolves, and every subcommand is documented.
 
 Only `build_parser().parse_args` is asked, never a help text, so the parser may be rebuilt in any way
-that keeps its flags. A command is parsed, not run: what it would read need not exist."""
+that keeps its flags. A command is parsed, not run: what it would read need not exist.
+
+A command is `trime ...`, `python -m trime ...` or `torchrun ... -m trime ...` in a fenced code block,
+after `\` continuations are joined, comments dropped and `&&`/`;`/`|` split apart (`$ ` marks a command
+in a transcript; the other lines of a `text` block are output). `$VAR` takes the block's own `VAR=...`,
+else its name as a placeholder; `[--flag]` is an optional flag, shown and tested. `...` stands for
+arguments the line leaves out: the required ones the parser then asks for are filled in with placeholders,
+and everything the line does show must parse."""
 
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Lines of code blocks that look like trime commands but are not meant to be run as written, each with
 # the reason. Keyed by the line as written (after joining `\` continuations). Empty now; a stale entry fails.
 NOT_COMMANDS: dict[str, str] = {}
+ALLOWED: set[str] = set()  # the NOT_COMMANDS lines the pages still have
 
 FENCE = re.compile(r"^\s*(```|~~~)\s*(\S*)")
 OPERATORS = {";", "&&", "||", "|", "&"}  # a new command follows
@@ -144,7 +152,6 @@ def page_commands(page: Path) -> list[Command]:
     return found
 
 
-ALLOWED: set[str] = set()  # the NOT_COMMANDS lines the pages still have
 COMMANDS = [c for page in PAGES for c in page_commands(page)]
 
 
