@@ -1,5 +1,6 @@
-"""The package's import graph flows one way (README "Layout"): data → model → memory → objectives
-→ jobs → pipelines → CLI. Walks the source of the *installed* package, so a wheel is checked too."""
+"""The package's import graph flows one way (docs/development.md, "Layout and reading order"): data
+→ model → memory → objectives → jobs → pipelines → CLI. Walks the source of the *installed* package, so
+a wheel is checked too."""
 
 from __future__ import annotations
 
