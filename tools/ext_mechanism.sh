@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The experiments behind README "Why TrimeLM_ext's output layer did not learn": TrimeLM_ext alone at the
+# The experiments behind docs/reproduce.md "Why TrimeLM_ext's output layer did not learn": TrimeLM_ext alone at the
 # tiny preset, 200 updates on the main job's data and BM25 order, one variable at a time against the
 # old main job's setting (16 segments per forward pass, no CE warm-up). Each row prints its memory-free
 # valid perplexity (first 20k valid tokens; the CE model's is ~284) and the memory diagnostics of its
