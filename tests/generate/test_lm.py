@@ -235,18 +235,18 @@ def test_beam_search(setup):
     greedy_decoder, _ = open_decoder(gen_cfg(setup, max_new_tokens=20, **MEMORY))
     greedy = list(stream(greedy_decoder, prompt_ids(setup)))
     (one,) = beam_search(decoder, prompt_ids(setup))
-    assert one.tokens == [y for y, _ in greedy]
+    assert one.tokens.tolist() == [y for y, _ in greedy]
     decoder, _ = open_decoder(gen_cfg(setup, beam=4, max_new_tokens=20, **MEMORY))
     hyps = beam_search(decoder, prompt_ids(setup))
-    assert len(hyps) == 4 and len({tuple(h.tokens) for h in hyps}) == 4
+    assert len(hyps) == 4 and len({tuple(h.tokens.tolist()) for h in hyps}) == 4
     assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
     # every hypothesis's per-token log p is the decoder's distribution of its own prefix
     best = hyps[0]
     state = decoder.start(prompt_ids(setup))
-    for j, y in enumerate(best.tokens):
-        assert abs(float(decoder.log_probs(state)[0, y]) - best.log_probs[j]) < 1e-4
+    for j, y in enumerate(best.tokens.tolist()):
+        assert abs(float(decoder.log_probs(state)[0, y]) - float(best.positional_scores[j])) < 1e-4
         state = decoder.advance(state, torch.tensor([y]))
-    assert best.score == pytest.approx(sum(best.log_probs) / len(best.tokens))
+    assert best.score == pytest.approx(float(best.positional_scores.sum()) / len(best.tokens))
 
 
 def test_stop_at_eos_and_word_codec(setup):

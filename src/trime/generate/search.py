@@ -214,7 +214,9 @@ def search_steps(decoder: Decoder, inputs: Any, spec: SearchSpec, finished: list
         if step > 0:
             scores[:, :step] = scores[new_rows, :step]
         scores.view(B, K, -1)[:, :, step] = cand_scores.gather(1, chosen)
-        state = decoder.reorder(state, (beams + (keep * K).unsqueeze(1)).view(-1))  # rows numbered before pruning
+        order = (beams + (keep * K).unsqueeze(1)).view(-1)  # the same rows, numbered before pruning
+        if order.numel() != lprobs.shape[0] * K or not torch.equal(order, torch.arange(order.numel(), device=dev)):
+            state = decoder.reorder(state, order)  # (greedy search never reorders)
         state = decoder.advance(state, tokens[:, step + 1])
 
 
