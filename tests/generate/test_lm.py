@@ -15,18 +15,9 @@ from trime.data.dictionary import Dictionary
 from trime.data.prepare import load_dictionary, load_split, prepare
 from trime.datastore_build import build_datastore
 from trime.evaluate import evaluate
-from trime.generate.lm import (
-    ByteCodec,
-    StepRows,
-    WordCodec,
-    beam_search,
-    is_byte_dictionary,
-    open_decoder,
-    stream,
-    vocab_log_probs,
-)
+from trime.generate.lm import ByteCodec, WordCodec, beam_search, is_byte_dictionary, open_decoder, stream
 from trime.memory.index import build_index
-from trime.memory.scoring import MemoryRows, Setting, log_probs
+from trime.memory.scoring import MemoryRows, Setting, StepRows, log_probs, vocab_log_probs
 
 from tests.fixtures import make_data, micro_checkpoint
 from tests.reference import full_vocab_probs

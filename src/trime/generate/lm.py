@@ -20,9 +20,10 @@ Memories, for the query at position n of block [s, e) (the same entries as evalu
   its k neighbours in the joint softmax; ``--use-interp`` mixes in kNN-LM's distribution of the
   same neighbours.
 
-The distribution is :func:`vocab_log_probs`: memory.scoring.log_probs written for every token y of
-the vocabulary at once (O(V + m) per row instead of O(V·m)); tests/generate/test_lm.py checks it
-against memory.scoring.log_probs and against evaluation. ``<pad>`` is never generated.
+The distribution is memory.scoring.vocab_log_probs: memory.scoring.log_probs written for every token y
+of the vocabulary at once (O(V + m) per row instead of O(V·m)); tests/generate/test_lm.py checks it
+against memory.scoring.log_probs and against evaluation. ``<pad>`` is never generated. The search is
+generate.search's (greedy, sampling, beam); :class:`LMDecoder` is its decoder.
 """
 
 from __future__ import annotations
@@ -43,58 +44,13 @@ from trime.data.prepare import check_vocabulary, read_data_meta
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import ConfigError, DataError
 from trime.evaluate import setting_of
-from trime.generate.memory import scatter_logsumexp
 from trime.generate.search import Hypothesis, SearchSpec, search, search_steps
 from trime.memory.cache import MemoryFIFO
 from trime.memory.external import ExternalMemory
-from trime.memory.joint import combine, memory_logits, score_scale
-from trime.memory.knn import NEG_INF, interpolate, scaled_logsumexp, shifted
-from trime.memory.scoring import Setting
+from trime.memory.joint import memory_logits
+from trime.memory.knn import NEG_INF
+from trime.memory.scoring import StepRows, vocab_log_probs
 from trime.model.base import select_keys
-
-# ------------------------------------------------------------------------------------------------
-# One step's distribution
-
-
-@dataclass
-class StepRows:
-    """What the memories contribute to one position of each of B hypotheses, temperature-free
-    (memory.scoring.MemoryRows for every candidate token at once: values instead of a positive mask)."""
-
-    tok_logp: Tensor  # (B, V) log p_tok of every token
-    tok_log_z: Tensor  # (B,) log Z_tok
-    mem_scores: Tensor  # (B, m) q·k/√d of local + long entries
-    mem_values: Tensor  # (B, m) int64 their tokens
-    ext_scores: Tensor  # (B, k) raw similarities, best first, −inf for holes
-    ext_values: Tensor  # (B, k) int64
-    n_local: int = 0  # the first n_local entries are local, the rest long-term
-
-
-def vocab_log_probs(rows: StepRows, setting: Setting, dim: int) -> Tensor:
-    """log p(y) (B, V) float32 for every token y: memory.scoring.log_probs's formula (the joint
-    softmax, then kNN-LM interpolation) with its two memory statistics made per token by a scatter."""
-    V = rows.tok_logp.shape[1]
-    k_all = rows.ext_scores.shape[1]
-    k = k_all if setting.k is None else min(setting.k, k_all)
-    scores, values = rows.mem_scores.float(), rows.mem_values
-    if setting.ext_in_joint and k:
-        scores = torch.cat([scores, memory_logits(rows.ext_scores[:, :k], dim)], 1)  # (B, m + k)
-        values = torch.cat([values, rows.ext_values[:, :k]], 1)
-    scaled = scores * score_scale(None, setting.softmax_temp)  # the scores already carry 1/√d
-    lzc = scaled_logsumexp(shifted(scaled), 1.0)  # (B,)
-    B = scaled.shape[0]
-    lzpos = scatter_logsumexp(scaled, values, V) if scaled.shape[1] else scaled.new_full((B, V), NEG_INF)  # (B, V)
-    lp = combine(rows.tok_logp, rows.tok_log_z[:, None].expand(B, V), lzc[:, None].expand(B, V), lzpos)
-    if setting.lmbda > 0:
-        if k == 0:
-            raise ValueError("interpolation (lambda > 0) needs external neighbours")
-        s = rows.ext_scores[:, :k].float() * score_scale(None, setting.interp_temp)  # (B, k)
-        norm = scaled_logsumexp(shifted(s), 1.0)  # (B,)
-        knn = scatter_logsumexp(s, rows.ext_values[:, :k], V) - norm[:, None]
-        knn = knn.masked_fill(torch.isneginf(norm)[:, None], NEG_INF)
-        lp = interpolate(lp, knn, setting.lmbda)
-    return lp.float()
-
 
 # ------------------------------------------------------------------------------------------------
 # Incremental decoding state
