@@ -17,16 +17,15 @@ from trime.datastore_build import build_datastore
 from trime.evaluate import evaluate
 from trime.generate.lm import (
     ByteCodec,
-    StepRows,
+    LMDecoder,
     WordCodec,
     beam_search,
     is_byte_dictionary,
     open_decoder,
     stream,
-    vocab_log_probs,
 )
 from trime.memory.index import build_index
-from trime.memory.scoring import MemoryRows, Setting, log_probs
+from trime.memory.scoring import MemoryRows, Setting, StepRows, log_probs, vocab_log_probs
 
 from tests.fixtures import make_data, micro_checkpoint
 from tests.reference import full_vocab_probs
@@ -235,18 +234,18 @@ def test_beam_search(setup):
     greedy_decoder, _ = open_decoder(gen_cfg(setup, max_new_tokens=20, **MEMORY))
     greedy = list(stream(greedy_decoder, prompt_ids(setup)))
     (one,) = beam_search(decoder, prompt_ids(setup))
-    assert one.tokens == [y for y, _ in greedy]
+    assert one.tokens.tolist() == [y for y, _ in greedy]
     decoder, _ = open_decoder(gen_cfg(setup, beam=4, max_new_tokens=20, **MEMORY))
     hyps = beam_search(decoder, prompt_ids(setup))
-    assert len(hyps) == 4 and len({tuple(h.tokens) for h in hyps}) == 4
+    assert len(hyps) == 4 and len({tuple(h.tokens.tolist()) for h in hyps}) == 4
     assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
     # every hypothesis's per-token log p is the decoder's distribution of its own prefix
     best = hyps[0]
     state = decoder.start(prompt_ids(setup))
-    for j, y in enumerate(best.tokens):
-        assert abs(float(decoder.log_probs(state)[0, y]) - best.log_probs[j]) < 1e-4
+    for j, y in enumerate(best.tokens.tolist()):
+        assert abs(float(decoder.log_probs(state)[0, y]) - float(best.positional_scores[j])) < 1e-4
         state = decoder.advance(state, torch.tensor([y]))
-    assert best.score == pytest.approx(sum(best.log_probs) / len(best.tokens))
+    assert best.score == pytest.approx(float(best.positional_scores.sum()) / len(best.tokens))
 
 
 def test_stop_at_eos_and_word_codec(setup):
@@ -283,3 +282,36 @@ def test_byte_codec_round_trips_utf8():
     assert codec.decode(ids) == "né\nx"
     codec.reset()
     assert [codec.piece(t) for t in ids] == ["n", "", "é", "\n", "x"]  # a character appears once whole
+
+
+def test_a_hugging_face_backbone_is_a_decoder_of_the_same_search():
+    """LMDecoder over HFBackbone (a tiny random Llama, local memory, a window slide) in generate.search:
+    greedy picks each step's argmax, and the batched beam's hypotheses carry the decoder's log-probabilities."""
+    transformers = pytest.importorskip("transformers")
+    from trime.model.hf import HFBackbone
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = HFBackbone(transformers.AutoModelForCausalLM.from_config(cfg).eval())
+
+    def decoder(**kw):
+        gcfg = C.GenerateConfig(path="unused", context_window=8, device="cpu", amp="none", stop_at_eos=False,
+                                max_new_tokens=12, use_local=True, **kw)  # fmt: skip
+        return LMDecoder(model, gcfg, dim=model.dim, pad=1, eos=2, window=16)
+
+    prompt, greedy = [5, 9, 11], decoder()
+    state = greedy.start(prompt)
+    for y, lp in stream(greedy, prompt):
+        dist = greedy.log_probs(state)[0]
+        assert y == int(dist.argmax()) and abs(float(dist[y]) - lp) < 1e-6
+        state = greedy.advance(state, torch.tensor([y]))
+    beam = decoder(beam=3)
+    hyps = beam_search(beam, prompt)
+    assert len(hyps) == 3 and all(len(h.tokens) == 12 for h in hyps)
+    assert hyps[0].score >= hyps[1].score >= hyps[2].score
+    for h in hyps:
+        state = beam.start(prompt)
+        for j, y in enumerate(h.tokens.tolist()):
+            assert abs(float(beam.log_probs(state)[0, y]) - float(h.positional_scores[j])) < 1e-4
+            state = beam.advance(state, torch.tensor([y]))

@@ -40,11 +40,11 @@ from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import DataError
 from trime.evaluate import Scorer
 from trime.explain.html import render
-from trime.generate.lm import StepRows, codec_for, is_byte_dictionary, vocab_log_probs
+from trime.generate.lm import codec_for, is_byte_dictionary
 from trime.memory.external import ExternalMemory
 from trime.memory.joint import memory_logits, score_scale
-from trime.memory.knn import NEG_INF
-from trime.memory.scoring import log_probs
+from trime.memory.mix import joint_breakdown, knn_weights
+from trime.memory.scoring import StepRows, log_probs, vocab_log_probs
 
 KINDS = ("local", "long", "ext")
 
@@ -200,22 +200,19 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
                 vocab_tok, log_z, r.mem_scores, mem_values.expand(n, -1), r.ext_scores, r.ext_values, n_local=T
             )
             vocab = vocab_log_probs(step, setting, dim)  # (n, V) with memory
-            # parts of p(y): joint-softmax entries scaled by (1 − λ) / (Z_tok + Z_c); kNN weights by λ
+            # parts of p(y) (memory.mix.joint_breakdown): the joint softmax's terms times (1 − λ); kNN weights times λ
             joint = r.mem_scores.float() * score_scale(None, setting.softmax_temp)  # (n, m)
             ext_joint = memory_logits(r.ext_scores, dim, setting.softmax_temp) if setting.ext_in_joint and k else None
-            parts = [joint] + ([ext_joint] if ext_joint is not None else [])
-            lzc = torch.logsumexp(torch.cat(parts, 1), 1) if sum(p.shape[1] for p in parts) else log_z * 0 + NEG_INF
-            log_den = torch.logaddexp(log_z.float(), lzc)  # (n,)
-            w_mem = (joint - log_den[:, None]).exp() * (1 - lam)  # (n, m)
+            entries = torch.cat([joint] + ([ext_joint] if ext_joint is not None else []), 1)  # (n, m [+ k])
+            log_tok_part, log_parts, log_share = joint_breakdown(tok_logp, log_z, entries)
+            w_mem = log_parts[:, : joint.shape[1]].exp() * (1 - lam)  # (n, m)
             w_ext = torch.zeros_like(r.ext_scores)
             if ext_joint is not None:
-                w_ext = w_ext + (ext_joint - log_den[:, None]).exp() * (1 - lam)
+                w_ext = w_ext + log_parts[:, joint.shape[1] :].exp() * (1 - lam)
             if lam > 0 and k:
-                w_ext = (
-                    w_ext + torch.softmax(r.ext_scores * score_scale(None, setting.interp_temp), 1).nan_to_num(0) * lam
-                )
-            share = (lzc - log_den).exp()
-            p_tok = (tok_logp.float() + log_z.float() - log_den).exp() * (1 - lam)
+                w_ext = w_ext + knn_weights(r.ext_scores * score_scale(None, setting.interp_temp)) * lam
+            share = log_share.exp()
+            p_tok = log_tok_part.exp() * (1 - lam)
             vote_mem = torch.where(r.mem_pos, w_mem, 0.0)
             vote_ext = torch.where(r.ext_values == targets[:, None], w_ext, 0.0)
             p_mem = vote_mem.sum(1) + vote_ext.sum(1)

@@ -20,9 +20,10 @@ Memories, for the query at position n of block [s, e) (the same entries as evalu
   its k neighbours in the joint softmax; ``--use-interp`` mixes in kNN-LM's distribution of the
   same neighbours.
 
-The distribution is :func:`vocab_log_probs`: memory.scoring.log_probs written for every token y of
-the vocabulary at once (O(V + m) per row instead of O(V·m)); tests/generate/test_lm.py checks it
-against memory.scoring.log_probs and against evaluation. ``<pad>`` is never generated.
+The distribution is memory.scoring.vocab_log_probs: memory.scoring.log_probs written for every token y
+of the vocabulary at once (O(V + m) per row instead of O(V·m)); tests/generate/test_lm.py checks it
+against memory.scoring.log_probs and against evaluation. ``<pad>`` is never generated. The search is
+generate.search's (greedy, sampling, beam); :class:`LMDecoder` is its decoder.
 """
 
 from __future__ import annotations
@@ -43,57 +44,13 @@ from trime.data.prepare import check_vocabulary, read_data_meta
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import ConfigError, DataError
 from trime.evaluate import setting_of
-from trime.generate.memory import scatter_logsumexp
+from trime.generate.search import Hypothesis, SearchSpec, search, search_steps
 from trime.memory.cache import MemoryFIFO
 from trime.memory.external import ExternalMemory
-from trime.memory.joint import combine, memory_logits, score_scale
-from trime.memory.knn import NEG_INF, interpolate, scaled_logsumexp, shifted
-from trime.memory.scoring import Setting
+from trime.memory.joint import memory_logits
+from trime.memory.knn import NEG_INF
+from trime.memory.scoring import StepRows, vocab_log_probs
 from trime.model.base import select_keys
-
-# ------------------------------------------------------------------------------------------------
-# One step's distribution
-
-
-@dataclass
-class StepRows:
-    """What the memories contribute to one position of each of B hypotheses, temperature-free
-    (memory.scoring.MemoryRows for every candidate token at once: values instead of a positive mask)."""
-
-    tok_logp: Tensor  # (B, V) log p_tok of every token
-    tok_log_z: Tensor  # (B,) log Z_tok
-    mem_scores: Tensor  # (B, m) q·k/√d of local + long entries
-    mem_values: Tensor  # (B, m) int64 their tokens
-    ext_scores: Tensor  # (B, k) raw similarities, best first, −inf for holes
-    ext_values: Tensor  # (B, k) int64
-    n_local: int = 0  # the first n_local entries are local, the rest long-term
-
-
-def vocab_log_probs(rows: StepRows, setting: Setting, dim: int) -> Tensor:
-    """log p(y) (B, V) float32 for every token y: memory.scoring.log_probs's formula (the joint
-    softmax, then kNN-LM interpolation) with its two memory statistics made per token by a scatter."""
-    V = rows.tok_logp.shape[1]
-    k_all = rows.ext_scores.shape[1]
-    k = k_all if setting.k is None else min(setting.k, k_all)
-    scores, values = rows.mem_scores.float(), rows.mem_values
-    if setting.ext_in_joint and k:
-        scores = torch.cat([scores, memory_logits(rows.ext_scores[:, :k], dim)], 1)  # (B, m + k)
-        values = torch.cat([values, rows.ext_values[:, :k]], 1)
-    scaled = scores * score_scale(None, setting.softmax_temp)  # the scores already carry 1/√d
-    lzc = scaled_logsumexp(shifted(scaled), 1.0)  # (B,)
-    B = scaled.shape[0]
-    lzpos = scatter_logsumexp(scaled, values, V) if scaled.shape[1] else scaled.new_full((B, V), NEG_INF)  # (B, V)
-    lp = combine(rows.tok_logp, rows.tok_log_z[:, None].expand(B, V), lzc[:, None].expand(B, V), lzpos)
-    if setting.lmbda > 0:
-        if k == 0:
-            raise ValueError("interpolation (lambda > 0) needs external neighbours")
-        s = rows.ext_scores[:, :k].float() * score_scale(None, setting.interp_temp)  # (B, k)
-        norm = scaled_logsumexp(shifted(s), 1.0)  # (B,)
-        knn = scatter_logsumexp(s, rows.ext_values[:, :k], V) - norm[:, None]
-        knn = knn.masked_fill(torch.isneginf(norm)[:, None], NEG_INF)
-        lp = interpolate(lp, knn, setting.lmbda)
-    return lp.float()
-
 
 # ------------------------------------------------------------------------------------------------
 # Incremental decoding state
@@ -128,9 +85,10 @@ class DecodeState:
 class LMDecoder:
     """Per-step log-probabilities of a backbone with the memories of ``cfg`` (module docstring).
 
-    ``start(prompt)`` returns the state of one hypothesis whose next position is ``len(prompt)``;
-    ``advance(state, tokens (B,))`` appends one token per hypothesis; ``log_probs(state)`` is the
-    (B, V) distribution of the next position; ``select(state, index)`` keeps hypotheses (beams).
+    A decoder of generate.search: ``start(prompt, group)`` returns ``group`` equal hypotheses whose next
+    position is ``len(prompt)``; ``advance(state, tokens (B,))`` appends one token per hypothesis;
+    ``log_probs(state)`` is the (B, V) distribution of the next position; ``reorder(state, index)``
+    keeps hypotheses (beams).
     """
 
     def __init__(
@@ -152,6 +110,7 @@ class LMDecoder:
         self.external = external
         self.setting = setting_of(cfg)
         self.cached = cfg.kv_cache and hasattr(model, "new_cache")
+        self.vocab_size = int(model.head.vocab_size)
 
     # -- running the backbone --------------------------------------------------------------------
 
@@ -197,7 +156,7 @@ class LMDecoder:
     # -- the search loops' interface -------------------------------------------------------------
 
     @torch.no_grad()
-    def start(self, prompt: list[int] | Tensor) -> DecodeState:
+    def start(self, prompt: list[int] | Tensor, group: int = 1) -> DecodeState:
         tokens = torch.as_tensor(prompt, dtype=torch.long, device=self._device()).reshape(1, -1)  # (1, n)
         n = tokens.shape[1]
         s = n // self.S * self.S
@@ -205,7 +164,7 @@ class LMDecoder:
         window, h = self._open_window(tokens, s, n)
         state = DecodeState(tokens, window, fifos)
         self._rows(state, h)
-        return state
+        return self.reorder(state, torch.zeros(group, dtype=torch.long)) if group > 1 else state
 
     @torch.no_grad()
     def advance(self, state: DecodeState, next_tokens: Tensor) -> DecodeState:
@@ -222,7 +181,7 @@ class LMDecoder:
         self._rows(state, h)
         return state
 
-    def select(self, state: DecodeState, index: Tensor) -> DecodeState:
+    def reorder(self, state: DecodeState, index: Tensor) -> DecodeState:
         """Keep hypotheses ``index`` (B',) in that order (beam search reordering)."""
         index = index.to(state.tokens.device)
         w = state.window
@@ -281,91 +240,34 @@ _ROW_TENSORS = ("tok_logp", "tok_log_z", "mem_scores", "mem_values", "ext_scores
 
 
 # ------------------------------------------------------------------------------------------------
-# Search
+# Search: generate.search with the language model's rules
 
 
-@dataclass
-class Hypothesis:
-    tokens: list[int]  # the generated tokens (the prompt excluded; a final </s> included)
-    log_probs: list[float]  # natural log p of each under the memory distribution
-    score: float  # sum of log_probs / len ** lenpen (beam), or their sum
-
-
-def _filter(lp: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Log-probabilities (B, V) with tokens outside the top-k / top-p set at −inf."""
-    if top_k and top_k < lp.shape[1]:
-        kth = lp.topk(top_k, dim=1).values[:, -1:]
-        lp = lp.masked_fill(lp < kth, NEG_INF)
-    if top_p < 1.0:
-        sorted_lp, order = lp.sort(dim=1, descending=True)
-        cum = sorted_lp.softmax(1).cumsum(1)
-        drop = cum - sorted_lp.softmax(1) >= top_p  # tokens after the set that first reaches top_p
-        lp = lp.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), NEG_INF)
-    return lp
+def search_spec(decoder: LMDecoder, beam: int) -> SearchSpec:
+    """generate.search's rules for ``trime generate``: at most ``max_new_tokens`` tokens (the last one
+    ends a hypothesis whatever it is), </s> ends one with ``stop_at_eos``, ``<pad>`` is never generated."""
+    cfg = decoder.cfg
+    return SearchSpec(last=cfg.max_new_tokens - 1, pad=decoder.pad, eos=decoder.eos, beam=beam, nbest=beam,
+                      lenpen=cfg.lenpen, min_len=0, force_eos=False, stop_at_eos=cfg.stop_at_eos,
+                      sampling=cfg.sampling, temperature=cfg.temperature, top_k=cfg.sampling_topk,
+                      top_p=cfg.sampling_topp, seed=cfg.seed)  # fmt: skip
 
 
 def stream(decoder: LMDecoder, prompt: list[int]) -> Iterator[tuple[int, float]]:
-    """Greedy decoding or sampling (``cfg.sampling``): yields (token, log p) as they are chosen."""
-    cfg = decoder.cfg
-    gen = None
-    if cfg.sampling:
-        gen = torch.Generator(device=decoder._device())
-        gen.manual_seed(cfg.seed)
-    state = decoder.start(prompt)
-    for i in range(cfg.max_new_tokens):
-        lp = decoder.log_probs(state)[0]  # (V,)
-        if cfg.sampling:
-            scaled = _filter((lp / cfg.temperature)[None], cfg.sampling_topk, cfg.sampling_topp)[0]
-            y = int(torch.multinomial(scaled.softmax(0), 1, generator=gen))
-        else:
-            y = int(lp.argmax())
-        yield y, float(lp[y])
-        if (y == decoder.eos and cfg.stop_at_eos) or i + 1 == cfg.max_new_tokens:
-            return
-        state = decoder.advance(state, torch.tensor([y]))
+    """Greedy decoding or sampling (``cfg.sampling``), i.e. generate.search with beam 1: yields
+    (token, log p) as they are chosen."""
+    if decoder.cfg.max_new_tokens:
+        for best in search_steps(decoder, prompt, search_spec(decoder, 1), []):
+            yield int(best.tokens[0]), float(best.log_probs[0])
 
 
 def beam_search(decoder: LMDecoder, prompt: list[int]) -> list[Hypothesis]:
-    """Beam search of width K = ``cfg.beam`` (fairseq's rule): of each step's 2K best extensions,
-    a </s> among the first K ends a hypothesis (with ``stop_at_eos``) and the first K others live
-    on; the search stops with K ended hypotheses or after ``max_new_tokens`` (all live ones end).
-    Returns the ended hypotheses, best first (score = Σ log p / len ** lenpen)."""
-    cfg = decoder.cfg
-    K = cfg.beam
-    state = decoder.start(prompt)
-    scores = torch.zeros(1)  # (B,) cumulative log p of each live hypothesis
-    gen_lp: list[list[float]] = [[]]
-    finished: list[Hypothesis] = []
-    n0 = len(prompt)
-
-    def end(b: int, y: int, sc: float, lps: list[float]) -> None:
-        toks = state.tokens[b, n0:].tolist() + [y]
-        finished.append(Hypothesis(toks, lps, sc / len(toks) ** cfg.lenpen))
-
-    for step in range(cfg.max_new_tokens):
-        lp = decoder.log_probs(state).float().cpu()  # (B, V)
-        V = lp.shape[1]
-        total = (scores[:, None] + lp).reshape(-1)  # (B·V,)
-        top, idx = total.topk(min(2 * K, int(torch.isfinite(total).sum())))
-        last = step + 1 == cfg.max_new_tokens
-        keep_beam, keep_tok, keep_score, keep_lp = [], [], [], []
-        for rank, (sc, i) in enumerate(zip(top.tolist(), idx.tolist())):
-            b, y = divmod(i, V)
-            lps = gen_lp[b] + [float(lp[b, y])]
-            if (y == decoder.eos and cfg.stop_at_eos) or last:
-                if rank < K:
-                    end(b, y, sc, lps)
-            elif len(keep_beam) < K:
-                keep_beam.append(b)
-                keep_tok.append(y)
-                keep_score.append(sc)
-                keep_lp.append(lps)
-        if last or len(finished) >= K or not keep_beam:
-            break
-        state = decoder.select(state, torch.tensor(keep_beam))
-        state = decoder.advance(state, torch.tensor(keep_tok))
-        scores, gen_lp = torch.tensor(keep_score), keep_lp
-    return sorted(finished, key=lambda h: -h.score)[:K]
+    """generate.search's beam search (fairseq's rules) of width K = ``cfg.beam`` over the prompt's
+    continuations: the K best hypotheses (generated tokens, prompt excluded), best first
+    (score = Σ log p / len ** lenpen)."""
+    if not decoder.cfg.max_new_tokens:
+        return []
+    return search(decoder, prompt, search_spec(decoder, decoder.cfg.beam))[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,18 +401,18 @@ def generate(cfg: GenerateConfig, out=None) -> Generation:
     with autocast(decoder._device(), amp):
         if cfg.beam > 1:
             hyps = beam_search(decoder, ids)
-            text = codec.decode(hyps[0].tokens) if hyps else ""
+            text = codec.decode(hyps[0].tokens.tolist()) if hyps else ""
             if out is not None:
                 out.write(text)
                 out.flush()
             return Generation(prompt, text, hyps)
         codec.reset(prompt)
-        toks, lps, pieces = [], [], []
-        for y, lp in stream(decoder, ids):
-            toks.append(y)
-            lps.append(lp)
-            pieces.append(codec.piece(y))
+        finished: list[list[Hypothesis]] = []
+        pieces = []
+        steps = search_steps(decoder, ids, search_spec(decoder, 1), finished) if cfg.max_new_tokens else ()
+        for best in steps:  # greedy or sampled: written as the tokens come
+            pieces.append(codec.piece(int(best.tokens[0])))
             if out is not None:
                 out.write(pieces[-1])
                 out.flush()
-    return Generation(prompt, "".join(pieces), [Hypothesis(toks, lps, sum(lps))])
+    return Generation(prompt, "".join(pieces), finished[0] if finished else [])

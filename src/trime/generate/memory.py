@@ -11,13 +11,12 @@ tokens v_j) into the model's distribution:
   P(y) = (1 − λ)·p_vocab(y) + p_knn(y) with p_knn ∝ exp(s_j): it sums to 2 − λ, and the beam
   search uses these unnormalised scores as they are (the published 33.73 BLEU came from this mode).
 
-Scores come from memory.joint.memory_logits (the one score formula). Letters: N hypotheses, k
-neighbours, V target vocabulary, d key width.
+Scores come from memory.joint.memory_logits (the one score formula), the mixtures from memory.mix and
+memory.knn.interpolate. Letters: N hypotheses, k neighbours, V target vocabulary, d key width.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -25,18 +24,11 @@ from torch import Tensor
 
 from trime.errors import ConfigError
 from trime.memory.joint import memory_logits
+from trime.memory.knn import interpolate
+from trime.memory.mix import joint_vocab_log_probs, knn_vocab_log_probs, trime_released_log_probs
 
 MODES = ("knn", "trime", "trime_released")
 Search = Callable[[Tensor], tuple[Tensor, Tensor]]  # h (N, d) -> (similarities (N, k), −inf holes; tokens (N, k))
-
-
-def scatter_logsumexp(scores: Tensor, values: Tensor, V: int) -> Tensor:
-    """(N, V): log Σ_{j: values_j = y} exp(scores_j) for every token y (−inf where no neighbour has y)."""
-    mx = scores.amax(1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    sums = torch.zeros(scores.shape[0], V, dtype=scores.dtype, device=scores.device)
-    sums.scatter_add_(1, values, (scores - mx).exp())  # holes (−inf) add exactly 0
-    return sums.log() + mx
 
 
 class MemoryCombiner:
@@ -61,20 +53,13 @@ class MemoryCombiner:
         return torch.where(empty, logp, self._mix(h, logp, scores.float(), values))
 
     def _mix(self, h: Tensor, logp: Tensor, scores: Tensor, values: Tensor) -> Tensor:
-        V = logp.shape[1]
         if self.mode == "knn":
             if self.lmbda == 0.0:
                 return logp
-            s = memory_logits(scores, None, self.temp)  # a / T
-            log_knn = scatter_logsumexp(s, values, V) - torch.logsumexp(s, 1, keepdim=True)  # (N, V)
-            if self.lmbda == 1.0:
-                return log_knn
-            return torch.logaddexp(logp + math.log1p(-self.lmbda), log_knn + math.log(self.lmbda))
+            knn = knn_vocab_log_probs(memory_logits(scores, None, self.temp), values, logp.shape[1])  # a / T
+            return interpolate(logp, knn, self.lmbda)
         s = memory_logits(scores, self.dim, self.temp)  # a / (√d·T)
-        log_zt = self.log_z(h).float()[:, None]  # (N, 1)
-        log_zc = torch.logsumexp(s, 1, keepdim=True)  # (N, 1)
-        log_den = torch.logaddexp(log_zt, log_zc)  # log (Z_t + Z_c)
+        log_zt = self.log_z(h).float()  # (N,)
         if self.mode == "trime":
-            return torch.logaddexp(logp + log_zt, scatter_logsumexp(s, values, V)) - log_den
-        log_knn = scatter_logsumexp(s, values, V) - log_zc  # released: p_knn ∝ exp(s), weight 1
-        return torch.logaddexp(logp + log_zt - log_den, log_knn)  # (1 − λ)·p_vocab + p_knn, 1 − λ = Z_t/(Z_t + Z_c)
+            return joint_vocab_log_probs(logp, log_zt, s, values)
+        return trime_released_log_probs(logp, log_zt, s, values)

@@ -70,11 +70,15 @@ def combine(token_log_prob: Tensor, token_log_norm: Tensor, mem_log_norm: Tensor
     mem_log_norm (N,) log Σ_j e^{s_ij}; mem_log_pos (N,) log Σ_{j positive} e^{s_ij}. Returns (N,).
     """
     dt = _compute_dtype(token_log_prob, token_log_norm, mem_log_norm, mem_log_pos)
-    tlp, tln = token_log_prob.to(dt), token_log_norm.to(dt)
-    lzc, lzpos = mem_log_norm.to(dt), mem_log_pos.to(dt)
-    token_share = -F.softplus(lzc - tln)  # log Z_tok / (Z_tok + Z_c); exactly 0 when Z_c = 0
-    log_den = tln - token_share  # log (Z_tok + Z_c)
-    return torch.logaddexp(tlp + token_share, lzpos - log_den)  # (N,)
+    token_share, log_den = joint_denominator(token_log_norm.to(dt), mem_log_norm.to(dt))
+    return torch.logaddexp(token_log_prob.to(dt) + token_share, mem_log_pos.to(dt) - log_den)  # (N,)
+
+
+def joint_denominator(token_log_norm: Tensor, mem_log_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """(log Z_tok / (Z_tok + Z_c), log (Z_tok + Z_c)) from log Z_tok and log Z_c (any equal shapes): the
+    output layer's share of the joint softmax and its normaliser. The share is exactly 0 when Z_c = 0."""
+    token_share = -F.softplus(mem_log_norm - token_log_norm)
+    return token_share, token_log_norm - token_share
 
 
 def score_stats(mem_scores: Tensor, mem_values: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

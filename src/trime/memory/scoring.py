@@ -25,8 +25,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from trime.memory.joint import combine, memory_logits, score_scale
-from trime.memory.knn import NEG_INF, interpolate, knn_log_probs, scaled_logsumexp, shifted
+from trime.memory.joint import memory_logits, score_scale
+from trime.memory.knn import interpolate, knn_log_probs
+from trime.memory.mix import joint_token_log_probs, joint_vocab_log_probs, knn_vocab_log_probs
 
 
 @dataclass
@@ -88,29 +89,22 @@ class Setting:
     ext_in_joint: bool = False
 
 
-def _positive_part(scores: Tensor, positive: Tensor, compact: bool) -> Tensor:
-    """Scores with non-positive entries at −inf; ``compact`` squeezes them to the largest number of
-    positives in a row first (worth its sort when many temperatures reuse it)."""
-    if not compact:
-        return scores.masked_fill(~positive, NEG_INF)
-    width = int(positive.sum(1).max()) if positive.numel() else 0
-    order = positive.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :width]  # (n, p)
-    return scores.gather(1, order).masked_fill(~positive.gather(1, order), NEG_INF)
+def _entries(mem_scores: Tensor, ext_scores: Tensor, k: int, dim: int, ext_in_joint: bool) -> Tensor:
+    """The joint softmax's entry logits before τ (n, m [+ k]): local/long q·k/√d, then the first k
+    neighbours' score/√d when the external memory is in the joint softmax."""
+    scores = mem_scores.float()
+    if ext_in_joint and k:
+        scores = torch.cat([scores, memory_logits(ext_scores[:, :k], dim)], 1)  # (n, m + k)
+    return scores
 
 
 def _joint(r: MemoryRows, taus: Sequence[float], k: int, dim: int, ext_in_joint: bool) -> list[Tensor]:
-    """[log p_joint (n,) for each τ]: the row max is taken once, then one exp pass per τ."""
-    scores, pos = r.mem_scores.float(), r.mem_pos
+    """[log p_joint (n,) for each τ] (memory.mix.joint_token_log_probs)."""
+    pos = r.mem_pos
     if ext_in_joint and k:
-        scores = torch.cat([scores, memory_logits(r.ext_scores[:, :k], dim)], 1)  # (n, m + k)
         pos = torch.cat([pos, r.ext_values[:, :k] == r.targets[:, None]], 1)
-    norm = shifted(scores)
-    positive = shifted(_positive_part(scores, pos, compact=len(taus) > 1))
-    out = []
-    for t in taus:
-        c = score_scale(None, t)  # the scores already carry 1/√d
-        out.append(combine(r.tok_logp, r.tok_log_z, scaled_logsumexp(norm, c), scaled_logsumexp(positive, c)))
-    return out
+    scores = _entries(r.mem_scores, r.ext_scores, k, dim, ext_in_joint)
+    return joint_token_log_probs(r.tok_logp, r.tok_log_z, scores, pos, taus)
 
 
 def log_probs(rows: MemoryRows, settings: Sequence[Setting], dim: int, chunk: int = 8192) -> list[Tensor]:
@@ -136,3 +130,34 @@ def log_probs(rows: MemoryRows, settings: Sequence[Setting], dim: int, chunk: in
                     lp = joint[s.softmax_temp]
                     out[i].append(interpolate(lp, knn[s.interp_temp], s.lmbda) if s.lmbda > 0 else lp.float())
     return [torch.cat(parts) if parts else torch.empty(0) for parts in out]
+
+
+@dataclass
+class StepRows:
+    """What the memories contribute to the next position of each of B hypotheses, temperature-free
+    (:class:`MemoryRows` for every candidate token at once: values instead of a positive mask)."""
+
+    tok_logp: Tensor  # (B, V) log p_tok of every token
+    tok_log_z: Tensor  # (B,) log Z_tok
+    mem_scores: Tensor  # (B, m) q·k/√d of local + long entries
+    mem_values: Tensor  # (B, m) int64 their tokens
+    ext_scores: Tensor  # (B, k) raw similarities, best first, −inf for holes
+    ext_values: Tensor  # (B, k) int64
+    n_local: int = 0  # the first n_local entries are local, the rest long-term
+
+
+def vocab_log_probs(rows: StepRows, setting: Setting, dim: int) -> Tensor:
+    """log p(y) (B, V) float32 for every token y: :func:`log_probs`'s formula (the joint softmax, then
+    kNN-LM interpolation) for the whole vocabulary (memory.mix)."""
+    V = rows.tok_logp.shape[1]
+    k_all = rows.ext_scores.shape[1]
+    k = k_all if setting.k is None else min(setting.k, k_all)
+    scores = _entries(rows.mem_scores, rows.ext_scores, k, dim, setting.ext_in_joint)
+    values = torch.cat([rows.mem_values, rows.ext_values[:, :k]], 1) if setting.ext_in_joint and k else rows.mem_values
+    lp = joint_vocab_log_probs(rows.tok_logp, rows.tok_log_z, scores, values, setting.softmax_temp)
+    if setting.lmbda > 0:
+        if k == 0:
+            raise ValueError("interpolation (lambda > 0) needs external neighbours")
+        s = rows.ext_scores[:, :k].float() * score_scale(None, setting.interp_temp)  # (B, k)
+        lp = interpolate(lp, knn_vocab_log_probs(s, rows.ext_values[:, :k], V), setting.lmbda)
+    return lp.float()
