@@ -30,17 +30,16 @@ import numpy as np
 import torch
 
 from trime import io
-from trime.checkpoint import checkpoint_dictionary, load_model, model_fingerprint
 from trime.config import ExplainConfig
 from trime.data.batching import make_batch
-from trime.data.blocks import eval_windows
 from trime.data.dictionary import Dictionary
-from trime.data.prepare import check_vocabulary, load_split, read_data_meta, special_ids
-from trime.device import autocast, autocast_dtype, pick_device
+from trime.data.prepare import load_split, read_data_meta
+from trime.device import autocast, autocast_dtype
 from trime.errors import DataError
 from trime.evaluate import Scorer
 from trime.explain.html import render
 from trime.generate.lm import codec_for, is_byte_dictionary
+from trime.jobs import Job, open_model
 from trime.memory.external import ExternalMemory
 from trime.memory.joint import memory_logits, score_scale
 from trime.memory.mix import joint_breakdown, knn_weights
@@ -126,15 +125,12 @@ def _dstore_text(cfg: ExplainConfig, external: ExternalMemory | None) -> tuple[n
     return load_split(cfg.dstore_data, split), ""
 
 
-def _load_tokens(cfg: ExplainConfig, dictionary: Dictionary) -> tuple[np.ndarray, str]:
+def _load_tokens(cfg: ExplainConfig, job: Job) -> tuple[np.ndarray, str]:
     if cfg.text:
-        codec = codec_for(dictionary)
+        codec = codec_for(job.need_dictionary())
         text = cfg.text if cfg.text.endswith("\n") else cfg.text + "\n"  # every line ends with </s>, as in data
         return np.asarray(codec.encode(text), dtype=np.int32), "--text"
-    tokens = load_split(cfg.data, cfg.gen_subset)
-    if cfg.max_eval_tokens:
-        tokens = tokens[: cfg.max_eval_tokens]
-    return np.asarray(tokens), f"{cfg.data} ({cfg.gen_subset})"
+    return np.asarray(job.split(cfg.gen_subset, cfg.max_eval_tokens)), f"{cfg.data} ({cfg.gen_subset})"
 
 
 def _round(x: float, n: int = 5) -> float | None:
@@ -144,26 +140,16 @@ def _round(x: float, n: int = 5) -> float | None:
 @torch.no_grad()
 def explain_tokens(cfg: ExplainConfig) -> dict:
     """The report's data (module docstring): {"summary", "tokens", "vocab", "notes", "dstore_snippets"}."""
-    device = pick_device(cfg.device)
-    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
-    dictionary = checkpoint_dictionary(ckpt_dir)
-    if dictionary is None:
-        raise DataError(f"{ckpt_dir}: no dict.txt; convert the checkpoint with `trime convert --dict`")
-    if cfg.data:
-        check_vocabulary(cfg.data, model_cfg.vocab_size, dictionary)
-        pad, eos = special_ids(cfg.data)
-    else:
-        pad, eos = dictionary.pad, dictionary.eos
-    tokens, source = _load_tokens(cfg, dictionary)
+    job = open_model(cfg, data=cfg.data)
+    model, model_cfg, device, dictionary = job.model, job.model_cfg, job.device, job.need_dictionary()
+    pad, eos = job.pad_eos
+    tokens, source = _load_tokens(cfg, job)
     if len(tokens) == 0:
         raise DataError(f"{source}: nothing to score")
     dim, V = model_cfg.d_model, model_cfg.vocab_size
-    L = cfg.tokens_per_sample or model_cfg.max_positions
-    windows = eval_windows(tokens, L, cfg.context_window, cfg.sample_break_mode, eos)
-    external = recorder = None
-    if cfg.use_external or cfg.use_interp:
-        external = ExternalMemory.of(cfg, model_cfg, model_fingerprint(ckpt_dir))
-        recorder = _RecordingExternal(external)
+    windows = job.windows(tokens, cfg.sample_break_mode)
+    external = job.external()
+    recorder = _RecordingExternal(external) if external is not None else None
     dstore_tokens, dstore_note = _dstore_text(cfg, external)
     scorer = Scorer(model, cfg, dim=dim, pad=pad, external=recorder)
     setting = scorer.setting

@@ -37,14 +37,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from trime.checkpoint import checkpoint_dictionary, load_model, model_fingerprint
 from trime.config import GenerateConfig
 from trime.data.dictionary import SPECIALS, Dictionary
-from trime.data.prepare import check_vocabulary, read_data_meta
-from trime.device import autocast, autocast_dtype, pick_device
+from trime.data.prepare import read_data_meta
+from trime.device import autocast, autocast_dtype
 from trime.errors import ConfigError, DataError
 from trime.evaluate import setting_of
 from trime.generate.search import Hypothesis, SearchSpec, search, search_steps
+from trime.jobs import open_model
 from trime.memory.cache import MemoryFIFO
 from trime.memory.external import ExternalMemory
 from trime.memory.joint import memory_logits
@@ -359,23 +359,15 @@ class Generation:
 
 def open_decoder(cfg: GenerateConfig) -> tuple[LMDecoder, WordCodec | ByteCodec]:
     """Load the checkpoint, its dictionary and the external memory of ``cfg``."""
-    device = pick_device(cfg.device)
-    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, trust=cfg.trust_checkpoint)
-    dictionary = checkpoint_dictionary(ckpt_dir)
-    if dictionary is None:
-        raise DataError(f"{ckpt_dir}: no dict.txt; convert the checkpoint with `trime convert --dict`")
-    if cfg.data:
-        check_vocabulary(cfg.data, model_cfg.vocab_size, dictionary)
-    external = None
-    if cfg.use_external or cfg.use_interp:
-        external = ExternalMemory.of(cfg, model_cfg, model_fingerprint(ckpt_dir))
+    job = open_model(cfg, data=cfg.data)
+    dictionary, model, model_cfg, external = job.need_dictionary(), job.model, job.model_cfg, job.external()
     decoder = LMDecoder(
         model,
         cfg,
         dim=model_cfg.d_model,
         pad=dictionary.pad,
         eos=dictionary.eos,
-        window=cfg.tokens_per_sample or model_cfg.max_positions,
+        window=job.window,
         external=external,
     )
     return decoder, codec_for(dictionary, cfg.data)
