@@ -23,11 +23,10 @@ from trime import io
 from trime.checkpoint import save_checkpoint
 from trime.cli import build_parser, main
 from trime.data.blocks import num_segments
-from trime.data.pairs import load_pair_dictionaries, prepare_pairs
+from trime.data.pairs import load_pair_dictionaries, pair_dictionary_files, prepare_pairs
 from trime.data.prepare import load_split, prepare_corpus
 from trime.model.encoder_decoder import MTModelConfig, build_mt_model
 from trime.train import fit
-from trime.translation import pair_dictionary_files
 
 from tests.fixtures import make_corpus, make_data, micro_checkpoint
 
