@@ -150,17 +150,17 @@ def fairseq_kind(path: str | Path, *, trust: bool = False) -> str:
 
 
 def _load_fairseq(path: Path, task: str | None, trust: bool):
-    """(weights, config) of a fairseq ``.pt`` of ``task`` (None: either kind)."""
+    """(weights, config, meta) of a fairseq ``.pt`` of ``task`` (None: either kind)."""
     loaders = {"lm": load_fairseq_checkpoint, "mt": load_fairseq_mt_checkpoint}
     try:
-        return loaders[task or "lm"](path, trust=trust)[:2]
+        return loaders[task or "lm"](path, trust=trust)
     except CheckpointError:
         kind = fairseq_kind(path, trust=trust)  # read again only on the way to an error
         if kind == (task or "lm"):
             raise
     if task is not None:
         raise wrong_kind(path, kind, task)
-    return loaders[kind](path, trust=trust)[:2]
+    return loaders[kind](path, trust=trust)
 
 
 def load_model(
@@ -201,7 +201,7 @@ def load_model(
         model, _ = load_hf_checkpoint(resolve(path), device=device)
         return model, model.cfg, resolve(path)
     if path.is_file() and path.suffix == ".pt":
-        state, model_cfg = _load_fairseq(path, task, trust)
+        state, model_cfg, _ = _load_fairseq(path, task, trust)
         ckpt_dir = path
     else:
         ckpt_dir = resolve(path)
@@ -291,7 +291,7 @@ def convert(path: str | Path, out_dir: str | Path, dict_path: str | Path | None 
     dict_path = Path(dict_path) if dict_path is not None else path.with_name(DICT)
     if not dict_path.is_file():
         raise CheckpointError(f"{dict_path}: no dictionary; pass the dict.txt the model was trained with")
-    weights, cfg, meta = load_fairseq_checkpoint(path, trust=trust)
+    weights, cfg, meta = _load_fairseq(path, "lm", trust)
     n = len(Dictionary.load(dict_path))
     if n != cfg.vocab_size:
         raise CheckpointError(f"{dict_path} has {n} symbols but {path} embeds {cfg.vocab_size}: wrong dictionary")
