@@ -90,6 +90,18 @@ def test_generate_and_score_reference_from_the_command_line(pairs, tmp_path, cap
     assert all(line.split("\t")[1] != "nan" for line in res.lines if line.startswith("H-"))
 
 
+def test_validation_bleu_leaves_the_model_training(pairs):
+    """Beam search puts the model in eval mode; the BLEU metric puts it back, so that the epochs after a
+    validation train with dropout (they did not)."""
+    from trime.data.pairs import load_pair_dictionaries, load_pair_split
+    from trime.mt_generate import valid_bleu
+
+    src, tgt = load_pair_dictionaries(pairs)
+    model = build_mt_model(MTModelConfig(src_vocab_size=len(src), tgt_vocab_size=len(tgt), **TINY)).train()
+    name, score = valid_bleu(load_pair_split(pairs, "valid"), tgt, 2, "cpu")(model)
+    assert name == "bleu" and score >= 0 and model.training
+
+
 def test_mt_errors_are_one_line(pairs, tmp_path, capsys):
     assert main(["mt", "train", str(pairs), "--preset", "tiny", "--save-dir", str(tmp_path / "x")]) == 2
     assert "language-model recipe" in capsys.readouterr().err

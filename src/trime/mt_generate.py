@@ -93,13 +93,14 @@ def bleu_of_texts(hyps: list[str], refs: list[np.ndarray], d: Dictionary, *, bpe
 
 def valid_bleu(split: PairSplit, d: Dictionary, n: int, device) -> Callable[[TransformerMT], tuple[str, float]]:
     """A run's checkpoint_best metric: BLEU of the first ``n`` pairs of ``split`` (0: all) with the
-    original's validation beam (:data:`VALID_BEAM`)."""
+    original's validation beam (:data:`VALID_BEAM`). Named fix: the model is left in the mode it was
+    in (beam search puts it in eval mode; training went on without dropout after each validation)."""
     n = len(split) if not n else min(n, len(split))
     refs = [split.target(i) for i in range(n)]
 
     def bleu(model: TransformerMT) -> tuple[str, float]:
-        hyps = decode(model, split, np.arange(n), VALID_BEAM, max_tokens=4096, device=device)
         was_training = model.training
+        hyps = decode(model, split, np.arange(n), VALID_BEAM, max_tokens=4096, device=device)
         score = bleu_of(hyps, refs, d).score
         model.train(was_training)
         return "bleu", float(score)
