@@ -154,6 +154,8 @@ def test_trime_mt_training_runs_and_ce_warmup_switches(pairs, tmp_path):
         MTModelConfig(**TINY), _cfg(pairs, tmp_path / "rel", ce_warmup_epoch=1, ce_warmup_released=True, **kw)
     )
     assert all(not u and loss != ce for loss, ce, u in losses(released))
+    rows = [json.loads(line) for line in (released / "log.jsonl").read_text().splitlines()]
+    assert all(0 < r["mem_share"] < 1 for r in rows if r["kind"] == "train")  # the TRIME losses' diagnostics
 
 
 @pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
