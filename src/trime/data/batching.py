@@ -142,9 +142,8 @@ def epoch_batches(
         c, n_groups = num_comb_shards, world_size // num_comb_shards
         runs = [batches[i : i + c] for i in range(0, len(batches) // c * c, c)]
         runs = [runs[j] for j in rng.permutation(len(runs))]
-        n = len(runs) // n_groups * n_groups
         group, p = divmod(rank, c)
-        return [run[p] for run in runs[group:n:n_groups]]
+        return [run[p] for run in deal(runs, group, n_groups)]
     if mode == "predefined":
         if order is None:
             raise ConfigError("the predefined order needs --predefined-batches")
