@@ -23,11 +23,10 @@ from trime import io
 from trime.checkpoint import save_checkpoint
 from trime.cli import build_parser, main
 from trime.data.blocks import num_segments
-from trime.data.pairs import load_pair_dictionaries, prepare_pairs
+from trime.data.pairs import load_pair_dictionaries, pair_dictionary_files, prepare_pairs
 from trime.data.prepare import load_split, prepare_corpus
 from trime.model.encoder_decoder import MTModelConfig, build_mt_model
 from trime.train import fit
-from trime.translation import pair_dictionary_files
 
 from tests.fixtures import make_corpus, make_data, micro_checkpoint
 
@@ -632,3 +631,56 @@ def test_output_file_refuses_a_users_file_and_replaces_its_own(capsys, outputs, 
     ok(capsys, *writing(flag, outputs, out))
     ok(capsys, *writing(flag, outputs, out))  # over trime's own earlier output
     assert out.is_file() and [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+# --- checkpoint kinds: every kind routed by checkpoint.load_model; the wrong one is one line ----
+
+FAIRSEQ_LM = Path(__file__).parent / "assets" / "fairseq" / "wt103_style.pt"
+FAIRSEQ_MT = Path(__file__).parent / "assets" / "fairseq_mt" / "post_tied.pt"
+TRANSLATION = "a translation model, not a language model; use it with `trime mt generate`"
+LANGUAGE = "a language model, not a translation model; use it with `trime eval`"
+
+
+@pytest.mark.parametrize("kind", ["trime", "fairseq"])
+def test_translation_checkpoint_given_to_language_model_commands(capsys, data, mt_ckpt, tmp_path, kind):
+    path = mt_ckpt if kind == "trime" else FAIRSEQ_MT
+    cpu = ("--device", "cpu")
+    user_error(capsys, "eval", data, "--path", path, *cpu, words=TRANSLATION)
+    user_error(capsys, "datastore", "build", data, "--path", path, "--out", tmp_path / "ds", *cpu, words=TRANSLATION)
+    user_error(capsys, "generate", "--path", path, "--prompt", "w1", *cpu, words=TRANSLATION)
+    user_error(
+        capsys, "explain", "--path", path, "--text", "w1 w2", "--out", tmp_path / "x.html", *cpu, words=TRANSLATION
+    )
+    assert not (tmp_path / "ds").exists()
+    if kind == "fairseq":  # trime convert takes fairseq language models only
+        dictionary = FAIRSEQ_MT.with_name("dict.tgt.txt")
+        user_error(capsys, "convert", path, "--out", tmp_path / "conv", "--dict", dictionary, words=TRANSLATION)
+        assert not (tmp_path / "conv").exists()
+
+
+@pytest.mark.parametrize("kind", ["trime", "fairseq"])
+def test_language_model_checkpoint_given_to_translation_commands(capsys, pairs, ckpt, tmp_path, kind):
+    path = ckpt if kind == "trime" else FAIRSEQ_LM
+    cpu = ("--device", "cpu")
+    user_error(capsys, "mt", "generate", pairs, "--path", path, *cpu, words=LANGUAGE)
+    user_error(capsys, "mt", "datastore", pairs, "--path", path, "--out", tmp_path / "ds", *cpu, words=LANGUAGE)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_load_model_routes_every_kind(ckpt, mt_ckpt):
+    from trime.checkpoint import load_model
+    from trime.errors import CheckpointError
+    from trime.model.encoder_decoder import TransformerMT
+    from trime.model.fairseq_mt_import import load_fairseq_mt
+    from trime.model.transformer import TransformerLM
+
+    for path, cls, task in ((ckpt, TransformerLM, "lm"), (FAIRSEQ_LM, TransformerLM, "lm"),
+                            (mt_ckpt, TransformerMT, "mt"), (FAIRSEQ_MT, TransformerMT, "mt")):  # fmt: skip
+        model, _, where = load_model(path, task=task)
+        assert isinstance(model, cls) and not model.training and Path(where).exists()
+        assert isinstance(load_model(path, task=None)[0], cls)  # None: whichever kind the checkpoint is
+    want, _ = load_fairseq_mt(FAIRSEQ_MT)
+    got = load_model(FAIRSEQ_MT, task="mt")[0].state_dict()
+    assert got.keys() == want.state_dict().keys() and all(torch.equal(got[k], v) for k, v in want.state_dict().items())
+    with pytest.raises(CheckpointError, match="a language model, not a translation model"):
+        load_model("", hf_model="no/such-model", task="mt")  # refused before any download

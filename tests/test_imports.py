@@ -28,6 +28,7 @@ LEVELS = {
     "trime.evaluate": 5,
     "trime.datastore_build": 5,
     "trime.generate": 5,
+    "trime.mt_generate": 5,
     "trime.translation": 5,
     "trime.explain": 6,
     "trime.pipelines": 6,

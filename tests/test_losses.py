@@ -366,6 +366,28 @@ def test_trime_mt_loss_equals_per_token_loop(dist, topk):
     assert int(res.n_targets) == int((y != PAD).sum())
 
 
+@pytest.mark.parametrize("dist", ["ip", "l2"])
+def test_trime_mt_diagnostics_are_the_lm_criteria_diagnostics(dist):
+    """diagnose=True adds the memory diagnostics of the TRIME losses (the same sums, the MT similarity)
+    and changes nothing else; the label-smoothed CE has no memory and none."""
+    from trime.losses import DIAG_SUMS, MTLossSettings, compute_mt_loss, diagnostics_record
+
+    out, y, head = _batch(B=3, L=4, d=4, seed=5)
+    s = MTLossSettings(temp=2.0, topk=3, dist=dist)
+    plain, diag = compute_mt_loss(s, out, y, head), compute_mt_loss(s, out, y, head, diagnose=True)
+    assert plain.diag is None and torch.equal(plain.loss, diag.loss) and diag.diag.shape == (len(DIAG_SUMS),)
+    record = diagnostics_record(diag.diag)
+    assert 0 < record["mem_share"] < 1 and -1 <= record["mem_cos"] <= 1
+    h = out.h.detach().reshape(12, -1)
+    own = torch.arange(12) // 4
+    keep = y.reshape(12) != PAD
+    visible = (own[:, None] != own[None, :]) & keep[None, :] & keep[:, None]  # scored rows, other sentences
+    sim = h @ h.T if dist == "ip" else -(torch.cdist(h, h) ** 2)
+    assert math.isclose(record["mem_score_max"], float(sim[visible].max()) / 2 / 2.0, rel_tol=1e-4)
+    assert compute_mt_loss(MTLossSettings(criterion="ce"), out, y, head, diagnose=True).diag is None
+    assert compute_mt_loss(s, out, y, head, use_ce=True, diagnose=True).diag is None
+
+
 def test_trime_mt_with_one_sentence_is_ce():
     from trime.losses import MTLossSettings, compute_mt_loss
 

@@ -12,8 +12,10 @@ from trime import config as C
 from trime.cli import main
 from trime.data.pairs import prepare_pairs
 from trime.generate.beam import BeamConfig
+from trime.losses import MTLossSettings, MTObjective
 from trime.model.encoder_decoder import MTModelConfig, build_mt_model
-from trime.translation import MTObjective, fit_translation, translate
+from trime.mt_generate import translate
+from trime.translation import fit_translation
 
 RAW = Path(__file__).parent / "assets" / "fairseq_pairs" / "raw"
 TINY = dict(
@@ -44,7 +46,9 @@ def test_label_smoothed_loss_equals_fairseqs_formula():
     tgt = torch.tensor([[4, 5, 2], [6, 2, 1]])  # right-padded
     eps = 0.1
     with torch.no_grad():
-        loss, n, nll = MTObjective(model, eps, seed=1)(src, prev, tgt)
+        loss, n, nll, _ = MTObjective(model, MTLossSettings(criterion="ce", label_smoothing=eps), seed=1)(
+            src, prev, tgt
+        )
     with torch.no_grad():
         lp = model.head.log_probs(model(src, prev).h.reshape(-1, 16)).double()  # (B·T, V)
     want_loss = want_nll = 0.0
@@ -84,6 +88,18 @@ def test_generate_and_score_reference_from_the_command_line(pairs, tmp_path, cap
     direct = translate(C.TranslateConfig(data=str(pairs), path=str(run), gen_subset="valid"), BeamConfig(beam=2))
     assert res.bleu is None and direct.bleu is not None and res.n_sentences == direct.n_sentences
     assert all(line.split("\t")[1] != "nan" for line in res.lines if line.startswith("H-"))
+
+
+def test_validation_bleu_leaves_the_model_training(pairs):
+    """Beam search puts the model in eval mode; the BLEU metric puts it back, so that the epochs after a
+    validation train with dropout (they did not)."""
+    from trime.data.pairs import load_pair_dictionaries, load_pair_split
+    from trime.mt_generate import valid_bleu
+
+    src, tgt = load_pair_dictionaries(pairs)
+    model = build_mt_model(MTModelConfig(src_vocab_size=len(src), tgt_vocab_size=len(tgt), **TINY)).train()
+    name, score = valid_bleu(load_pair_split(pairs, "valid"), tgt, 2, "cpu")(model)
+    assert name == "bleu" and score >= 0 and model.training
 
 
 def test_mt_errors_are_one_line(pairs, tmp_path, capsys):
@@ -138,6 +154,8 @@ def test_trime_mt_training_runs_and_ce_warmup_switches(pairs, tmp_path):
         MTModelConfig(**TINY), _cfg(pairs, tmp_path / "rel", ce_warmup_epoch=1, ce_warmup_released=True, **kw)
     )
     assert all(not u and loss != ce for loss, ce, u in losses(released))
+    rows = [json.loads(line) for line in (released / "log.jsonl").read_text().splitlines()]
+    assert all(0 < r["mem_share"] < 1 for r in rows if r["kind"] == "train")  # the TRIME losses' diagnostics
 
 
 @pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
@@ -152,7 +170,7 @@ def test_mt_datastore_and_decoding_with_memory(pairs, tmp_path):
 
     run = fit_translation(MTModelConfig(**TINY), _cfg(pairs, tmp_path / "run", max_update=4, eval_bleu=False))
     ckpt = run / "checkpoint_last"
-    from trime.translation import build_mt_datastore
+    from trime.datastore_build import build_mt_datastore
 
     ds_dir = build_mt_datastore(C.MTDatastoreConfig(data=str(pairs), path=str(ckpt), out=str(tmp_path / "ds"),
                                                     max_tokens=64, key_dtype="float32"))  # fmt: skip
@@ -163,7 +181,7 @@ def test_mt_datastore_and_decoding_with_memory(pairs, tmp_path):
     from trime.checkpoint import load_model
     from trime.data.pair_batching import collate
 
-    model, _, _ = load_model(ckpt)
+    model, _, _ = load_model(ckpt, task="mt")
     b = collate(split, np.array([3]))
     with torch.no_grad():
         h = model(b.src_tokens, b.prev_output_tokens).h[0]  # (T, d)
@@ -223,11 +241,11 @@ def test_sweep_from_cached_reference_neighbours_equals_the_combiners(pairs, tmp_
     from trime.checkpoint import load_model
     from trime.data.pair_batching import collate
     from trime.data.pairs import load_pair_split
+    from trime.datastore_build import build_mt_datastore
     from trime.generate.memory import MemoryCombiner
     from trime.memory.external import ExternalMemory
     from trime.memory.index import build_index
     from trime.memory.neighbors import NeighborCache, rescore_tokens
-    from trime.translation import build_mt_datastore
 
     run = fit_translation(MTModelConfig(**TINY), _cfg(pairs, tmp_path / "run", max_update=3, eval_bleu=False))
     ckpt = run / "checkpoint_last"
@@ -238,7 +256,7 @@ def test_sweep_from_cached_reference_neighbours_equals_the_combiners(pairs, tmp_
                             k=6, save_neighbors=str(cache))  # fmt: skip
     assert "trime sweep" in translate(cfg).line()
     nb = NeighborCache.load(cache)
-    model, mcfg, _ = load_model(ckpt)
+    model, mcfg, _ = load_model(ckpt, task="mt")
     split = load_pair_split(pairs, "valid")
     b = collate(split, np.arange(len(split)))
     with torch.no_grad():

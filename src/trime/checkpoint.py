@@ -8,8 +8,9 @@
                           plain containers, loaded with weights_only=True: no pickled code runs)
       meta.json           written last; a directory without it is incomplete
 
-Loading never runs pickled code; original fairseq ``.pt`` files go through
-``trime.model.fairseq_import`` and need ``--trust-checkpoint`` only for payloads beyond its allow-list.
+Loading never runs pickled code; original fairseq ``.pt`` files (language or translation models) go
+through ``trime.model.fairseq_import`` / ``fairseq_mt_import`` and need ``--trust-checkpoint`` only for
+payloads beyond its allow-list. ``load_model`` routes every kind and refuses one of the wrong task.
 
 A Hugging Face backbone (trime.model.hf) is saved in the save_pretrained layout instead (config.json,
 safetensors weights, trainer.pt, meta.json with ``"backbone": "hf"``); ``load_model`` tells the two
@@ -33,7 +34,8 @@ from trime.config import ModelConfig, build
 from trime.data.dictionary import Dictionary
 from trime.errors import CheckpointError
 from trime.model.encoder_decoder import MTModelConfig, build_mt_model
-from trime.model.fairseq_import import load_fairseq_checkpoint
+from trime.model.fairseq_import import load_fairseq_checkpoint, read_checkpoint
+from trime.model.fairseq_mt_import import load_fairseq_mt_checkpoint
 from trime.model.hf import HFBackbone, hf_fingerprint, is_hf_checkpoint, load_hf, load_hf_checkpoint, save_hf_checkpoint
 from trime.model.transformer import TransformerLM, build_model
 
@@ -129,43 +131,88 @@ def read_config(ckpt_dir: Path) -> dict:
     return cfg
 
 
+# The kinds of model a command takes, and where a checkpoint of the other kind should go instead.
+TASKS = {
+    "lm": ("a language model", "`trime eval`, `trime generate`, `trime datastore build` or `trime explain`"),
+    "mt": ("a translation model", "`trime mt generate` or `trime mt datastore`"),
+}
+
+
+def wrong_kind(path: str | Path, kind: str, task: str) -> CheckpointError:
+    """The one-line error for a checkpoint of ``kind`` given to a command that takes ``task``."""
+    return CheckpointError(f"{path}: {TASKS[kind][0]}, not {TASKS[task][0]}; use it with {TASKS[kind][1]}")
+
+
+def fairseq_kind(path: str | Path, *, trust: bool = False) -> str:
+    """'mt' for a fairseq encoder-decoder ``.pt`` (encoder weights), else 'lm' (reads the file)."""
+    weights = read_checkpoint(path, trust=trust)["model"]
+    return "mt" if isinstance(weights, dict) and any(str(k).startswith("encoder.") for k in weights) else "lm"
+
+
+def _load_fairseq(path: Path, task: str | None, trust: bool):
+    """(weights, config, meta) of a fairseq ``.pt`` of ``task`` (None: either kind)."""
+    loaders = {"lm": load_fairseq_checkpoint, "mt": load_fairseq_mt_checkpoint}
+    try:
+        return loaders[task or "lm"](path, trust=trust)
+    except CheckpointError:
+        kind = fairseq_kind(path, trust=trust)  # read again only on the way to an error
+        if kind == (task or "lm"):
+            raise
+    if task is not None:
+        raise wrong_kind(path, kind, task)
+    return loaders[kind](path, trust=trust)
+
+
 def load_model(
     path: str | Path,
     *,
+    task: str | None = "lm",
     device: str | torch.device = "cpu",
     trust: bool = False,
     hf_model: str = "",
     gguf_file: str = "",
     keytype: str = "last_ffn_input",
 ):
-    """Load (model in eval mode, its config, checkpoint dir) from a trime checkpoint or run directory:
-    a TransformerLM (ModelConfig) or a TransformerMT (MTModelConfig), as its config.json says, or a
-    Hugging Face backbone (HFModelConfig) saved by a run with ``--hf-model``.
+    """Load (model in eval mode, its config, checkpoint dir) of any kind of checkpoint:
 
-    A fairseq ``.pt`` file is converted on the fly (see trime.model.fairseq_import); its "checkpoint
-    dir" is then the file itself. With ``hf_model`` (and no ``path``) the model is a transformers
-    causal LM (trime.model.hf.load_hf) and the "checkpoint dir" its directory, GGUF file or hub name;
-    its model config is an HFModelConfig (d_model, vocab_size, max_positions). ``keytype`` 'final'
-    lets a model whose FFN cannot be found load.
+    - a trime checkpoint or run directory: a TransformerLM (ModelConfig) or a TransformerMT
+      (MTModelConfig), as its config.json says;
+    - a fairseq ``.pt`` file, converted on the fly (trime.model.fairseq_import for a language model,
+      trime.model.fairseq_mt_import for a translation model); its "checkpoint dir" is the file itself;
+    - a Hugging Face backbone (HFModelConfig) saved by a run with ``--hf-model``, or with ``hf_model``
+      (and no ``path``) a transformers causal LM (trime.model.hf.load_hf), whose "checkpoint dir" is
+      its directory, GGUF file or hub name; ``keytype`` 'final' lets a model whose FFN cannot be found load.
+
+    ``task``: the kind the caller takes, 'lm' (the default) or 'mt'; a checkpoint of the other kind
+    is one CheckpointError line (:func:`wrong_kind`). None takes either.
     """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)} or None, not {task!r}")
     if hf_model:
+        if task == "mt":
+            raise wrong_kind(hf_model, "lm", task)
         key = "final" if keytype == "final" else "last_ffn_input"
         model = load_hf(hf_model, gguf_file=gguf_file or None, device=device, key=key)
         return model, model.cfg, Path(hf_model) / gguf_file if gguf_file else Path(hf_model)
     path = Path(path)
     if path.is_dir() and is_hf_checkpoint(resolve(path)):
+        if task == "mt":
+            raise wrong_kind(resolve(path), "lm", task)
         model, _ = load_hf_checkpoint(resolve(path), device=device)
         return model, model.cfg, resolve(path)
     if path.is_file() and path.suffix == ".pt":
-        state, model_cfg, _ = load_fairseq_checkpoint(path, trust=trust)
+        state, model_cfg, _ = _load_fairseq(path, task, trust)
         ckpt_dir = path
     else:
         ckpt_dir = resolve(path)
         config = read_config(ckpt_dir)
-        kind = config.get("model_type", "transformer_lm")  # checkpoints before translation are LMs
-        cls = {v: k for k, v in MODEL_TYPES.items()}.get(kind)
+        model_type = config.get("model_type", "transformer_lm")  # checkpoints before translation are LMs
+        cls = {v: k for k, v in MODEL_TYPES.items()}.get(model_type)
         if cls is None:
-            raise CheckpointError(f"{ckpt_dir}: unknown model_type {kind!r} in {CONFIG}")
+            raise CheckpointError(f"{ckpt_dir}: unknown model_type {model_type!r} in {CONFIG}")
+        kind = "mt" if cls is MTModelConfig else "lm"
+        if task is not None and kind != task:
+            raise wrong_kind(ckpt_dir, kind, task)
         model_cfg = build(cls, config["model"], source=str(ckpt_dir / CONFIG))
         state = load_weights(ckpt_dir)
     model = build_mt_model(model_cfg) if isinstance(model_cfg, MTModelConfig) else build_model(model_cfg)
@@ -244,7 +291,7 @@ def convert(path: str | Path, out_dir: str | Path, dict_path: str | Path | None 
     dict_path = Path(dict_path) if dict_path is not None else path.with_name(DICT)
     if not dict_path.is_file():
         raise CheckpointError(f"{dict_path}: no dictionary; pass the dict.txt the model was trained with")
-    weights, cfg, meta = load_fairseq_checkpoint(path, trust=trust)
+    weights, cfg, meta = _load_fairseq(path, "lm", trust)
     n = len(Dictionary.load(dict_path))
     if n != cfg.vocab_size:
         raise CheckpointError(f"{dict_path} has {n} symbols but {path} embeds {cfg.vocab_size}: wrong dictionary")

@@ -30,7 +30,7 @@ from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
 from trime.data.pairs import CORPUS_KIND as PAIR_CORPUS_KIND
 from trime.data.pairs import prepare_pairs
 from trime.data.prepare import load_dictionary, load_split, prepare, prepare_corpus
-from trime.datastore_build import build_datastore
+from trime.datastore_build import build_datastore, build_mt_datastore
 from trime.errors import TrimeError
 from trime.evaluate import evaluate
 from trime.explain.report import explain
@@ -39,10 +39,11 @@ from trime.generate.lm import generate, read_prompt
 from trime.memory.index import IndexSettings, build_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
+from trime.mt_generate import translate
 from trime.pipelines.mt_reproduce import mt_reproduce
 from trime.pipelines.reproduce import VARIANTS, reproduce
 from trime.train import fit
-from trime.translation import bm25_pair_order, build_mt_datastore, fit_translation, translate
+from trime.translation import bm25_pair_order, fit_translation
 
 
 def _preset_layers(ns: argparse.Namespace, section: str) -> dict:

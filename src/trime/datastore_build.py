@@ -1,27 +1,68 @@
 """Build an external memory: run a checkpoint over a split and store (key, next token) for every
-scored position (spec §6.1), with the same windows and batches as evaluation.
+target position, through one resumable driver (:func:`stream_datastore`) fed by either task's rows:
+
+- a language model (spec §6.1): the memory key of every scored position, with the same windows and
+  batches as evaluation; row r = target r of the token stream;
+- a translation model (MT spec §7): the teacher-forced decoder output h of every target position of
+  the split; row r = the r-th target token in sentence order (eos included).
 
 Fixes against the original (spec §6.1, §11 item 8), named: every scored position of the split is
-a datastore row, in stream order (row r = target r): no skipped warm-up tokens, no zero rows.
+a datastore row, in stream order: no skipped warm-up tokens, no zero rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from trime.checkpoint import load_model, model_fingerprint, read_config, resolve
-from trime.config import DatastoreConfig, ModelConfig, build
+from trime.config import DatastoreConfig, ModelConfig, MTDatastoreConfig, build
 from trime.data.batching import make_batch
 from trime.data.blocks import eval_windows
+from trime.data.dictionary import Dictionary
+from trime.data.pair_batching import batch_by_size, collate
+from trime.data.pairs import PairSplit, load_pair_split, read_pairs_meta
 from trime.data.prepare import load_split, read_data_meta, special_ids
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import DatastoreError
 from trime.memory.datastore import build_datastore as write_datastore
 from trime.memory.datastore import build_mismatch, resume_from
 from trime.model.base import select_keys
+
+Block = tuple[int, torch.Tensor, torch.Tensor]  # (first row, keys (n, d), values (n,)) in row order
+Rows = Callable[[int], Iterator[Block]]  # the blocks of every row from a (resumed) start row on
+
+
+def stream_datastore(out: str | Path, rows: Rows, *, dim: int, n_rows: int, meta: dict, key_dtype: str) -> Path:
+    """The datastore driver: refuse a build in ``out`` made with another ``meta``, resume where it
+    stopped, write the blocks of ``rows(start)`` with a progress bar (trime.memory.datastore)."""
+    out = Path(out)
+    diff = build_mismatch(out, meta)
+    if diff:
+        raise DatastoreError(
+            f"{out}: holds a datastore (or an unfinished build) with another {', '.join(diff)}; "
+            "remove it or choose another --out"
+        )
+    start = resume_from(out, n_rows)
+    bar = tqdm(total=n_rows, initial=start, desc="datastore", unit="tok", dynamic_ncols=True, disable=None)
+
+    def counted() -> Iterator[Block]:
+        for block in rows(start):
+            yield block
+            bar.update(len(block[2]))
+
+    try:
+        return write_datastore(counted(), out, dim, n_rows, meta, key_dtype=key_dtype)
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Language model
 
 
 def datastore_meta(cfg: DatastoreConfig, model_cfg, ckpt_dir) -> dict:
@@ -59,34 +100,67 @@ def build_datastore(cfg: DatastoreConfig) -> Path:
     pad, eos = special_ids(cfg.data)
     L = cfg.tokens_per_sample or model_cfg.max_positions
     windows = eval_windows(tokens, L, cfg.context_window, "none", eos)
-    n_rows = len(tokens)
-    out = Path(cfg.out)
-    meta = datastore_meta(cfg, model_cfg, ckpt_dir)
-    diff = build_mismatch(out, meta)
-    if diff:
-        raise DatastoreError(
-            f"{out}: holds a datastore (or an unfinished build) with another {', '.join(diff)}; "
-            "remove it or choose another --out"
-        )
-    start = resume_from(out, n_rows)
-    windows = windows[windows[:, 0] >= start]  # windows start on row boundaries of earlier blocks
     amp = autocast_dtype(cfg.amp, device)
-    bar = tqdm(total=n_rows, initial=start, desc="datastore", unit="tok", dynamic_ncols=True, disable=None)
 
-    def blocks():
-        for i in range(0, len(windows), cfg.batch_size):
-            batch = make_batch(tokens, windows[i : i + cfg.batch_size], pad=pad, eos=eos, device=device)
+    def rows(start: int) -> Iterator[Block]:
+        todo = windows[windows[:, 0] >= start]  # windows start on row boundaries of earlier blocks
+        for i in range(0, len(todo), cfg.batch_size):
+            batch = make_batch(tokens, todo[i : i + cfg.batch_size], pad=pad, eos=eos, device=device)
             with torch.no_grad(), autocast(device, amp):
                 keys = select_keys(model(batch.inputs), cfg.knn_keytype)  # (b, T, d)
             spans = [slice(c, c + n) for c, n in zip(batch.n_ctx, batch.n_score)]
             yield (
-                int(windows[i, 0]),
+                int(todo[i, 0]),
                 torch.cat([keys[w, s] for w, s in enumerate(spans)]).float().cpu(),  # (n, d)
                 torch.cat([batch.targets[w, s] for w, s in enumerate(spans)]).cpu(),  # (n,)
             )
-            bar.update(sum(batch.n_score))
 
-    try:
-        return write_datastore(blocks(), out, model_cfg.d_model, n_rows, meta, key_dtype=cfg.key_dtype)
-    finally:
-        bar.close()
+    meta = datastore_meta(cfg, model_cfg, ckpt_dir)
+    return stream_datastore(cfg.out, rows, dim=model_cfg.d_model, n_rows=len(tokens), meta=meta,
+                            key_dtype=cfg.key_dtype)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Translation
+
+
+@torch.no_grad()
+def target_states(
+    model, split: PairSplit, ids, device: torch.device | str = "cpu", amp: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher-forced decoder outputs h (M, d) and target tokens y (M,) of every target position
+    (eos included) of the pairs ``ids``, in the order of ``ids`` then position, on ``device``."""
+    b = collate(split, np.asarray(ids))
+    order = torch.argsort(b.ids).to(device)  # collate sorts by source length: back to the order of ids
+    with autocast(torch.device(device), amp):
+        h = model(b.src_tokens.to(device), b.prev_output_tokens.to(device)).h  # (B, T, d)
+    h, target = h[order], b.target.to(device)[order]
+    keep = target != Dictionary.pad
+    return h[keep], target[keep]
+
+
+def build_mt_datastore(cfg: MTDatastoreConfig) -> Path:
+    """Store (h, next target token) for every target position of ``cfg.subset`` (module docstring):
+    exact row count, fp16 keys, resumable; consecutive sentences of at most ``cfg.max_tokens``
+    (longest side × count) per forward pass."""
+    device = pick_device(cfg.device)
+    model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, task="mt")
+    split = load_pair_split(cfg.data, cfg.subset)
+    langs = read_pairs_meta(cfg.data)["langs"]
+    amp = autocast_dtype(cfg.amp, device)
+    width = np.maximum(split.src_sizes, split.tgt_sizes)
+
+    def rows(start: int) -> Iterator[Block]:
+        first = int(np.searchsorted(split.tgt_offsets, start, side="right")) - 1  # resumed at a sentence start
+        ids = np.arange(first, len(split))
+        for batch in batch_by_size(ids, width, cfg.max_tokens, required_batch_size_multiple=1, oversize_alone=True):
+            h, y = target_states(model, split, batch, device, amp)
+            yield int(split.tgt_offsets[batch[0]]), h.float().cpu(), y.cpu()
+
+    meta = {
+        "key_type": "final", "vocab_size": model_cfg.tgt_vocab_size, "model_fingerprint": model_fingerprint(ckpt_dir),
+        "split_fingerprint": read_pairs_meta(cfg.data)["splits"][cfg.subset][langs["target"]]["fingerprint"],
+        "split": cfg.subset, "task": "translation",
+    }  # fmt: skip
+    return stream_datastore(cfg.out, rows, dim=model_cfg.decoder_embed_dim, n_rows=int(split.tgt_offsets[-1]),
+                            meta=meta, key_dtype=cfg.key_dtype)  # fmt: skip

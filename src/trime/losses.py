@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trime.config import CRITERIA, TrainConfig
+from trime.config import CRITERIA, MTTrainConfig, TrainConfig
 from trime.errors import ConfigError, DataError
 from trime.memory import masks
 from trime.memory.joint import combine, memory_stats, score_scale, score_stats
@@ -116,20 +116,28 @@ DIAG_ROWS = 256
 
 @torch.no_grad()
 def memory_diagnostics(
-    q: Tensor, keys: Tensor, visible: masks.Visibility, tok_log_z: Tensor, mem_log_z: Tensor, keep: Tensor, scale: float
+    q: Tensor,
+    keys: Tensor,
+    visible: masks.Visibility,
+    tok_log_z: Tensor,
+    mem_log_z: Tensor,
+    keep: Tensor,
+    scale: float,
+    dist: str = "ip",
 ) -> Tensor:
     """Sums (DIAG_SUMS) that show a collapse as it happens: the memory's share of the softmax
     Z_mem / (Z_tok + Z_mem) over scored rows; the memory scores s = scale·q·k and cosines q̂·k̂ of
     DIAG_ROWS sampled rows against their visible entries (and the largest score); the key norms ‖k‖.
 
-    q (N, d) queries, keys (M, d), tok_log_z / mem_log_z (N,) log Z_tok / log Z_mem, keep (N,)."""
+    q (N, d) queries, keys (M, d), tok_log_z / mem_log_z (N,) log Z_tok / log Z_mem, keep (N,); ``dist``:
+    the score's similarity (:func:`mt_similarity`; TrimeMT may use l2)."""
     share = torch.sigmoid((mem_log_z - tok_log_z).float())  # (N,) Z_mem / (Z_tok + Z_mem); 0 when Z_mem = 0
     rows = keep.nonzero().flatten()
     rows = rows[torch.linspace(0, rows.numel() - 1, min(DIAG_ROWS, rows.numel()), device=rows.device).long()]
     with torch.autocast(q.device.type, enabled=False):
         qr, k = q[rows].float(), keys.float()  # (n, d), (M, d)
         vis = visible.rows(rows)  # (n, M)
-        s = (qr @ k.T) * scale  # (n, M)
+        s = mt_similarity(qr, k, dist) * scale  # (n, M)
         cos = F.normalize(qr, dim=1) @ F.normalize(k, dim=1).T  # (n, M)
         n_vis = vis.sum()
         top = s.masked_fill(~vis, float("-inf")).amax() if s.numel() else s.new_tensor(float("-inf"))
@@ -358,24 +366,34 @@ def _coin(generator: torch.Generator | None) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# TrimeMT (MT spec §4): the decoder outputs of the other sentences of the batch as memory
+# Translation (MT spec §4, §6): label-smoothed cross-entropy, or TrimeMT's memory of the other sentences
 
 
 @dataclass(frozen=True)
 class MTLossSettings:
-    """trime_mt's settings (MT spec §4, §12): τ ``--temp``, ``--topk-mem`` (0: every entry), ``--dist-func``."""
+    """A translation criterion (MT spec §4, §6, §12): ``ce`` is fairseq's label-smoothed cross-entropy
+    (ε ``--label-smoothing``); ``trime_mt`` has τ ``--temp``, ``--topk-mem`` (0: every entry), ``--dist-func``."""
 
     temp: float = 1.0
     topk: int = 0
     dist: str = "ip"  # ip: s = h·h'/(√d·τ); l2: s = −‖h − h'‖²/(√d·τ)
     pad: int = 1
     chunk_size: int = 1024
+    criterion: str = "trime_mt"  # ce | trime_mt
+    label_smoothing: float = 0.0  # ce only (trime_mt, as the original, ignores it)
 
     def __post_init__(self) -> None:
+        if self.criterion not in ("ce", "trime_mt"):
+            raise ConfigError(f"unknown translation criterion {self.criterion!r}; choose ce or trime_mt")
         if self.dist not in ("ip", "l2"):
             raise ConfigError(f"--dist-func must be ip or l2, not {self.dist!r}")
         if self.temp <= 0 or self.topk < 0:
             raise ConfigError("--temp must be positive and --topk-mem at least 0")
+
+    @classmethod
+    def of(cls, cfg: MTTrainConfig, pad: int = 1) -> MTLossSettings:
+        return cls(cfg.temp, cfg.topk_mem, cfg.dist_func, pad, criterion=cfg.criterion,
+                   label_smoothing=cfg.label_smoothing)  # fmt: skip
 
 
 def mt_similarity(q: Tensor, k: Tensor, dist: str) -> Tensor:
@@ -386,16 +404,37 @@ def mt_similarity(q: Tensor, k: Tensor, dist: str) -> Tensor:
     return 2 * ip - (q * q).sum(1, keepdim=True) - (k * k).sum(1)[None, :]
 
 
+def label_smoothed_ce(h: Tensor, targets: Tensor, head, eps: float, pad: int = 1) -> LossOutput:
+    """fairseq's ``label_smoothed_cross_entropy`` for decoder outputs h (B, T, d) and targets (B, T):
+    for a target y with log-probabilities lp (V,), loss = (1 − ε − ε/(V−1))·(−lp[y]) + ε/(V−1)·(−Σ_v lp[v]),
+    summed over non-pad targets; ``ce_sum`` is the plain NLL. ``head.log_probs(h (M, d)) -> (M, V)``."""
+    keep = targets != pad  # (B, T)
+    lp = head.log_probs(h[keep]).float()  # (M, V) non-pad target positions only
+    y = targets[keep]  # (M,)
+    nll = -lp.gather(1, y[:, None]).squeeze(1)  # (M,)
+    loss = nll
+    if eps > 0:
+        eps_i = eps / (lp.shape[1] - 1)
+        loss = (1.0 - eps - eps_i) * nll + eps_i * -lp.sum(1)
+    return LossOutput(loss=loss.sum(), n_targets=keep.sum(), ce_sum=nll.sum().detach())
+
+
 def compute_mt_loss(
     settings: MTLossSettings, out: LMOutput, targets: Tensor, head: Head, *, use_ce: bool = False,
-    gather: Gather | None = None,
+    gather: Gather | None = None, diagnose: bool = False,
 ) -> LossOutput:  # fmt: skip
-    """TrimeMT's loss for B target sentences of T positions (MT spec §4): each target position's
-    memory is every non-pad decoder output h_j of the *other* sentences of the batch (gathered over
-    ranks; other ranks' entries carry no gradient), scored s_ij = similarity / (√d·τ), of which the
-    ``topk`` best are kept; p(y_i) is the joint softmax of memory.joint with those entries. Named
-    fix: masked entries are −inf (the original added −10000, which differs by at most e^−10000)."""
+    """The loss of ``settings.criterion`` for B target sentences of T positions (out.h (B, T, d)).
+
+    ``ce``: :func:`label_smoothed_ce` (no smoothing while ``use_ce``: the CE warm-up switch).
+    ``trime_mt`` (MT spec §4): each target position's memory is every non-pad decoder output h_j of the
+    *other* sentences of the batch (gathered over ranks; other ranks' entries carry no gradient),
+    scored s_ij = similarity / (√d·τ), of which the ``topk`` best are kept; p(y_i) is the joint softmax
+    of memory.joint with those entries; ``use_ce``: plain CE. ``diagnose``: the memory diagnostics of
+    :func:`memory_diagnostics` (``diag``), as for the language-model criteria. Named fix: masked
+    entries are −inf (the original added −10000, which differs by at most e^−10000)."""
     s = settings
+    if s.criterion == "ce":
+        return label_smoothed_ce(out.h, targets, head, 0.0 if use_ce else s.label_smoothing, s.pad)
     B, T = targets.shape
     N = B * T
     y = targets.reshape(N)  # (N,)
@@ -403,6 +442,7 @@ def compute_mt_loss(
     h = out.h.reshape(N, -1)  # (N, d): h is also the memory key (MT spec §1)
     tlp, tln = head.target_logp(h, y)  # (N,), (N,)
     ce_sum = -torch.where(keep, tlp, torch.zeros_like(tlp)).sum().detach()
+    diag = None
     if use_ce:
         log_p = tlp
     else:
@@ -423,6 +463,28 @@ def compute_mt_loss(
                 c, p = score_stats(scores, vals, y[a:b])
                 lzc.append(c)
                 lzpos.append(p)
-        log_p = combine(tlp, tln, torch.cat(lzc), torch.cat(lzpos))
+        log_z_mem = torch.cat(lzc)  # (N,)
+        log_p = combine(tlp, tln, log_z_mem, torch.cat(lzpos))
+        if diagnose:
+            diag = memory_diagnostics(h.detach(), keys.detach(), vis, tln.detach(), log_z_mem.detach(), keep, scale,
+                                      dist=s.dist)  # fmt: skip
     loss = -torch.where(keep, log_p.float(), torch.zeros_like(log_p, dtype=torch.float32)).sum()
-    return LossOutput(loss=loss, n_targets=keep.sum(), ce_sum=ce_sum)
+    return LossOutput(loss=loss, n_targets=keep.sum(), ce_sum=ce_sum, diag=diag)
+
+
+class MTObjective(torch.nn.Module):
+    """A translation model and its criterion in one forward (so data parallelism sees the output
+    layer's use), as trime.train.Objective is for a language model. ``gather``: TrimeMT's memory over
+    ranks (None: this process only); ``generator`` is saved and restored with the run."""
+
+    def __init__(self, model: torch.nn.Module, settings: MTLossSettings, seed: int, gather: Gather | None = None,
+                 rank: int = 0):  # fmt: skip
+        super().__init__()
+        self.model, self.settings, self.gather = model, settings, gather
+        self.generator = torch.Generator().manual_seed(seed + 7919 * rank)
+
+    def forward(self, src_tokens, prev_output_tokens, target, use_ce: bool = False, diagnose: bool = False):
+        out = self.model(src_tokens, prev_output_tokens)
+        res = compute_mt_loss(self.settings, out, target, self.model.head, use_ce=use_ce, gather=self.gather,
+                              diagnose=diagnose)  # fmt: skip
+        return res.loss, res.n_targets.to(res.loss.dtype), res.ce_sum, res.diag

@@ -193,6 +193,28 @@ def test_token_budget_and_multiple_of_8():
     assert sorted(np.concatenate(batches).tolist()) == list(range(3000))
 
 
+@pytest.mark.parametrize("max_tokens,max_sentences", [(64, 0), (100, 5), (30, 0), (1000, 3)])
+def test_multiple_1_is_the_greedy_packer_of_decoding_and_datastores(max_tokens, max_sentences):
+    """The one packer at multiple 1: a batch closes before the pair that would overflow it (what decoding
+    and datastore builds did by hand); with oversize_alone a pair over the budget is a batch of its own."""
+    sizes = np.random.default_rng(max_tokens).integers(1, 40, 300)
+    ids = np.random.default_rng(1).permutation(300)
+    want, cur, width = [], [], 0
+    for i in ids.tolist():  # the hand-written loop, as a reference
+        w = max(width, int(sizes[i]))
+        if cur and (w * (len(cur) + 1) > max_tokens or (max_sentences and len(cur) >= max_sentences)):
+            want.append(cur)
+            cur, w = [], int(sizes[i])
+        cur.append(i)
+        width = w
+    want.append(cur)
+    got = batch_by_size(ids, sizes, max_tokens, max_sentences or None, 1, oversize_alone=True)
+    assert [b.tolist() for b in got] == want
+    if sizes.max() > max_tokens:
+        with pytest.raises(ConfigError, match="more than --max-tokens"):
+            batch_by_size(ids, sizes, max_tokens, max_sentences or None, 1)
+
+
 def test_every_pair_once_per_epoch_and_deterministic():
     src, tgt = _sizes(1000, 1)
     batches = pair_batches(src, tgt, max_tokens=300, seed=7)

@@ -94,6 +94,21 @@ def _chunks(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+def deal(batches: list, rank: int, world_size: int) -> list:
+    """Batch g to rank g mod W (fairseq's round-robin ShardedIterator); a tail that does not fill
+    every rank is dropped. Language-model segments and translation pairs are dealt alike."""
+    n = len(batches) // world_size * world_size
+    return batches[rank:n:world_size]
+
+
+def deal_in_groups(batches: list, permutation: np.ndarray, rank: int, world_size: int) -> list:
+    """A predefined (BM25) order's batches: groups of W consecutive batches walked in ``permutation``
+    (of the ``len(batches) // W`` groups), batch k of a group to rank k (spec §4; MT spec §5.7)."""
+    n = len(batches) // world_size * world_size
+    groups = [batches[i : i + world_size] for i in range(0, n, world_size)]
+    return [groups[g][rank] for g in permutation]
+
+
 def epoch_batches(
     n_segments: int,
     segments_per_batch: int,
@@ -111,9 +126,7 @@ def epoch_batches(
         raise ConfigError(f"world size {world_size} is not a multiple of the {num_comb_shards} ranks per memory group")
     rng = np.random.default_rng([seed, epoch])
     if mode == "shuffled":
-        batches = _chunks(rng.permutation(n_segments), segments_per_batch)
-        n = len(batches) // world_size * world_size
-        return batches[rank:n:world_size]
+        return deal(_chunks(rng.permutation(n_segments), segments_per_batch), rank, world_size)
     if mode == "consecutive":
         batches = _chunks(np.arange(n_segments), segments_per_batch)
         c = num_comb_shards
@@ -129,16 +142,13 @@ def epoch_batches(
         c, n_groups = num_comb_shards, world_size // num_comb_shards
         runs = [batches[i : i + c] for i in range(0, len(batches) // c * c, c)]
         runs = [runs[j] for j in rng.permutation(len(runs))]
-        n = len(runs) // n_groups * n_groups
         group, p = divmod(rank, c)
-        return [run[p] for run in runs[group:n:n_groups]]
+        return [run[p] for run in deal(runs, group, n_groups)]
     if mode == "predefined":
         if order is None:
             raise ConfigError("the predefined order needs --predefined-batches")
         batches = _chunks(np.asarray(order), segments_per_batch)
-        n = len(batches) // world_size * world_size
-        groups = [batches[i : i + world_size] for i in range(0, n, world_size)]
-        return [groups[g][rank] for g in rng.permutation(len(groups))]
+        return deal_in_groups(batches, rng.permutation(len(batches) // world_size), rank, world_size)
     raise ConfigError(f"unknown batch order {mode!r}")
 
 

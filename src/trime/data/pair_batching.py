@@ -30,11 +30,17 @@ without its final eos (right-padded), ``ntokens`` = the number of target tokens 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from trime.config import MTTrainConfig
+from trime.data.batching import deal, deal_in_groups, load_batch_order
+from trime.data.dictionary import Dictionary
+from trime.data.pairs import PairSplit, load_pair_split, pair_dictionary_files
 from trime.errors import ConfigError, DataError
 
 
@@ -77,14 +83,23 @@ def batch_by_size(
     max_tokens: int | None,
     max_sentences: int | None = None,
     required_batch_size_multiple: int = 8,
+    *,
+    oversize_alone: bool = False,
 ) -> list[np.ndarray]:
-    """Cut ``indices`` (in order) into batches (module docstring, step 3); ``num_tokens[i]`` is pair i's cost."""
+    """Cut ``indices`` (in order) into batches (module docstring, step 3); ``num_tokens[i]`` is pair i's cost.
+
+    The one token-budget packer of translation: training (multiple 8), and with
+    ``required_batch_size_multiple=1`` the greedy batches of decoding and of a datastore build (a batch
+    is closed before the pair that would overflow it). ``oversize_alone``: a pair costing more than
+    ``max_tokens`` is a batch of its own instead of an error."""
     max_tokens = max_tokens or 0
     max_sentences = max_sentences or 0
     mult = max(1, required_batch_size_multiple)
     if max_tokens <= 0 and max_sentences <= 0:
         raise ConfigError("batching needs --max-tokens or --batch-size")
     cost = np.asarray(num_tokens, dtype=np.int64)[indices]  # (n,) in walking order
+    if oversize_alone and max_tokens > 0:
+        cost = np.minimum(cost, max_tokens)  # at the full budget it shares a batch with nothing
     if max_tokens > 0 and len(cost) and cost.max() > max_tokens:
         j = int(np.argmax(cost))
         raise ConfigError(
@@ -148,8 +163,7 @@ def epoch_batches(
     order = list(range(len(batches)))
     if shuffle:
         np.random.RandomState(seed + epoch).shuffle(order)  # a Python list, as fairseq shuffles its list of batches
-    n = len(order) // world_size * world_size if world_size > 1 else len(order)
-    return [batches[i] for i in order[rank:n:world_size]]
+    return deal([batches[i] for i in order], rank, world_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,3 +216,75 @@ def collate(
         target=_pad(tgt, tgt_len, pad, left_pad_target),
         ntokens=int(tgt_len.sum()),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's data
+
+
+@dataclass
+class PairData:
+    """The sentence pairs of a translation run as the trainer's TrainData (trime.train): the fixed
+    batches of train (reshuffled per epoch) and valid, this process's share, padded tensors."""
+
+    train: PairSplit
+    valid: PairSplit
+    batches: list[np.ndarray]  # the fixed batches of train
+    valid_fixed: list[np.ndarray]
+    seed: int
+    dictionaries: dict[str, Path] = field(default_factory=dict)  # file name in a checkpoint -> dictionary file
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+    predefined: bool = False  # batches follow a BM25 order (--predefined-batches)
+    # checkpoint_best's metric, (model) -> (name, value; higher is better), e.g. validation BLEU; None: the loss
+    selection_metric: Callable | None = None
+    pad: int = Dictionary.pad
+    eos: int = Dictionary.eos
+
+    @classmethod
+    def load(
+        cls, cfg: MTTrainConfig, max_positions: tuple[int, int], device: torch.device, *, rank: int = 0,
+        world_size: int = 1,
+    ) -> PairData:  # fmt: skip
+        """``max_positions``: the model's (max_source_positions, max_target_positions)."""
+        train, valid = load_pair_split(cfg.data, "train"), load_pair_split(cfg.data, cfg.valid_subset)
+        max_src, max_tgt = max_positions
+        limits = {"max_tokens": cfg.max_tokens, "max_sentences": cfg.max_sentences or None,
+                  "max_source_positions": max_src, "max_target_positions": max_tgt}  # fmt: skip
+        if cfg.predefined_batches:  # BM25 order (MT spec §5.6): packed in its order, the same every epoch
+            order = load_batch_order(
+                cfg.predefined_batches, len(train), "rebuild it with `trime mt bm25` for this data"
+            )
+            order, _ = filter_by_size(order, train.src_sizes, train.tgt_sizes, max_src, max_tgt)
+            sizes = np.maximum(train.src_sizes, train.tgt_sizes)
+            batches = batch_by_size(order, sizes, cfg.max_tokens, cfg.max_sentences or None)
+        else:
+            batches = pair_batches(train.src_sizes, train.tgt_sizes, seed=cfg.seed, **limits)
+        valid_fixed = pair_batches(valid.src_sizes, valid.tgt_sizes, shuffle=False, skip_invalid=False, **limits)
+        return cls(
+            train, valid, batches, valid_fixed, cfg.seed, pair_dictionary_files(cfg.data), device, rank, world_size,
+            predefined=bool(cfg.predefined_batches),
+        )  # fmt: skip
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        W = self.world_size
+        if self.predefined:  # groups of W consecutive batches shuffled; batch k of a group to rank k (MT spec §5.7)
+            perm = np.random.RandomState(self.seed + epoch).permutation(len(self.batches) // W)
+            mine = deal_in_groups(self.batches, perm, self.rank, W)
+        else:
+            mine = epoch_batches(self.batches, epoch, seed=self.seed, rank=self.rank, world_size=W)
+        if not mine:
+            raise DataError(f"the training split gives no batch for each of {W} processes")
+        return mine
+
+    def valid_batches(self) -> list[np.ndarray]:
+        return self.valid_fixed[self.rank :: self.world_size]
+
+    def tensors(self, split: str, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        b = collate(self.train if split == "train" else self.valid, ids, pad=self.pad, eos=self.eos)
+        return {
+            "src_tokens": b.src_tokens.to(self.device, non_blocking=True),  # (B, S) left-padded
+            "prev_output_tokens": b.prev_output_tokens.to(self.device, non_blocking=True),  # (B, T)
+            "target": b.target.to(self.device, non_blocking=True),  # (B, T) right-padded
+        }

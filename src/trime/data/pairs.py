@@ -382,6 +382,12 @@ def read_pairs_meta(data_dir: str | os.PathLike) -> dict:
         raise DataError(f"{e}; {_HINT}") from None
 
 
+def pair_dictionary_files(data_dir: str | os.PathLike) -> dict[str, Path]:
+    """{dict.SRC.txt: path, dict.TGT.txt: path} of a pairs directory (what a checkpoint copies)."""
+    langs = read_pairs_meta(data_dir)["langs"]
+    return {f"dict.{lang}.txt": Path(data_dir) / f"dict.{lang}.txt" for lang in (langs["source"], langs["target"])}
+
+
 def load_pair_dictionaries(data_dir: str | os.PathLike) -> tuple[Dictionary, Dictionary]:
     """(source, target) dictionaries of a pairs data directory."""
     langs = read_pairs_meta(data_dir)["langs"]

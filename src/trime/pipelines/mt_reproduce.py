@@ -34,6 +34,7 @@ from trime import io
 from trime.checkpoint import model_fingerprint
 from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
 from trime.data.pairs import corpus_files, load_pair_dictionaries, prepare_pairs, read_pairs_meta
+from trime.datastore_build import build_mt_datastore
 from trime.errors import ConfigError
 from trime.generate.beam import BeamConfig
 from trime.generate.text import detokenize
@@ -41,11 +42,12 @@ from trime.memory.datastore import build_mismatch
 from trime.memory.index import build_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
+from trime.mt_generate import translate
 from trime.pipelines.confidence import ALPHA, Ordering, paired_bleu, verdict
 from trime.pipelines.report import plot_bars
 from trime.pipelines.reproduce import BUDGET_FREE, claim_out, corpus_dir, plain, slug
 from trime.train import PATH_FIELDS, run_differences
-from trime.translation import bm25_pair_order, build_mt_datastore, fit_translation, translate
+from trime.translation import bm25_pair_order, fit_translation
 
 MARKER = "mt-reproduce.json"  # marks an --out directory as this job's
 
