@@ -252,8 +252,16 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def load_weights(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The weights of a trime checkpoint directory (CheckpointError for a damaged or truncated file)."""
+    """The weights of a trime checkpoint directory. Its meta.json's ``weights_sha256`` is verified first
+    (a file damaged on disk is one CheckpointError line, not a model that scores wrong numbers); the
+    hash reads the file once more, about 0.7 s per GB at 1.5 GB/s on these CPUs."""
     path = Path(ckpt_dir) / WEIGHTS
+    recorded = io.read_meta(ckpt_dir).get("weights_sha256") if io.is_complete(ckpt_dir) else None
+    if recorded and path.is_file() and io.sha256_file(path) != recorded:
+        raise CheckpointError(
+            f"{path}: the file is damaged or truncated, or was replaced (its sha256 is not the one the checkpoint "
+            "recorded); restore it or train again"
+        )
     try:
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises several types for a damaged file

@@ -22,13 +22,13 @@ from tqdm import tqdm
 from trime.checkpoint import load_model, model_fingerprint, read_config, resolve
 from trime.config import DatastoreConfig, ModelConfig, MTDatastoreConfig, build
 from trime.data.batching import make_batch
-from trime.data.blocks import eval_windows
 from trime.data.dictionary import Dictionary
 from trime.data.pair_batching import batch_by_size, collate
 from trime.data.pairs import PairSplit, load_pair_split, read_pairs_meta
-from trime.data.prepare import load_split, read_data_meta, special_ids
+from trime.data.prepare import read_data_meta
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import DatastoreError
+from trime.jobs import open_model
 from trime.memory.datastore import build_datastore as write_datastore
 from trime.memory.datastore import build_mismatch, resume_from
 from trime.model.base import select_keys
@@ -87,19 +87,11 @@ def datastore_key(cfg: DatastoreConfig) -> dict:
 
 def build_datastore(cfg: DatastoreConfig) -> Path:
     """Write the datastore of ``cfg.path``'s memory keys over ``cfg.subset`` to ``cfg.out``; resumable."""
-    device = pick_device(cfg.device)
-    model, model_cfg, ckpt_dir = load_model(
-        cfg.path,
-        device=device,
-        trust=cfg.trust_checkpoint,
-        hf_model=cfg.hf_model,
-        gguf_file=cfg.gguf_file,
-        keytype=cfg.knn_keytype,
-    )
-    tokens = load_split(cfg.data, cfg.subset)
-    pad, eos = special_ids(cfg.data)
-    L = cfg.tokens_per_sample or model_cfg.max_positions
-    windows = eval_windows(tokens, L, cfg.context_window, "none", eos)
+    job = open_model(cfg, data=cfg.data)  # the data's vocabulary must be the model's
+    model, model_cfg, ckpt_dir, device = job.model, job.model_cfg, job.ckpt_dir, job.device
+    tokens = job.split(cfg.subset)
+    pad, eos = job.pad_eos
+    windows = job.windows(tokens)
     amp = autocast_dtype(cfg.amp, device)
 
     def rows(start: int) -> Iterator[Block]:

@@ -26,9 +26,8 @@ from trime.data.blocks import eval_windows
 from trime.data.dictionary import Dictionary
 from trime.data.prepare import check_vocabulary, load_split, special_ids
 from trime.device import pick_device
-from trime.errors import CheckpointError, DataError
+from trime.errors import DataError
 from trime.memory.external import ExternalMemory
-from trime.model.encoder_decoder import MTModelConfig
 
 
 @dataclass
@@ -94,20 +93,18 @@ class Job:
 
 
 def open_model(cfg, *, data: str = "") -> Job:
-    """Load the language model of ``cfg`` and check ``data``'s vocabulary against it (when given)."""
+    """Load the language model of ``cfg`` (a translation checkpoint is one clear line: checkpoint.load_model's
+    ``task``) and check ``data``'s vocabulary against it (when given)."""
     device = pick_device(cfg.device)
     model, model_cfg, ckpt_dir = load_model(
         cfg.path,
+        task="lm",
         device=device,
         trust=cfg.trust_checkpoint,
         hf_model=getattr(cfg, "hf_model", ""),
         gguf_file=getattr(cfg, "gguf_file", ""),
         keytype=getattr(cfg, "knn_keytype", "last_ffn_input"),
     )
-    if isinstance(model_cfg, MTModelConfig):
-        raise CheckpointError(
-            f"{ckpt_dir}: a translation checkpoint; this command takes a language model (see trime mt)"
-        )
     dictionary = checkpoint_dictionary(ckpt_dir)
     if data:
         check_vocabulary(data, model_cfg.vocab_size, dictionary)
