@@ -1,6 +1,7 @@
 """The translation job at micro size: every artifact, the tuning, the table; a rerun resumes; a stale
 model is trained again and everything built on it is redone."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from trime import io
 from trime.checkpoint import model_fingerprint
 from trime.cli import main
-from trime.pipelines.mt_reproduce import SYSTEMS, MTPipeline, mt_reproduce
+from trime.pipelines.mt_reproduce import SYSTEMS, MTPipeline, mt_reproduce, plan
 
 RAW = Path(__file__).parent / "assets" / "fairseq_pairs" / "raw"
 
@@ -58,6 +59,10 @@ def test_micro_translation_job(tmp_path):
     md = (out / "results.md").read_text()
     assert all(f"| {s.name} |" in md for s in SYSTEMS) and "Claims of the paper" in md
 
+    updates = {m: io.read_meta(out / "models" / m / "checkpoint_last")["updates"] for m in ("vanilla", "trime_mt")}
+    assert updates == {"vanilla": res["updates"], "trime_mt": res["updates"]}  # the same budget, in updates
+    assert set(res["epochs"]) == {"vanilla", "trime_mt"} and "Both models trained" in md
+
     stamps = {p: p.stat().st_mtime for p in (out / "evals").glob("*.json")}
     again = mt_reproduce("mt_micro", out, str(corpus), source_lang="es", target_lang="en")  # nothing is redone
     assert {p: p.stat().st_mtime for p in (out / "evals").glob("*.json")} == stamps
@@ -72,6 +77,23 @@ def test_micro_translation_job(tmp_path):
     row = p.score(SYSTEMS[0], "test", {})
     key = io.read_json(out / "evals" / "transformer_ce.test.json")["key"]
     assert key["inputs"]["model"] == model_fingerprint(best) and row["n_sentences"] == 12
+
+
+def test_the_plan_of_a_small_corpus(tmp_path):
+    """Both models get the same updates: max_epoch epochs of the vanilla batches, raised to min_update for a
+    small corpus (with a warning), or max_update; the plan shows each model's epochs and the estimate."""
+    p = MTPipeline("mt_micro", tmp_path / "run", str(_corpus(tmp_path / "corpus")), langs=("es", "en"))
+    p.prepare_data()
+    per_epoch = p.updates_per_epoch("vanilla")
+    assert p.budget() == p.rc.max_epoch * per_epoch and p.train_cfg("trime_mt").max_update == p.budget()
+    lines = plan(p)
+    assert lines[0].startswith(f"plan: vanilla and TrimeMT x {p.budget()} updates each") and "estimated" in lines[0]
+    assert any("test sentences" in line for line in lines)  # 12 test sentences: a warning
+    p.rc, p._budget = dataclasses.replace(p.rc, min_update=50 * per_epoch), None
+    assert p.budget() == 50 * per_epoch
+    assert any(line.startswith("warning: the corpus is small for this preset") for line in plan(p))
+    p.rc, p._budget = dataclasses.replace(p.rc, max_update=7), None
+    assert p.budget() == p.train_cfg("vanilla").max_update == 7
 
 
 def test_mt_reproduce_refuses_a_foreign_out_and_a_language_model_preset(tmp_path, capsys):

@@ -515,7 +515,9 @@ class MTReproduceConfig(Config):
 
     bpe_merges: int = opt(10000, "joint BPE merges learned on the training pairs", ge=1)
     moses: bool = opt(True, "Moses-tokenise both sides before BPE")
-    max_epoch: int = opt(3, "epochs per model (the same budget for both)", ge=1)
+    max_epoch: int = opt(3, "the budget in epochs of the vanilla model's batches (at least min_update updates)", ge=1)
+    min_update: int = opt(0, "the fewest updates per model: a small corpus trains for more epochs", ge=0)
+    max_update: int = opt(0, "updates per model, the same for both (0: from max_epoch and min_update)", ge=0)
     trime_temp: float = opt(10.0, "TrimeMT training: temperature τ of the memory scores (×√d)", gt=0)
     trime_topk: int = opt(8, "TrimeMT training: memory entries kept per target position (0: all)", ge=0)
     knn_k: int = opt(32, "kNN-MT: neighbours per decoding step and hypothesis", ge=1)
@@ -537,6 +539,8 @@ class MTReproduceConfig(Config):
         10.0, "test BLEU a system needs for its orderings to be shown (below it, it does not translate yet)", ge=0
     )
     train_tokens_per_s: float = opt(4500.0, "expected training speed (target tokens/s), for the estimate", gt=0)
+    decode_per_s: float = opt(50.0, "expected decoding speed without memory (sentences/s), for the estimate", gt=0)
+    memory_decode_per_s: float = opt(15.0, "expected decoding speed with memory (sentences/s), for the estimate", gt=0)
 
 
 @dataclass

@@ -68,7 +68,7 @@ class Progress:
 
 class TrainData(Protocol):
     """What the update loop needs from a kind of training data (segments of a token stream here,
-    sentence pairs in trime.translation): this process's batches and their tensors."""
+    sentence pairs in trime.data.pair_batching.PairData): this process's batches and their tensors."""
 
     device: torch.device
     dictionaries: dict[str, Path]  # file name in a checkpoint -> the data's dictionary file
@@ -490,9 +490,25 @@ class _Loop:
             if p.batches_done + cfg.update_freq > len(batches):  # the epoch is complete
                 self.end_epoch(p)
         if self.done(p) and p.batches_done:
-            self.save(p, best=False)
+            # A run whose checkpoint_best is chosen by a metric (translation's validation BLEU) that stops within
+            # an epoch is validated there, as fairseq does when --max-update is reached: its last updates count.
+            # Its random state is kept, so that a larger budget continues it as a run of that budget would go.
+            best = False
+            if getattr(self.data, "selection_metric", None) is not None:
+                rng = torch.get_rng_state(), self.parts.objective.generator.get_state()
+                best = self.validation(p)
+                torch.set_rng_state(rng[0])
+                self.parts.objective.generator.set_state(rng[1])
+            self.save(p, best=best)
 
     def end_epoch(self, p: Progress) -> None:
+        improved = self.validation(p)
+        p.epoch += 1
+        p.batches_done = 0
+        self.save(p, best=improved)
+
+    def validation(self, p: Progress) -> bool:
+        """Validate, log and print; True when checkpoint_best improved."""
         valid = validate(self.parts.objective, self.data, self.parts.amp)
         record = {"loss": valid, "ppl": 2**valid}
         key = valid  # checkpoint_best keeps the lowest key: the validation loss, or −metric when the data has one
@@ -508,9 +524,7 @@ class _Loop:
                 f"| epoch {p.epoch:03d} | valid loss {valid:.4f} | valid ppl {2**valid:.2f}{extra} | updates {p.updates}"
             )
         self.log.log(kind="valid", epoch=p.epoch, update=p.updates, **record)
-        p.epoch += 1
-        p.batches_done = 0
-        self.save(p, best=improved)
+        return improved
 
     def update(self, group_ids, use_ce: bool, p: Progress, diagnose: bool = False) -> dict:
         cfg, run, data = self.cfg, self.parts, self.data

@@ -29,9 +29,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from trime import config as C
 from trime import io
 from trime.checkpoint import model_fingerprint
+from trime.data.pair_batching import PairData
 from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
 from trime.data.pairs import corpus_files, load_pair_dictionaries, prepare_pairs, read_pairs_meta
 from trime.datastore_build import build_mt_datastore
@@ -87,7 +90,15 @@ CLAIMS = [
 
 
 class MTPipeline:
-    def __init__(self, preset: str, out: Path, corpus: str, max_epoch: int = 0, langs: tuple[str | None, ...] = ()):
+    def __init__(
+        self,
+        preset: str,
+        out: Path,
+        corpus: str,
+        max_epoch: int = 0,
+        langs: tuple[str | None, ...] = (),
+        max_update: int = 0,
+    ):
         p = C.load_preset(preset)
         if p["_source"]["task"] != "translation":
             raise ConfigError(f"preset {preset!r} is a language-model recipe; translation presets: mt_cpu, mt_micro")
@@ -97,9 +108,14 @@ class MTPipeline:
         self.model_cfg = C.build(MTModelConfig, p.get("model", {}), source=src)
         self.train_layer = p.get("train", {})
         self.rc = C.build(
-            C.MTReproduceConfig, p.get("reproduce", {}), {"max_epoch": max_epoch} if max_epoch else {}, source=src
+            C.MTReproduceConfig,
+            p.get("reproduce", {}),
+            {"max_epoch": max_epoch, "min_update": 0} if max_epoch else {},  # the epochs asked for, no floor
+            {"max_update": max_update} if max_update else {},
+            source=src,
         )
         self.data = out / "data-bin"
+        self._budget: int | None = None
         self.t0 = time.time()
 
     def say(self, msg: str) -> None:
@@ -155,33 +171,53 @@ class MTPipeline:
     def run_dir(self, name: str) -> Path:
         return self.out / "models" / name
 
+    def objective(self, name: str) -> dict:
+        """The training settings that make model ``name`` (beyond the preset's [train] table)."""
+        if name != "trime_mt":
+            return {}
+        return {
+            "criterion": "trime_mt",
+            "temp": self.rc.trime_temp,
+            "topk_mem": self.rc.trime_topk,
+            "label_smoothing": 0.0,  # the original's trime_mt has none (MT spec §4)
+            "predefined_batches": str(self.bm25_order()),
+        }
+
     def train_cfg(self, name: str) -> C.MTTrainConfig:
-        extra: dict = {}
-        if name == "trime_mt":
-            extra = {
-                "criterion": "trime_mt",
-                "temp": self.rc.trime_temp,
-                "topk_mem": self.rc.trime_topk,
-                "label_smoothing": 0.0,  # the original's trime_mt has none (MT spec §4)
-                "predefined_batches": str(self.bm25_order()),
-            }
+        extra = self.objective(name)
         layers = {
             **self.train_layer,
             "data": str(self.data),
             "save_dir": str(self.run_dir(name)),
-            "max_epoch": self.rc.max_epoch,
-            "max_update": 0,
+            "max_epoch": 0,
+            "max_update": self.budget(),
             "max_time": 0.0,
             **extra,
         }
         return C.build(C.MTTrainConfig, layers)
+
+    def updates_per_epoch(self, name: str) -> int:
+        """Updates in one epoch of model ``name``'s training batches (BM25 batches pack differently)."""
+        cfg = C.build(C.MTTrainConfig, {**self.train_layer, "data": str(self.data)}, self.objective(name))
+        limits = (self.model_cfg.max_source_positions, self.model_cfg.max_target_positions)
+        return max(1, len(PairData.load(cfg, limits, torch.device("cpu")).batches) // cfg.update_freq)
+
+    def budget(self) -> int:
+        """Updates per model, the same for both: ``max_update``, else ``max_epoch`` epochs of the vanilla
+        model's batches and at least ``min_update``."""
+        if self.rc.max_update:
+            return self.rc.max_update
+        if self._budget is None:
+            self._budget = max(self.rc.max_epoch * self.updates_per_epoch("vanilla"), self.rc.min_update)
+        return self._budget
 
     def train(self, name: str) -> Path:
         """Train (or resume) ``name``; returns its checkpoint_best (by validation BLEU)."""
         run, cfg = self.run_dir(name), self.train_cfg(name)
         src_dict, tgt_dict = load_pair_dictionaries(self.data)
         model_cfg = dataclasses.replace(self.model_cfg, src_vocab_size=len(src_dict), tgt_vocab_size=len(tgt_dict))
-        ignored = set(PATH_FIELDS) | ({"max_epoch"} if cfg.lr_scheduler in BUDGET_FREE else set())
+        budget = {"max_epoch", "max_update"} if cfg.lr_scheduler in BUDGET_FREE else set()
+        ignored = set(PATH_FIELDS) | budget
         diff = run_differences(
             run, model_cfg, cfg, fields=[f.name for f in dataclasses.fields(cfg) if f.name not in ignored]
         )
@@ -189,15 +225,13 @@ class MTPipeline:
             self.say(f"{name}: {', '.join(diff)} changed since it was trained: training it again")
             shutil.rmtree(run)
         last = run / "checkpoint_last"
-        done = io.read_meta(last)["epoch"] - 1 if io.is_complete(last) else 0  # epochs finished
-        if done > self.rc.max_epoch:
-            self.say(f"{name}: trained for {done} epochs, more than {self.rc.max_epoch}: training it again")
+        done = io.read_meta(last)["updates"] if io.is_complete(last) else 0
+        if done > cfg.max_update:
+            self.say(f"{name}: trained for {done} updates, more than {cfg.max_update}: training it again")
             shutil.rmtree(run)
             done = 0
-        if done < self.rc.max_epoch:  # a larger budget continues a smaller one (the schedule does not depend on it)
-            self.say(
-                f"training {name} for {self.rc.max_epoch} epochs" + (f" (continuing after {done})" if done else "")
-            )
+        if done < cfg.max_update:  # a larger budget continues a smaller one (the schedule does not depend on it)
+            self.say(f"training {name} for {cfg.max_update} updates" + (f" (continuing after {done})" if done else ""))
             fit_translation(self.model_cfg, cfg)
         return run / "checkpoint_best"
 
@@ -312,6 +346,42 @@ class MTPipeline:
         return row
 
 
+SMALL_TEST = 500  # fewer test sentences than this: BLEU differences of a point or two are within the noise
+
+
+def plan(p: MTPipeline) -> list[str]:
+    """The plan printed before the job starts: updates and epochs per model, the time it should take, and
+    warnings for a corpus small for the preset (its budget is raised to ``min_update``) or a small test set."""
+    meta = read_pairs_meta(p.data)
+    target = meta["langs"]["target"]
+    per_epoch = {name: p.updates_per_epoch(name) for name in ("vanilla", "trime_mt")}
+    U, rc = p.budget(), p.rc
+    train_tokens = meta["splits"]["train"][target]["tokens"]
+    n_eval = sum(min(meta["splits"][s]["pairs"], rc.test_sentences or 1 << 62) for s in ("valid", "test"))
+    plain_systems = sum(1 for s in SYSTEMS if s.mode is None)
+    minutes = (
+        2 * U * train_tokens / per_epoch["vanilla"] / rc.train_tokens_per_s
+        + n_eval * (plain_systems / rc.decode_per_s + (len(SYSTEMS) - plain_systems) / rc.memory_decode_per_s)
+    ) / 60
+    lines = [
+        f"plan: vanilla and TrimeMT x {U} updates each ({U / per_epoch['vanilla']:.1f} and "
+        f"{U / per_epoch['trime_mt']:.1f} epochs), 2 datastores, {len(SYSTEMS)} systems decoded on valid and test "
+        f"(beam {rc.beam}); estimated {minutes:.0f} min on a 2-core CPU"
+    ]
+    if not rc.max_update and rc.max_epoch * per_epoch["vanilla"] < rc.min_update:
+        lines.append(
+            f"warning: the corpus is small for this preset: {rc.max_epoch} epochs are only "
+            f"{rc.max_epoch * per_epoch['vanilla']} updates, so both models train {U} updates instead"
+        )
+    n_test = min(meta["splits"]["test"]["pairs"], rc.test_sentences or 1 << 62)
+    if n_test < SMALL_TEST:
+        lines.append(
+            f"warning: {n_test} test sentences: orderings of a BLEU point or two will be within the noise, and "
+            "reported as not shown"
+        )
+    return lines
+
+
 def read_results(path: Path) -> tuple[list[str], list[str]]:
     """(hypotheses, references) of a results file as its BLEU scored them: the D- lines' text, and the
     T- lines Moses-detokenised (trime mt generate's --detok moses, the job's setting)."""
@@ -374,7 +444,15 @@ def write_report(results: dict, out: Path) -> None:
     results["claims"] = {o.claim: o.verdict for o in checks}
     results["orderings"] = [o.to_dict() for o in checks]
     floor = results["config"]["reproduce"].get("bleu_floor")
-    text = [f"# trime mt reproduce: {results['corpus']}, preset {results['preset']}", "", table(results), ""]
+    text = [f"# trime mt reproduce: {results['corpus']}, preset {results['preset']}", ""]
+    if "updates" in results:
+        ep = results["epochs"]
+        text += [
+            f"Both models trained {results['updates']} updates (vanilla {ep['vanilla']:.1f} epochs, TrimeMT "
+            f"{ep['trime_mt']:.1f} epochs of its BM25 batches).",
+            "",
+        ]
+    text += [table(results), ""]
     text += [
         f"Claims of the paper, on test BLEU (sacreBLEU's paired bootstrap; an ordering within the noise, p ≥ "
         f"{ALPHA:g}, or of a system under {floor:g} BLEU is not shown):",
@@ -399,19 +477,22 @@ def mt_reproduce(
     max_epoch: int = 0,
     source_lang: str | None = None,
     target_lang: str | None = None,
+    max_update: int = 0,
 ) -> dict:
-    """Run (or resume) the translation job; returns the results dictionary also written to results.json."""
-    p = MTPipeline(preset, Path(out), corpus, max_epoch, (source_lang, target_lang))
+    """Run (or resume) the translation job; returns the results dictionary also written to results.json.
+    The budget, the same number of updates for both models: ``max_update``; else ``max_epoch`` epochs of
+    the vanilla model's batches; else the preset's (its epochs, raised to its ``min_update``)."""
+    p = MTPipeline(preset, Path(out), corpus, max_epoch, (source_lang, target_lang), max_update)
     p.prepare_data()
-    p.say(
-        f"plan: vanilla and TrimeMT x {p.rc.max_epoch} epochs, 2 datastores, {len(SYSTEMS)} systems decoded on "
-        f"valid and test (beam {p.rc.beam})"
-    )
+    for line in plan(p):
+        p.say(line)
     for name in ("vanilla", "trime_mt"):
         p.train(name)
     results: dict = {
         "preset": preset,
         "corpus": corpus,
+        "updates": p.budget(),
+        "epochs": {name: p.budget() / p.updates_per_epoch(name) for name in ("vanilla", "trime_mt")},
         "config": {"model": C.to_dict(p.model_cfg), "reproduce": dataclasses.asdict(p.rc)},
         "systems": [],
     }
