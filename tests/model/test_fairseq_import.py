@@ -210,6 +210,8 @@ def test_bad_checkpoints_are_checkpoint_errors(tmp_path):
         load_fairseq_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="decoder_learned_pos"):
         load_fairseq_checkpoint(_args_checkpoint(tmp_path, decoder_learned_pos=True))
+    with pytest.raises(CheckpointError, match="decoder_input_dim/decoder_output_dim"):
+        load_fairseq_checkpoint(_args_checkpoint(tmp_path, decoder_output_dim=8))
     with pytest.raises(CheckpointError, match="missing"):
         load_fairseq_checkpoint(_args_checkpoint(tmp_path, decoder_layers=3))
     state = read_checkpoint(ASSETS / "wt103_style.pt")

@@ -103,19 +103,18 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "decoder_ffn_embed_dim": 2048,
     },
 }
-# Options trime's model does not implement: option -> the value it must have.
-UNSUPPORTED = {
+# Options trime's Transformers (LM and MT) do not implement: option -> the value it must have (None also accepted).
+UNSUPPORTED_LAYERS = {
     "decoder_learned_pos": False,
     "no_token_positional_embeddings": False,
     "layernorm_embedding": False,
-    "character_embeddings": False,
     "activation_fn": "relu",
-    "decoder_normalize_before": True,
     "scale_fc": False,
     "scale_attn": False,
     "scale_heads": False,
     "scale_resids": False,
 }
+UNSUPPORTED = {**UNSUPPORTED_LAYERS, "character_embeddings": False, "decoder_normalize_before": True}
 
 
 class _Inert:
@@ -319,6 +318,16 @@ def convert_weight(key: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> N
     out.update(split_in_proj(key, t) or {re.sub(r"(^|\.)embed_out$", r"\1output_projection.weight", key): t})
 
 
+def check_supported(o: dict, unsupported: dict[str, Any]) -> None:
+    """One CheckpointError naming every option of ``unsupported`` that has another value in ``o`` (a
+    decoder input/output width other than decoder_embed_dim included)."""
+    bad = [f"{k}={o[k]!r}" for k, want in unsupported.items() if o.get(k) not in (None, want)]
+    if any(o.get(k) not in (None, o["decoder_embed_dim"]) for k in ("decoder_input_dim", "decoder_output_dim")):
+        bad.append("decoder_input_dim/decoder_output_dim != decoder_embed_dim")
+    if bad:
+        raise CheckpointError(f"fairseq options trime does not implement: {', '.join(bad)}")
+
+
 def drop_tied_copies(weights: dict[str, torch.Tensor], copies: dict[str, str]) -> None:
     """Remove each stored copy of a tied tensor (``copies``: copy key -> kept key) after checking it equal."""
     for copy, kept in copies.items():
@@ -369,12 +378,7 @@ def vocab_size(weights: dict[str, torch.Tensor]) -> int:
 def model_config(opts: dict, weights: dict[str, torch.Tensor]) -> ModelConfig:
     """A trime ModelConfig from fairseq model options (either generation) and the renamed weights."""
     o = _with_defaults(opts)
-    bad = [f"{k}={o[k]!r}" for k, want in UNSUPPORTED.items() if o.get(k) is not None and o[k] != want]
-    dims = {o.get("decoder_input_dim") or o["decoder_embed_dim"], o.get("decoder_output_dim") or o["decoder_embed_dim"]}
-    if dims != {o["decoder_embed_dim"]}:
-        bad.append("decoder_input_dim/decoder_output_dim != decoder_embed_dim")
-    if bad:
-        raise CheckpointError(f"fairseq options trime does not implement: {', '.join(bad)}")
+    check_supported(o, UNSUPPORTED)
     tied = bool(o["tie_adaptive_weights"] and o["adaptive_input"])
     try:
         return ModelConfig(

@@ -22,7 +22,14 @@ import torch
 
 from trime.errors import CheckpointError, ConfigError
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT
-from trime.model.fairseq_import import FairseqCheckpoint, convert_weight, drop_tied_copies, require_shapes
+from trime.model.fairseq_import import (
+    UNSUPPORTED_LAYERS,
+    FairseqCheckpoint,
+    check_supported,
+    convert_weight,
+    drop_tied_copies,
+    require_shapes,
+)
 
 # fairseq's base_architecture (transformer_legacy.py); used only for options a checkpoint lacks.
 BASE_DEFAULTS: dict[str, Any] = {
@@ -70,21 +77,14 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Options TransformerMT does not implement: option -> the value it must have (None/absent also accepted).
 UNSUPPORTED = {
+    **UNSUPPORTED_LAYERS,
     "encoder_learned_pos": False,
-    "decoder_learned_pos": False,
-    "no_token_positional_embeddings": False,
-    "layernorm_embedding": False,
-    "activation_fn": "relu",
     "cross_self_attention": False,
     "no_cross_attention": False,
     "adaptive_softmax_cutoff": None,
     "adaptive_input": False,
     "tie_adaptive_weights": False,
     "quant_noise_pq": 0,
-    "scale_fc": False,
-    "scale_attn": False,
-    "scale_heads": False,
-    "scale_resids": False,
     "encoder_layers_to_keep": None,
     "decoder_layers_to_keep": None,
 }
@@ -113,12 +113,8 @@ def mt_config(opts: dict, weights: dict[str, torch.Tensor]) -> MTModelConfig:
         if key not in weights:
             raise CheckpointError(f"no {key} in the checkpoint: not an encoder-decoder translation model")
     o = _options(opts)
-    bad = [f"{k}={o[k]!r}" for k, want in UNSUPPORTED.items() if o.get(k) not in (None, want)]
-    if bad:
-        raise CheckpointError(f"fairseq options trime does not implement: {', '.join(bad)}")
+    check_supported(o, UNSUPPORTED)
     d_dec = int(o["decoder_embed_dim"])
-    if any(o.get(k) not in (None, d_dec) for k in ("decoder_input_dim", "decoder_output_dim")):
-        raise CheckpointError("decoder_input_dim/decoder_output_dim != decoder_embed_dim is not implemented")
     try:
         return MTModelConfig(
             arch=str(o.get("arch") or o.get("_name") or "transformer"),
