@@ -207,6 +207,12 @@ def test_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="decoder_learned_pos"):
         load_fairseq_mt_checkpoint(_resave(tmp_path, "pre_untied", learned_pos))
 
+    def narrow_output(s):
+        s["cfg"]["model"].decoder_output_dim = 8
+
+    with pytest.raises(CheckpointError, match="decoder_input_dim/decoder_output_dim"):
+        load_fairseq_mt_checkpoint(_resave(tmp_path, "pre_untied", narrow_output))
+
     def untie(s):
         w = s["model"]["decoder.embed_tokens.weight"]
         s["model"]["decoder.output_projection.weight"] = w.clone() + 1

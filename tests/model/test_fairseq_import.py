@@ -25,6 +25,7 @@ import torch
 from trime.checkpoint import convert
 from trime.data.blocks import eval_windows
 from trime.errors import CheckpointError
+from trime.model.attention import fuse_in_proj
 from trime.model.fairseq_import import load_fairseq_checkpoint, model_options, read_checkpoint
 from trime.model.transformer import TransformerLM
 
@@ -136,9 +137,7 @@ def _args_checkpoint(tmp_path: Path, *, fused: bool = False, **changes) -> Path:
     model["decoder.embed_positions._float_tensor"] = torch.zeros(1)
     if fused:
         for i in range(2):
-            p = f"decoder.layers.{i}.self_attn."
-            for kind in ("weight", "bias"):
-                model[p + "in_proj_" + kind] = torch.cat([model.pop(p + f"{x}_proj.{kind}") for x in "qkv"])
+            model.update(fuse_in_proj(model, f"decoder.layers.{i}.self_attn."))
     old = {
         "args": argparse.Namespace(**opts),
         "model": model,
@@ -211,6 +210,8 @@ def test_bad_checkpoints_are_checkpoint_errors(tmp_path):
         load_fairseq_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="decoder_learned_pos"):
         load_fairseq_checkpoint(_args_checkpoint(tmp_path, decoder_learned_pos=True))
+    with pytest.raises(CheckpointError, match="decoder_input_dim/decoder_output_dim"):
+        load_fairseq_checkpoint(_args_checkpoint(tmp_path, decoder_output_dim=8))
     with pytest.raises(CheckpointError, match="missing"):
         load_fairseq_checkpoint(_args_checkpoint(tmp_path, decoder_layers=3))
     state = read_checkpoint(ASSETS / "wt103_style.pt")

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from trime.config import Config, build, load_preset, opt
 from trime.errors import ConfigError
 from trime.model.adaptive import PlainSoftmax
-from trime.model.ops import attention, dropout
+from trime.model.attention import Attention, KVCache
+from trime.model.ops import dropout
 from trime.model.transformer import _linear, make_positions, sinusoidal_embedding
 
 
@@ -115,40 +116,6 @@ class MTOutput:
     q: Tensor  # (B, T, d) memory key/query of TrimeMT: the same tensor as h (MT spec §1)
 
 
-class Attention(nn.Module):
-    """fairseq MultiheadAttention with biases; keys/values may come from a ``kdim``-wide input."""
-
-    def __init__(self, d: int, n_heads: int, dropout: float, kdim: int | None = None) -> None:
-        super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
-        kdim = kdim or d
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(kdim, d), nn.Linear(kdim, d)
-        self.out_proj = nn.Linear(d, d)
-        gain = 2**-0.5 if kdim == d else 1.0  # fairseq's scaled init when q/k/v share the width
-        for p in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.xavier_uniform_(p.weight, gain=gain)
-        nn.init.xavier_uniform_(self.out_proj.weight)
-        for p in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            nn.init.zeros_(p.bias)
-
-    def heads(self, x: Tensor, proj: nn.Linear) -> Tensor:
-        B, L, _ = x.shape
-        return proj(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        """q (B, H, Lq, hd), k/v (B, H, Lk, hd), mask broadcastable to (B, H, Lq, Lk) (True = may attend)."""
-        p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, mask, causal, p)  # (B, H, Lq, hd)
-        B, H, Lq, hd = y.shape
-        return self.out_proj(y.transpose(1, 2).reshape(B, Lq, H * hd))
-
-    def forward(self, x: Tensor, kv: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        """x (B, Lq, d) queries; kv (B, Lk, kdim) keys/values source."""
-        return self.attend(
-            self.heads(x, self.q_proj), self.heads(kv, self.k_proj), self.heads(kv, self.v_proj), mask, causal
-        )
-
-
 class FFN(nn.Module):
     def __init__(self, d: int, f: int, activation_dropout: float) -> None:
         super().__init__()
@@ -176,7 +143,7 @@ class EncoderLayer(FFN):
     def forward(self, x: Tensor, keep: Tensor) -> Tensor:
         """x (B, S, d); keep (B, 1, 1, S) True at non-pad keys."""
         x = _sublayer(
-            x, self.self_attn_layer_norm, lambda u: self.self_attn(u, u, keep), self.pre, self.dropout, self.training
+            x, self.self_attn_layer_norm, lambda u: self.self_attn(u, mask=keep), self.pre, self.dropout, self.training
         )
         return _sublayer(x, self.final_layer_norm, self.ffn, self.pre, self.dropout, self.training)
 
@@ -196,58 +163,38 @@ class DecoderLayer(FFN):
 
     def forward(self, x: Tensor, enc: Tensor, keep: Tensor) -> Tensor:
         """Teacher forcing: x (B, T, d), enc (B, S, d_enc), keep (B, 1, 1, S)."""
-        x = self._block(x, self.self_attn_layer_norm, lambda u: self.self_attn(u, u, causal=True))
+        x = self._block(x, self.self_attn_layer_norm, lambda u: self.self_attn(u, causal=True))
         x = self._block(x, self.encoder_attn_layer_norm, lambda u: self.encoder_attn(u, enc, keep))
         return self._block(x, self.final_layer_norm, self.ffn)
 
     def step(self, x: Tensor, cache: DecoderCache, i: int) -> Tensor:
         """One position for N rows: x (N, 1, d); appends this position's keys/values to layer i's cache."""
 
-        def self_attn(u: Tensor) -> Tensor:
-            a = self.self_attn
-            k, v = cache.append(i, a.heads(u, a.k_proj), a.heads(u, a.v_proj))  # (N, H, t+1, hd)
-            return a.attend(a.heads(u, a.q_proj), k, v)
-
         def enc_attn(u: Tensor) -> Tensor:  # the G rows of a sentence are G query positions of one attention
             a, (N, _, d), G = self.encoder_attn, u.shape, cache.group
             q = a.heads(u.view(N // G, G, d), a.q_proj)  # (B, H, G, hd)
             return a.attend(q, cache.enc_k[i], cache.enc_v[i], cache.keep).reshape(N, 1, d)
 
-        x = self._block(x, self.self_attn_layer_norm, self_attn)
+        x = self._block(x, self.self_attn_layer_norm, lambda u: self.self_attn(u, causal=True, cache=cache, layer=i))
         x = self._block(x, self.encoder_attn_layer_norm, enc_attn)
         return self._block(x, self.final_layer_norm, self.ffn)
 
 
-class DecoderCache:
+class DecoderCache(KVCache):
     """Incremental state of the decoder for N = B·G rows (G consecutive rows per source sentence).
 
-    Per layer: self-attention keys/values of the prefix (N, H, capacity, hd), filled up to ``length``,
-    and the encoder's projected keys/values (B, H, S, hd), shared by a sentence's G rows; ``keep``
-    (B, 1, 1, S) marks non-pad source positions.
+    The self-attention keys/values of the prefix (a :class:`KVCache`, N rows) and, per layer, the
+    encoder's projected keys/values (B, H, S, hd), shared by a sentence's G rows; ``keep`` (B, 1, 1, S)
+    marks non-pad source positions.
     """
 
     def __init__(self, enc_k: list[Tensor], enc_v: list[Tensor], keep: Tensor, group: int, capacity: int) -> None:
+        super().__init__(len(enc_k), max(1, capacity))
         self.enc_k, self.enc_v, self.keep, self.group = enc_k, enc_v, keep, group
-        self.capacity, self.length = max(1, capacity), 0
-        self.self_k: list[Tensor | None] = [None] * len(enc_k)
-        self.self_v: list[Tensor | None] = [None] * len(enc_k)
 
     @property
     def rows(self) -> int:
         return self.keep.shape[0] * self.group
-
-    def append(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write one position's k, v (N, H, 1, hd) of layer i; return the prefix so far (N, H, length+1, hd)."""
-        t = self.length
-        if self.self_k[i] is None or self.self_k[i].shape[2] <= t:  # allocate, or grow by doubling
-            cap = max(self.capacity, 2 * t)
-            new_k, new_v = (k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3]) for _ in range(2))
-            if t:
-                new_k[:, :, :t], new_v[:, :, :t] = self.self_k[i][:, :, :t], self.self_v[i][:, :, :t]
-            self.self_k[i], self.self_v[i] = new_k, new_v
-        self.self_k[i][:, :, t : t + 1] = k
-        self.self_v[i][:, :, t : t + 1] = v
-        return self.self_k[i][:, :, : t + 1], self.self_v[i][:, :, : t + 1]
 
     def reorder(self, new_order: Tensor) -> None:
         """Keep rows ``new_order`` (N',) of the current N rows, in that order.
@@ -261,15 +208,7 @@ class DecoderCache:
         sent = new_order.view(-1, G)[:, 0] // G  # (B',)
         if not torch.equal(new_order.view(-1, G) // G, sent.unsqueeze(1).expand(-1, G)):
             raise ValueError("reorder: a row moved to another sentence's group")
-        t = self.length
-        for i in range(len(self.self_k)):
-            for buf in (self.self_k, self.self_v):
-                if buf[i] is None:
-                    continue
-                old = buf[i]
-                if new_order.numel() != old.shape[0]:  # fewer rows: a new buffer
-                    buf[i] = old.new_empty(new_order.numel(), *old.shape[1:])
-                buf[i][:, :, :t] = old[new_order, :, :t]  # only the filled prefix moves
+        super().reorder(new_order)
         if sent.numel() != self.keep.shape[0] or not torch.equal(sent, torch.arange(sent.numel(), device=sent.device)):
             self.enc_k = [k.index_select(0, sent) for k in self.enc_k]
             self.enc_v = [v.index_select(0, sent) for v in self.enc_v]
@@ -339,11 +278,10 @@ class TransformerDecoder(_Stack):
 
     def step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
         """tokens (N,) the last token of each row (a prefix without pads) -> h (N, d) of that position."""
-        pos = tokens.new_full((1, 1), self.padding_idx + 1 + cache.length)  # (1, 1): the same for every row
+        pos = tokens.new_full((1, 1), self.padding_idx + 1 + cache.length())  # (1, 1): the same for every row
         x = self._embed(tokens.unsqueeze(1), pos)  # (N, 1, d)
         for i, layer in enumerate(self.layers):
             x = layer.step(x, cache, i)
-        cache.length += 1
         return self._finish(x).squeeze(1)
 
 
@@ -385,12 +323,8 @@ class TransformerMT(nn.Module):
 
         The encoder keys/values of every decoder layer are projected here, once per sentence.
         """
-        ks, vs = [], []
-        for layer in self.decoder.layers:
-            a = layer.encoder_attn
-            ks.append(a.heads(enc.out, a.k_proj))  # (B, H, S, hd)
-            vs.append(a.heads(enc.out, a.v_proj))
-        return DecoderCache(ks, vs, ~enc.pad_mask[:, None, None, :], group, capacity)
+        ks, vs = zip(*(layer.encoder_attn.keys_values(enc.out) for layer in self.decoder.layers))  # (B, H, S, hd)
+        return DecoderCache(list(ks), list(vs), ~enc.pad_mask[:, None, None, :], group, capacity)
 
     def decode_step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
         """tokens (N,) each row's last token (eos at step 0) -> h (N, d) at that position; advances the cache."""

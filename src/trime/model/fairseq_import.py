@@ -34,6 +34,7 @@ import collections
 import pickle
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ import torch
 from trime.config import ModelConfig
 from trime.errors import CheckpointError
 from trime.model.adaptive import full_cutoffs
+from trime.model.attention import split_in_proj
 from trime.model.transformer import TransformerLM
 
 # spec §1 and fairseq's base_lm_architecture; used only for options an ``args`` checkpoint lacks.
@@ -101,19 +103,18 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "decoder_ffn_embed_dim": 2048,
     },
 }
-# Options trime's model does not implement: option -> the value it must have.
-UNSUPPORTED = {
+# Options trime's Transformers (LM and MT) do not implement: option -> the value it must have (None also accepted).
+UNSUPPORTED_LAYERS = {
     "decoder_learned_pos": False,
     "no_token_positional_embeddings": False,
     "layernorm_embedding": False,
-    "character_embeddings": False,
     "activation_fn": "relu",
-    "decoder_normalize_before": True,
     "scale_fc": False,
     "scale_attn": False,
     "scale_heads": False,
     "scale_resids": False,
 }
+UNSUPPORTED = {**UNSUPPORTED_LAYERS, "character_embeddings": False, "decoder_normalize_before": True}
 
 
 class _Inert:
@@ -268,6 +269,74 @@ def model_options(state: dict) -> tuple[dict, dict, str]:
     return opts, task, "cfg"
 
 
+@dataclass
+class FairseqCheckpoint:
+    """A fairseq ``.pt`` read through the allow-list: its options, weights and what ``meta`` reports."""
+
+    path: Path
+    state: dict
+    opts: dict  # model options (plain dicts)
+    task: dict  # task options (the same dict as opts in the args generation)
+    generation: str  # "args" | "cfg"
+
+    @classmethod
+    def read(cls, path: str | Path, trust: bool = False) -> FairseqCheckpoint:
+        path = Path(path)
+        state = read_checkpoint(path, trust=trust)
+        opts, task, generation = model_options(state)
+        raw = state["model"]
+        if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+            raise CheckpointError(f"{path}: the 'model' entry is not a dict of tensors")
+        return cls(path, state, opts, task, generation)
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The stored weights, under fairseq's names and in their stored dtypes."""
+        return self.state["model"]
+
+    def meta(self, arch: str, **extra: Any) -> dict:
+        """source, generation, arch, path, num_updates, ``extra``, the stored weight dtypes."""
+        history = self.state.get("optimizer_history") or [{}]
+        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in self.weights.values() if v.is_floating_point()})
+        return {
+            "source": "fairseq",
+            "generation": self.generation,
+            "arch": arch,
+            "path": str(self.path),
+            "num_updates": history[-1].get("num_updates") if isinstance(history[-1], dict) else None,
+            **extra,
+            "stored_dtypes": dtypes,
+        }
+
+
+def convert_weight(key: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """Put one fairseq weight into ``out`` under trime's name: ``version``/``_float_tensor`` buffers
+    dropped, float32, a pre-0.8 fused q/k/v projection split, fairseq 0.9's ``embed_out`` renamed."""
+    if key.rsplit(".", 1)[-1] in ("version", "_float_tensor"):
+        return
+    t = t.float() if t.is_floating_point() else t
+    out.update(split_in_proj(key, t) or {re.sub(r"(^|\.)embed_out$", r"\1output_projection.weight", key): t})
+
+
+def check_supported(o: dict, unsupported: dict[str, Any]) -> None:
+    """One CheckpointError naming every option of ``unsupported`` that has another value in ``o`` (a
+    decoder input/output width other than decoder_embed_dim included)."""
+    bad = [f"{k}={o[k]!r}" for k, want in unsupported.items() if o.get(k) not in (None, want)]
+    if any(o.get(k) not in (None, o["decoder_embed_dim"]) for k in ("decoder_input_dim", "decoder_output_dim")):
+        bad.append("decoder_input_dim/decoder_output_dim != decoder_embed_dim")
+    if bad:
+        raise CheckpointError(f"fairseq options trime does not implement: {', '.join(bad)}")
+
+
+def drop_tied_copies(weights: dict[str, torch.Tensor], copies: dict[str, str]) -> None:
+    """Remove each stored copy of a tied tensor (``copies``: copy key -> kept key) after checking it equal."""
+    for copy, kept in copies.items():
+        if copy in weights and kept in weights:
+            if weights[copy].shape != weights[kept].shape or not torch.equal(weights[copy], weights[kept]):
+                raise CheckpointError(f"tied weights {copy} and {kept} differ: the checkpoint is inconsistent")
+            del weights[copy]
+
+
 def _with_defaults(opts: dict) -> dict:
     """Fill what ``opts`` lacks from the arch defaults, then the base ones; map legacy option names.
 
@@ -309,12 +378,7 @@ def vocab_size(weights: dict[str, torch.Tensor]) -> int:
 def model_config(opts: dict, weights: dict[str, torch.Tensor]) -> ModelConfig:
     """A trime ModelConfig from fairseq model options (either generation) and the renamed weights."""
     o = _with_defaults(opts)
-    bad = [f"{k}={o[k]!r}" for k, want in UNSUPPORTED.items() if o.get(k) is not None and o[k] != want]
-    dims = {o.get("decoder_input_dim") or o["decoder_embed_dim"], o.get("decoder_output_dim") or o["decoder_embed_dim"]}
-    if dims != {o["decoder_embed_dim"]}:
-        bad.append("decoder_input_dim/decoder_output_dim != decoder_embed_dim")
-    if bad:
-        raise CheckpointError(f"fairseq options trime does not implement: {', '.join(bad)}")
+    check_supported(o, UNSUPPORTED)
     tied = bool(o["tie_adaptive_weights"] and o["adaptive_input"])
     try:
         return ModelConfig(
@@ -345,21 +409,12 @@ def model_config(opts: dict, weights: dict[str, torch.Tensor]) -> ModelConfig:
 
 
 def _rename(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip ``decoder.``, drop buffers, split fused q/k/v, rename fairseq 0.9's ``embed_out``; float32."""
+    """Strip ``decoder.``, then :func:`convert_weight`."""
     out: dict[str, torch.Tensor] = {}
     for key, t in model_state.items():
         if not key.startswith("decoder."):
             raise CheckpointError(f"unexpected weight {key!r}: not a decoder-only language model")
-        key = key[len("decoder.") :]
-        if key == "version" or key.endswith((".version", "._float_tensor")) or key == "_float_tensor":
-            continue
-        t = t.float() if t.is_floating_point() else t
-        fused = re.fullmatch(r"(.*self_attn\.)in_proj_(weight|bias)", key)
-        if fused:
-            for name, part in zip(("q", "k", "v"), t.chunk(3, dim=0)):
-                out[f"{fused.group(1)}{name}_proj.{fused.group(2)}"] = part.contiguous()
-            continue
-        out["output_projection.weight" if key == "embed_out" else key] = t
+        convert_weight(key[len("decoder.") :], t, out)
     return out
 
 
@@ -379,11 +434,7 @@ def _tied_copies(cfg: ModelConfig) -> dict[str, str]:
 
 def _match(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop checked tied copies, then require exactly the keys and shapes of TransformerLM(cfg)."""
-    for copy, kept in _tied_copies(cfg).items():
-        if copy in weights and kept in weights:
-            if weights[copy].shape != weights[kept].shape or not torch.equal(weights[copy], weights[kept]):
-                raise CheckpointError(f"tied weights {copy} and {kept} differ: the checkpoint is inconsistent")
-            del weights[copy]
+    drop_tied_copies(weights, _tied_copies(cfg))
     return require_shapes(lambda: TransformerLM(cfg), weights)
 
 
@@ -414,29 +465,17 @@ def load_fairseq_checkpoint(
     records the generation, arch, update count, the training ``tokens_per_sample`` and break mode,
     the stored weight dtype and ``add_bos_token`` (trime's evaluation assumes it is off).
     """
-    path = Path(path)
-    state = read_checkpoint(path, trust=trust)
-    opts, task, generation = model_options(state)
-    raw = state["model"]
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise CheckpointError(f"{path}: the 'model' entry is not a dict of tensors")
-    weights = _rename(raw)
-    cfg = model_config(opts, weights)
+    ck = FairseqCheckpoint.read(path, trust)
+    weights = _rename(ck.weights)
+    cfg = model_config(ck.opts, weights)
     try:
         weights = _match(cfg, weights)
     except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    history = state.get("optimizer_history") or [{}]
-    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in raw.values() if v.is_floating_point()})
-    meta = {
-        "source": "fairseq",
-        "generation": generation,
-        "arch": cfg.arch,
-        "path": str(path),
-        "num_updates": history[-1].get("num_updates") if isinstance(history[-1], dict) else None,
-        "tokens_per_sample": opts.get("tokens_per_sample"),
-        "sample_break_mode": task.get("sample_break_mode"),
-        "add_bos_token": bool(opts.get("add_bos_token", False)),
-        "stored_dtypes": dtypes,
-    }
+        raise CheckpointError(f"{ck.path}: {e}") from None
+    meta = ck.meta(
+        cfg.arch,
+        tokens_per_sample=ck.opts.get("tokens_per_sample"),
+        sample_break_mode=ck.task.get("sample_break_mode"),
+        add_bos_token=bool(ck.opts.get("add_bos_token", False)),
+    )
     return weights, cfg, meta

@@ -1,7 +1,7 @@
 """Load fairseq translation checkpoints (``--task translation --arch transformer*``) into TransformerMT.
 
-Unpickling, the ``args``/``cfg`` generations and the allow-list are those of
-:mod:`trime.model.fairseq_import` (its ``read_checkpoint`` and ``model_options`` are reused):
+Unpickling, the ``args``/``cfg`` generations, the allow-list and the weight conversion are those of
+:mod:`trime.model.fairseq_import` (``FairseqCheckpoint``, ``convert_weight``, ``drop_tied_copies``):
 nothing but tensors, plain containers, ``argparse.Namespace``, numpy scalars and inert omegaconf
 stand-ins is unpickled unless ``trust=True``.
 
@@ -22,7 +22,14 @@ import torch
 
 from trime.errors import CheckpointError, ConfigError
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT
-from trime.model.fairseq_import import model_options, read_checkpoint, require_shapes
+from trime.model.fairseq_import import (
+    UNSUPPORTED_LAYERS,
+    FairseqCheckpoint,
+    check_supported,
+    convert_weight,
+    drop_tied_copies,
+    require_shapes,
+)
 
 # fairseq's base_architecture (transformer_legacy.py); used only for options a checkpoint lacks.
 BASE_DEFAULTS: dict[str, Any] = {
@@ -70,21 +77,14 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Options TransformerMT does not implement: option -> the value it must have (None/absent also accepted).
 UNSUPPORTED = {
+    **UNSUPPORTED_LAYERS,
     "encoder_learned_pos": False,
-    "decoder_learned_pos": False,
-    "no_token_positional_embeddings": False,
-    "layernorm_embedding": False,
-    "activation_fn": "relu",
     "cross_self_attention": False,
     "no_cross_attention": False,
     "adaptive_softmax_cutoff": None,
     "adaptive_input": False,
     "tie_adaptive_weights": False,
     "quant_noise_pq": 0,
-    "scale_fc": False,
-    "scale_attn": False,
-    "scale_heads": False,
-    "scale_resids": False,
     "encoder_layers_to_keep": None,
     "decoder_layers_to_keep": None,
 }
@@ -113,12 +113,8 @@ def mt_config(opts: dict, weights: dict[str, torch.Tensor]) -> MTModelConfig:
         if key not in weights:
             raise CheckpointError(f"no {key} in the checkpoint: not an encoder-decoder translation model")
     o = _options(opts)
-    bad = [f"{k}={o[k]!r}" for k, want in UNSUPPORTED.items() if o.get(k) not in (None, want)]
-    if bad:
-        raise CheckpointError(f"fairseq options trime does not implement: {', '.join(bad)}")
+    check_supported(o, UNSUPPORTED)
     d_dec = int(o["decoder_embed_dim"])
-    if any(o.get(k) not in (None, d_dec) for k in ("decoder_input_dim", "decoder_output_dim")):
-        raise CheckpointError("decoder_input_dim/decoder_output_dim != decoder_embed_dim is not implemented")
     try:
         return MTModelConfig(
             arch=str(o.get("arch") or o.get("_name") or "transformer"),
@@ -157,35 +153,22 @@ _OLD_NORMS = {
 
 
 def _rename(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pre-0.8 ``layer_norms.{j}`` get their later names, then :func:`convert_weight`."""
     out: dict[str, torch.Tensor] = {}
     for key, t in model_state.items():
         if not key.startswith(("encoder.", "decoder.")):
             raise CheckpointError(f"unexpected weight {key!r}: not an encoder-decoder model")
-        if key.endswith((".version", "._float_tensor")):
-            continue
-        t = t.float() if t.is_floating_point() else t
         old = re.fullmatch(r"(encoder|decoder)(\.layers\.\d+\.)layer_norms\.(\d)\.(weight|bias)", key)
         if old:
             key = f"{old.group(1)}{old.group(2)}{_OLD_NORMS[old.group(1)][old.group(3)]}.{old.group(4)}"
-        fused = re.fullmatch(r"(.*(?:self_attn|encoder_attn)\.)in_proj_(weight|bias)", key)
-        if fused:
-            for name, part in zip(("q", "k", "v"), t.chunk(3, dim=0)):
-                out[f"{fused.group(1)}{name}_proj.{fused.group(2)}"] = part.contiguous()
-            continue
-        out["decoder.output_projection.weight" if key == "decoder.embed_out" else key] = t
+        convert_weight(key, t, out)
     return out
 
 
 def _match(cfg: MTModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop checked tied copies, then require exactly the keys and shapes of TransformerMT(cfg)."""
-    copies = {}
     if cfg.share_decoder_input_output_embed or cfg.share_all_embeddings:
-        copies["decoder.output_projection.weight"] = "decoder.embed_tokens.weight"
-    for copy, kept in copies.items():
-        if copy in weights:
-            if weights[copy].shape != weights[kept].shape or not torch.equal(weights[copy], weights[kept]):
-                raise CheckpointError(f"tied weights {copy} and {kept} differ: the checkpoint is inconsistent")
-            del weights[copy]
+        drop_tied_copies(weights, {"decoder.output_projection.weight": "decoder.embed_tokens.weight"})
     if cfg.share_all_embeddings and not torch.equal(
         weights["encoder.embed_tokens.weight"], weights["decoder.embed_tokens.weight"]
     ):
@@ -201,30 +184,15 @@ def load_fairseq_mt_checkpoint(
     ``meta``: source, generation ("args" | "cfg"), arch, path, num_updates, source/target language,
     stored weight dtypes.
     """
-    path = Path(path)
-    state = read_checkpoint(path, trust=trust)
-    opts, task, generation = model_options(state)
-    raw = state["model"]
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise CheckpointError(f"{path}: the 'model' entry is not a dict of tensors")
+    ck = FairseqCheckpoint.read(path, trust)
     try:
-        weights = _rename(raw)
-        cfg = mt_config(opts, weights)
+        weights = _rename(ck.weights)
+        cfg = mt_config(ck.opts, weights)
         weights = _match(cfg, weights)
     except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    history = state.get("optimizer_history") or [{}]
-    meta = {
-        "source": "fairseq",
-        "generation": generation,
-        "arch": cfg.arch,
-        "path": str(path),
-        "num_updates": history[-1].get("num_updates") if isinstance(history[-1], dict) else None,
-        "source_lang": task.get("source_lang") or opts.get("source_lang"),
-        "target_lang": task.get("target_lang") or opts.get("target_lang"),
-        "stored_dtypes": sorted({str(v.dtype).replace("torch.", "") for v in raw.values() if v.is_floating_point()}),
-    }
-    return weights, cfg, meta
+        raise CheckpointError(f"{ck.path}: {e}") from None
+    lang = {f"{side}_lang": ck.task.get(f"{side}_lang") or ck.opts.get(f"{side}_lang") for side in ("source", "target")}
+    return weights, cfg, ck.meta(cfg.arch, **lang)
 
 
 def check_vocab(cfg: MTModelConfig, src_size: int | None, tgt_size: int | None, where: str = "") -> None:

@@ -20,8 +20,8 @@ State-dict names (fairseq's, minus the leading ``decoder.``):
   trime.model.adaptive). Plain untied softmax: ``output_projection.weight`` (V, d) (fairseq ≥ 0.10;
   fairseq 0.9's ``decoder.embed_out``). Plain tied softmax: no entry.
 - Not stored here: fairseq's ``decoder.version``, ``embed_positions._float_tensor`` and other
-  ``_float_tensor`` buffers; checkpoints older than fairseq 0.8 keep ``self_attn.in_proj_weight``
-  (3d, d) / ``in_proj_bias``: rows [0:d] are q, [d:2d] k, [2d:3d] v.
+  ``_float_tensor`` buffers; checkpoints older than fairseq 0.8 keep ``self_attn.in_proj_{weight,bias}``
+  (q/k/v fused: trime.model.attention.split_in_proj).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from trime.config import ModelConfig
 from trime.errors import ConfigError
 from trime.model.adaptive import AdaptiveInput, AdaptiveSoftmax, OutputHead, PlainSoftmax
+from trime.model.attention import Attention, KVCache
 from trime.model.base import LMOutput
-from trime.model.ops import attention, dropout
+from trime.model.ops import dropout
 
 
 def make_positions(tokens: Tensor, padding_idx: int) -> Tensor:
@@ -58,66 +59,6 @@ def sinusoidal_embedding(positions: Tensor, dim: int, padding_idx: int) -> Tenso
     return emb.masked_fill(positions.eq(padding_idx).unsqueeze(-1), 0.0)
 
 
-class SelfAttention(nn.Module):
-    """Causal multi-head self-attention with biases on q/k/v/out (fairseq MultiheadAttention)."""
-
-    def __init__(self, d: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d) for _ in range(3))
-        self.out_proj = nn.Linear(d, d)
-        for p in (self.q_proj, self.k_proj, self.v_proj):  # fairseq's scaled init for same-dim q/k/v
-            nn.init.xavier_uniform_(p.weight, gain=2**-0.5)
-        nn.init.xavier_uniform_(self.out_proj.weight)
-        for p in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            nn.init.zeros_(p.bias)
-
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """x (B, T, d) -> (B, T, d). With a ``cache``, x holds the T positions after the cached
-        ones: their keys/values are appended to the cache's ``layer`` and they attend to all of it."""
-        B, T, d = x.shape
-        heads = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q, k, v = heads  # each (B, H, T, hd)
-        p = self.dropout if self.training else 0.0
-        if cache is None:
-            y = attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, hd)
-        else:
-            past = cache.length(layer)
-            k, v = cache.append(layer, k, v)  # (B, H, past + T, hd)
-            mask = None  # one new position sees everything; several see the cache and their own past
-            if T > 1:
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # (T, past + T)
-            y = attention(q, k, v, mask, dropout_p=p)  # (B, H, T, hd)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
-
-
-class KVCache:
-    """Incremental decoding state: per layer, the attention keys and values (B, H, t, hd) of the t
-    positions already run. ``TransformerLM.forward(tokens, cache)`` runs the next positions, appends
-    theirs and numbers them from t on, so running a window piece by piece equals one full forward."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.keys: list[Tensor | None] = [None] * n_layers
-        self.values: list[Tensor | None] = [None] * n_layers
-
-    def length(self, layer: int = 0) -> int:
-        k = self.keys[layer]
-        return 0 if k is None else int(k.shape[2])
-
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append k, v (B, H, T, hd) to ``layer``; returns all of its keys and values."""
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep rows ``index`` (B',) of the batch, in that order (beam search)."""
-        self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
-        self.values = [None if v is None else v.index_select(0, index) for v in self.values]
-
-
 def _linear(d_in: int, d_out: int) -> nn.Linear:
     m = nn.Linear(d_in, d_out)
     nn.init.xavier_uniform_(m.weight)
@@ -132,13 +73,13 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.dropout, self.activation_dropout = cfg.dropout, cfg.activation_dropout
-        self.self_attn = SelfAttention(d, cfg.n_heads, cfg.attention_dropout)
+        self.self_attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=1e-5)
         self.fc1, self.fc2 = _linear(d, cfg.d_ffn), _linear(cfg.d_ffn, d)
         self.final_layer_norm = nn.LayerNorm(d, eps=1e-5)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> tuple[Tensor, Tensor]:
-        a = self.self_attn(self.self_attn_layer_norm(x), cache, layer)  # (B, T, d)
+        a = self.self_attn(self.self_attn_layer_norm(x), causal=True, cache=cache, layer=layer)  # (B, T, d)
         x = x + dropout(a, self.dropout, self.training)
         u = self.final_layer_norm(x)  # (B, T, d) the last layer's u is the memory key q
         f = dropout(F.relu(self.fc1(u)), self.activation_dropout, self.training)  # (B, T, f)
