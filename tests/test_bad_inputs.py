@@ -7,11 +7,9 @@ that must *succeed* (a copied run resumes, a changed --lr is logged) assert what
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch
 from trime import config as C
 from trime import io
 from trime.checkpoint import save_checkpoint
-from trime.cli import build_parser, main
+from trime.cli import main
 from trime.data.blocks import num_segments
 from trime.data.pairs import load_pair_dictionaries, prepare_pairs
 from trime.data.prepare import load_split, prepare_corpus
@@ -30,6 +28,7 @@ from trime.train import fit
 from trime.translation import pair_dictionary_files
 
 from tests.fixtures import make_corpus, make_data, micro_checkpoint
+from tests.test_cli import writing
 
 MICRO = ("--preset", "micro", "--device", "cpu", "--amp", "none")
 
@@ -536,13 +535,7 @@ def test_prepare_over_a_checkpoint(capsys, data, ckpt, tmp_path):
 
 # --- files the user names: one way to write them (trime.io.output_file) --------------------------
 
-DIRECTORY_OUTPUTS = {  # flags naming a directory: each artifact claims it with its meta.json (atomic_dir)
-    "data fetch --out", "data prepare --out", "train --save-dir", "eval --save-neighbors", "datastore build --out",
-    "bm25 index --out", "bm25 search --out", "convert --out", "mt train --save-dir", "mt datastore --out",
-    "mt generate --save-neighbors", "mt reproduce --out", "reproduce --out",
-    "index build --out",  # a faiss file with a sidecar of its own: test_index_over_something_else
-}  # fmt: skip
-FILE_OUTPUTS = {  # flag -> the file it names in the test below
+FILE_OUTPUTS = {  # flag -> the file it names in the test below (every output flag: tests/test_cli.py)
     "eval --output-word-probs": "lp.npy",
     "explain --out": "page.html",
     "explain --json": "report.json",
@@ -554,63 +547,9 @@ FILE_OUTPUTS = {  # flag -> the file it names in the test below
 }
 
 
-def writing(flag: str, f: dict, out: Path) -> tuple:
-    """The command that writes ``out`` through ``flag``, reading the fixtures ``f`` (see ``outputs``)."""
-    cpu = ("--device", "cpu")
-    return {
-        "eval --output-word-probs": ("eval", f["data"], "--path", f["ckpt"], *cpu, "--max-eval-tokens", "40"),
-        "explain --out": ("explain", "--path", f["ckpt"], "--text", "w1 w2 w1", *cpu),
-        "explain --json": ("explain", "--path", f["ckpt"], "--text", "w1 w2", *cpu, "--out", out.with_suffix(".html")),
-        "bm25 batches --out": ("bm25", "batches", f["data"], "--tokens-per-sample", "32"),
-        "bm25 segments --out": ("bm25", "segments", f["data"], "--tokens-per-sample", "32"),
-        "bm25 chain --out": ("bm25", "chain", f["bm25"] / "results", "--index", f["bm25"] / "index"),
-        "mt bm25 --out": ("mt", "bm25", f["pairs"]),
-        "mt generate --results-path": (
-            "mt",
-            "generate",
-            f["pairs"],
-            "--path",
-            f["mt_ckpt"],
-            *cpu,
-            "--gen-subset",
-            "valid",
-            "--max-sentences-total",
-            "3",
-            "--beam",
-            "2",
-            "--max-len-b",
-            "4",
-        ),  # fmt: skip
-    }[flag] + (flag.split()[-1], out)
-
-
-def output_flags() -> set[str]:
-    """'COMMAND --FLAG' of every flag of the CLI that names a place to write."""
-    found: set[str] = set()
-
-    def walk(parser: argparse.ArgumentParser, command: str) -> None:
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    walk(sub, f"{command} {name}".strip())
-            found.update(
-                f"{command} {o}"
-                for o in action.option_strings
-                if re.fullmatch(r"--(out|output-.*|json|results-path|save-dir|save-neighbors)", o)
-            )
-
-    walk(build_parser(), "")
-    return found
-
-
-def test_every_output_flag_is_walked():
-    """A new command with an output flag must say which it writes: a file (walked below) or a directory."""
-    assert output_flags() == set(FILE_OUTPUTS) | DIRECTORY_OUTPUTS
-
-
 @pytest.fixture(scope="module")
 def outputs(data, ckpt, pairs, mt_ckpt, tmp_path_factory) -> dict:
-    """What the commands of :func:`writing` read, made once (bm25: a finished work directory for chain)."""
+    """What the commands of :func:`writing` (tests/test_cli.py) read, made once (bm25: a finished work directory)."""
     order = tmp_path_factory.mktemp("bm25") / "order.json"
     assert main(["bm25", "batches", str(data), "--tokens-per-sample", "32", "--out", str(order)]) == 0
     return {"data": data, "ckpt": ckpt, "pairs": pairs, "mt_ckpt": mt_ckpt, "bm25": order.with_suffix(".work")}

@@ -210,6 +210,7 @@ def cmd_bm25_index(ns: argparse.Namespace) -> None:
 
 def cmd_bm25_search(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.Bm25QueryConfig)
+    io.check_not_a_file(cfg.out, "bm25_results")  # a resumable work directory: its shards are kept
     bm25.search(
         cfg.index,
         cfg.segments,

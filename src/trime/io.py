@@ -131,13 +131,18 @@ def recover_dir(path: str | os.PathLike, say=print) -> None:
         say(f"| {path}: removed {p.name}, {what}")
 
 
+def check_not_a_file(path: str | os.PathLike, kind: str | None) -> None:
+    """Refuse (one line) a directory output ``path`` where a file is: a user's file is never replaced."""
+    if (os.path.exists(path) or os.path.islink(path)) and not os.path.isdir(path):
+        raise DataError(f"{path}: a file is there, not a trime {kind or 'artifact'} directory; choose another path")
+
+
 def check_replaceable(path: Path, kind: str | None, overwrite: bool) -> None:
     """Refuse to write ``path`` unless it is absent, an empty directory, or (with ``overwrite``) a
     complete artifact of ``kind`` holding only files it wrote: a user's files are never deleted."""
     if not path.exists() and not path.is_symlink():
         return
-    if not path.is_dir():
-        raise DataError(f"{path}: a file is there, not a trime {kind or 'artifact'} directory; choose another path")
+    check_not_a_file(path, kind)
     if not is_complete(path):
         if any(path.iterdir()):
             raise DataError(
