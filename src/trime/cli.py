@@ -19,10 +19,11 @@ import errno
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from trime import config as C
 from trime import io
-from trime.checkpoint import convert
+from trime.checkpoint import MODEL_TYPES, convert, is_hf_checkpoint, read_config, resolve
 from trime.data import bm25
 from trime.data.fetch import fetch
 from trime.data.hf_text import prepare_hf, prepare_hf_corpus
@@ -31,7 +32,7 @@ from trime.data.pairs import CORPUS_KIND as PAIR_CORPUS_KIND
 from trime.data.pairs import prepare_pairs
 from trime.data.prepare import load_dictionary, load_split, prepare, prepare_corpus
 from trime.datastore_build import build_datastore
-from trime.errors import TrimeError
+from trime.errors import CheckpointError, TrimeError
 from trime.evaluate import evaluate
 from trime.explain.report import explain
 from trime.generate.beam import BeamConfig
@@ -46,7 +47,24 @@ from trime.translation import bm25_pair_order, build_mt_datastore, fit_translati
 
 
 def _preset_layers(ns: argparse.Namespace, section: str) -> dict:
-    return C.load_preset(ns.preset).get(section, {}) if getattr(ns, "preset", None) else {}
+    """A language-model preset's table ``section`` (empty without --preset)."""
+    if not getattr(ns, "preset", None):
+        return {}
+    preset = C.load_preset(ns.preset)
+    if preset["_source"]["task"] == "translation":
+        raise TrimeError(f"preset {ns.preset!r} is a translation recipe: use it with trime mt train")
+    return preset.get(section, {})
+
+
+def _language_model(path: str) -> None:
+    """Refuse a translation checkpoint where a language model is needed, in one line, before any work."""
+    ckpt = resolve(path) if path and Path(path).is_dir() else None
+    if (
+        ckpt is not None
+        and not is_hf_checkpoint(ckpt)
+        and read_config(ckpt).get("model_type") == MODEL_TYPES[MTModelConfig]
+    ):
+        raise CheckpointError(f"{path}: a translation model, not a language model (its commands: trime mt ...)")
 
 
 def _config(ns: argparse.Namespace, cls: type, *layers: dict):
@@ -112,6 +130,7 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.EvalConfig, _preset_layers(ns, "eval"))
     if not (cfg.path or cfg.hf_model):
         raise TrimeError("trime eval needs --path CHECKPOINT or --hf-model NAME_OR_DIR")
+    _language_model(cfg.path)
     result = evaluate(cfg)
     print(f"| {cfg.gen_subset}: {result.n_tokens} tokens scored")
     print(result.line())
@@ -121,6 +140,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.GenerateConfig)
     if not cfg.path:
         raise TrimeError("trime generate needs --path CHECKPOINT")
+    _language_model(cfg.path)
     prompt = read_prompt(cfg)
     sys.stdout.write(prompt)
     sys.stdout.flush()
@@ -132,6 +152,7 @@ def cmd_explain(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.ExplainConfig, _preset_layers(ns, "eval"))
     if not cfg.path:
         raise TrimeError("trime explain needs --path CHECKPOINT")
+    _language_model(cfg.path)
     if bool(cfg.data) == bool(cfg.text):
         raise TrimeError("trime explain needs a data directory or --text TEXT (one of them)")
     report = explain(cfg)
@@ -143,6 +164,7 @@ def cmd_datastore(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.DatastoreConfig)
     if not ((cfg.path or cfg.hf_model) and cfg.out):
         raise TrimeError("trime datastore build needs --path CHECKPOINT (or --hf-model NAME_OR_DIR) and --out DIR")
+    _language_model(cfg.path)
     print(f"| datastore in {build_datastore(cfg)}")
 
 
@@ -268,6 +290,7 @@ def cmd_mt_datastore(ns: argparse.Namespace) -> None:
 
 def cmd_mt_bm25(ns: argparse.Namespace) -> None:
     cfg = C.build(C.MTBm25Config, C.overrides_from_args(ns, C.MTBm25Config))
+    io.read_meta(cfg.data, "pairs")  # refused before its work directory is made
     bm25_pair_order(cfg.data, cfg.out, work_dir=cfg.work_dir or None, seed=cfg.seed, top_k=cfg.top_k,
                     num_shards=cfg.num_shards, n_threads=cfg.threads)  # fmt: skip
 
@@ -355,9 +378,16 @@ PRESETS = {  # commands that read a preset: --preset's help, and whether --print
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own refusals (an unknown flag, a value of the wrong type) as every other: one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"trime: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """``trime``'s commands from COMMANDS: every argument but --preset/--print-config is a config field."""
-    p = argparse.ArgumentParser(prog="trime", description="Train and evaluate memory-augmented LMs (TRIME).")
+    p = _Parser(prog="trime", description="Train and evaluate memory-augmented LMs (TRIME).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups = {
         name: sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True, metavar="STEP")
@@ -379,8 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag argparse refused (2, one line: _Parser.error)
+        return int(e.code or 0)
     try:
         ns.func(ns)
     except TrimeError as e:

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trime.checkpoint import load_model, model_fingerprint, read_config, resolve
+from trime.checkpoint import checkpoint_dictionary, load_model, model_fingerprint, read_config, resolve
 from trime.config import DatastoreConfig, ModelConfig, build
 from trime.data.batching import make_batch
 from trime.data.blocks import eval_windows
-from trime.data.prepare import load_split, read_data_meta, special_ids
+from trime.data.prepare import check_vocabulary, load_split, read_data_meta, special_ids
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import DatastoreError
 from trime.memory.datastore import build_datastore as write_datastore
@@ -55,6 +55,7 @@ def build_datastore(cfg: DatastoreConfig) -> Path:
         gguf_file=cfg.gguf_file,
         keytype=cfg.knn_keytype,
     )
+    check_vocabulary(cfg.data, model_cfg.vocab_size, checkpoint_dictionary(ckpt_dir))  # rows labelled in its ids
     tokens = load_split(cfg.data, cfg.subset)
     pad, eos = special_ids(cfg.data)
     L = cfg.tokens_per_sample or model_cfg.max_positions
