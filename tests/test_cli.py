@@ -1,6 +1,7 @@
 """The command line: a whole micro workflow, and one clear line with exit code 2 for bad input."""
 
 import argparse
+import dataclasses
 import re
 import subprocess
 import sys
@@ -271,3 +272,74 @@ def test_every_output_flag_refuses_a_users_file(capsys, made, tmp_path, flag):
     assert_user_error(SimpleNamespace(returncode=code, stderr=err), str(out))
     assert out.read_bytes() == b"my notes: not a trime artifact\n"
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]  # no temporary, partial or sibling file left
+
+
+def configs_of(argv: list[str]) -> dict[str, object]:
+    """{config class name: config} that `trime ARGV` builds from its flags (no preset), by the COMMANDS table."""
+    from trime import config as C
+    from trime.cli import COMMANDS
+
+    ns = build_parser().parse_args(argv)
+    (classes,) = [configs for _, _, func, *configs in COMMANDS if func is ns.func]
+    return {cls.__name__: C.build(cls, C.overrides_from_args(ns, cls)) for cls in classes}
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ("data fetch bible-es-en --out data/bible", {"FetchConfig": {"name": "bible-es-en", "out": "data/bible"}}),
+        ("data fetch iwslt14 --local a.tgz b.tgz", {"FetchConfig": {"local": ["a.tgz", "b.tgz"], "out": ""}}),
+        (
+            "data prepare data/bible --out data-bin/bible --moses --bpe-merges 10000",
+            {"PrepareConfig": {"src": "data/bible", "char_level": None}, "PairPrepareConfig": {"moses": True, "bpe_merges": 10000}},
+        ),
+        (
+            "data prepare --train a.txt --valid b.txt --test c.txt --out data-bin/mine --char-level",
+            {"PrepareConfig": {"src": "", "train": "a.txt", "test": "c.txt", "char_level": True, "overwrite": False}},
+        ),
+        (
+            "bm25 batches data-bin/shakespeare --tokens-per-sample 256 --out runs/bm25.json",
+            {"Bm25BatchesConfig": {"data": "data-bin/shakespeare", "top_k": 20, "num_shards": 1, "threads": 0, "seed": 1}},
+        ),
+        ("bm25 search I S --out R --shard-id 0 --num-shards 2", {"Bm25QueryConfig": {"index": "I", "segments": "S", "shard_id": 0}}),
+        ("bm25 chain R --index I --out o.json", {"Bm25ChainConfig": {"results": "R", "seed": 1}}),
+        ("convert best.pt --dict d.txt --out ckpt", {"ConvertConfig": {"checkpoint": "best.pt", "dict": "d.txt", "trust_checkpoint": False}}),
+        ("mt bm25 data-bin/bible --out bible-bm25.json", {"MTBm25Config": {"top_k": 20, "work_dir": "", "seed": 1}}),
+        ("mt reproduce", {"MTReproduceJobConfig": {"preset": "mt_cpu", "out": "runs/mt-reproduce", "corpus": "bible-es-en", "max_epoch": 0}}),
+        (
+            "reproduce --max-update 200,400,800 --variants all --out runs/study",
+            {"ReproduceJobConfig": {"preset": "tiny", "max_update": [200, 400, 800], "variants": ["all"], "seed": None}},
+        ),
+        ("reproduce", {"ReproduceJobConfig": {"corpus": "shakespeare", "max_update": [0], "char_level": False}}),
+        (
+            "generate --path runs/t --prompt P --max-new-tokens 40 --beam 5 --use-local",
+            {"GenerateConfig": {"path": "runs/t", "beam": 5, "use_local": True, "context_window": -1, "data": ""}},
+        ),
+        (
+            "explain data-bin/shakespeare --path runs/t --gen-subset valid --max-eval-tokens 2000",
+            {"ExplainConfig": {"data": "data-bin/shakespeare", "max_eval_tokens": 2000, "out": "report.html"}},
+        ),
+        ("eval D --path C --use-local --softmax-temp 4", {"EvalConfig": {"data": "D", "softmax_temp": 4.0, "amp": "none"}}),
+        ("index build dstore --dist ip", {"IndexConfig": {"dstore": "dstore", "metric": "ip", "out": ""}}),
+        ("sweep nb --softmax-temp 5,10 --k 8,16", {"SweepConfig": {"cache": "nb", "softmax_temp": [5.0, 10.0], "k": [8, 16]}}),
+    ],
+)  # fmt: skip
+def test_readme_commands_build_the_same_configs(command, expected):
+    """The commands the README shows, parsed by the parser made from the config tables: positionals, flags
+    and defaults as the hand-written parser had them."""
+    built = configs_of(command.split())
+    for name, fields in expected.items():
+        assert {k: getattr(built[name], k) for k in fields} == fields
+
+
+def test_generate_and_explain_show_only_their_own_fields():
+    """Composed of the pieces of evaluation (no skip-list): generation has no split, explain no eval outputs."""
+    from trime import config as C
+
+    gen = {f.name for f in dataclasses.fields(C.GenerateConfig)}
+    assert gen.isdisjoint({"gen_subset", "batch_size", "output_word_probs", "save_neighbors", "hf_model"})
+    assert {f.name for f in dataclasses.fields(C.MemoryConfig)} <= gen
+    explain = {f.name for f in dataclasses.fields(C.ExplainConfig)}
+    assert explain.isdisjoint({"output_word_probs", "save_neighbors", "neighbors_top", "hf_model", "gguf_file"})
+    eval_ = {f.name for f in dataclasses.fields(C.EvalConfig)}
+    assert eval_ - explain == {"output_word_probs", "save_neighbors", "neighbors_top", "hf_model", "gguf_file"}

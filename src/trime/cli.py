@@ -89,9 +89,6 @@ def _is_pair_corpus(cfg: C.PrepareConfig, pairs: C.PairPrepareConfig) -> bool:
     return bool(pairs.source_lang or pairs.target_lang or kind == PAIR_CORPUS_KIND)
 
 
-NO_CORPUS = "give a corpus directory (train.txt, valid.txt, test.txt) or --train/--valid/--test files"
-
-
 def cmd_prepare(ns: argparse.Namespace) -> None:
     cfg, pairs = _config(ns, C.PrepareConfig), _config(ns, C.PairPrepareConfig)
     splits, src, out = cfg.splits(), cfg.src, cfg.out
@@ -112,7 +109,7 @@ def cmd_prepare(ns: argparse.Namespace) -> None:
     elif src:
         out = prepare_corpus(src, out, char_level=cfg.char_level, dictionary=cfg.dict or None, overwrite=cfg.overwrite)
     else:
-        raise TrimeError(NO_CORPUS)
+        raise TrimeError("give a corpus directory (train.txt, valid.txt, test.txt) or --train/--valid/--test files")
     print(f"| prepared data in {out}")
 
 
@@ -206,16 +203,8 @@ def cmd_sweep(ns: argparse.Namespace) -> None:
 
 def cmd_bm25_batches(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.Bm25BatchesConfig)
-    bm25.bm25_batches(
-        cfg.data,
-        cfg.tokens_per_sample,
-        cfg.out,
-        work_dir=cfg.work_dir or None,
-        seed=cfg.seed,
-        top_k=cfg.top_k,
-        num_shards=cfg.num_shards,
-        n_threads=cfg.threads,
-    )
+    work = {"work_dir": cfg.work_dir or None, "seed": cfg.seed}
+    bm25.bm25_batches(cfg.data, cfg.tokens_per_sample, cfg.out, **work, **cfg.search_options())
 
 
 def cmd_bm25_segments(ns: argparse.Namespace) -> None:
@@ -233,15 +222,7 @@ def cmd_bm25_index(ns: argparse.Namespace) -> None:
 def cmd_bm25_search(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.Bm25QueryConfig)
     io.check_not_a_file(cfg.out, "bm25_results")  # a resumable work directory: its shards are kept
-    bm25.search(
-        cfg.index,
-        cfg.segments,
-        cfg.out,
-        top_k=cfg.top_k,
-        num_shards=cfg.num_shards,
-        shard_id=cfg.shard_id,
-        n_threads=cfg.threads,
-    )
+    bm25.search(cfg.index, cfg.segments, cfg.out, shard_id=cfg.shard_id, **cfg.search_options())
 
 
 def cmd_bm25_chain(ns: argparse.Namespace) -> None:

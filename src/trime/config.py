@@ -673,16 +673,26 @@ class Bm25SearchConfig(Config):
     num_shards: int = opt(1, "search shards (resumable one by one)", "--num-shards", ge=1)
     threads: int = opt(0, "search threads (0: all cores)", "--threads", ge=0)
 
+    def search_options(self) -> dict:
+        """The keyword arguments of trime.data.bm25.search."""
+        return {"top_k": self.top_k, "num_shards": self.num_shards, "n_threads": self.threads}
+
 
 @dataclass
-class Bm25BatchesConfig(Bm25SearchConfig):
-    """``trime bm25 batches``: segments, index, search and chain in one go → a JSON list of segment ids."""
+class Bm25OrderConfig(Bm25SearchConfig):
+    """A whole BM25 order in one go (segments, index, search, chain), resumable in its work directory."""
 
-    data: str = opt("", "prepared data directory (its train split)", positional=True)
     out: str = opt("", "JSON file to write", "--out", required=True)
     work_dir: str = opt("", "intermediate files (default: OUT without suffix + .work)", "--work-dir")
-    tokens_per_sample: int = opt(256, "segment length L, as in training", "--tokens-per-sample", ge=1, required=True)
     seed: int = opt(1, "seed of the fallback order", "--seed", ge=0)
+
+
+@dataclass
+class Bm25BatchesConfig(Bm25OrderConfig):
+    """``trime bm25 batches``: the order of the training segments → a JSON list of segment ids."""
+
+    data: str = opt("", "prepared data directory (its train split)", positional=True)
+    tokens_per_sample: int = opt(256, "segment length L, as in training", "--tokens-per-sample", ge=1, required=True)
 
 
 @dataclass
@@ -727,14 +737,12 @@ class Bm25ChainConfig(Config):
 
 
 @dataclass
-class MTBm25Config(Bm25SearchConfig):
+class MTBm25Config(Bm25OrderConfig):
     """``trime mt bm25``: the BM25 order of the training pairs for --criterion trime_mt --predefined-batches."""
 
-    data: str = opt("", "prepared pairs directory (its train split's targets)", positional=True)
-    out: str = opt("", "JSON file to write (a permutation of the pair ids)", "--out", required=True)
-    work_dir: str = opt("", "intermediate files (default: OUT without suffix + .work)", "--work-dir")
-    seed: int = opt(1, "seed of the fallback order", "--seed", ge=0)
     top_k: int = opt(20, "hits per target", "--top-k", ge=1)
+    out: str = opt("", "JSON file to write (a permutation of the pair ids)", "--out", required=True)
+    data: str = opt("", "prepared pairs directory (its train split's targets)", positional=True)
 
 
 @dataclass
