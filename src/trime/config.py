@@ -842,7 +842,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
 
     Every value stays None unless given, so that presets fill what a flag does not (read them back with
     :func:`overrides_from_args`); the domains are checked when the config is built."""
-    group = parser.add_argument_group(cls.__name__)
+    group = parser.add_argument_group(cls.__name__, " ".join((cls.__doc__ or "").split("\n\n")[0].split()))
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
