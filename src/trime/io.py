@@ -131,13 +131,18 @@ def recover_dir(path: str | os.PathLike, say=print) -> None:
         say(f"| {path}: removed {p.name}, {what}")
 
 
+def check_not_a_file(path: str | os.PathLike, kind: str | None) -> None:
+    """Refuse (one line) a directory output ``path`` where a file is: a user's file is never replaced."""
+    if (os.path.exists(path) or os.path.islink(path)) and not os.path.isdir(path):
+        raise DataError(f"{path}: a file is there, not a trime {kind or 'artifact'} directory; choose another path")
+
+
 def check_replaceable(path: Path, kind: str | None, overwrite: bool) -> None:
     """Refuse to write ``path`` unless it is absent, an empty directory, or (with ``overwrite``) a
     complete artifact of ``kind`` holding only files it wrote: a user's files are never deleted."""
     if not path.exists() and not path.is_symlink():
         return
-    if not path.is_dir():
-        raise DataError(f"{path}: a file is there, not a trime {kind or 'artifact'} directory; choose another path")
+    check_not_a_file(path, kind)
     if not is_complete(path):
         if any(path.iterdir()):
             raise DataError(
@@ -291,12 +296,26 @@ def is_segments(path: Path) -> bool:
     return isinstance(obj, dict) and set(obj) == {"id", "contents"} and obj["id"] == 0
 
 
+def is_faiss_index(path: Path) -> bool:
+    """A faiss index of trime's: its sidecar ``NAME.json`` holds the settings' key, or its ``NAME.building``
+    claim says a build of ours was writing it (trime.memory.index.build_index writes both)."""
+    side, claim = path.with_name(path.name + ".json"), path.with_name(path.name + ".building")
+    if claim.is_file():
+        return True
+    try:
+        obj = json.loads(_text(side) or "null") if side.is_file() else None
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "key" in obj
+
+
 BATCH_ORDER = OutputKind("batch order (JSON list of ids)", is_id_list)
 WORD_PROBS = OutputKind("word-probabilities .npy", is_npy)
 HTML_REPORT = OutputKind("trime HTML report", has_html_marker)
 JSON_REPORT = OutputKind("trime JSON report", has_json_marker)
 HYPOTHESES = OutputKind("results file (S-/T-/H-/D- lines)", is_hypotheses)
 SEGMENTS = OutputKind("segments file (JSON lines of id and contents)", is_segments)
+FAISS_INDEX = OutputKind("trime index (a faiss file with its NAME.json sidecar)", is_faiss_index)
 
 
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:

@@ -25,10 +25,10 @@ from trime.checkpoint import load_model, model_fingerprint
 from trime.config import TranslateConfig
 from trime.data.dictionary import Dictionary
 from trime.data.pair_batching import batch_by_size, collate
-from trime.data.pairs import PairSplit, load_pair_dictionaries, load_pair_split
+from trime.data.pairs import PairSplit, check_pair_vocabulary, load_pair_dictionaries, load_pair_split
 from trime.datastore_build import target_states
 from trime.device import pick_device
-from trime.errors import ConfigError, DataError
+from trime.errors import ConfigError
 from trime.generate import BeamConfig, Hypothesis, beam_search, score_reference
 from trime.generate.memory import MemoryCombiner
 from trime.generate.text import corpus_bleu, detokenize, ids_to_string, remove_bpe
@@ -186,14 +186,10 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
     if cfg.results_path:
         io.check_output_file(cfg.results_path, io.HYPOTHESES)  # before decoding, and again when written
     device = pick_device(cfg.device)
-    src_dict, tgt_dict = load_pair_dictionaries(cfg.data)
+    load_pair_dictionaries(cfg.data)  # a pairs directory, before the model loads
     model, model_cfg, ckpt_dir = load_model(cfg.path, task="mt", device=device, trust=cfg.trust_checkpoint)
     fingerprint = model_fingerprint(ckpt_dir)
-    if (len(src_dict), len(tgt_dict)) != (model_cfg.src_vocab_size, model_cfg.tgt_vocab_size):
-        raise DataError(
-            f"{cfg.data}: dictionaries of {len(src_dict)}/{len(tgt_dict)} types, the model expects "
-            f"{model_cfg.src_vocab_size}/{model_cfg.tgt_vocab_size}: prepare the data with its --src-dict/--tgt-dict"
-        )
+    src_dict, tgt_dict = check_pair_vocabulary(cfg.data, model_cfg.src_vocab_size, model_cfg.tgt_vocab_size)
     split = load_pair_split(cfg.data, cfg.gen_subset)
     n = len(split) if not cfg.max_sentences_total else min(cfg.max_sentences_total, len(split))
     t0 = time.perf_counter()

@@ -436,7 +436,10 @@ def _n_cores() -> int:
 
 
 def check_work_setup(path: Path, setup: dict) -> None:
-    """Record what a resumable work directory was made from; refuse to mix in another setup."""
+    """Record what a resumable work directory was made from; refuse to mix in another setup, and a directory
+    that holds files but no record (a user's: nothing is written into it)."""
+    if not path.exists() and path.parent.is_dir() and any(path.parent.iterdir()):
+        raise DataError(f"{path.parent}: holds files but no {path.name}: not a trime work directory; choose another")
     if path.exists():
         old = read_json(path)
         if old != json.loads(json.dumps(setup)):

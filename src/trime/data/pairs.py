@@ -394,6 +394,18 @@ def load_pair_dictionaries(data_dir: str | os.PathLike) -> tuple[Dictionary, Dic
     return tuple(Dictionary.load(Path(data_dir) / f"dict.{langs[k]}.txt") for k in ("source", "target"))
 
 
+def check_pair_vocabulary(data_dir: str | os.PathLike, src_size: int, tgt_size: int) -> tuple[Dictionary, Dictionary]:
+    """The (source, target) dictionaries of a pairs directory, refused (one DataError line) when their
+    sizes are not a translation model's: data prepared with other dictionaries labels rows in other ids."""
+    src, tgt = load_pair_dictionaries(data_dir)
+    if (len(src), len(tgt)) != (src_size, tgt_size):
+        raise DataError(
+            f"{data_dir}: dictionaries of {len(src)}/{len(tgt)} types, the model expects {src_size}/{tgt_size}: "
+            "prepare the data with its --src-dict/--tgt-dict"
+        )
+    return src, tgt
+
+
 def load_pair_split(data_dir: str | os.PathLike, split: str) -> PairSplit:
     """The binarised ``split`` of a pairs data directory, memory-mapped read-only and checked against meta.json."""
     meta = read_pairs_meta(data_dir)

@@ -384,10 +384,14 @@ def read_prompt(cfg: GenerateConfig) -> str:
     return cfg.prompt
 
 
-def generate(cfg: GenerateConfig, out=None) -> Generation:
-    """Continue the prompt of ``cfg``; greedy and sampled text is written to ``out`` as it comes."""
-    decoder, codec = open_decoder(cfg)
+def generate(cfg: GenerateConfig, out=None, echo: bool = False) -> Generation:
+    """Continue the prompt of ``cfg``; greedy and sampled text is written to ``out`` as it comes (after the
+    prompt itself with ``echo``, once the model and its memories have loaded)."""
     prompt = read_prompt(cfg)
+    decoder, codec = open_decoder(cfg)
+    if echo and out is not None:
+        out.write(prompt)
+        out.flush()
     ids = codec.encode(prompt)
     amp = autocast_dtype(cfg.amp, decoder._device())
     with autocast(decoder._device(), amp):

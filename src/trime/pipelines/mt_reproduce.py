@@ -122,10 +122,11 @@ class MTPipeline:
         print(f"| [{(time.time() - self.t0) / 60:5.1f} min] {msg}", flush=True)
 
     # 1. data -------------------------------------------------------------------------------
-    def corpus_dir(self) -> Path:
-        return corpus_dir(self.corpus, self.out, PAIR_CORPORA, fetch_pairs, "translation corpus")
+    def corpus_dir(self, fetch_it: bool = True) -> Path | None:
+        return corpus_dir(self.corpus, self.out, PAIR_CORPORA, fetch_pairs, "translation corpus", fetch_it)
 
     def prepare_data(self) -> None:
+        self.corpus_dir(fetch_it=False)  # an unknown --corpus is refused before OUT is made
         claim_out(self.out, MARKER, "mt-reproduce")
         src = self.corpus_dir()
         s, t, files = corpus_files(src, *self.langs)

@@ -186,8 +186,8 @@ class Pipeline:
         print(f"| [{(time.time() - self.t0) / 60:5.1f} min] {msg}", flush=True)
 
     # 1. data -------------------------------------------------------------------------------
-    def corpus_dir(self) -> Path:
-        return corpus_dir(self.corpus, self.out, CORPORA, fetch, "corpus")
+    def corpus_dir(self, fetch_it: bool = True) -> Path | None:
+        return corpus_dir(self.corpus, self.out, CORPORA, fetch, "corpus", fetch_it)
 
     def data_changes(self, src: Path) -> list[str]:
         """What differs between the corpus files and the prepared data (by size, time, then sha256)."""
@@ -210,6 +210,7 @@ class Pipeline:
 
     def prepare_data(self) -> None:
         legacy = io.is_complete(self.data) and (self.out / "models").is_dir()  # a run from before the marker
+        self.corpus_dir(fetch_it=False)  # an unknown --corpus is refused before OUT is made
         claim_out(self.out, MARKER, "reproduce", legacy)
         src = self.corpus_dir()
         if io.is_complete(self.data):
@@ -432,13 +433,15 @@ def keep_copy(last: Path, snap: Path) -> None:
         io.write_meta(tmp, "checkpoint", **{k: v for k, v in meta.items() if k not in ("kind", "files", "created")})
 
 
-def corpus_dir(corpus: str, out: Path, known, fetcher, what: str) -> Path:
+def corpus_dir(corpus: str, out: Path, known, fetcher, what: str, fetch_it: bool = True) -> Path | None:
     """``corpus`` itself when it is a directory, else the known corpus of that name fetched into
-    ``out/corpus`` (once: a complete fetch of the same name is reused)."""
+    ``out/corpus`` (once: a complete fetch of the same name is reused; None without ``fetch_it``)."""
     if Path(corpus).is_dir():
         return Path(corpus)
     if corpus not in known:
         raise ConfigError(f"--corpus {corpus!r} is neither a directory nor a known {what} ({', '.join(known)})")
+    if not fetch_it:
+        return None
     src = out / "corpus"
     if not (io.is_complete(src) and io.read_meta(src).get("name") == corpus):
         print(f"| fetching {corpus}", flush=True)
