@@ -231,9 +231,8 @@ def made(tmp_path_factory) -> dict:
     """Everything the commands of :func:`writing` read: tiny data, models, datastores and BM25 work."""
     from trime.checkpoint import save_checkpoint
     from trime.cli import main
-    from trime.data.pairs import load_pair_dictionaries, prepare_pairs
+    from trime.data.pairs import load_pair_dictionaries, pair_dictionary_files, prepare_pairs
     from trime.model.encoder_decoder import MTModelConfig, build_mt_model
-    from trime.translation import pair_dictionary_files
 
     root = tmp_path_factory.mktemp("made")
     data = make_data(root, n_lines=200)
