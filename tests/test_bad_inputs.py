@@ -671,6 +671,8 @@ CONFLICTING_FLAGS = [
     ("explain-long-without-mem-size", ("explain", "--path", "{ckpt}", *TEXT, "--use-local", "--use-long"), "--mem-size"),
     ("eval-long-without-local", ("eval", "{data}", "--path", "{ckpt}", "--use-long", "--mem-size", "8"), "--use-long needs --use-local"),
     ("eval-external-without-dstore", ("eval", "{data}", "--path", "{ckpt}", "--use-external"), "need --dstore-filename"),
+    ("eval-dstore-without-memory", ("eval", "{data}", "--path", "{ckpt}", "--dstore-filename", "{tmp}/d", "--indexfile", "{tmp}/i"), "read only with --use-external"),
+    ("generate-lmbda-without-interp", ("generate", "--path", "{ckpt}", "--lmbda", "0.25"), "add --use-interp"),
     ("eval-without-model", ("eval", "{data}"), "--path"),
     ("generate-interp-without-dstore", ("generate", "--path", "{ckpt}", "--use-interp"), "need --dstore-filename"),
     ("mt-generate-without-path", ("mt", "generate", "{pairs}"), "--path"),

@@ -398,6 +398,11 @@ class MemoryConfig(Config):
             raise ConfigError("--use-long needs --mem-size > 0")
         if (self.use_external or self.use_interp) and not (self.dstore and self.indexfile):
             raise ConfigError("--use-external/--use-interp need --dstore-filename and --indexfile")
+        # a memory's settings given without the memory would be silently ignored: refuse them instead
+        if (self.dstore or self.indexfile) and not (self.use_external or self.use_interp):
+            raise ConfigError("--dstore-filename/--indexfile are read only with --use-external or --use-interp")
+        if self.lmbda > 0 and not self.use_interp:
+            raise ConfigError("--lmbda weighs kNN-LM interpolation: add --use-interp (or drop --lmbda)")
 
 
 # The three scoring commands are composed of the pieces above (bases listed last-shown-first), so each shows
