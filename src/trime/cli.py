@@ -163,6 +163,8 @@ def cmd_index(ns: argparse.Namespace) -> None:
         chunk=cfg.chunk,
         probe=cfg.probe,
         use_gpu={"auto": "auto", "yes": True, "no": False}[cfg.use_gpu],
+        shards=cfg.shards,
+        trained=cfg.trained,
     )
     path = build_index(cfg.dstore, out, settings)
     print(f"| index in {path}")

@@ -29,6 +29,10 @@ HF_MODEL_HELP = (
     "a transformers causal LM instead of a trime checkpoint: save_pretrained directory, hub name or .gguf file"
 )
 GGUF_HELP = "the GGUF file inside --hf-model's directory"
+MEMORY_BACKENDS = ("local", "shards", "ray")  # trime.memory.backends
+MEMORY_BACKEND_HELP = "where the index is searched: one index here, its shards here, or a Ray actor per shard"
+RAY_ADDRESS_HELP = "ray backend: auto or HOST:PORT joins a running cluster; empty starts one on this machine"
+MMAP_HELP = "shards/ray: memory-map the index files (faiss IO_FLAG_MMAP) instead of reading them into RAM"
 
 
 def check_hf(path: str, hf_model: str, gguf_file: str, what: str = "--path") -> None:
@@ -303,6 +307,9 @@ class TranslateConfig(Config):
     )
     k: int = opt(16, "neighbours retrieved per hypothesis and step", "--k", ge=1)
     probe: int = opt(32, "faiss nprobe", "--probe", ge=1)
+    memory_backend: str = opt("local", MEMORY_BACKEND_HELP, "--memory-backend", MEMORY_BACKENDS)
+    ray_address: str = opt("", RAY_ADDRESS_HELP, "--ray-address")
+    memory_mmap: bool = opt(False, MMAP_HELP, "--memory-mmap")
     lmbda: float = opt(0.2, "knn mode: weight λ of the kNN distribution", "--lmbda", ge=0, le=1)
     knn_temp: float = opt(10.0, "temperature T: kNN-MT a/T; TrimeMT a/(√d·T)", "--knn-temp", gt=0)
     save_neighbors: str = opt(
@@ -363,6 +370,9 @@ class EvalConfig(Config):
     indexfile: str = opt("", "faiss index file (trime index build)", "--indexfile")
     k: int = opt(1024, "neighbours retrieved per scored token", "--k", ge=1)
     probe: int = opt(8, "faiss nprobe (IVF lists searched)", "--probe", ge=1)
+    memory_backend: str = opt("local", MEMORY_BACKEND_HELP, "--memory-backend", MEMORY_BACKENDS)
+    ray_address: str = opt("", RAY_ADDRESS_HELP, "--ray-address")
+    memory_mmap: bool = opt(False, MMAP_HELP, "--memory-mmap")
     use_interp: bool = opt(False, "kNN-LM interpolation with the retrieved neighbours", "--use-interp")
     lmbda: float = opt(0.0, "interpolation weight λ of the kNN distribution", "--lmbda", ge=0, le=1)
     interp_temp: float = opt(1.0, "temperature T of the kNN distribution (raw scores / T)", "--interp-temp", gt=0)
@@ -471,6 +481,10 @@ class IndexConfig(Config):
     chunk: int = opt(500_000, "keys added at a time", "--num-keys-to-add-at-a-time", ge=1)
     probe: int = opt(8, "default nprobe stored with the index", "--probe", ge=1)
     use_gpu: str = opt("auto", "build on a GPU when faiss has one", "--use-gpu", ("auto", "yes", "no"))
+    shards: int = opt(
+        1, "index shards, one file per slice of rows (search: --memory-backend shards|ray)", "--shards", ge=1
+    )
+    trained: str = opt("", "reuse this trained index (another build's OUT.trained) instead of training", "--trained")
 
 
 @dataclass
