@@ -354,7 +354,8 @@ def memory_combiner(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTMod
     if not cfg.indexfile:
         raise ConfigError("--dstore-filename needs --indexfile (build it with `trime index build`)")
     ext = ExternalMemory.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=model_cfg.decoder_embed_dim,
-                              vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint)  # fmt: skip
+                              vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint,
+                              backend=cfg.memory_backend, ray_address=cfg.ray_address, mmap=cfg.memory_mmap)  # fmt: skip
     zeros = torch.zeros(1, dtype=torch.long)
 
     def log_z(h: torch.Tensor) -> torch.Tensor:
@@ -374,7 +375,8 @@ def save_mt_neighbors(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTM
         raise ConfigError("--save-neighbors needs --dstore-filename and --indexfile")
     dim = model_cfg.decoder_embed_dim
     ext = ExternalMemory.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=dim,
-                              vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint)  # fmt: skip
+                              vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint,
+                              backend=cfg.memory_backend, ray_address=cfg.ray_address, mmap=cfg.memory_mmap)  # fmt: skip
     meta = {"translate_config": dataclasses.asdict(cfg), "task": "translation"}
     with NeighborCacheWriter(cfg.save_neighbors, dim=dim, ext_in_joint=True, mem_top=None, meta=meta,
                              overwrite=True) as writer:  # fmt: skip
