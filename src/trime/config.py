@@ -511,6 +511,8 @@ class ReproduceConfig(Config):
         ge=0,
     )
     probe: int = opt(8, "faiss nprobe", ge=1)
+    memory_backend: str = opt("local", MEMORY_BACKEND_HELP, choices=MEMORY_BACKENDS)
+    ray_address: str = opt("", RAY_ADDRESS_HELP)
     n_lists: int = opt(0, "IVF lists of the datastore indexes (0: sized from the datastore)", ge=0)
     index_train_size: int = opt(1_000_000, "keys sampled to train the datastore indexes", ge=1)
     tune_tokens: int = opt(20000, "valid tokens whose neighbours are cached, all of them, for tuning (0: all)", ge=0)
@@ -536,6 +538,8 @@ class MTReproduceConfig(Config):
     knn_metric: str = opt("l2", "kNN-MT's index metric (the original: l2)", choices=("l2", "ip"))
     trime_k: int = opt(16, "TrimeMT: neighbours per decoding step and hypothesis", ge=1)
     probe: int = opt(32, "faiss nprobe", ge=1)
+    memory_backend: str = opt("local", MEMORY_BACKEND_HELP, choices=MEMORY_BACKENDS)
+    ray_address: str = opt("", RAY_ADDRESS_HELP)
     n_lists: int = opt(0, "IVF lists of the indexes (0: sized from the datastore)", ge=0)
     index_train_size: int = opt(1_000_000, "keys sampled to train the indexes", ge=1)
     tune_sentences: int = opt(0, "valid sentences whose reference neighbours tune λ and T (0: all)", ge=0)

@@ -34,6 +34,7 @@ from trime.checkpoint import model_fingerprint
 from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
 from trime.data.pairs import corpus_files, load_pair_dictionaries, prepare_pairs, read_pairs_meta
 from trime.errors import ConfigError
+from trime.evaluate import BACKEND_FIELDS
 from trime.generate.beam import BeamConfig
 from trime.memory.datastore import build_mismatch
 from trime.memory.index import build_index
@@ -234,7 +235,8 @@ class MTPipeline:
         if system.mode:
             d, index = self.datastore(system.model)
             k = self.rc.knn_k if system.mode == "knn" else self.rc.trime_k
-            layers.update(dstore=str(d), indexfile=str(index), knn_mode=system.mode, k=k, probe=self.rc.probe)
+            layers.update(dstore=str(d), indexfile=str(index), knn_mode=system.mode, k=k, probe=self.rc.probe,
+                          memory_backend=self.rc.memory_backend, ray_address=self.rc.ray_address)  # fmt: skip
         return C.build(C.TranslateConfig, layers, kw)
 
     def inputs(self, cfg: C.TranslateConfig) -> dict:
@@ -245,7 +247,7 @@ class MTPipeline:
             "data": meta["splits"][cfg.gen_subset],
             "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "path", "dstore",
                                                                                        "indexfile", "results_path",
-                                                                                       "save_neighbors")},
+                                                                                       "save_neighbors") + BACKEND_FIELDS},
         }  # fmt: skip
         if cfg.dstore:
             key["datastore"] = io.read_meta(cfg.dstore).get("fingerprint")

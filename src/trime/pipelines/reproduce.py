@@ -354,6 +354,8 @@ class Pipeline:
             "mem_size": self.rc.long_mem_size,
             "k": self.rc.k,
             "probe": self.rc.probe,
+            "memory_backend": self.rc.memory_backend,
+            "ray_address": self.rc.ray_address,
             **system.flags,
         }
         if system.dstore:
