@@ -32,6 +32,7 @@ GGUF_HELP = "the GGUF file inside --hf-model's directory"
 MEMORY_BACKENDS = ("local", "shards", "ray")  # trime.memory.backends
 MEMORY_BACKEND_HELP = "where the index is searched: one index here, its shards here, or a Ray actor per shard"
 RAY_ADDRESS_HELP = "ray backend: auto or HOST:PORT joins a running cluster; empty starts one on this machine"
+RAY_CPUS_HELP = "ray backend: CPUs each shard's actor reserves and searches with (0: none reserved, one thread)"
 MMAP_HELP = "shards/ray: memory-map the index files (faiss IO_FLAG_MMAP) instead of reading them into RAM"
 
 
@@ -310,6 +311,7 @@ class TranslateConfig(Config):
     memory_backend: str = opt("local", MEMORY_BACKEND_HELP, "--memory-backend", MEMORY_BACKENDS)
     ray_address: str = opt("", RAY_ADDRESS_HELP, "--ray-address")
     memory_mmap: bool = opt(False, MMAP_HELP, "--memory-mmap")
+    ray_shard_cpus: float = opt(0.0, RAY_CPUS_HELP, "--ray-shard-cpus", ge=0)
     lmbda: float = opt(0.2, "knn mode: weight λ of the kNN distribution", "--lmbda", ge=0, le=1)
     knn_temp: float = opt(10.0, "temperature T: kNN-MT a/T; TrimeMT a/(√d·T)", "--knn-temp", gt=0)
     save_neighbors: str = opt(
@@ -373,6 +375,7 @@ class EvalConfig(Config):
     memory_backend: str = opt("local", MEMORY_BACKEND_HELP, "--memory-backend", MEMORY_BACKENDS)
     ray_address: str = opt("", RAY_ADDRESS_HELP, "--ray-address")
     memory_mmap: bool = opt(False, MMAP_HELP, "--memory-mmap")
+    ray_shard_cpus: float = opt(0.0, RAY_CPUS_HELP, "--ray-shard-cpus", ge=0)
     use_interp: bool = opt(False, "kNN-LM interpolation with the retrieved neighbours", "--use-interp")
     lmbda: float = opt(0.0, "interpolation weight λ of the kNN distribution", "--lmbda", ge=0, le=1)
     interp_temp: float = opt(1.0, "temperature T of the kNN distribution (raw scores / T)", "--interp-temp", gt=0)

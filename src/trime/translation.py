@@ -48,7 +48,7 @@ from trime.io import atomic_file
 from trime.losses import MTLossSettings, compute_mt_loss
 from trime.memory.datastore import build_datastore as write_datastore
 from trime.memory.datastore import resume_from
-from trime.memory.external import ExternalMemory
+from trime.memory.external import ExternalMemory, backend_options
 from trime.memory.neighbors import NeighborCacheWriter
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT, build_mt_model
 from trime.model.fairseq_mt_import import load_fairseq_mt
@@ -355,7 +355,7 @@ def memory_combiner(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTMod
         raise ConfigError("--dstore-filename needs --indexfile (build it with `trime index build`)")
     ext = ExternalMemory.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=model_cfg.decoder_embed_dim,
                               vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint,
-                              backend=cfg.memory_backend, ray_address=cfg.ray_address, mmap=cfg.memory_mmap)  # fmt: skip
+                              **backend_options(cfg))  # fmt: skip
     zeros = torch.zeros(1, dtype=torch.long)
 
     def log_z(h: torch.Tensor) -> torch.Tensor:
@@ -376,7 +376,7 @@ def save_mt_neighbors(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTM
     dim = model_cfg.decoder_embed_dim
     ext = ExternalMemory.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=dim,
                               vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint,
-                              backend=cfg.memory_backend, ray_address=cfg.ray_address, mmap=cfg.memory_mmap)  # fmt: skip
+                              **backend_options(cfg))  # fmt: skip
     meta = {"translate_config": dataclasses.asdict(cfg), "task": "translation"}
     with NeighborCacheWriter(cfg.save_neighbors, dim=dim, ext_in_joint=True, mem_top=None, meta=meta,
                              overwrite=True) as writer:  # fmt: skip

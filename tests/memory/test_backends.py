@@ -94,6 +94,9 @@ def test_ray_shards_equal_one_index(sets, ray_local):
     values = Datastore.open(ds).values
     for n in (1, 2, 4):
         _assert_same_topk(ref, _search(ds, paths[n], "ray", q), values)
+    with pytest.raises(ConfigError, match="4 shards × 1 CPUs do not fit the Ray cluster's 2 CPUs"):
+        ExternalMemory.open(ds, paths[4], k=K, probe=PROBE, dim=16, vocab_size=VOCAB, keytype="last_ffn_input",
+                            backend="ray", ray_cpus=1)  # fmt: skip
 
 
 def test_merge_keeps_the_best_and_holes_last():

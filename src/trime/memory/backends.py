@@ -137,11 +137,19 @@ class RayMemory(_Sharded):
     """``ray``: one actor per shard (a :class:`ShardServer`), queried at once, merged by :func:`merge_topk`."""
 
     def __init__(self, specs: list[dict], *, probe: int, mmap: bool = False, vocab_size: int | None = None,
-                 address: str = "", threads: int = 0):  # fmt: skip
+                 address: str = "", cpus: float = 0.0):  # fmt: skip
+        """``cpus`` > 0: each actor reserves that many CPUs and runs faiss on as many threads (at least
+        one); 0: nothing reserved, one faiss thread (Ray's default for a worker)."""
         ray_init(address)
         import ray
 
-        actor = ray.remote(ShardServer)
+        if cpus:
+            free = ray.cluster_resources().get("CPU", 0)
+            if cpus * len(specs) > free:
+                raise ConfigError(f"{len(specs)} shards × {cpus} CPUs do not fit the Ray cluster's {free:g} CPUs; "
+                                  "lower --ray-shard-cpus or add machines")  # fmt: skip
+        actor = ray.remote(ShardServer).options(num_cpus=cpus) if cpus else ray.remote(ShardServer)
+        threads = max(1, round(cpus))
         self.actors = [actor.remote(s, probe=probe, mmap=mmap, vocab_size=vocab_size, threads=threads) for s in specs]
         self.dim, self.rows = specs[0]["dim"], sum(s["stop"] - s["start"] for s in specs)
         ray.get([a.__ray_ready__.remote() for a in self.actors])  # a shard that fails to open fails here
@@ -162,7 +170,7 @@ class RayMemory(_Sharded):
 
 
 def open_backend(backend: str, dstore, indexfile, *, probe: int, dim: int, vocab_size: int, keytype: str,
-                 fingerprint: str | None = None, mmap: bool = False, ray_address: str = ""):  # fmt: skip
+                 fingerprint: str | None = None, mmap: bool = False, ray_address: str = "", ray_cpus: float = 0.0):  # fmt: skip
     """(the backend named ``backend`` over ``indexfile``, a plain index or a shard set, the datastore's
     meta), both checked against the model (key width, key type, vocabulary, fingerprint) and each other."""
     if backend not in BACKENDS:
@@ -189,4 +197,4 @@ def open_backend(backend: str, dstore, indexfile, *, probe: int, dim: int, vocab
     kw = {"probe": probe, "mmap": mmap, "vocab_size": vocab_size}
     if backend == "shards":
         return ShardsMemory(specs, **kw), meta
-    return RayMemory(specs, address=ray_address, **kw), meta
+    return RayMemory(specs, address=ray_address, cpus=ray_cpus, **kw), meta

@@ -36,21 +36,21 @@ class ExternalMemory:
         keytype: str,
         fingerprint: str | None = None,
         backend: str = "local",
-        ray_address: str = "",
-        mmap: bool = False,
+        **options,
     ) -> ExternalMemory:
+        """``options``: ``mmap``, ``ray_address``, ``ray_cpus`` (:func:`backend_options`)."""
         found, meta = open_backend(backend, dstore, indexfile, probe=probe, dim=dim, vocab_size=vocab_size,
-                                   keytype=keytype, fingerprint=fingerprint, mmap=mmap, ray_address=ray_address)  # fmt: skip
+                                   keytype=keytype, fingerprint=fingerprint, **options)  # fmt: skip
         return cls(found, k, meta)
 
     @classmethod
     def of(cls, cfg, model_cfg, fingerprint: str | None = None) -> ExternalMemory:
         """The external memory an evaluation-style config names (``dstore``, ``indexfile``, ``k``,
-        ``probe``, ``knn_keytype``, ``memory_backend``, ``ray_address``, ``memory_mmap``), checked
-        against a model config (``d_model``, ``vocab_size``)."""
+        ``probe``, ``knn_keytype`` and :func:`backend_options`), checked against a model config
+        (``d_model``, ``vocab_size``)."""
         return cls.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=model_cfg.d_model,
                         vocab_size=model_cfg.vocab_size, keytype=cfg.knn_keytype, fingerprint=fingerprint,
-                        backend=cfg.memory_backend, ray_address=cfg.ray_address, mmap=cfg.memory_mmap)  # fmt: skip
+                        **backend_options(cfg))  # fmt: skip
 
     def search_rows(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scores (n, k) raw similarities best first, −inf for index holes; values (n, k) their tokens;
@@ -61,3 +61,10 @@ class ExternalMemory:
         """(scores (n, k) raw similarities best first, −inf for index holes; values (n, k) their tokens)."""
         scores, values, _ = self.backend.search(queries, self.k)
         return scores, values
+
+
+def backend_options(cfg) -> dict:
+    """The backend keywords of :meth:`ExternalMemory.open` from a config's ``memory_backend``,
+    ``ray_address``, ``memory_mmap`` and ``ray_shard_cpus`` fields."""
+    return {"backend": cfg.memory_backend, "ray_address": cfg.ray_address, "mmap": cfg.memory_mmap,
+            "ray_cpus": cfg.ray_shard_cpus}  # fmt: skip
