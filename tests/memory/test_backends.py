@@ -94,7 +94,7 @@ def test_ray_shards_equal_one_index(sets, ray_local):
     values = Datastore.open(ds).values
     for n in (1, 2, 4):
         _assert_same_topk(ref, _search(ds, paths[n], "ray", q), values)
-    with pytest.raises(ConfigError, match="4 shards × 1 CPUs do not fit the Ray cluster's 2 CPUs"):
+    with pytest.raises(ConfigError, match="4 shards × 1 CPUs do not fit the 2 CPUs free in the Ray cluster"):
         ExternalMemory.open(ds, paths[4], k=K, probe=PROBE, dim=16, vocab_size=VOCAB, keytype="last_ffn_input",
                             backend="ray", ray_cpus=1)  # fmt: skip
 

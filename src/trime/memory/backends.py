@@ -24,6 +24,7 @@ and a key gets the same code in any shard; the union of the shards' top-k holds 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -144,10 +145,12 @@ class RayMemory(_Sharded):
         import ray
 
         if cpus:
-            free = ray.cluster_resources().get("CPU", 0)
-            if cpus * len(specs) > free:
-                raise ConfigError(f"{len(specs)} shards × {cpus} CPUs do not fit the Ray cluster's {free:g} CPUs; "
-                                  "lower --ray-shard-cpus or add machines")  # fmt: skip
+            need, deadline = cpus * len(specs), time.monotonic() + 2  # killed actors' CPUs come back in moments
+            while (free := ray.available_resources().get("CPU", 0)) < need and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if need > free:  # Ray would wait for them forever
+                raise ConfigError(f"{len(specs)} shards × {cpus:g} CPUs do not fit the {free:g} CPUs free in the Ray "
+                                  "cluster; lower --ray-shard-cpus or add machines")  # fmt: skip
         actor = ray.remote(ShardServer).options(num_cpus=cpus) if cpus else ray.remote(ShardServer)
         threads = max(1, round(cpus))
         self.actors = [actor.remote(s, probe=probe, mmap=mmap, vocab_size=vocab_size, threads=threads) for s in specs]
