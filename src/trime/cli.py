@@ -166,7 +166,7 @@ def cmd_index(ns: argparse.Namespace) -> None:
         shards=cfg.shards,
         trained=cfg.trained,
     )
-    path = build_index(cfg.dstore, out, settings)
+    path = build_index(cfg.dstore, out, settings, say=print)
     print(f"| index in {path}")
 
 

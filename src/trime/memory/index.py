@@ -44,6 +44,7 @@ import torch
 
 from trime.errors import ConfigError, DatastoreError
 from trime.io import read_json, save_npy, sha256_file, shard_range, write_json
+from trime.memory.cost import build_cost, describe, refuse_unless_fits
 from trime.memory.datastore import Datastore
 from trime.memory.shard import faiss_module
 
@@ -240,13 +241,14 @@ class IndexSettings:
 
 
 def build_index(
-    datastore_dir, out_path, settings: IndexSettings | None = None, *, overwrite: bool = False, **fields
+    datastore_dir, out_path, settings: IndexSettings | None = None, *, overwrite: bool = False, say=None, **fields
 ) -> Path:
     """Build the faiss index of a complete datastore and write it to ``out_path`` (spec §6.2).
 
     ``settings`` (or its ``fields`` as keywords) say how. Returns ``out_path``. A complete index
     with the same settings is returned as is; one with other settings is an error unless
-    ``overwrite``. See the module docstring for the choices.
+    ``overwrite``. See the module docstring for the choices. Before any work, a build the machine
+    cannot hold is refused (memory/cost.py); ``say`` (e.g. print) also gets what it will cost.
     """
     st = settings or IndexSettings(**fields)
     metric, n_lists, code_size, train_size, seed = st.metric, st.n_lists, st.code_size, st.train_size, st.seed
@@ -283,6 +285,11 @@ def build_index(
             raise DatastoreError(
                 f"{out}: an index with other settings is already there (remove it or pass --overwrite)"
             )
+    cost = build_cost(plan, ds.rows, key_bytes=np.dtype(ds.key_dtype).itemsize, train_size=train_size, chunk=chunk,
+                      shards=st.shards)  # fmt: skip
+    if say:
+        say(f"| {out.name}: {describe(cost)}")
+    refuse_unless_fits(cost, out, say=say or (lambda _: None))
     side.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     gpu = _gpu_wanted(use_gpu) and plan.get("gpu_ok", True)

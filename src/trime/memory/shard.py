@@ -9,6 +9,8 @@ int64, rows (n, k_s) int64; holes −inf / 0 / −1), merged by :func:`merge_top
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from trime.errors import ConfigError, DatastoreError
@@ -72,10 +74,26 @@ def finish(dist: np.ndarray, ids: np.ndarray, metric: str, lookup) -> tuple[np.n
     return scores, values, ids.astype(np.int64, copy=False)
 
 
+@functools.lru_cache(maxsize=8)
+def _positions(S: int, n: int, k: int) -> np.ndarray:
+    return np.ascontiguousarray(np.broadcast_to(np.arange(S * k, dtype=np.int64).reshape(S, 1, k), (S, n, k)))
+
+
 def merge_topk(parts, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The exact top-k of the shards' answers [(scores (n, k_s), values, ids)], best first; ties keep
-    shard order (a stable sort)."""
-    scores, values, ids = (np.concatenate([p[j] for p in parts], axis=1) for j in range(3))  # (n, Σ k_s)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (n, k)
-    take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
-    return take(scores), take(values), take(ids)
+    """The exact top-k of the shards' answers [(scores (n, k_s), values, ids)], each best first, best
+    first. faiss merges the sorted lists by position (a heap in C++: ten times numpy's sort at k =
+    1024); scores, values and ids are then gathered from the shard that holds each position."""
+    faiss = faiss_module()
+    n, S = parts[0][0].shape[0], len(parts)
+    if all(p[0].shape[1] == k for p in parts):
+        scores, values, ids = (np.stack([p[j] for p in parts]) for j in range(3))  # (S, n, k) each
+    else:  # short answers (a shard smaller than k) padded with holes
+        scores = np.full((S, n, k), -np.inf, dtype=np.float32)
+        values, ids = np.zeros((S, n, k), dtype=np.int64), np.full((S, n, k), -1, dtype=np.int64)
+        for s, (sc, v, i) in enumerate(parts):
+            w = min(k, sc.shape[1])
+            scores[s, :, :w], values[s, :, :w], ids[s, :, :w] = sc[:, :w], v[:, :w], i[:, :w]
+    _, where = faiss.merge_knn_results(scores, _positions(S, n, k), keep_max=True)  # (n, k)
+    shard, col = np.divmod(where, k)
+    row = np.arange(n)[:, None]
+    return scores[shard, row, col], values[shard, row, col], ids[shard, row, col]
