@@ -147,6 +147,14 @@ def test_shard_sets_are_artifacts(sets, tmp_path):
     shutil.copy(paths[4].with_name(paths[4].name + ".shard-0-of-4"), root / (paths[2].name + ".shard-0-of-2"))
     with pytest.raises(DatastoreError, match="stale or mixed shards"):
         _open(ds, root / paths[2].name, "shards")
+    # building again replaces the foreign shard (only it) and the set opens
+    kept = (root / (paths[2].name + ".shard-1-of-2")).stat().st_mtime_ns
+    build_index(ds, root / paths[2].name, flat_below=0, n_lists=64, code_size=4, train_size=12_000, probe=PROBE,
+                shards=2, trained=str(one) + ".trained")  # fmt: skip
+    assert (root / (paths[2].name + ".shard-1-of-2")).stat().st_mtime_ns == kept
+    _assert_same_topk(
+        _search(ds, one, "local", q), _search(ds, root / paths[2].name, "shards", q), Datastore.open(ds).values
+    )
     with pytest.raises(ConfigError, match="needs --trained|trained for"):
         build_index(ds, tmp_path / "bad.index", flat_below=0, n_lists=32, code_size=4, train_size=12_000,
                     trained=str(one) + ".trained")  # fmt: skip

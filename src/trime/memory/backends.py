@@ -160,7 +160,7 @@ class RayMemory(_Sharded):
     def search_np(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import ray
 
-        ref = ray.put(x)  # one copy in the object store, read by every actor
+        ref = ray.put(x) if x.nbytes > 100_000 else x  # one copy read by every actor; small ones travel inline
         parts = ray.get([a.search.remote(ref, k) for a in self.actors])
         return parts[0] if len(parts) == 1 else merge_topk(parts, k)
 

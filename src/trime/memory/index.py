@@ -198,9 +198,9 @@ def _add(ds: Datastore, index, partial: Path, key: dict, *, chunk: int, save_eve
     faiss = faiss_module()
     first, last = rows or (0, ds.rows)
     cached, info = _read_stage(partial, key)
-    if cached is not None and info.get("rows", [0, ds.rows]) == [first, last]:
-        index = cached
-    start = int(info["added"]) if cached is not None and info.get("rows", [0, ds.rows]) == [first, last] else first
+    resume = cached is not None and info.get("rows", [0, ds.rows]) == [first, last]
+    index = cached if resume else index
+    start = int(info["added"]) if resume else first
     work = _gpu_clone(index) if gpu else index
     with_ids = key["kind"] == "ivfpq" or rows is not None  # a flat shard is an IndexIDMap
     since = 0
@@ -276,7 +276,7 @@ def build_index(
     if st.trained:
         key["trained"] = sha256_file(st.trained)
     old = read_json(side) if side.exists() else {}
-    if side.exists() and (out.exists() or (isinstance(old, dict) and old.get("shards"))):
+    if side.exists() and (out.exists() or _shards_complete(out, old)):
         if not (isinstance(old, dict) and "key" in old):
             raise DatastoreError(f"{side}: not a trime index sidecar; choose another --out")
         if old.get("key") == key:
@@ -316,11 +316,27 @@ def build_index(
         write_json(claim, {"building": str(out.name)})
         _write_index(index, out)
         write_json(side, about)
-    keep = {n for sh in read_json(side).get("shards") or [] for n in (sh["index"], sh["values"])}
-    stale = {n for sh in (old.get("shards") or []) if isinstance(old, dict) for n in (sh["index"], sh["values"])}
+    keep, stale = _shard_files(read_json(side)), _shard_files(old)
     for p in [partial, partial.with_name(partial.name + ".json"), claim] + [out.with_name(n) for n in stale - keep]:
         p.unlink(missing_ok=True)
     return out
+
+
+def _shards_complete(out: Path, info) -> bool:
+    """A shard set's manifest whose every file is there with the size it recorded."""
+    shards = info.get("shards") if isinstance(info, dict) else None
+    return bool(shards) and all(
+        out.with_name(sh["values"]).exists()
+        and out.with_name(sh["index"]).exists()
+        and out.with_name(sh["index"]).stat().st_size == sh["bytes"]
+        for sh in shards
+    )
+
+
+def _shard_files(info) -> set[str]:
+    """The names of a shard set's files (none for a plain index's sidecar)."""
+    shards = info.get("shards") if isinstance(info, dict) else None
+    return {n for sh in shards or [] for n in (sh["index"], sh["index"] + ".json", sh["values"])}
 
 
 def shard_file(out: Path, s: int, n: int) -> Path:
@@ -338,7 +354,7 @@ def _add_shards(ds: Datastore, trained, out: Path, key: dict, about: dict, st, g
         vals = path.with_name(path.name + ".vals.npy")
         side = path.with_name(path.name + ".json")
         made = read_json(side) if side.exists() and path.exists() and vals.exists() else {}
-        if (made.get("key"), made.get("start"), made.get("stop")) != (key, a, b):
+        if (made.get("key"), made.get("start"), made.get("bytes")) != (key, a, path.stat().st_size if made else -1):
             copy = faiss.clone_index(trained)
             if about["kind"] == "flat":  # ids = datastore rows, as in an IVF shard
                 copy = faiss.IndexIDMap2(copy)
@@ -346,7 +362,7 @@ def _add_shards(ds: Datastore, trained, out: Path, key: dict, about: dict, st, g
             copy = _add(ds, copy, partial, key, chunk=st.chunk, save_every=st.save_every, gpu=gpu, rows=(a, b))
             save_npy(vals, ds.values[a:b].numpy().astype(np.int32))
             _write_index(copy, path)
-            write_json(side, {**about, "rows": b - a, "start": a, "stop": b})
+            write_json(side, {**about, "rows": b - a, "start": a, "stop": b, "bytes": path.stat().st_size})
             for p in (partial, partial.with_name(partial.name + ".json")):
                 p.unlink(missing_ok=True)
         top = int(ds.values[a:b].max()) if b > a else 0
