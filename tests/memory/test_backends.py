@@ -16,20 +16,17 @@ from trime.memory.external import ExternalMemory
 from trime.memory.index import build_index
 from trime.memory.shard import merge_topk
 
-from tests.memory.test_index import _clustered, _datastore
+from tests.memory.test_index import _clustered, _datastore, _one_faiss_thread  # noqa: F401  (autouse)
 from tests.test_external import ecfg, store  # noqa: F401  (the micro model and its datastore)
 
 K, PROBE, VOCAB = 32, 4, 100
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+IVF = {
+    "flat_below": 0,
+    "n_lists": 64,
+    "code_size": 4,
+    "train_size": 12_000,
+    "probe": PROBE,
+}  # one trained index for all
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +34,9 @@ def sets(tmp_path_factory):
     """12k × 16-d clustered keys; one IVF-PQ index, and shard sets of 2 and 4 from its trained quantizers."""
     root = tmp_path_factory.mktemp("backends")
     ds = _datastore(root / "ds", _clustered(12_000, 16), vocab=VOCAB)
-    ivf = dict(flat_below=0, n_lists=64, code_size=4, train_size=12_000, probe=PROBE)
-    one = build_index(ds, root / "one.index", **ivf)
+    one = build_index(ds, root / "one.index", **IVF)
     trained = str(root / "one.index.trained")
-    sharded = {n: build_index(ds, root / f"s{n}.index", shards=n, trained=trained, **ivf) for n in (2, 4)}
+    sharded = {n: build_index(ds, root / f"s{n}.index", shards=n, trained=trained, **IVF) for n in (2, 4)}
     queries = torch.from_numpy(_clustered(60, 16, seed=5))  # (60, 16)
     return ds, one, {1: one, **sharded}, queries
 
@@ -126,18 +122,7 @@ def test_shard_sets_are_artifacts(sets, tmp_path):
     with pytest.raises(ConfigError, match="is a set of 2 shards; search it with --memory-backend shards or ray"):
         _open(ds, paths[2], "local")
     assert (
-        build_index(
-            ds,
-            paths[2],
-            flat_below=0,
-            n_lists=64,
-            code_size=4,
-            train_size=12_000,
-            probe=PROBE,
-            shards=2,
-            trained=str(one) + ".trained",
-        )
-        == paths[2]
+        build_index(ds, paths[2], shards=2, trained=str(one) + ".trained", **IVF) == paths[2]
     )  # fmt: skip  (complete: returned as is)
     # a shard replaced by another set's is refused in one line
     root = tmp_path / "mixed"
@@ -149,8 +134,7 @@ def test_shard_sets_are_artifacts(sets, tmp_path):
         _open(ds, root / paths[2].name, "shards")
     # building again replaces the foreign shard (only it) and the set opens
     kept = (root / (paths[2].name + ".shard-1-of-2")).stat().st_mtime_ns
-    build_index(ds, root / paths[2].name, flat_below=0, n_lists=64, code_size=4, train_size=12_000, probe=PROBE,
-                shards=2, trained=str(one) + ".trained")  # fmt: skip
+    build_index(ds, root / paths[2].name, shards=2, trained=str(one) + ".trained", **IVF)
     assert (root / (paths[2].name + ".shard-1-of-2")).stat().st_mtime_ns == kept
     _assert_same_topk(
         _search(ds, one, "local", q), _search(ds, root / paths[2].name, "shards", q), Datastore.open(ds).values
