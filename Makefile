@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
-	$(PYTHON) -m pip install -q ".[dev,hf]"
+	$(PYTHON) -m pip install -q ".[dev,hf,ray]"
 
 reproduce: install
 	$(PYTHON) -m trime reproduce

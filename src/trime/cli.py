@@ -160,8 +160,10 @@ def cmd_index(ns: argparse.Namespace) -> None:
         chunk=cfg.chunk,
         probe=cfg.probe,
         use_gpu={"auto": "auto", "yes": True, "no": False}[cfg.use_gpu],
+        shards=cfg.shards,
+        trained=cfg.trained,
     )
-    path = build_index(cfg.dstore, out, settings)
+    path = build_index(cfg.dstore, out, settings, say=print)
     print(f"| index in {path}")
 
 

@@ -30,6 +30,11 @@ HF_MODEL_HELP = (
     "a transformers causal LM instead of a trime checkpoint: save_pretrained directory, hub name or .gguf file"
 )
 GGUF_HELP = "the GGUF file inside --hf-model's directory"
+MEMORY_BACKENDS = ("local", "shards", "ray")  # trime.memory.backends
+MEMORY_BACKEND_HELP = "where the index is searched: one index here, its shards here, or a Ray actor per shard"
+RAY_ADDRESS_HELP = "ray backend: auto or HOST:PORT joins a running cluster; empty starts one on this machine"
+RAY_CPUS_HELP = "ray backend: CPUs each shard's actor reserves and searches with (0: none reserved, one thread)"
+MMAP_HELP = "shards/ray: memory-map the index files (faiss IO_FLAG_MMAP) instead of reading them into RAM"
 
 
 def check_hf(path: str, hf_model: str, gguf_file: str, what: str = "--path") -> None:
@@ -288,7 +293,23 @@ class MTTrainConfig(RunConfig):
 
 
 @dataclass
-class TranslateConfig(Config):
+class BackendConfig(Config):
+    """Where an external memory's index is searched (trime.memory.backends): every config that opens one
+    (evaluation, generation, explain, translation, both jobs' [reproduce] tables) is made with it."""
+
+    memory_backend: str = opt("local", MEMORY_BACKEND_HELP, "--memory-backend", MEMORY_BACKENDS)
+    ray_address: str = opt("", RAY_ADDRESS_HELP, "--ray-address")
+    memory_mmap: bool = opt(False, MMAP_HELP, "--memory-mmap")
+    ray_shard_cpus: float = opt(0.0, RAY_CPUS_HELP, "--ray-shard-cpus", ge=0)
+
+
+def backend_fields(cfg: BackendConfig) -> dict[str, Any]:
+    """The BackendConfig fields of ``cfg`` (a job's [reproduce] table), to pass on to the configs it builds."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(BackendConfig)}
+
+
+@dataclass
+class TranslateConfig(BackendConfig):
     """Decoding a split of a pairs directory with beam search, and its BLEU (MT spec §9, §10)."""
 
     data: str = opt("", "prepared pairs directory", positional=True)
@@ -373,7 +394,7 @@ class SplitScoringConfig(Config):
 
 
 @dataclass
-class MemoryConfig(Config):
+class MemoryConfig(BackendConfig):
     """The memories that join each token's distribution (spec §5): local, long-term, external, kNN-LM."""
 
     softmax_temp: float = opt(1.0, "temperature τ dividing memory scores (never token logits)", "--softmax-temp", gt=0)
@@ -514,10 +535,14 @@ class IndexConfig(Config):
     chunk: int = opt(500_000, "keys added at a time", "--num-keys-to-add-at-a-time", ge=1)
     probe: int = opt(8, "default nprobe stored with the index", "--probe", ge=1)
     use_gpu: str = opt("auto", "build on a GPU when faiss has one", "--use-gpu", ("auto", "yes", "no"))
+    shards: int = opt(
+        1, "index shards, one file per slice of rows (search: --memory-backend shards|ray)", "--shards", ge=1
+    )
+    trained: str = opt("", "reuse this trained index (another build's OUT.trained) instead of training", "--trained")
 
 
 @dataclass
-class ReproduceConfig(Config):
+class ReproduceConfig(BackendConfig):
     """The main job's budget and grids (the [reproduce] table of a preset)."""
 
     max_update: int = opt(200, "updates per model (the same budget for every model)", ge=1)
@@ -553,7 +578,7 @@ class ReproduceConfig(Config):
 
 
 @dataclass
-class MTReproduceConfig(Config):
+class MTReproduceConfig(BackendConfig):
     """The translation job's data, budget, memories and grids (the [reproduce] table of a translation preset)."""
 
     bpe_merges: int = opt(10000, "joint BPE merges learned on the training pairs", ge=1)

@@ -142,7 +142,9 @@ class Scorer:
         return MemoryRows.build(tok_logp, log_z, labels[rows], mem_scores, mem_values, *ext)
 
 
+BACKEND_FIELDS = ("memory_backend", "ray_address", "memory_mmap", "ray_shard_cpus")  # where it is searched, not what
 PATH_FIELDS = ("data", "path", "dstore", "indexfile", "save_neighbors", "output_word_probs", "trust_checkpoint")
+PATH_FIELDS = PATH_FIELDS + BACKEND_FIELDS  # left out of a result's key
 
 
 def eval_inputs(cfg: EvalConfig) -> dict:

@@ -32,7 +32,7 @@ from trime.errors import ConfigError
 from trime.generate import BeamConfig, Hypothesis, beam_search, score_reference
 from trime.generate.memory import MemoryCombiner
 from trime.generate.text import corpus_bleu, detokenize, ids_to_string, remove_bpe
-from trime.memory.external import ExternalMemory
+from trime.memory.external import ExternalMemory, backend_options
 from trime.memory.neighbors import NeighborCacheWriter
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT
 from trime.train import LN2
@@ -110,7 +110,8 @@ def valid_bleu(split: PairSplit, d: Dictionary, n: int, device) -> Callable[[Tra
 
 def _external(cfg: TranslateConfig, model_cfg: MTModelConfig, fingerprint: str) -> ExternalMemory:
     return ExternalMemory.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=model_cfg.decoder_embed_dim,
-                               vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint)  # fmt: skip
+                               vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint,
+                               **backend_options(cfg))  # fmt: skip
 
 
 def memory_combiner(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTModelConfig, fingerprint: str):

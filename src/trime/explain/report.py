@@ -56,11 +56,10 @@ class _RecordingExternal:
         self.ids: torch.Tensor | None = None
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, ids, valid = self.external.index.search(queries, self.external.k)
-        scores = scores.float().masked_fill(~valid, float("-inf"))
+        scores, values, ids = self.external.search_rows(queries)
         scores, order = scores.sort(dim=1, descending=True, stable=True)  # the order MemoryRows.build keeps
         self.ids = ids.gather(1, order.to(ids.device))
-        return scores, self.external.datastore.lookup(self.ids)
+        return scores, values.gather(1, order.to(values.device))
 
 
 def token_strings(d: Dictionary) -> list[str]:
@@ -103,7 +102,7 @@ def _dstore_text(cfg: ExplainConfig, external: ExternalMemory | None) -> tuple[n
     """(the datastore split's tokens, "") or (None, why the snippet column is empty and how to fill it)."""
     if external is None:
         return None, ""
-    meta = external.datastore.meta
+    meta = external.meta
     split, fp = meta.get("split"), meta.get("split_fingerprint")
     if not split or not fp:
         return None, (
@@ -271,7 +270,7 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
         "level": "char" if is_byte_dictionary(dictionary) else "word",
         "settings": _settings(cfg),
         "memories": [m for m, on in zip(KINDS, (cfg.use_local, cfg.use_long, external is not None)) if on],
-        "datastore_split": external.datastore.meta.get("split") if external is not None else None,
+        "datastore_split": external.meta.get("split") if external is not None else None,
     }
     summary["line"] = (
         f"Perplexity with memory: {summary['ppl'] or math.inf:.2f}, without: {summary['ppl0'] or math.inf:.2f}"

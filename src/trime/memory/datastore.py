@@ -414,18 +414,23 @@ class Datastore:
     def check_compatible(self, dim: int, vocab_size: int, keytype: str, model_fingerprint: str | None = None) -> None:
         """Raise DatastoreError (one line naming what differs) when this datastore does not fit
         the model: key dimension, key type, vocabulary, model fingerprint (when both known)."""
-        m, where = self.meta, self.dir
-        if self.dim != dim:
-            raise DatastoreError(f"{where}: key dimension {self.dim} differs from the model's {dim}")
-        if m.get("key_type") is not None and m["key_type"] != keytype:
-            raise DatastoreError(f"{where}: key type {m['key_type']!r} differs from the requested {keytype!r}")
-        if m.get("vocab_size") is not None and m["vocab_size"] != vocab_size:
-            raise DatastoreError(f"{where}: vocabulary of {m['vocab_size']} differs from the model's {vocab_size}")
+        check_fits(self.meta, self.dir, dim, vocab_size, keytype, model_fingerprint)
         if self.rows and int(self.values.max()) >= vocab_size:
             raise DatastoreError(
-                f"{where}: holds token id {int(self.values.max())}, outside the model's vocabulary of {vocab_size}"
+                f"{self.dir}: holds token id {int(self.values.max())}, outside the model's vocabulary of {vocab_size}"
             )
-        if model_fingerprint and m.get("model_fingerprint") and m["model_fingerprint"] != model_fingerprint:
-            raise DatastoreError(
-                f"{where}: built with model {m['model_fingerprint']}, not this model ({model_fingerprint})"
-            )
+
+
+def check_fits(meta: dict, where, dim: int, vocab_size: int, keytype: str, model_fingerprint: str | None) -> None:
+    """:meth:`Datastore.check_compatible` from the datastore's meta.json alone (no values read): for
+    index shards, which check the values they own themselves."""
+    if int(meta["dim"]) != dim:
+        raise DatastoreError(f"{where}: key dimension {meta['dim']} differs from the model's {dim}")
+    if meta.get("key_type") is not None and meta["key_type"] != keytype:
+        raise DatastoreError(f"{where}: key type {meta['key_type']!r} differs from the requested {keytype!r}")
+    if meta.get("vocab_size") is not None and meta["vocab_size"] != vocab_size:
+        raise DatastoreError(f"{where}: vocabulary of {meta['vocab_size']} differs from the model's {vocab_size}")
+    if model_fingerprint and meta.get("model_fingerprint") and meta["model_fingerprint"] != model_fingerprint:
+        raise DatastoreError(
+            f"{where}: built with model {meta['model_fingerprint']}, not this model ({model_fingerprint})"
+        )

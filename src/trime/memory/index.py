@@ -43,8 +43,10 @@ import numpy as np
 import torch
 
 from trime.errors import ConfigError, DatastoreError
-from trime.io import read_json, write_json
+from trime.io import read_json, save_npy, sha256_file, shard_range, write_json
+from trime.memory.cost import build_cost, describe, refuse_unless_fits
 from trime.memory.datastore import Datastore
+from trime.memory.shard import faiss_module
 
 FLAT_BELOW = 1 << 18
 MAX_LISTS = 4096
@@ -104,16 +106,8 @@ def plan_index(
     }
 
 
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise ConfigError("faiss is not installed (pip install faiss-cpu, or faiss-gpu for CUDA)") from None
-    return faiss
-
-
 def _gpu_wanted(use_gpu) -> bool:
-    faiss = _faiss()
+    faiss = faiss_module()
     have = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if use_gpu is True and not have:
         raise ConfigError("a GPU index was asked for but this faiss has no GPU support or sees no GPU")
@@ -121,7 +115,7 @@ def _gpu_wanted(use_gpu) -> bool:
 
 
 def _new_index(plan: dict, seed: int):
-    faiss = _faiss()
+    faiss = faiss_module()
     d, metric = plan["dim"], faiss.METRIC_INNER_PRODUCT if plan["metric"] == "ip" else faiss.METRIC_L2
     flat = faiss.IndexFlatIP(d) if plan["metric"] == "ip" else faiss.IndexFlatL2(d)
     if plan["kind"] == "flat":
@@ -135,7 +129,7 @@ def _new_index(plan: dict, seed: int):
 
 
 def _write_index(index, path: Path) -> None:
-    faiss = _faiss()
+    faiss = faiss_module()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         faiss.write_index(index, str(tmp))
@@ -152,7 +146,7 @@ def _read_stage(path: Path, key: dict):
     info = read_json(side)
     if info.get("key") != key:
         return None, None
-    return _faiss().read_index(str(path)), info
+    return faiss_module().read_index(str(path)), info
 
 
 def _save_stage(index, path: Path, key: dict, **info) -> None:
@@ -176,7 +170,7 @@ def _train(ds: Datastore, plan: dict, stage: Path, key: dict, *, train_size: int
     sample = np.concatenate(
         [ds.take_keys(rows[i : i + chunk]) for i in tqdm(range(0, n, chunk), desc="read training sample", unit="chunk")]
     )  # (n, d)
-    faiss = _faiss()
+    faiss = faiss_module()
     if gpu:
         gindex = _gpu_clone(index)
         gindex.train(sample)
@@ -188,7 +182,7 @@ def _train(ds: Datastore, plan: dict, stage: Path, key: dict, *, train_size: int
 
 
 def _gpu_clone(index):
-    faiss = _faiss()
+    faiss = faiss_module()
     res = faiss.StandardGpuResources()
     opts = faiss.GpuClonerOptions()
     opts.useFloat16 = True  # fp16 lookup tables, as the original searched; needed for 64-byte codes
@@ -197,30 +191,31 @@ def _gpu_clone(index):
     return gindex
 
 
-def _add(ds: Datastore, index, partial: Path, key: dict, *, chunk: int, save_every: int, gpu: bool):
-    """Add every row (ids = row numbers) in chunks, resuming from ``<out>.partial``."""
+def _add(ds: Datastore, index, partial: Path, key: dict, *, chunk: int, save_every: int, gpu: bool, rows=None):
+    """Add rows [first, last) (default: every row; ids = row numbers) in chunks, resuming from ``partial``."""
     from tqdm.auto import tqdm
 
-    faiss = _faiss()
+    faiss = faiss_module()
+    first, last = rows or (0, ds.rows)
     cached, info = _read_stage(partial, key)
-    if cached is not None:
-        index = cached
-    start = int(info["added"]) if info else 0
+    resume = cached is not None and info.get("rows", [0, ds.rows]) == [first, last]
+    index = cached if resume else index
+    start = int(info["added"]) if resume else first
     work = _gpu_clone(index) if gpu else index
-    ivf = key["kind"] == "ivfpq"
+    with_ids = key["kind"] == "ivfpq" or rows is not None  # a flat shard is an IndexIDMap
     since = 0
-    bar = tqdm(total=ds.rows, initial=start, desc="add keys", unit="row", unit_scale=True)
-    for a in range(start, ds.rows, chunk):
-        b = min(a + chunk, ds.rows)
+    bar = tqdm(total=last - first, initial=start - first, desc="add keys", unit="row", unit_scale=True)
+    for a in range(start, last, chunk):
+        b = min(a + chunk, last)
         x = ds.read_keys(a, b)  # (b − a, d) float32
-        if ivf:
+        if with_ids:
             work.add_with_ids(x, np.arange(a, b, dtype=np.int64))
         else:
             work.add(x)  # flat: ids are the insertion order = row numbers
         bar.update(b - a)
         since += b - a
-        if save_every and since >= save_every and b < ds.rows:
-            _save_stage(faiss.index_gpu_to_cpu(work) if gpu else work, partial, key, added=b)
+        if save_every and since >= save_every and b < last:
+            _save_stage(faiss.index_gpu_to_cpu(work) if gpu else work, partial, key, added=b, rows=[first, last])
             since = 0
     bar.close()
     return faiss.index_gpu_to_cpu(work) if gpu else work
@@ -241,16 +236,19 @@ class IndexSettings:
     use_gpu: str | bool = "auto"
     flat_below: int = FLAT_BELOW
     save_every: int = 10_000_000  # rows between saves of the partial index
+    shards: int = 1  # > 1: a shard set (one index file per slice of rows, same trained quantizers) + manifest
+    trained: str = ""  # start from this trained index (another build's OUT.trained) instead of training
 
 
 def build_index(
-    datastore_dir, out_path, settings: IndexSettings | None = None, *, overwrite: bool = False, **fields
+    datastore_dir, out_path, settings: IndexSettings | None = None, *, overwrite: bool = False, say=None, **fields
 ) -> Path:
     """Build the faiss index of a complete datastore and write it to ``out_path`` (spec §6.2).
 
     ``settings`` (or its ``fields`` as keywords) say how. Returns ``out_path``. A complete index
     with the same settings is returned as is; one with other settings is an error unless
-    ``overwrite``. See the module docstring for the choices.
+    ``overwrite``. See the module docstring for the choices. Before any work, a build the machine
+    cannot hold is refused (memory/cost.py); ``say`` (e.g. print) also gets what it will cost.
     """
     st = settings or IndexSettings(**fields)
     metric, n_lists, code_size, train_size, seed = st.metric, st.n_lists, st.code_size, st.train_size, st.seed
@@ -273,8 +271,12 @@ def build_index(
     claim = out.with_name(out.name + ".building")  # marks an index file of ours before its sidecar exists
     if out.is_dir() or (out.exists() and not side.exists() and not claim.exists()):
         raise DatastoreError(f"{out}: is there and is not a trime index (no {side.name}); choose another --out")
-    if out.exists() and side.exists():
-        old = read_json(side)
+    if st.shards > 1:
+        key["shards"] = st.shards
+    if st.trained:
+        key["trained"] = sha256_file(st.trained)
+    old = read_json(side) if side.exists() else {}
+    if side.exists() and (out.exists() or _shards_complete(out, old)):
         if not (isinstance(old, dict) and "key" in old):
             raise DatastoreError(f"{side}: not a trime index sidecar; choose another --out")
         if old.get("key") == key:
@@ -283,36 +285,107 @@ def build_index(
             raise DatastoreError(
                 f"{out}: an index with other settings is already there (remove it or pass --overwrite)"
             )
+    cost = build_cost(plan, ds.rows, key_bytes=np.dtype(ds.key_dtype).itemsize, train_size=train_size, chunk=chunk,
+                      shards=st.shards)  # fmt: skip
+    if say:
+        say(f"| {out.name}: {describe(cost)}")
+    refuse_unless_fits(cost, out, say=say or (lambda _: None))
     side.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     gpu = _gpu_wanted(use_gpu) and plan.get("gpu_ok", True)
     stage = out.with_name(out.name + ".trained")
     partial = out.with_name(out.name + ".partial")
-    index = _train(ds, plan, stage, key, train_size=train_size, seed=seed, chunk=chunk, gpu=gpu)
+    if st.trained:
+        index = _trained_from(Path(st.trained), plan)
+    else:
+        index = _train(ds, plan, stage, key, train_size=train_size, seed=seed, chunk=chunk, gpu=gpu)
     if plan["kind"] == "ivfpq":
         index.nprobe = probe
-    index = _add(ds, index, partial, key, chunk=chunk, save_every=save_every, gpu=gpu)
-    if index.ntotal != ds.rows:
-        raise DatastoreError(f"{out}: index holds {index.ntotal} rows, the datastore {ds.rows}")
-    write_json(claim, {"building": str(out.name)})
-    _write_index(index, out)
-    write_json(
-        side,
-        {
-            "key": key,
-            "kind": plan["kind"],
-            "metric": metric,
-            "dim": ds.dim,
-            "rows": ds.rows,
-            "datastore_fingerprint": ds.fingerprint,
-            "n_lists": plan["n_lists"],
-            "code_size": plan["code_size"],
-            "probe": probe,
-        },
-    )
-    for p in (partial, partial.with_name(partial.name + ".json"), claim):
+    about = {"key": key, "kind": plan["kind"], "metric": metric, "dim": ds.dim, "rows": ds.rows,
+             "datastore_fingerprint": ds.fingerprint, "n_lists": plan["n_lists"], "code_size": plan["code_size"],
+             "probe": probe}  # fmt: skip
+    if st.shards > 1:
+        shards = _add_shards(ds, index, out, key, about, st, gpu)
+        out.unlink(missing_ok=True)  # a plain index of ours that this shard set replaces
+        trained = sha256_file(st.trained or stage) if plan["kind"] == "ivfpq" else None
+        write_json(side, {**about, "trained_fingerprint": trained, "shards": shards})  # the manifest, last
+    else:
+        index = _add(ds, index, partial, key, chunk=chunk, save_every=save_every, gpu=gpu)
+        if index.ntotal != ds.rows:
+            raise DatastoreError(f"{out}: index holds {index.ntotal} rows, the datastore {ds.rows}")
+        write_json(claim, {"building": str(out.name)})
+        _write_index(index, out)
+        write_json(side, about)
+    keep, stale = _shard_files(read_json(side)), _shard_files(old)
+    for p in [partial, partial.with_name(partial.name + ".json"), claim] + [out.with_name(n) for n in stale - keep]:
         p.unlink(missing_ok=True)
     return out
+
+
+def _shards_complete(out: Path, info) -> bool:
+    """A shard set's manifest whose every file is there with the size it recorded."""
+    shards = info.get("shards") if isinstance(info, dict) else None
+    return bool(shards) and all(
+        out.with_name(sh["values"]).exists()
+        and out.with_name(sh["index"]).exists()
+        and out.with_name(sh["index"]).stat().st_size == sh["bytes"]
+        for sh in shards
+    )
+
+
+def _shard_files(info) -> set[str]:
+    """The names of a shard set's files (none for a plain index's sidecar)."""
+    shards = info.get("shards") if isinstance(info, dict) else None
+    return {n for sh in shards or [] for n in (sh["index"], sh["index"] + ".json", sh["values"])}
+
+
+def shard_file(out: Path, s: int, n: int) -> Path:
+    return out.with_name(f"{out.name}.shard-{s}-of-{n}")
+
+
+def _add_shards(ds: Datastore, trained, out: Path, key: dict, about: dict, st, gpu: bool) -> list[dict]:
+    """Each slice of the datastore added into its own copy of the trained index: one file per shard and
+    its values, each written atomically and reused by a rerun (its stage sidecar matches)."""
+    faiss, n = faiss_module(), st.shards
+    shards = []
+    for s in range(n):
+        a, b = shard_range(ds.rows, s, n)
+        path = shard_file(out, s, n)
+        vals = path.with_name(path.name + ".vals.npy")
+        side = path.with_name(path.name + ".json")
+        made = read_json(side) if side.exists() and path.exists() and vals.exists() else {}
+        if (made.get("key"), made.get("start"), made.get("bytes")) != (key, a, path.stat().st_size if made else -1):
+            copy = faiss.clone_index(trained)
+            if about["kind"] == "flat":  # ids = datastore rows, as in an IVF shard
+                copy = faiss.IndexIDMap2(copy)
+            partial = path.with_name(path.name + ".partial")
+            copy = _add(ds, copy, partial, key, chunk=st.chunk, save_every=st.save_every, gpu=gpu, rows=(a, b))
+            save_npy(vals, ds.values[a:b].numpy().astype(np.int32))
+            _write_index(copy, path)
+            write_json(side, {**about, "rows": b - a, "start": a, "stop": b, "bytes": path.stat().st_size})
+            for p in (partial, partial.with_name(partial.name + ".json")):
+                p.unlink(missing_ok=True)
+        top = int(ds.values[a:b].max()) if b > a else 0
+        shards.append({"index": path.name, "values": vals.name, "start": a, "stop": b,
+                       "bytes": path.stat().st_size, "max_value": top})  # fmt: skip
+    return shards
+
+
+def _trained_from(path: Path, plan: dict):
+    """The trained, empty index of another build (its ``.trained`` file), checked against ``plan``."""
+    faiss = faiss_module()
+    if plan["kind"] != "ivfpq":
+        raise ConfigError("--trained reuses the quantizers of an IVF-PQ index; this datastore gets a flat one")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such trained index (an IVF-PQ build leaves OUT.trained)")
+    index = faiss.read_index(str(path))
+    ivf = faiss.extract_index_ivf(index)
+    got = (index.d, ivf.nlist, faiss.downcast_index(index).pq.M, index.is_trained)
+    metric = faiss.METRIC_INNER_PRODUCT if plan["metric"] == "ip" else faiss.METRIC_L2
+    if got != (plan["dim"], plan["n_lists"], plan["code_size"], True) or ivf.metric_type != metric:
+        raise ConfigError(f"{path}: trained for (d, lists, code size) = {got[:3]}, this build needs "
+                          f"{(plan['dim'], plan['n_lists'], plan['code_size'])} with metric {plan['metric']}")  # fmt: skip
+    return index
 
 
 class Index:
@@ -333,7 +406,7 @@ class Index:
         if not (path.exists() and side.exists()):
             raise DatastoreError(f"{path}: no complete index there (build it with `trime index build`)")
         info = read_json(side)
-        faiss = _faiss()
+        faiss = faiss_module()
         gpu = _gpu_wanted(use_gpu)
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and not gpu else 0
         index = faiss.read_index(str(path), flags)

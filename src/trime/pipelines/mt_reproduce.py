@@ -39,6 +39,7 @@ from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
 from trime.data.pairs import corpus_files, load_pair_dictionaries, prepare_pairs, read_pairs_meta
 from trime.datastore_build import build_mt_datastore
 from trime.errors import ConfigError
+from trime.evaluate import BACKEND_FIELDS
 from trime.generate.beam import BeamConfig
 from trime.generate.text import detokenize
 from trime.memory.datastore import build_mismatch
@@ -274,7 +275,8 @@ class MTPipeline:
         if system.mode:
             d, index = self.datastore(system.model)
             k = self.rc.knn_k if system.mode == "knn" else self.rc.trime_k
-            layers.update(dstore=str(d), indexfile=str(index), knn_mode=system.mode, k=k, probe=self.rc.probe)
+            layers.update(dstore=str(d), indexfile=str(index), knn_mode=system.mode, k=k, probe=self.rc.probe,
+                          **C.backend_fields(self.rc))  # fmt: skip
         return C.build(C.TranslateConfig, layers, kw)
 
     def inputs(self, cfg: C.TranslateConfig) -> dict:
@@ -285,7 +287,7 @@ class MTPipeline:
             "data": meta["splits"][cfg.gen_subset],
             "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "path", "dstore",
                                                                                        "indexfile", "results_path",
-                                                                                       "save_neighbors")},
+                                                                                       "save_neighbors") + BACKEND_FIELDS},
         }  # fmt: skip
         if cfg.dstore:
             key["datastore"] = io.read_meta(cfg.dstore).get("fingerprint")

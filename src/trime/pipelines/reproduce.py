@@ -355,6 +355,7 @@ class Pipeline:
             "mem_size": self.rc.long_mem_size,
             "k": self.rc.k,
             "probe": self.rc.probe,
+            **C.backend_fields(self.rc),
             **system.flags,
         }
         if system.dstore:
