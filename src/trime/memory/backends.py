@@ -178,14 +178,14 @@ def open_backend(backend: str, dstore, indexfile, *, probe: int, dim: int, vocab
     meta), both checked against the model (key width, key type, vocabulary, fingerprint) and each other."""
     if backend not in BACKENDS:
         raise ConfigError(f"memory backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    info, specs = shard_specs(indexfile, dstore)
-    if backend == "local":
+    if backend == "local":  # the datastore is checked first, then its index
+        ds = Datastore.open(dstore)
+        ds.check_compatible(dim, vocab_size, keytype, fingerprint)
+        info, specs = shard_specs(indexfile, dstore)
         if info.get("shards"):
             raise ConfigError(
                 f"{indexfile}: is a set of {len(specs)} shards; search it with --memory-backend shards or ray"
             )
-        ds = Datastore.open(dstore)
-        ds.check_compatible(dim, vocab_size, keytype, fingerprint)
         index = Index.open(indexfile, probe=probe, mmap=mmap)
         index.check_datastore(ds)
         return LocalMemory(ds, index), ds.meta
@@ -194,6 +194,7 @@ def open_backend(backend: str, dstore, indexfile, *, probe: int, dim: int, vocab
     except DataError as e:
         raise DatastoreError(str(e)) from None
     check_fits(meta, dstore, dim, vocab_size, keytype, fingerprint)
+    info, specs = shard_specs(indexfile, dstore)
     if info["datastore_fingerprint"] != meta["fingerprint"]:
         raise DatastoreError(f"{indexfile}: built from datastore {info['datastore_fingerprint']}, "
                              f"not from {dstore} ({meta['fingerprint']}); rebuild the index")  # fmt: skip

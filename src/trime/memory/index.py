@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from trime.errors import ConfigError, DatastoreError
-from trime.io import read_json, save_npy, sha256_file, shard_range, write_json
+from trime.io import FAISS_INDEX, check_output_file, read_json, save_npy, sha256_file, shard_range, write_json
 from trime.memory.cost import build_cost, describe, refuse_unless_fits
 from trime.memory.datastore import Datastore
 from trime.memory.shard import faiss_module
@@ -269,8 +269,7 @@ def build_index(
     key = {**plan, "rows": ds.rows, "datastore": ds.fingerprint, "train_size": train_size, "seed": seed}
     side = out.with_name(out.name + ".json")
     claim = out.with_name(out.name + ".building")  # marks an index file of ours before its sidecar exists
-    if out.is_dir() or (out.exists() and not side.exists() and not claim.exists()):
-        raise DatastoreError(f"{out}: is there and is not a trime index (no {side.name}); choose another --out")
+    check_output_file(out, FAISS_INDEX)  # a directory, or a file that is not an index of ours, is refused
     if st.shards > 1:
         key["shards"] = st.shards
     if st.trained:
