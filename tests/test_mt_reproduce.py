@@ -108,7 +108,7 @@ def test_mt_reproduce_refuses_a_foreign_out_and_a_language_model_preset(tmp_path
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("bad", ["nope", "--max-epoch=-1"])
+@pytest.mark.parametrize("bad", ["nope", "--max-epoch=-1", "--max-update=-2"])
 def test_mt_reproduce_bad_corpus_or_budget_is_one_line(tmp_path, capsys, bad):
     args = ["mt", "reproduce", "--preset", "mt_micro", "--out", str(tmp_path / "o")]
     args += ["--corpus", bad] if bad == "nope" else ["--corpus", "bible-es-en", bad]

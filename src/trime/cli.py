@@ -274,7 +274,7 @@ def cmd_mt_generate(ns: argparse.Namespace) -> None:
 def cmd_mt_reproduce(ns: argparse.Namespace) -> None:
     cfg = C.build(C.MTReproduceJobConfig, C.overrides_from_args(ns, C.MTReproduceJobConfig))
     langs = {"source_lang": cfg.source_lang or None, "target_lang": cfg.target_lang or None}
-    mt_reproduce(preset=cfg.preset, out=cfg.out, corpus=cfg.corpus, max_epoch=cfg.max_epoch, **langs)
+    mt_reproduce(cfg.preset, cfg.out, cfg.corpus, cfg.max_epoch, **langs, max_update=cfg.max_update)
 
 
 def cmd_reproduce(ns: argparse.Namespace) -> None:

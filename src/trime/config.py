@@ -829,7 +829,16 @@ class MTReproduceJobConfig(Config):
     preset: str = opt("mt_cpu", "translation preset (mt_cpu for a CPU)", "--preset")
     out: str = opt("runs/mt-reproduce", "directory for everything of this run", "--out")
     corpus: str = opt("bible-es-en", "a known translation corpus or a pair corpus directory", "--corpus")
-    max_epoch: int = opt(0, "epochs per model, the same for both (0: the preset's)", "--max-epoch", ge=0)
+    max_update: int = opt(
+        0, "updates per model, the same for both (0: --max-epoch, else the preset's budget)", "--max-update", ge=0
+    )
+    max_epoch: int = opt(
+        0,
+        "the budget in epochs of the vanilla model's batches; TrimeMT trains as many updates (0: the preset's: "
+        "its epochs, and at least its min_update updates)",
+        "--max-epoch",
+        ge=0,
+    )
     source_lang: str = opt("", "a corpus directory's source file suffix (default: from its meta.json)", "--source-lang")
     target_lang: str = opt("", "a corpus directory's target file suffix (default: from its meta.json)", "--target-lang")
 
