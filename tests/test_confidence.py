@@ -35,8 +35,8 @@ def brute_paired_perplexity(a, b, block, n_samples, seed):
 @pytest.mark.parametrize("block", [1, 7, 64])
 def test_paired_perplexity_matches_brute_force(block):
     rng = np.random.default_rng(0)
-    a = -rng.exponential(3.0, size=301)
-    b = a - rng.normal(0.05, 0.5, size=301)  # b a little worse, noisily
+    a = -rng.exponential(3.0, size=701)
+    b = a - rng.normal(0.05, 0.5, size=701)  # 11 blocks of 64  # b a little worse, noisily
     p, spread = paired_perplexity(a, b, block=block, n_samples=200, seed=SEED)
     p_ref, (lo, hi) = brute_paired_perplexity(a.tolist(), b.tolist(), block, 200, SEED)
     assert p == pytest.approx(p_ref)
@@ -65,6 +65,8 @@ def test_paired_perplexity_clear_and_null_differences():
     assert p_clear < 0.01 and spread.startswith("difference 95% CI [-")
     with pytest.raises(ValueError, match="not the same test set"):
         paired_perplexity(a, a[:-1])
+    p_few, why = paired_perplexity(a[:2000], a[:2000] - 1.0)  # 8 blocks: not tested, however clear
+    assert math.isnan(p_few) and why == "only 8 blocks of 256 test tokens, too few to resample"
 
 
 def test_verdict_rules():

@@ -39,8 +39,8 @@ def test_micro_pipeline(tmp_path):
         assert all(math.isfinite(p) for _, p in pts)
     verdicts = {"holds", "does NOT hold", "not shown"}
     assert set(saved["claims"]) and set(saved["claims"].values()) <= verdicts
-    for o in saved["orderings"]:  # each tested by the paired bootstrap over the kept per-token scores
-        assert 0 <= o["p_value"] <= 1 and o["spread"].startswith("difference 95% CI")
+    for o in saved["orderings"]:  # the micro test split is 2 blocks: too few for the bootstrap to say anything
+        assert o["verdict"] == "not shown" and o["spread"].startswith("only 2 blocks of 256 test tokens")
     for s in saved["systems"]:
         assert len(np.load(out / s["test"]["word_probs"])) == s["test"]["n_tokens"]
     _check_golden(out, saved)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 ALPHA = 0.05
+MIN_BLOCKS = 10  # fewer blocks of test tokens than this: the perplexity bootstrap is not run
 N_SAMPLES = 1000
 SEED = 12345  # the perplexity bootstrap's seed (sacreBLEU's own default for its paired tests)
 
@@ -110,6 +111,8 @@ def paired_perplexity(
         raise ValueError(f"the systems scored {len(logp_a)} and {len(logp_b)} tokens: not the same test set")
     sa, counts = block_sums(logp_a, block)
     sb, _ = block_sums(logp_b, block)
+    if len(counts) < MIN_BLOCKS:  # a handful of blocks has a handful of distinct resamples: no test at all
+        return math.nan, f"only {len(counts)} blocks of {block} test tokens, too few to resample"
     idx = np.random.default_rng(seed).integers(0, len(counts), size=(n_samples, len(counts)))  # (S, blocks)
     n = counts[idx].sum(1)  # (S,) tokens in each resample
     diffs = np.exp(-sa[idx].sum(1) / n) - np.exp(-sb[idx].sum(1) / n)  # (S,)
