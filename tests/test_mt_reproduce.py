@@ -89,10 +89,10 @@ def test_the_plan_of_a_small_corpus(tmp_path):
     lines = plan(p)
     assert lines[0].startswith(f"plan: vanilla and TrimeMT x {p.budget()} updates each") and "estimated" in lines[0]
     assert any("test sentences" in line for line in lines)  # 12 test sentences: a warning
-    p.rc, p._budget = dataclasses.replace(p.rc, min_update=50 * per_epoch), None
+    p.rc = dataclasses.replace(p.rc, min_update=50 * per_epoch)
     assert p.budget() == 50 * per_epoch
     assert any(line.startswith("warning: the corpus is small for this preset") for line in plan(p))
-    p.rc, p._budget = dataclasses.replace(p.rc, max_update=7), None
+    p.rc = dataclasses.replace(p.rc, max_update=7)
     assert p.budget() == p.train_cfg("vanilla").max_update == 7
 
 

@@ -14,7 +14,7 @@ A config is anything with the evaluation-style fields it uses: ``path``, ``devic
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -41,7 +41,6 @@ class Job:
     device: torch.device
     dictionary: Dictionary | None  # None for a Hugging Face tokenizer's ids
     data: str = ""  # the prepared data directory whose vocabulary was checked ("" when none)
-    _pad_eos: tuple[int, int] | None = field(default=None, repr=False)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -57,9 +56,8 @@ class Job:
         """(pad, eos) of the job's data, else of the model's dictionary."""
         if self.data:
             return special_ids(self.data)
-        if self.dictionary is None:
-            raise DataError(f"{self.ckpt_dir}: no dict.txt; convert the checkpoint with `trime convert --dict`")
-        return self.dictionary.pad, self.dictionary.eos
+        d = self.need_dictionary()
+        return d.pad, d.eos
 
     def need_dictionary(self) -> Dictionary:
         """The model's dictionary, for a job that turns ids into text (or text into ids)."""

@@ -116,7 +116,7 @@ class MTPipeline:
             source=src,
         )
         self.data = out / "data-bin"
-        self._budget: int | None = None
+        self._per_epoch: dict[str, int] = {}  # updates per epoch of each model's batches (packing them reads the data)
         self.t0 = time.time()
 
     def say(self, msg: str) -> None:
@@ -200,18 +200,19 @@ class MTPipeline:
 
     def updates_per_epoch(self, name: str) -> int:
         """Updates in one epoch of model ``name``'s training batches (BM25 batches pack differently)."""
-        cfg = C.build(C.MTTrainConfig, {**self.train_layer, "data": str(self.data)}, self.objective(name))
-        limits = (self.model_cfg.max_source_positions, self.model_cfg.max_target_positions)
-        return max(1, len(PairData.load(cfg, limits, torch.device("cpu")).batches) // cfg.update_freq)
+        if name not in self._per_epoch:
+            cfg = C.build(C.MTTrainConfig, {**self.train_layer, "data": str(self.data)}, self.objective(name))
+            limits = (self.model_cfg.max_source_positions, self.model_cfg.max_target_positions)
+            batches = PairData.load(cfg, limits, torch.device("cpu")).batches
+            self._per_epoch[name] = max(1, len(batches) // cfg.update_freq)
+        return self._per_epoch[name]
 
     def budget(self) -> int:
         """Updates per model, the same for both: ``max_update``, else ``max_epoch`` epochs of the vanilla
         model's batches and at least ``min_update``."""
         if self.rc.max_update:
             return self.rc.max_update
-        if self._budget is None:
-            self._budget = max(self.rc.max_epoch * self.updates_per_epoch("vanilla"), self.rc.min_update)
-        return self._budget
+        return max(self.rc.max_epoch * self.updates_per_epoch("vanilla"), self.rc.min_update)
 
     def train(self, name: str) -> Path:
         """Train (or resume) ``name``; returns its checkpoint_best (by validation BLEU)."""
