@@ -374,8 +374,7 @@ def open_decoder(cfg: GenerateConfig) -> tuple[LMDecoder, WordCodec | ByteCodec]
 
 
 def read_prompt(cfg: GenerateConfig) -> str:
-    if cfg.prompt and cfg.prompt_file:
-        raise ConfigError("give --prompt or --prompt-file, not both")
+    """The prompt of ``cfg`` (GenerateConfig's check refuses --prompt with --prompt-file)."""
     if cfg.prompt_file:
         try:
             return Path(cfg.prompt_file).read_text(encoding="utf-8")
