@@ -37,7 +37,7 @@ from trime.evaluate import evaluate
 from trime.explain.report import explain
 from trime.generate.beam import BeamConfig
 from trime.generate.lm import generate
-from trime.memory.index import IndexSettings, build_index
+from trime.memory.index import IndexSettings, build_index, grow_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
 from trime.mt_generate import translate
@@ -146,6 +146,24 @@ def cmd_datastore(ns: argparse.Namespace) -> None:
     if not ((cfg.path or cfg.hf_model) and cfg.out):
         raise TrimeError("trime datastore build needs --path CHECKPOINT (or --hf-model NAME_OR_DIR) and --out DIR")
     print(f"| datastore in {build_datastore(cfg)}")
+
+
+def cmd_datastore_add(ns: argparse.Namespace) -> None:
+    cfg = _config(ns, C.DatastoreConfig)
+    if not ((cfg.path or cfg.hf_model) and cfg.out):
+        raise TrimeError("trime datastore add needs --path CHECKPOINT (or --hf-model NAME_OR_DIR) and --out DIR")
+    out = build_datastore(cfg, add=True)
+    print(f"| datastore in {out}: {io.read_meta(out)['rows']} rows (then: trime index add {out})")
+
+
+def cmd_index_add(ns: argparse.Namespace) -> None:
+    cfg = _config(ns, C.IndexAddConfig)
+    found = [p for p in sorted(Path(cfg.dstore).glob("knn.index.*")) if p.suffix in (".ip", ".l2")]
+    if not cfg.out and len(found) != 1:
+        raise TrimeError(f"{cfg.dstore}: {'no' if not found else len(found)} indexes knn.index.ip|l2 there; "
+                         "name the one to grow with --out")  # fmt: skip
+    path, added = grow_index(cfg.dstore, cfg.out or found[0], chunk=cfg.chunk, use_gpu=cfg.use_gpu)
+    print(f"| index in {path}: {added} rows added" if added else f"| index in {path}: up to date")
 
 
 def cmd_index(ns: argparse.Namespace) -> None:
@@ -271,17 +289,23 @@ def cmd_mt_generate(ns: argparse.Namespace) -> None:
     print(result.line())
 
 
+def _backend_flags(ns: argparse.Namespace, cls: type) -> dict:
+    """The BackendConfig flags given to a job's command: they override its preset's [reproduce] table."""
+    return {k: v for k, v in C.overrides_from_args(ns, cls).items() if k in C.backend_fields(C.BackendConfig())}
+
+
 def cmd_mt_reproduce(ns: argparse.Namespace) -> None:
     cfg = C.build(C.MTReproduceJobConfig, C.overrides_from_args(ns, C.MTReproduceJobConfig))
     langs = {"source_lang": cfg.source_lang or None, "target_lang": cfg.target_lang or None}
-    mt_reproduce(cfg.preset, cfg.out, cfg.corpus, cfg.max_epoch, **langs, max_update=cfg.max_update)
+    mt_reproduce(cfg.preset, cfg.out, cfg.corpus, cfg.max_epoch, **langs, max_update=cfg.max_update,
+                 backend=_backend_flags(ns, C.MTReproduceJobConfig))  # fmt: skip
 
 
 def cmd_reproduce(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.ReproduceJobConfig)
     variants = list(VARIANTS) if cfg.variants == ["all"] else cfg.variants
     job = {k: getattr(cfg, k) for k in ("preset", "out", "corpus", "char_level", "max_update", "seed")}
-    reproduce(**job, variants=variants)
+    reproduce(**job, variants=variants, backend=_backend_flags(ns, C.ReproduceJobConfig))
 
 
 def os_error_line(e: OSError) -> str:
@@ -309,7 +333,11 @@ COMMANDS = (  # (command, help, function, the configs whose fields are its argum
      C.ExplainConfig),
     ("datastore build", "run a checkpoint over a split and store every scored position's key and next token",
      cmd_datastore, C.DatastoreConfig),
+    ("datastore add", "grow a datastore by the rows of another split or text (its index: trime index add)",
+     cmd_datastore_add, C.DatastoreConfig),
     ("index build", "build a faiss index (flat or IVF-PQ, sized from the datastore)", cmd_index, C.IndexConfig),
+    ("index add", "add the rows a datastore gained to its index or shard set, with the same trained quantizers",
+     cmd_index_add, C.IndexAddConfig),
     ("sweep", "re-score cached neighbours (trime eval --save-neighbors) over a grid of τ, λ, T, k", cmd_sweep,
      C.SweepConfig),
     ("bm25 batches", "the whole pipeline: segments, index, search, chain → a JSON list of segment ids",

@@ -359,6 +359,8 @@ class MTDatastoreConfig(Config):
     key_dtype: str = opt("float16", "key precision on disk", "--key-dtype", ("float16", "float32"))
     amp: str = opt("none", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
+    add: bool = opt(False, "append this split's rows to the complete datastore in --out (then trime index add)",
+                    "--add")  # fmt: skip
 
     def check(self) -> None:
         check_device(self.device)
@@ -539,6 +541,17 @@ class IndexConfig(Config):
         1, "index shards, one file per slice of rows (search: --memory-backend shards|ray)", "--shards", ge=1
     )
     trained: str = opt("", "reuse this trained index (another build's OUT.trained) instead of training", "--trained")
+
+
+@dataclass
+class IndexAddConfig(Config):
+    """The rows a datastore gained (trime datastore add) added to its index or shard set, with the
+    quantizers it was trained with."""
+
+    dstore: str = opt("", "datastore directory (grown since the index was built)", positional=True)
+    out: str = opt("", "the index file or shard set to grow (default: the one DSTORE/knn.index.* there is)", "--out")
+    chunk: int = opt(500_000, "keys added at a time", "--num-keys-to-add-at-a-time", ge=1)
+    use_gpu: str = opt("auto", "add on a GPU when faiss has one", "--use-gpu", ("auto", "yes", "no"))
 
 
 @dataclass
@@ -797,7 +810,7 @@ class ConvertConfig(Config):
 
 
 @dataclass
-class ReproduceJobConfig(Config):
+class ReproduceJobConfig(BackendConfig):
     """``trime reproduce``: which preset, corpus and budgets the main job runs (its grids: ReproduceConfig)."""
 
     preset: str = opt("tiny", "size preset (tiny for a CPU)", "--preset")
@@ -822,7 +835,7 @@ class ReproduceJobConfig(Config):
 
 
 @dataclass
-class MTReproduceJobConfig(Config):
+class MTReproduceJobConfig(BackendConfig):
     """``trime mt reproduce``: which preset and pair corpus the translation job runs (its grids:
     MTReproduceConfig)."""
 

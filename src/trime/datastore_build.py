@@ -27,20 +27,36 @@ from trime.data.pair_batching import batch_by_size, collate
 from trime.data.pairs import PairSplit, check_pair_vocabulary, load_pair_split, read_pairs_meta
 from trime.data.prepare import read_data_meta
 from trime.device import autocast, autocast_dtype, pick_device
-from trime.errors import DatastoreError
+from trime.errors import DataError, DatastoreError
+from trime.io import read_meta
 from trime.jobs import open_model
 from trime.memory.datastore import build_datastore as write_datastore
-from trime.memory.datastore import build_mismatch, resume_from
+from trime.memory.datastore import build_mismatch, check_growable, grow, part_name, resume_from
 from trime.model.base import select_keys
 
 Block = tuple[int, torch.Tensor, torch.Tensor]  # (first row, keys (n, d), values (n,)) in row order
 Rows = Callable[[int], Iterator[Block]]  # the blocks of every row from a (resumed) start row on
 
 
-def stream_datastore(out: str | Path, rows: Rows, *, dim: int, n_rows: int, meta: dict, key_dtype: str) -> Path:
+def stream_datastore(out: str | Path, rows: Rows, *, dim: int, n_rows: int, meta: dict, key_dtype: str,
+                     add: bool = False) -> Path:  # fmt: skip
     """The datastore driver: refuse a build in ``out`` made with another ``meta``, resume where it
-    stopped, write the blocks of ``rows(start)`` with a progress bar (trime.memory.datastore)."""
+    stopped, write the blocks of ``rows(start)`` with a progress bar (trime.memory.datastore).
+    ``add``: ``out`` holds a complete datastore; these rows are built in a part of it and appended
+    (:func:`trime.memory.datastore.grow`), or nothing is done when it holds them already."""
     out = Path(out)
+    if add:
+        try:
+            have = read_meta(out, "datastore")
+        except DataError as e:
+            raise DatastoreError(f"{e}; nothing to add to (build one with trime datastore build)") from None
+        part = part_name(meta["split_fingerprint"])
+        if part in (have.get("shards") or []):
+            return out
+        check_growable(have, out, {**meta, "dim": dim, "key_dtype": key_dtype})
+        stream_datastore(out / part, rows, dim=dim, n_rows=n_rows, meta=meta, key_dtype=key_dtype)
+        grow(out, part)
+        return out
     diff = build_mismatch(out, meta)
     if diff:
         raise DatastoreError(
@@ -85,8 +101,9 @@ def datastore_key(cfg: DatastoreConfig) -> dict:
     return datastore_meta(cfg, model_cfg, ckpt_dir)
 
 
-def build_datastore(cfg: DatastoreConfig) -> Path:
-    """Write the datastore of ``cfg.path``'s memory keys over ``cfg.subset`` to ``cfg.out``; resumable."""
+def build_datastore(cfg: DatastoreConfig, *, add: bool = False) -> Path:
+    """Write the datastore of ``cfg.path``'s memory keys over ``cfg.subset`` to ``cfg.out``; resumable.
+    ``add``: append them to the complete datastore in ``cfg.out`` instead (``trime datastore add``)."""
     job = open_model(cfg, data=cfg.data)  # the data's vocabulary must be the model's
     model, model_cfg, ckpt_dir, device = job.model, job.model_cfg, job.ckpt_dir, job.device
     tokens = job.split(cfg.subset)
@@ -109,7 +126,7 @@ def build_datastore(cfg: DatastoreConfig) -> Path:
 
     meta = datastore_meta(cfg, model_cfg, ckpt_dir)
     return stream_datastore(cfg.out, rows, dim=model_cfg.d_model, n_rows=len(tokens), meta=meta,
-                            key_dtype=cfg.key_dtype)  # fmt: skip
+                            key_dtype=cfg.key_dtype, add=add)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,4 +173,4 @@ def build_mt_datastore(cfg: MTDatastoreConfig) -> Path:
         "split": cfg.subset, "task": "translation",
     }  # fmt: skip
     return stream_datastore(cfg.out, rows, dim=model_cfg.decoder_embed_dim, n_rows=int(split.tgt_offsets[-1]),
-                            meta=meta, key_dtype=cfg.key_dtype)  # fmt: skip
+                            meta=meta, key_dtype=cfg.key_dtype, add=cfg.add)  # fmt: skip

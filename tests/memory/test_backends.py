@@ -162,3 +162,25 @@ def test_evaluation_gives_the_same_perplexity_through_every_backend(ray_local, s
         )
         np.testing.assert_allclose(res.log_probs, base.log_probs, rtol=0, atol=2e-5)
         assert res.ppl == pytest.approx(base.ppl, rel=1e-5)
+
+
+@pytest.mark.parametrize("command", ["reproduce", "mt reproduce"])
+def test_both_jobs_take_the_backend_flags_over_their_preset(command, monkeypatch, tmp_path):
+    """``trime reproduce`` / ``trime mt reproduce --memory-backend ray ...`` reach the job's [reproduce]
+    table (which every evaluation and translation of the job is built from); flags not given leave it."""
+    from trime import cli
+    from trime.pipelines import mt_reproduce, reproduce
+
+    seen = {}
+    pipeline = reproduce.Pipeline if command == "reproduce" else mt_reproduce.MTPipeline
+
+    def stop(self, *a, **kw):
+        seen["rc"] = self.rc
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "prepare_data", stop)
+    preset = "micro" if command == "reproduce" else "mt_micro"
+    argv = [*command.split(), "--preset", preset, "--out", str(tmp_path)]
+    assert cli.main([*argv, "--memory-backend", "ray", "--ray-address", "auto", "--ray-shard-cpus", "1"]) == 130
+    assert (seen["rc"].memory_backend, seen["rc"].ray_address, seen["rc"].ray_shard_cpus) == ("ray", "auto", 1.0)
+    assert cli.main(argv) == 130 and seen["rc"].memory_backend == "local"

@@ -21,12 +21,21 @@ trailing zero rows: the row count is exact.
 Sharding: rank w of W writes rows ``shard_range(R, w, W)`` into ``out_dir/shard{w}``; once all
 are complete, :func:`merge_shards` writes ``out_dir/meta.json`` listing them (no copy), and
 :class:`Datastore` reads a sharded datastore as one.
+
+Growing (:func:`grow`, ``trime datastore add``): the rows of new text are built as a datastore of their
+own in ``out_dir/add-<fingerprint of the text>`` and appended as one more part: its rows follow every
+earlier row, so the rows of an index built before keep their numbers and the index only needs the new
+ones (``trime index add``). A one-directory datastore becomes ``part0`` first, by hard links (no copy).
+The meta lists where each range of rows came from (``sources``) and the fingerprints the datastore had
+before each growth (``grown_from``), by which an index of an earlier state finds the rows it lacks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -434,3 +443,96 @@ def check_fits(meta: dict, where, dim: int, vocab_size: int, keytype: str, model
         raise DatastoreError(
             f"{where}: built with model {meta['model_fingerprint']}, not this model ({model_fingerprint})"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Growing a datastore
+
+GROW_SAME = ("dim", "key_dtype", "key_type", "vocab_size", "model_fingerprint")  # a new part must agree on these
+PER_BUILD = ("kind", "trime_version", "created", "files", "rows", "row_offset", "shards", "values_fingerprint",
+             "fingerprint", "split", "split_fingerprint", "sources", "grown_from")  # fmt: skip
+
+
+def sources(meta: dict) -> list[dict]:
+    """Where each range of a datastore's rows came from, in row order: ``{"parts", "split",
+    "split_fingerprint", "rows"}`` (one entry for a datastore that never grew)."""
+    if meta.get("sources"):
+        return meta["sources"]
+    parts = meta.get("shards") or ["."]
+    return [{"parts": parts, "split": meta.get("split"), "split_fingerprint": meta.get("split_fingerprint"),
+             "rows": meta["rows"]}]  # fmt: skip
+
+
+def part_name(split_fingerprint: str) -> str:
+    """The directory, inside the datastore, that the rows of a split with this fingerprint are added in."""
+    return f"add-{split_fingerprint[:16]}"
+
+
+def check_growable(meta: dict, where, new: dict) -> None:
+    """Raise DatastoreError (one line) unless rows made with ``new`` (a datastore's build fields) may be
+    added to the datastore of ``meta``: the same key width, dtype, key type, vocabulary and model, and
+    text it does not hold yet."""
+    diff = [f"{k} {new.get(k)} (it has {meta.get(k)})" for k in GROW_SAME if k in new and new[k] != meta.get(k)]
+    if diff:
+        raise DatastoreError(f"{where}: cannot take rows with another {', '.join(diff)}; build a new datastore")
+    held = [s for s in sources(meta) if s.get("split_fingerprint") == new.get("split_fingerprint")]
+    if held and not (held[0]["parts"] == [part_name(new["split_fingerprint"])]):
+        raise DatastoreError(f"{where}: already holds this text (split {held[0]['split']!r}, fingerprint "
+                             f"{new['split_fingerprint']}); nothing to add")  # fmt: skip
+
+
+def _as_parts(ds_dir: Path, meta: dict) -> list[str]:
+    """The parts of a datastore; a one-directory datastore is first made ``part0`` by hard links (its
+    files stay where they are until the grown meta.json is written: a killed run leaves it readable)."""
+    if meta.get("shards"):
+        return list(meta["shards"])
+    part0 = ds_dir / "part0"
+    if not is_complete(part0):
+        tmp = ds_dir / ".part0.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name in ("keys.npy", "vals.npy"):
+            os.link(ds_dir / name, tmp / name)
+        shutil.copy2(ds_dir / "meta.json", tmp / "meta.json")  # last: a complete part
+        shutil.rmtree(part0, ignore_errors=True)
+        os.replace(tmp, part0)
+    return ["part0"]
+
+
+def grow(ds_dir, part: str) -> dict:
+    """Append the complete datastore ``ds_dir/part`` to the complete datastore ``ds_dir`` as its last
+    rows (module docstring); returns the new meta. Idempotent: a part already appended is left as is."""
+    ds_dir = Path(ds_dir)
+    meta, new = read_meta(ds_dir, KIND), read_meta(ds_dir / part, KIND)
+    if part in (meta.get("shards") or []):
+        return meta
+    check_growable(meta, ds_dir, new)
+    parts = _as_parts(ds_dir, meta) + [part]
+    fields = {k: v for k, v in meta.items() if k not in PER_BUILD}
+    added = {"parts": [part], "split": new.get("split"), "split_fingerprint": new.get("split_fingerprint"),
+             "rows": new["rows"]}  # fmt: skip
+    was = [{**s, "parts": ["part0"]} if s["parts"] == ["."] else s for s in sources(meta)] + [added]
+    values = "".join(read_meta(ds_dir / p, KIND)["values_fingerprint"] for p in parts)
+    fields.update(
+        rows=meta["rows"] + new["rows"],
+        shards=parts,
+        sources=was,
+        grown_from=meta.get("grown_from", []) + [{"fingerprint": meta["fingerprint"], "rows": meta["rows"]}],
+        split=None,  # several texts: see sources
+        split_fingerprint=hashlib.sha256("".join(str(s["split_fingerprint"]) for s in was).encode()).hexdigest()[:16],
+        values_fingerprint=hashlib.sha256(values.encode()).hexdigest()[:16],
+    )
+    fields["fingerprint"] = _fingerprint(fields)
+    out = write_meta(ds_dir, KIND, **fields)
+    if not meta.get("shards"):  # the hard links in part0 hold them now
+        for name in ("keys.npy", "vals.npy"):
+            (ds_dir / name).unlink(missing_ok=True)
+        out = write_meta(ds_dir, KIND, **fields)  # its file list without them
+    return out
+
+
+def rows_since(meta: dict, fingerprint: str) -> int | None:
+    """How many rows the datastore had when its fingerprint was ``fingerprint`` (None: never)."""
+    if meta["fingerprint"] == fingerprint:
+        return int(meta["rows"])
+    return next((int(g["rows"]) for g in meta.get("grown_from", []) if g["fingerprint"] == fingerprint), None)

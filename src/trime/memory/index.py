@@ -45,7 +45,7 @@ import torch
 from trime.errors import ConfigError, DatastoreError
 from trime.io import FAISS_INDEX, check_output_file, read_json, save_npy, sha256_file, shard_range, write_json
 from trime.memory.cost import build_cost, describe, refuse_unless_fits
-from trime.memory.datastore import Datastore
+from trime.memory.datastore import Datastore, rows_since
 from trime.memory.shard import faiss_module
 
 FLAT_BELOW = 1 << 18
@@ -201,8 +201,8 @@ def _add(ds: Datastore, index, partial: Path, key: dict, *, chunk: int, save_eve
     resume = cached is not None and info.get("rows", [0, ds.rows]) == [first, last]
     index = cached if resume else index
     start = int(info["added"]) if resume else first
+    with_ids = key["kind"] == "ivfpq" or isinstance(index, faiss.IndexIDMap)  # a flat shard is an IndexIDMap
     work = _gpu_clone(index) if gpu else index
-    with_ids = key["kind"] == "ivfpq" or rows is not None  # a flat shard is an IndexIDMap
     since = 0
     bar = tqdm(total=last - first, initial=start - first, desc="add keys", unit="row", unit_scale=True)
     for a in range(start, last, chunk):
@@ -368,6 +368,67 @@ def _add_shards(ds: Datastore, trained, out: Path, key: dict, about: dict, st, g
         shards.append({"index": path.name, "values": vals.name, "start": a, "stop": b,
                        "bytes": path.stat().st_size, "max_value": top})  # fmt: skip
     return shards
+
+
+def grow_index(datastore_dir, out_path, *, chunk: int = 500_000, use_gpu="auto",
+               save_every: int = 10_000_000) -> tuple[Path, int]:  # fmt: skip
+    """Add the rows a datastore gained (``trime datastore add``) since ``out_path``, a plain index or a
+    shard set, was built from it: into the index, or as one more shard filled from a copy of the shard
+    set's trained quantizers (``OUT.trained``). Nothing is trained again and no row is added twice;
+    resumable like a build. Returns (out_path, rows added)."""
+    ds, out = Datastore.open(datastore_dir), Path(out_path)
+    side = out.with_name(out.name + ".json")
+    if not side.exists() or not (out.exists() or _shards_complete(out, read_json(side))):
+        raise DatastoreError(f"{out}: no complete index there (build it with `trime index build`)")
+    info = read_json(side)
+    if info["datastore_fingerprint"] == ds.fingerprint:
+        return out, 0
+    old = rows_since(ds.meta, info["datastore_fingerprint"])
+    if old != info["rows"]:
+        raise DatastoreError(f"{out}: built from datastore {info['datastore_fingerprint']}, which {ds.dir} did not "
+                             "grow from (trime datastore add); rebuild it with trime index build")  # fmt: skip
+    key = {**info["key"], "rows": ds.rows, "datastore": ds.fingerprint}
+    about = {**info, "key": key, "rows": ds.rows, "datastore_fingerprint": ds.fingerprint}
+    gpu = _gpu_wanted({"auto": "auto", "yes": True, "no": False}.get(use_gpu, use_gpu))
+    partial = out.with_name(out.name + ".partial")
+    faiss = faiss_module()
+    if info.get("shards"):
+        path = out.with_name(f"{out.name}.shard-rows-{old}")  # one more shard, named by its first row
+        copy = _empty_copy(out, info)
+        copy = _add(ds, copy, partial, key, chunk=chunk, save_every=save_every, gpu=gpu, rows=(old, ds.rows))
+        vals = path.with_name(path.name + ".vals.npy")
+        save_npy(vals, ds.values[old:].numpy().astype(np.int32))
+        _write_index(copy, path)
+        shard = {"index": path.name, "values": vals.name, "start": old, "stop": ds.rows,
+                 "bytes": path.stat().st_size, "max_value": int(ds.values[old:].max())}  # fmt: skip
+        write_json(path.with_name(path.name + ".json"), {**about, "rows": ds.rows - old, "start": old,
+                                                         "stop": ds.rows, "bytes": shard["bytes"]})  # fmt: skip
+        write_json(side, {**about, "shards": info["shards"] + [shard]})  # the manifest, last
+    else:
+        index = faiss.read_index(str(out))
+        if index.ntotal != ds.rows:  # (else a killed run wrote the index but not yet its sidecar)
+            if index.ntotal != old:
+                raise DatastoreError(f"{out}: holds {index.ntotal} rows, its sidecar says {old}; rebuild it")
+            index = _add(ds, index, partial, key, chunk=chunk, save_every=save_every, gpu=gpu, rows=(old, ds.rows))
+            _write_index(index, out)
+        write_json(side, about)
+    for p in (partial, partial.with_name(partial.name + ".json")):
+        p.unlink(missing_ok=True)
+    return out, ds.rows - old
+
+
+def _empty_copy(out: Path, info: dict):
+    """An empty index with a shard set's trained quantizers: ``OUT.trained`` (checked against the
+    manifest's fingerprint of it) for IVF-PQ, a new exact index with row ids for flat."""
+    faiss = faiss_module()
+    if info["kind"] == "flat":
+        flat = faiss.IndexFlatIP(info["dim"]) if info["metric"] == "ip" else faiss.IndexFlatL2(info["dim"])
+        return faiss.IndexIDMap2(flat)
+    trained = out.with_name(out.name + ".trained")
+    if not trained.is_file() or sha256_file(trained) != info.get("trained_fingerprint"):
+        raise DatastoreError(f"{trained}: missing or not the trained quantizers this shard set was built with; "
+                             "copy them there (the build's OUT.trained or its --trained file) or rebuild")  # fmt: skip
+    return faiss.read_index(str(trained))
 
 
 def _trained_from(path: Path, plan: dict):

@@ -99,6 +99,7 @@ class MTPipeline:
         max_epoch: int = 0,
         langs: tuple[str | None, ...] = (),
         max_update: int = 0,
+        backend: dict | None = None,
     ):
         p = C.load_preset(preset)
         if p["_source"]["task"] != "translation":
@@ -113,6 +114,7 @@ class MTPipeline:
             p.get("reproduce", {}),
             {"max_epoch": max_epoch, "min_update": 0} if max_epoch else {},  # the epochs asked for, no floor
             {"max_update": max_update} if max_update else {},
+            backend or {},
             source=src,
         )
         self.data = out / "data-bin"
@@ -482,11 +484,13 @@ def mt_reproduce(
     source_lang: str | None = None,
     target_lang: str | None = None,
     max_update: int = 0,
+    backend: dict | None = None,
 ) -> dict:
     """Run (or resume) the translation job; returns the results dictionary also written to results.json.
     The budget, the same number of updates for both models: ``max_update``; else ``max_epoch`` epochs of
-    the vanilla model's batches; else the preset's (its epochs, raised to its ``min_update``)."""
-    p = MTPipeline(preset, Path(out), corpus, max_epoch, (source_lang, target_lang), max_update)
+    the vanilla model's batches; else the preset's (its epochs, raised to its ``min_update``).
+    ``backend``: BackendConfig fields over the preset's, where the external memories are searched."""
+    p = MTPipeline(preset, Path(out), corpus, max_epoch, (source_lang, target_lang), max_update, backend)
     p.prepare_data()
     for line in plan(p):
         p.say(line)

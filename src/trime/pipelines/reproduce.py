@@ -154,6 +154,7 @@ class Pipeline:
         budgets: list[int] | int = 0,
         variants: list[str] | tuple[str, ...] = (),
         seed: int | None = None,
+        backend: dict | None = None,
     ):
         p = C.load_preset(preset)
         self.preset, self.out, self.corpus, self.char_level = preset, out, corpus, char_level
@@ -163,7 +164,7 @@ class Pipeline:
         budgets = [budgets] if isinstance(budgets, int) else list(budgets)
         if any(b < 0 for b in budgets):
             raise ConfigError(f"--max-update must be >= 0 (got {min(budgets)})")
-        self.rc = C.build(C.ReproduceConfig, p.get("reproduce", {}), source=preset)
+        self.rc = C.build(C.ReproduceConfig, p.get("reproduce", {}), backend or {}, source=preset)
         self.budgets = sorted({b for b in budgets if b}) or [self.rc.max_update]
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
@@ -561,9 +562,11 @@ def reproduce(
     max_update: int | list[int] = 0,
     variants: list[str] | tuple[str, ...] = (),
     seed: int | None = None,
+    backend: dict | None = None,
 ) -> dict:
     """Run (or resume) the whole pipeline; returns the results dictionary also written to results.json.
-    ``seed``: every model's training seed (None: the preset's).
+    ``seed``: every model's training seed (None: the preset's). ``backend``: BackendConfig fields over the
+    preset's, where the external memories are searched (the numbers do not depend on it).
 
     With several budgets (``max_update=[200, 500, 1000]``) every model is trained once, through the
     budgets in increasing order (a larger budget continues a smaller one when the learning-rate schedule
@@ -571,7 +574,7 @@ def reproduce(
     budget is evaluated in ``out/budget-N`` and the study (study.json / study.md / study.png, test
     perplexity against budget) is written after each. Returns the largest budget's results."""
 
-    p = Pipeline(preset, Path(out), corpus, char_level, max_update, variants, seed)
+    p = Pipeline(preset, Path(out), corpus, char_level, max_update, variants, seed, backend)
     p.prepare_data()
     budgets = ", ".join(map(str, p.budgets))
     stores = len({s.dstore for s in p.systems if s.dstore})
