@@ -18,10 +18,12 @@ import argparse
 import errno
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
 from trime import config as C
+from trime import distributed as dist
 from trime import io
 from trime.checkpoint import convert
 from trime.data import bm25
@@ -37,7 +39,7 @@ from trime.evaluate import evaluate
 from trime.explain.report import explain
 from trime.generate.beam import BeamConfig
 from trime.generate.lm import generate
-from trime.memory.index import IndexSettings, build_index, grow_index
+from trime.memory.index import IndexSettings, build_index_ranks, grow_index
 from trime.memory.neighbors import NeighborCache, sweep
 from trime.model.encoder_decoder import MTModelConfig
 from trime.mt_generate import translate
@@ -180,9 +182,20 @@ def cmd_index(ns: argparse.Namespace) -> None:
         use_gpu={"auto": "auto", "yes": True, "no": False}[cfg.use_gpu],
         shards=cfg.shards,
         trained=cfg.trained,
+        only=tuple(cfg.only_shards) or None,
     )
-    path = build_index(cfg.dstore, out, settings, say=print)
-    print(f"| index in {path}")
+    dist.init(timeout=timedelta(days=7))  # torchrun: ranks share the shards (a rank waits while others add)
+    try:
+        path = build_index_ranks(cfg.dstore, out, settings, say=print if dist.is_main() else None)
+    finally:
+        dist.cleanup()
+    if path is None:  # not rank 0
+        return
+    if settings.only is not None and not (path.with_name(path.name + ".json")).exists():
+        print(f"| shards {','.join(map(str, settings.only))} of {cfg.shards} in {path.parent}; once every shard "
+              "is there, the same command without --only-shards writes the manifest")  # fmt: skip
+    else:
+        print(f"| index in {path}")
 
 
 def cmd_sweep(ns: argparse.Namespace) -> None:

@@ -541,6 +541,14 @@ class IndexConfig(Config):
         1, "index shards, one file per slice of rows (search: --memory-backend shards|ray)", "--shards", ge=1
     )
     trained: str = opt("", "reuse this trained index (another build's OUT.trained) instead of training", "--trained")
+    only_shards: list[int] = opt(
+        [], "add only these shards, e.g. 0,4 (other machines add the rest; a build without it writes the manifest)",
+        "--only-shards", ge=0,
+    )  # fmt: skip
+
+    def check(self) -> None:
+        if any(s >= self.shards for s in self.only_shards):
+            raise ConfigError(f"--only-shards {max(self.only_shards)} is not a shard of --shards {self.shards}")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -27,8 +28,9 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init() -> torch.device:
+def init(timeout: timedelta | None = None) -> torch.device:
     """Join the process group described by torchrun's environment; return this process's device.
+    ``timeout``: how long a collective waits for the slowest rank (torch's default when None).
 
     A no-op (returning cuda:0 or cpu) when WORLD_SIZE is unset or 1, or when already initialised.
     """
@@ -42,7 +44,7 @@ def init() -> torch.device:
             if var not in os.environ:
                 raise ConfigError(f"WORLD_SIZE={world} but {var} is not set; launch with torchrun")
         backend = "nccl" if use_cuda else "gloo"
-        kw = {"device_id": device} if use_cuda else {}
+        kw = ({"device_id": device} if use_cuda else {}) | ({"timeout": timeout} if timeout else {})
         dist.init_process_group(backend=backend, init_method="env://", **kw)
     return device
 

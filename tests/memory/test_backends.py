@@ -184,3 +184,31 @@ def test_both_jobs_take_the_backend_flags_over_their_preset(command, monkeypatch
     assert cli.main([*argv, "--memory-backend", "ray", "--ray-address", "auto", "--ray-shard-cpus", "1"]) == 130
     assert (seen["rc"].memory_backend, seen["rc"].ray_address, seen["rc"].ray_shard_cpus) == ("ray", "auto", 1.0)
     assert cli.main(argv) == 130 and seen["rc"].memory_backend == "local"
+
+
+@pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
+def test_shards_added_by_two_torchrun_ranks_or_machines_equal_one_process(sets, tmp_path):
+    """`trime index build --shards 4` under torchrun (2 gloo ranks: rank r adds shards r, r + 2), or as
+    `--only-shards` runs on several machines then one run that writes the manifest, writes the shard
+    files one process writes, byte for byte."""
+    import subprocess
+    import sys
+
+    from trime.cli import main
+
+    ds, one, paths, _ = sets  # paths[4]: the shard set one process built with these settings (IVF)
+    flags = ["--shards", "4", "--ncentroids", "64", "--code-size", "4", "--train-size", "12000", "--probe", "4",
+             "--trained", str(one) + ".trained", "--use-gpu", "no"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trime"]
+    run = subprocess.run([*torchrun, "index", "build", str(ds), "--out", str(tmp_path / "two.index"), *flags],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert main(["index", "build", str(ds), "--out", str(tmp_path / "m.index"), *flags, "--only-shards", "1,3"]) == 0
+    assert not (tmp_path / "m.index.json").exists()  # no manifest until every shard is there
+    assert main(["index", "build", str(ds), "--out", str(tmp_path / "m.index"), *flags, "--only-shards", "0,2"]) == 0
+    assert main(["index", "build", str(ds), "--out", str(tmp_path / "m.index"), *flags]) == 0  # (the last one did)
+    for name in ("two", "m"):
+        for s in range(4):
+            a, b = paths[4].with_name(f"s4.index.shard-{s}-of-4"), tmp_path / f"{name}.index.shard-{s}-of-4"
+            assert a.read_bytes() == b.read_bytes(), (name, s)
+    assert main(["index", "build", str(ds), "--out", str(tmp_path / "x.index"), *flags, "--only-shards", "4"]) == 2

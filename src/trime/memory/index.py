@@ -33,6 +33,7 @@ for metric ip, minus the *squared* L2 distance for l2.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trime import distributed as dist
 from trime.errors import ConfigError, DatastoreError
 from trime.io import FAISS_INDEX, check_output_file, read_json, save_npy, sha256_file, shard_range, write_json
 from trime.memory.cost import build_cost, describe, refuse_unless_fits
@@ -238,6 +240,7 @@ class IndexSettings:
     save_every: int = 10_000_000  # rows between saves of the partial index
     shards: int = 1  # > 1: a shard set (one index file per slice of rows, same trained quantizers) + manifest
     trained: str = ""  # start from this trained index (another build's OUT.trained) instead of training
+    only: tuple[int, ...] | None = None  # add only these shards (no manifest until a build finds every one)
 
 
 def build_index(
@@ -305,6 +308,8 @@ def build_index(
              "probe": probe}  # fmt: skip
     if st.shards > 1:
         shards = _add_shards(ds, index, out, key, about, st, gpu)
+        if len(shards) < st.shards:  # --only-shards: the others are added elsewhere
+            return out
         out.unlink(missing_ok=True)  # a plain index of ours that this shard set replaces
         trained = sha256_file(st.trained or stage) if plan["kind"] == "ivfpq" else None
         write_json(side, {**about, "trained_fingerprint": trained, "shards": shards})  # the manifest, last
@@ -354,6 +359,8 @@ def _add_shards(ds: Datastore, trained, out: Path, key: dict, about: dict, st, g
         side = path.with_name(path.name + ".json")
         made = read_json(side) if side.exists() and path.exists() and vals.exists() else {}
         if (made.get("key"), made.get("start"), made.get("bytes")) != (key, a, path.stat().st_size if made else -1):
+            if st.only is not None and s not in st.only:
+                continue
             copy = faiss.clone_index(trained)
             if about["kind"] == "flat":  # ids = datastore rows, as in an IVF shard
                 copy = faiss.IndexIDMap2(copy)
@@ -368,6 +375,25 @@ def _add_shards(ds: Datastore, trained, out: Path, key: dict, about: dict, st, g
         shards.append({"index": path.name, "values": vals.name, "start": a, "stop": b,
                        "bytes": path.stat().st_size, "max_value": top})  # fmt: skip
     return shards
+
+
+def build_index_ranks(datastore_dir, out_path, settings: IndexSettings, *, say=None) -> Path | None:
+    """:func:`build_index` by the ranks of a torchrun job (the identity on one process): rank 0 trains
+    (or reuses ``OUT.trained``), then rank r adds shards r, r + W, ..., then rank 0 writes the manifest.
+    The ranks meet at barriers only; what each writes is resumable as in one process. Returns the index
+    on rank 0, None on the others."""
+    if dist.world_size() == 1:
+        return build_index(datastore_dir, out_path, settings, say=say)
+    if dist.is_main():  # an index of one shard is built by rank 0 alone
+        build_index(datastore_dir, out_path, dataclasses.replace(settings, only=()), say=say)
+    dist.barrier()
+    mine = tuple(range(dist.rank(), settings.shards, dist.world_size()))
+    if settings.shards > 1 and mine:
+        build_index(datastore_dir, out_path, dataclasses.replace(settings, only=mine))
+    dist.barrier()
+    out = build_index(datastore_dir, out_path, settings) if dist.is_main() else None  # every shard there: manifest
+    dist.barrier()
+    return out
 
 
 def grow_index(datastore_dir, out_path, *, chunk: int = 500_000, use_gpu="auto",
