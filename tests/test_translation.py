@@ -81,13 +81,20 @@ def test_generate_and_score_reference_from_the_command_line(pairs, tmp_path, cap
     run = fit_translation(model_cfg, _cfg(pairs, tmp_path / "run", max_epoch=1))
     assert (run / "checkpoint_best" / "dict.es.txt").is_file() and (run / "checkpoint_best" / "dict.en.txt").is_file()
     assert main(["mt", "generate", str(pairs), "--path", str(run), "--gen-subset", "valid", "--beam", "2"]) == 0
-    out = capsys.readouterr().out
-    assert out.rstrip().splitlines()[-1].startswith("| ") and "BLEU = " in out and "H-0\t" in out
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert out[-1].startswith("Generate valid with beam=2: BLEU|nrefs:1|") and "|tok:13a|" in out[-1]
+    assert out[-2].startswith("| translated ") and "(base 2" in out[-2] and "Moses-detokenised with en rules" in out[-2]
+    assert [line[:2] for line in out if line[:2] in ("S-", "T-", "H-", "D-", "P-")][:5] == ["S-", "T-", "H-", "D-", "P-"]
     # --score-reference: each sentence's mean teacher-forced log-prob (fairseq-generate's score)
     res = translate(C.TranslateConfig(data=str(pairs), path=str(run), gen_subset="valid", score_reference=True))
     direct = translate(C.TranslateConfig(data=str(pairs), path=str(run), gen_subset="valid"), BeamConfig(beam=2))
     assert res.bleu is None and direct.bleu is not None and res.n_sentences == direct.n_sentences
     assert all(line.split("\t")[1] != "nan" for line in res.lines if line.startswith("H-"))
+    assert res.line().startswith("Loss (base 2): ") and "averaged over tokens" in res.line()
+    # the loss is token-weighted, the mean score sentence-weighted (they differ when lengths do)
+    pos = [[float(x) for x in line.split("\t")[1].split()] for line in res.lines if line.startswith("P-")]
+    assert res.loss == pytest.approx(-sum(map(sum, pos)) / sum(map(len, pos)), abs=1e-3)
+    assert res.mean_score == pytest.approx(sum(sum(p) / len(p) for p in pos) / len(pos), abs=1e-3)
 
 
 def test_validation_bleu_leaves_the_model_training(pairs):
