@@ -84,7 +84,8 @@ def test_generate_and_score_reference_from_the_command_line(pairs, tmp_path, cap
     out = capsys.readouterr().out.rstrip().splitlines()
     assert out[-1].startswith("Generate valid with beam=2: BLEU|nrefs:1|") and "|tok:13a|" in out[-1]
     assert out[-2].startswith("| translated ") and "(base 2" in out[-2] and "Moses-detokenised with en rules" in out[-2]
-    assert [line[:2] for line in out if line[:2] in ("S-", "T-", "H-", "D-", "P-")][:5] == ["S-", "T-", "H-", "D-", "P-"]
+    tags = ["S-", "T-", "H-", "D-", "P-"]
+    assert [line[:2] for line in out if line[:2] in tags][:5] == tags
     # --score-reference: each sentence's mean teacher-forced log-prob (fairseq-generate's score)
     res = translate(C.TranslateConfig(data=str(pairs), path=str(run), gen_subset="valid", score_reference=True))
     direct = translate(C.TranslateConfig(data=str(pairs), path=str(run), gen_subset="valid"), BeamConfig(beam=2))

@@ -299,11 +299,8 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
     for split in ("train", "test"):  # prepare_pairs needs a train split
         for lang in ("src", "tgt"):
             shutil.copy(ASSETS / f"test.{lang}", corpus / f"{split}.{lang}")
-    return {
-        sub: prepare_pairs(corpus, root / f"data{sub[:-1]}", src_dict=ASSETS / f"{sub}dict.src.txt",
-                           tgt_dict=ASSETS / f"{sub}dict.tgt.txt")  # fmt: skip
-        for sub in ("", "joined/")
-    }
+    dicts = {sub: {f"{k}_dict": ASSETS / f"{sub}dict.{k}.txt" for k in ("src", "tgt")} for sub in ("", "joined/")}
+    return {sub: prepare_pairs(corpus, root / f"data{sub[:-1]}", **d) for sub, d in dicts.items()}
 
 
 @pytest.mark.parametrize("name", MODELS)
