@@ -344,7 +344,7 @@ class TranslateConfig(BackendConfig):
     score_reference: bool = opt(
         False, "print teacher-forced scores of the references instead of translating", "--score-reference"
     )
-    results_path: str = opt("", "write S-/T-/H-/D- lines (fairseq-generate's format) to this file", "--results-path")
+    results_path: str = opt("", "write the S-/T-/H-/D-/P- lines (fairseq-generate's) to this file", "--results-path")
     dstore: str = opt("", "decode with this datastore (trime mt datastore) as external memory", "--dstore-filename")
     indexfile: str = opt("", "its faiss index (trime index build)", "--indexfile")
     knn_mode: str = opt(
