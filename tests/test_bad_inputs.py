@@ -36,6 +36,18 @@ MICRO = ("--preset", "micro", "--device", "cpu", "--amp", "none")
 # --- helpers ----------------------------------------------------------------------------------
 
 
+def has_mecab() -> bool:
+    """Whether sacreBLEU's ja-mecab tokeniser can be made here (mecab-python3 and ipadic installed)."""
+    from trime.errors import ConfigError
+    from trime.generate.text import sacrebleu_scorer
+
+    try:
+        sacrebleu_scorer("ja-mecab")
+    except ConfigError:
+        return False
+    return True
+
+
 def user_error(capsys, *argv, words: str = "") -> str:
     """Run the CLI; assert exit 2 and exactly one 'trime: error:' line, no traceback; return it."""
     code = main([str(a) for a in argv])
@@ -565,6 +577,8 @@ OUTSIDE_THE_DOMAIN = [
     ("explain-lmbda", ("explain", "--path", "{ckpt}", *TEXT, "--lmbda", "1.5"), "--lmbda must be >= 0 and <= 1"),
     ("mt-generate-probe", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--probe", "0"), "--probe must be >= 1"),
     ("mt-generate-device", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--device", "gpu"), "--device must be"),
+    ("mt-generate-post-process", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--post-process", "bpe"), "invalid choice: 'bpe'"),
+    ("mt-generate-sacrebleu-tokenize", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--sacrebleu-tokenize", "spm"), "invalid choice: 'spm'"),
     ("sweep-interp-temp", ("sweep", "{nb}", "--interp-temp", "0"), "--interp-temp must be > 0"),
     ("datastore-device", ("datastore", "build", "{data}", "--path", "{ckpt}", "--out", "{tmp}/d", "--device", "tpu"), "--device must be"),
     ("index-train-size", ("index", "build", "{dstore}", "--out", "{tmp}/i", "--train-size", "0"), "--train-size must be >= 1"),
@@ -606,6 +620,8 @@ MISSING_FILE = [
     ("mt-generate-data", ("mt", "generate", "{tmp}/nodata", "--path", "{mt_ckpt}", *CPU), "nodata"),
     ("mt-generate-path", ("mt", "generate", "{pairs}", "--path", "{tmp}/nockpt", *CPU), "nockpt"),
     ("mt-generate-dstore", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", *CPU, "--dstore-filename", "{tmp}/nods", "--indexfile", "{tmp}/noidx"), "nods"),
+    pytest.param("mt-generate-ja-without-mecab", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", *CPU, "--target-lang", "ja"), 'pip install "sacrebleu[ja]"',
+                 marks=pytest.mark.skipif(has_mecab(), reason="MeCab is installed: ja-mecab works")),  # a missing package
     ("mt-datastore-data", ("mt", "datastore", "{tmp}/nodata", "--path", "{mt_ckpt}", "--out", "{tmp}/d", *CPU), "nodata"),
     ("mt-bm25-data", ("mt", "bm25", "{tmp}/nodata", "--out", "{tmp}/o.json"), "nodata"),
     ("reproduce-corpus", ("reproduce", "--preset", "micro", "--out", "{tmp}/r", "--corpus", "{tmp}/nocorpus"), "nocorpus"),
@@ -677,6 +693,7 @@ CONFLICTING_FLAGS = [
     ("generate-interp-without-dstore", ("generate", "--path", "{ckpt}", "--use-interp"), "need --dstore-filename"),
     ("mt-generate-without-path", ("mt", "generate", "{pairs}"), "--path"),
     ("mt-generate-nbest", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--nbest", "3", "--beam", "2"), "--nbest 3"),
+    ("mt-generate-sacrebleu-tokenize-with-bleu", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--scoring", "bleu", "--sacrebleu-tokenize", "zh"), "applies to --scoring sacrebleu"),
     ("mt-generate-save-neighbors-without-dstore", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", "--save-neighbors", "{tmp}/nb"), "--dstore-filename"),
     ("bm25-search-shard-id", ("bm25", "search", "{bm25}/index", "{bm25}/segments.jsonl", "--out", "{tmp}/r", "--shard-id", "3", "--num-shards", "2"), "--shard-id 3"),
     ("train-max-tokens", ("train", "{data}", *MICRO_RUN, "--max-tokens", "100"), "--max-tokens"),

@@ -81,13 +81,21 @@ def test_generate_and_score_reference_from_the_command_line(pairs, tmp_path, cap
     run = fit_translation(model_cfg, _cfg(pairs, tmp_path / "run", max_epoch=1))
     assert (run / "checkpoint_best" / "dict.es.txt").is_file() and (run / "checkpoint_best" / "dict.en.txt").is_file()
     assert main(["mt", "generate", str(pairs), "--path", str(run), "--gen-subset", "valid", "--beam", "2"]) == 0
-    out = capsys.readouterr().out
-    assert out.rstrip().splitlines()[-1].startswith("| ") and "BLEU = " in out and "H-0\t" in out
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert out[-1].startswith("Generate valid with beam=2: BLEU|nrefs:1|") and "|tok:13a|" in out[-1]
+    assert out[-2].startswith("| translated ") and "(base 2" in out[-2] and "Moses-detokenised with en rules" in out[-2]
+    tags = ["S-", "T-", "H-", "D-", "P-"]
+    assert [line[:2] for line in out if line[:2] in tags][:5] == tags
     # --score-reference: each sentence's mean teacher-forced log-prob (fairseq-generate's score)
     res = translate(C.TranslateConfig(data=str(pairs), path=str(run), gen_subset="valid", score_reference=True))
     direct = translate(C.TranslateConfig(data=str(pairs), path=str(run), gen_subset="valid"), BeamConfig(beam=2))
     assert res.bleu is None and direct.bleu is not None and res.n_sentences == direct.n_sentences
     assert all(line.split("\t")[1] != "nan" for line in res.lines if line.startswith("H-"))
+    assert res.line().startswith("Loss (base 2): ") and "averaged over tokens" in res.line()
+    # the loss is token-weighted, the mean score sentence-weighted (they differ when lengths do)
+    pos = [[float(x) for x in line.split("\t")[1].split()] for line in res.lines if line.startswith("P-")]
+    assert res.loss == pytest.approx(-sum(map(sum, pos)) / sum(map(len, pos)), abs=1e-3)
+    assert res.mean_score == pytest.approx(sum(sum(p) / len(p) for p in pos) / len(pos), abs=1e-3)
 
 
 def test_validation_bleu_leaves_the_model_training(pairs):
@@ -109,33 +117,104 @@ def test_mt_errors_are_one_line(pairs, tmp_path, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
 
 
-def test_generate_a_fairseq_checkpoint_equals_fairseq_generate(tmp_path, capsys):
+FAIRSEQ_MT = Path(__file__).parent / "assets" / "fairseq_mt"
+
+
+@pytest.fixture(scope="module")
+def fairseq_data(tmp_path_factory):
+    """The fairseq fixture's test split prepared with its dictionaries (target language code "tgt")."""
+    import shutil
+
+    corpus = tmp_path_factory.mktemp("fsq") / "corpus"
+    corpus.mkdir()
+    for split in ("train", "test"):  # the test set twice: prepare_pairs needs a train split
+        shutil.copy(FAIRSEQ_MT / "test.src", corpus / f"{split}.src")
+        shutil.copy(FAIRSEQ_MT / "test.tgt", corpus / f"{split}.tgt")
+    return prepare_pairs(
+        corpus, corpus.parent / "data", src_dict=FAIRSEQ_MT / "dict.src.txt", tgt_dict=FAIRSEQ_MT / "dict.tgt.txt"
+    )
+
+
+def _generate(capsys, data, *flags) -> tuple[dict[str, dict[int, str]], list[str]]:
+    """`trime mt generate` on the fairseq model post_tied: ({tag: {i: text}}, summary lines)."""
+    assert main(["mt", "generate", str(data), "--path", str(FAIRSEQ_MT / "post_tied.pt"), *flags]) == 0
+    lines: dict[str, dict[int, str]] = {}
+    summary = []
+    for line in capsys.readouterr().out.splitlines():
+        tag, _, rest = line.partition("-")
+        if tag in ("S", "T", "H", "D", "P") and rest[:1].isdigit():
+            i, _, text = rest.partition("\t")
+            lines.setdefault(tag, {})[int(i)] = text.split("\t")[-1] if tag in ("H", "D") else text
+        else:
+            summary.append(line)
+    return lines, summary
+
+
+def test_generate_a_fairseq_checkpoint_equals_fairseq_generate(fairseq_data, capsys):
     """`trime mt generate --path X.pt` on a real fairseq translation model: each best hypothesis equals
     fairseq-generate's (beam 5, tests/assets/fairseq_mt from tools/make_fairseq_mt_fixtures.sh)."""
     import json
-    import shutil
 
-    assets = Path(__file__).parent / "assets" / "fairseq_mt"
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for split in ("train", "test"):  # the test set twice: prepare_pairs needs a train split
-        shutil.copy(assets / "test.src", corpus / f"{split}.src")
-        shutil.copy(assets / "test.tgt", corpus / f"{split}.tgt")
-    data = prepare_pairs(corpus, tmp_path / "data", src_dict=assets / "dict.src.txt", tgt_dict=assets / "dict.tgt.txt")
-    args = ["mt", "generate", str(data), "--path", str(assets / "post_tied.pt"), "--beam", "5"]
+    args = ["mt", "generate", str(fairseq_data), "--path", str(FAIRSEQ_MT / "post_tied.pt"), "--beam", "5"]
     assert main(args) == 0
     hyps, scores = {}, {}
     for line in capsys.readouterr().out.splitlines():
         if line.startswith("H-"):
             key, score, text = line.split("\t")
             hyps[int(key[2:])], scores[int(key[2:])] = text, float(score)
-    want = json.loads((assets / "generate.json").read_text())["post_tied"]["beam5"]["hypos"]
-    symbols = (assets / "dict.tgt.txt").read_text().split("\n")
+    want = json.loads((FAIRSEQ_MT / "generate.json").read_text())["post_tied"]["beam5"]["hypos"]
+    symbols = (FAIRSEQ_MT / "dict.tgt.txt").read_text().split("\n")
     words = ["<s>", "<pad>", "</s>", "<unk>"] + [line.split(" ")[0] for line in symbols if line]
     assert len(hyps) == len(want)
     for i, nbest in want.items():
         assert hyps[int(i)] == " ".join(words[t] for t in nbest[0]["tokens"][:-1]), i
         assert scores[int(i)] == pytest.approx(nbest[0]["score"], abs=1e-4), i  # fairseq prints base-2 scores
+
+
+def test_d_lines_and_bleu_follow_the_target_language(fairseq_data, capsys):
+    """D- lines are Moses-detokenised with the target language's rules (--target-lang, else the data's
+    "tgt", a code Moses has no rules for: left alone); sacreBLEU's tokeniser is the language's, shown in
+    the signature; --scoring bleu is fairseq's BLEU4 over the H- and T- lines."""
+    from sacremoses import MosesDetokenizer
+
+    from trime.generate.text import fairseq_bleu4
+
+    few = ("--beam", "2", "--max-sentences-total", "12")
+    lines, summary = _generate(capsys, fairseq_data, *few)
+    assert lines["D"] == lines["H"] and "D- lines not detokenised" in summary[-2] and "|tok:13a|" in summary[-1]
+    lines, summary = _generate(capsys, fairseq_data, *few, "--target-lang", "de", "--sacrebleu-tokenize", "intl")
+    md = MosesDetokenizer(lang="de")
+    assert lines["D"] == {i: md.detokenize(h.split()) for i, h in lines["H"].items()}
+    assert "Moses-detokenised with de rules" in summary[-2] and "|tok:intl|" in summary[-1]
+    lines, summary = _generate(capsys, fairseq_data, *few, "--target-lang", "zh", "--scoring", "bleu")
+    assert lines["D"] == lines["H"] and "fairseq's BLEU4 on H- against T- words" in summary[-2]
+    want = fairseq_bleu4([lines["H"][i] for i in range(12)], [lines["T"][i] for i in range(12)])
+    assert summary[-1] == f"Generate test with beam=2: {want}" and str(want).startswith("BLEU4 = ")
+    # --remove-bpe alone is fairseq's subword_nmt; --remove-bpe SCHEME and --post-process name one
+    for flags, scheme in (((), "subword_nmt"), (("--remove-bpe",), "subword_nmt"), (("--remove-bpe", "sentencepiece"),
+                          "sentencepiece"), (("--post-process", "none"), "none")):  # fmt: skip
+        _, summary = _generate(capsys, fairseq_data, *few, *flags)
+        assert f"pieces joined by {scheme}," in summary[-2], flags
+
+
+def test_japanese_target_needs_mecab_or_another_tokeniser(fairseq_data, capsys):
+    """ja: sacreBLEU's ja-mecab, refused in one line naming the extra where MeCab is missing (before
+    decoding); another tokeniser, or fairseq's BLEU4, scores it; D- lines are never Moses'."""
+    from trime.errors import ConfigError
+    from trime.generate.text import sacrebleu_scorer
+
+    few = ("--beam", "2", "--max-sentences-total", "4", "--target-lang", "ja")
+    try:
+        sacrebleu_scorer("ja-mecab")
+        has_mecab = True
+    except ConfigError:
+        has_mecab = False
+    if not has_mecab:
+        assert main(["mt", "generate", str(fairseq_data), "--path", str(FAIRSEQ_MT / "post_tied.pt"), *few]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and 'pip install "sacrebleu[ja]"' in err[0] and "target language ja" in err[0]
+    lines, summary = _generate(capsys, fairseq_data, *few, "--sacrebleu-tokenize", "char")
+    assert lines["D"] == lines["H"] and "|tok:char|" in summary[-1]
 
 
 def test_trime_mt_training_runs_and_ce_warmup_switches(pairs, tmp_path):

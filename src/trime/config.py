@@ -24,6 +24,7 @@ from trime.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # presets ship inside the package
 CRITERIA = ("ce", "trime", "trime_long", "trime_ext")
 KEYTYPES = ("last_ffn_input", "final")
+POST_PROCESS = ("subword_nmt", "@@", "sentencepiece", "wordpiece", "letter", "_EOW", "silence", "none")  # fairseq's
 
 
 HF_MODEL_HELP = (
@@ -58,6 +59,8 @@ def opt(
     positional: bool | str = False,
     required: bool = False,
     nargs: str | None = None,
+    aliases: tuple[str, ...] = (),
+    const: Any = None,
     **kw: Any,
 ) -> Any:
     """A dataclass field with CLI metadata; ``ge``/``gt``/``lt``/``le`` bound its value (for a list: each
@@ -65,9 +68,10 @@ def opt(
 
     How :func:`add_arguments` shows it: a flag (``flag``, else ``--field-name``), ``required`` or not; or a
     positional argument (``positional=True``, or ``"?"`` when it may be left out); a list field takes
-    ``A,B,...`` unless ``nargs="+"`` (space-separated values)."""
+    ``A,B,...`` unless ``nargs="+"`` (space-separated values); a scalar flag with ``nargs="?"`` may be given
+    alone, meaning ``const``; ``aliases``: other spellings of the flag."""
     meta = {"help": help, "flag": flag, "choices": choices, "ge": ge, "gt": gt, "lt": lt, "le": le}
-    meta.update(positional=positional, required=required, nargs=nargs)
+    meta.update(positional=positional, required=required, nargs=nargs, aliases=aliases, const=const)
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -313,19 +317,34 @@ class TranslateConfig(BackendConfig):
     """Decoding a split of a pairs directory with beam search, and its BLEU (MT spec §9, §10)."""
 
     data: str = opt("", "prepared pairs directory", positional=True)
-    path: str = opt("", "translation checkpoint (a trime run or checkpoint directory)", "--path")
+    path: str = opt("", "translation checkpoint: a trime run or checkpoint directory, or a fairseq .pt", "--path")
     gen_subset: str = opt("test", "split to translate", "--gen-subset")
     max_tokens: int = opt(4096, "source tokens per batch", "--max-tokens", ge=1)
     max_sentences: int = opt(0, "at most this many sentences per batch (0: no limit)", "--batch-size", ge=0)
     max_sentences_total: int = opt(
         0, "translate only the first N sentences of the split (0: all)", "--max-sentences-total", ge=0
     )
-    remove_bpe: bool = opt(True, "join subword-nmt BPE pieces (@@ ) before scoring", "--remove-bpe")
-    detok: str = opt("moses", "detokenise hypotheses and references before BLEU", "--detok", ("moses", "none"))
+    post_process: str = opt(
+        "subword_nmt", "how pieces become words in H-/D- lines and for BLEU (fairseq's; --remove-bpe alone: "
+        "subword_nmt)", "--post-process", POST_PROCESS, aliases=("--remove-bpe",), const="subword_nmt", nargs="?"
+    )  # fmt: skip
+    target_lang: str = opt("", "target language for detokenisation and BLEU (default: the data's)", "--target-lang")
+    detok: str = opt(
+        "auto", "D- lines: Moses-detokenised with the target language's rules (auto: where Moses has rules)",
+        "--detok", ("auto", "moses", "none"),
+    )  # fmt: skip
+    scoring: str = opt(
+        "sacrebleu", "sacreBLEU on D- lines, or fairseq-generate's BLEU4 on H- against T- lines", "--scoring",
+        ("sacrebleu", "bleu"),
+    )  # fmt: skip
+    sacrebleu_tokenize: str = opt(
+        "auto", "sacreBLEU's tokeniser (auto: ja-mecab for ja, ko-mecab for ko, zh for zh, 13a otherwise)",
+        "--sacrebleu-tokenize", ("auto", "13a", "intl", "zh", "ja-mecab", "ko-mecab", "char", "none"),
+    )  # fmt: skip
     score_reference: bool = opt(
         False, "print teacher-forced scores of the references instead of translating", "--score-reference"
     )
-    results_path: str = opt("", "write S-/T-/H-/D- lines (fairseq-generate's format) to this file", "--results-path")
+    results_path: str = opt("", "write the S-/T-/H-/D-/P- lines (fairseq-generate's) to this file", "--results-path")
     dstore: str = opt("", "decode with this datastore (trime mt datastore) as external memory", "--dstore-filename")
     indexfile: str = opt("", "its faiss index (trime index build)", "--indexfile")
     knn_mode: str = opt(
@@ -345,6 +364,8 @@ class TranslateConfig(BackendConfig):
 
     def check(self) -> None:
         check_device(self.device)
+        if self.scoring == "bleu" and self.sacrebleu_tokenize != "auto":
+            raise ConfigError("--sacrebleu-tokenize applies to --scoring sacrebleu (fairseq's BLEU4 splits on spaces)")
 
 
 @dataclass
@@ -929,13 +950,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
                 kw.update(type=_list_parser(inner), metavar="A,B,...")
         else:
             kw.update(type=t, choices=m.get("choices"), metavar=None if m.get("choices") else f.name.upper())
+            if m.get("nargs") == "?":
+                kw.update(nargs="?", const=m.get("const"))
         if m.get("positional"):
             kw["metavar"] = f.name
             if m["positional"] == "?":
                 kw["nargs"] = "?"
             group.add_argument(dest, **kw)
         else:
-            group.add_argument(flag_name(f), dest=dest, default=None, required=bool(m.get("required")), **kw)
+            flags = (flag_name(f), *m.get("aliases", ()))
+            group.add_argument(*flags, dest=dest, default=None, required=bool(m.get("required")), **kw)
 
 
 def _list_parser(inner: type):

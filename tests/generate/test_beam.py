@@ -13,15 +13,20 @@ import functools
 import itertools
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from trime.config import TranslateConfig
+from trime.data.pairs import prepare_pairs
 from trime.errors import ConfigError
 from trime.generate import BeamConfig, beam_search, max_length, score_reference, vanilla
 from trime.model.encoder_decoder import MTModelConfig, TransformerMT
 from trime.model.fairseq_mt_import import load_fairseq_mt
+from trime.mt_generate import translate
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "fairseq_mt"
 MODELS = ("post_tied", "pre_untied", "trime_style", "shared_all")
@@ -278,3 +283,62 @@ def test_length_rules_and_scores():
 def test_vanilla_is_the_identity():
     logp = torch.randn(3, 7).log_softmax(-1)
     assert vanilla(0, torch.zeros(3, 4), logp) is logp
+
+
+# ---- fairseq-generate's P- lines and summary, through `trime mt generate`'s translate -----------------------
+
+P_SETTINGS = ("beam5", "tight", "greedy", "score_reference")  # max_len_a = 0: batches do not matter
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, Path]:
+    """The fixture's test split as pairs directories with fairseq's dictionaries: {"": separate, "joined/": joined}."""
+    root = tmp_path_factory.mktemp("fairseq_mt")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for split in ("train", "test"):  # prepare_pairs needs a train split
+        for lang in ("src", "tgt"):
+            shutil.copy(ASSETS / f"test.{lang}", corpus / f"{split}.{lang}")
+    dicts = {sub: {f"{k}_dict": ASSETS / f"{sub}dict.{k}.txt" for k in ("src", "tgt")} for sub in ("", "joined/")}
+    return {sub: prepare_pairs(corpus, root / f"data{sub[:-1]}", **d) for sub, d in dicts.items()}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_p_lines_equal_fairseq_generate(name, prepared):
+    """Every hypothesis' P- line (nbest 2 in beam5) is fairseq-generate's: base-2 positional scores, eos
+    included, 4 decimals (float32 division by ln 2, as fairseq), the same text but where the two float32
+    values straddle a rounding boundary (then one unit in the last digit); with --score-reference too.
+    The summary's loss is the token-weighted mean of the P- scores, its mean score the sentence-weighted
+    mean of the H- scores."""
+    data = prepared["joined/" if name == "shared_all" else ""]
+    same = total = 0
+    for setting in P_SETTINGS:
+        ref = setting == "score_reference"
+        cfg = TranslateConfig(data=str(data), path=str(ASSETS / f"{name}.pt"), score_reference=ref, device="cpu")
+        res = translate(cfg, None if ref else SETTINGS[setting])
+        got: dict[int, list[str]] = {}
+        for line in res.lines:
+            if line.startswith("P-"):
+                key, pos = line.split("\t")
+                got.setdefault(int(key[2:]), []).append(pos)
+        want = _fairseq()[name][setting]["hypos"]
+        assert sorted(got) == sorted(map(int, want)), setting
+        for i, hyps in want.items():
+            assert len(got[int(i)]) == len(hyps), (setting, i)
+            for line, h in zip(got[int(i)], hyps):
+                printed = line.split(" ")
+                assert all(re.fullmatch(r"-?\d+\.\d{4}", x) for x in printed) and len(printed) == len(h["positional"])
+                # equal but where the two float32 values straddle a rounding boundary (a few in a thousand)
+                assert max(abs(float(a) - b) for a, b in zip(printed, h["positional"])) < 1e-4 + 1e-6, (setting, i)
+                same += sum(a == f"{b:.4f}" for a, b in zip(printed, h["positional"]))
+                total += len(printed)
+        best = [hyps[0] for hyps in want.values()]
+        n_tokens = sum(len(h["positional"]) for h in best)
+        assert res.n_tokens == n_tokens
+        assert res.loss == pytest.approx(-sum(sum(h["positional"]) for h in best) / n_tokens, abs=1e-4)
+        assert res.mean_score == pytest.approx(sum(h["score"] for h in best) / len(best), abs=1e-5)
+        if ref:
+            assert res.bleu is None and res.line().startswith(f"Loss (base 2): {res.loss:.4f}, Perplexity: ")
+        else:
+            assert res.line().splitlines()[-1].startswith(f"Generate test with beam={SETTINGS[setting].beam}: BLEU|")
+    assert same >= 0.97 * total, (same, total)  # measured: 98.8% to 99.6% per model
