@@ -12,7 +12,7 @@ import json
 
 from trime import io
 
-_CSS = r"""
+CSS = r"""
 :root { --ink:#1f2328; --muted:#656d76; --line:#d8dee4; --bg:#f6f8fa; --card:#fff;
   --local:#2f81f7; --long:#8250df; --ext:#d4761c; --tok:#8c959f; --good:#1a7f37; --bad:#cf222e; }
 * { box-sizing:border-box; }
@@ -279,7 +279,7 @@ def render(report: dict) -> str:
         title=html.escape(f"trime explain: {s['source']}"),
         sub=html.escape(sub),
         generator=io.HTML_MARKER,  # how the next run recognises this page as ours (trime.io.output_file)
-        css=_CSS,
+        css=CSS,
         js=_JS,
         data=data,
     )
