@@ -6,7 +6,6 @@ A real fairseq translation model (tests/assets/fairseq_mt) with a datastore over
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from trime.memory.index import build_index
 from trime.mt_generate import translate
 from trime.train import LN2
 
-from tests.explain.test_explain import _driver, fmtp
+from tests.explain.test_explain import _open, fmtp
 from tests.fixtures import make_data
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "fairseq_mt"
@@ -91,6 +90,11 @@ def test_reference_numbers_are_knn_mts(setup, knn_report):
             pair = [train.source(e["sent"]).tolist(), train.target(e["sent"]).tolist()]
             assert rep["sentences"][str(e["sent"])] == pair
     assert rep["notes"] == [] and rep["summary"]["metric"] == "ip"
+    g = rep["grid"]  # the page's k, λ, T controls: the combiner at other settings, the run's own among them
+    assert g["k"] == [1, 2, 4, 8] and lam in g["lmbda"] and temp in g["T"] and 0.0 in g["lmbda"]
+    at = g["lp"][g["k"].index(8)][g["lmbda"].index(lam)][g["T"].index(temp)]
+    np.testing.assert_allclose(at, [t["lp"] for t in toks], atol=2e-5)
+    np.testing.assert_allclose(g["lp"][0][g["lmbda"].index(0.0)][0], [t["lp0"] for t in toks], atol=2e-5)
     assert toks[0]["nb"][0]["sent"] == SENTENCE  # the pair itself is in the datastore: its own entry comes first
 
 
@@ -136,16 +140,12 @@ def test_page_in_headless_chromium(knn_report):
     """What a person sees: the source, the target tokens, and after a click the token's p and its neighbours'
     training pairs (source and target sentence, the stored position highlighted)."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     rep, page = knn_report
     src_w, tgt_w = rep["src_vocab"], rep["tgt_vocab"]
-    d = _driver()
+    d = _open(page)
     try:
-        d.get(page.resolve().as_uri())
-        for _ in range(50):
-            if d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1":
-                break
-            time.sleep(0.1)
         assert d.find_element(By.ID, "src").text == " ".join(src_w[str(t)] for t in rep["src"])
         chips = d.find_elements(By.CSS_SELECTOR, "#tgt .t")
         assert [c.text for c in chips] == [tgt_w[str(t)] for t in rep["tgt"]]
@@ -167,6 +167,16 @@ def test_page_in_headless_chromium(knn_report):
         d.find_element(By.ID, "only").click()  # only the neighbours that voted for the token
         votes = d.find_elements(By.CSS_SELECTOR, "#neighbours tr[data-v]")
         assert len(votes) == sum(e["v"] == t["tok"] for e in t["nb"]) > 0
+        # rescoring at k = 2, λ = 0.9: p with memory is the grid's, the neighbours after the second are greyed
+        g = rep["grid"]
+        Select(d.find_element(By.ID, "ctl-k")).select_by_visible_text("2")
+        Select(d.find_element(By.ID, "ctl-l")).select_by_visible_text("0.9")
+        want = g["lp"][g["k"].index(2)][g["lmbda"].index(0.9)][g["T"].index(10.0)]
+        assert d.find_element(By.ID, "p-mem").text == fmtp(math.exp(want[i]))
+        assert d.find_element(By.ID, "lp").text == f"{sum(want):.2f}"
+        d.find_element(By.ID, "only").click()
+        rows = d.find_elements(By.CSS_SELECTOR, "#neighbours tr[data-v]")
+        assert [r.get_attribute("class") == "beyond" for r in rows] == [j >= 2 for j in range(len(t["nb"]))]
         assert d.get_log("browser") == []  # no script errors
     finally:
         d.quit()

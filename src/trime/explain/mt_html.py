@@ -9,11 +9,7 @@ whose datastore entry it is, the target position it stores highlighted.
 
 from __future__ import annotations
 
-import html
-import json
-
-from trime import io
-from trime.explain.html import CSS
+from trime.explain.html import CSS, page, top
 
 _MT_CSS = r"""
 main.mt { display:block; padding:18px 28px; }
@@ -39,28 +35,36 @@ tr.vote td { background:#dafbe1; }
 td.val { font:13.5px Georgia,serif; white-space:nowrap; }
 .filter { font-size:12.5px; color:var(--muted); margin:0 0 6px; }
 .filter label { cursor:pointer; }
+#controls { display:flex; gap:10px; align-items:center; font-size:13px; }
+#controls select { font:inherit; font-size:13px; padding:1px 4px; border:1px solid var(--line); border-radius:5px; background:var(--card); }
+tr.beyond { opacity:.4; }
+#alts br { display:none; }
 """
 
 _JS = r"""
-const R = JSON.parse(document.getElementById('report-data').textContent);
 const S = R.summary, T = R.tokens, SV = R.src_vocab, TV = R.tgt_vocab;
-const esc = s => String(s).replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
 const ssym = t => (SV[t] === undefined ? '#' + t : SV[t]);
 const tsym = t => (TV[t] === undefined ? '#' + t : TV[t]);
-const fmtp = p => p === null ? '0' : (p >= 0.01 ? p.toFixed(3) : p.toExponential(1));
-const pct = p => (100 * p).toFixed(p >= 0.1 ? 0 : 1) + '%';
 const words = (ids, sym) => ids.map(t => esc(sym(t))).join(' ');
 const MODES = {knn: 'kNN-MT', trime: 'TrimeMT', trime_released: 'TrimeMT (released)', '': 'none'};
+const G = R.grid;  // log p of every target token at other k, λ, T (the decoding combiner's numbers)
+let LP = T.map(t => t.lp), K = S.settings.k, RUN = true;  // what "with memory" shows now, and at which k
 
-function header() {
+function totals() {
   const f = x => x === null ? '\u2212\u221e' : x.toFixed(2);
-  document.getElementById('lp').textContent = f(S.lp);
-  document.getElementById('lp0').textContent = f(S.lp0);
+  const sum = xs => xs.some(x => x === null) ? null : xs.reduce((a, b) => a + b, 0);
+  const lp = sum(LP), lp0 = sum(T.map(t => t.lp0));
+  document.getElementById('lp').textContent = f(lp);
+  document.getElementById('lp0').textContent = f(lp0);
   const d = document.getElementById('dlp');
-  const dv = (S.lp === null || S.lp0 === null) ? NaN : S.lp - S.lp0;
+  const dv = (lp === null || lp0 === null) ? NaN : lp - lp0;
   d.textContent = isNaN(dv) ? '\u2013' : (dv >= 0 ? '+' : '') + dv.toFixed(2);
   d.className = 'v ' + (dv > 0 ? 'good' : dv < 0 ? 'bad' : '');
-  document.getElementById('helped').textContent = `${S.helped} / ${S.n_tokens}`;
+  const helped = T.filter((t, i) => (LP[i] ?? -Infinity) > (t.lp0 ?? -Infinity)).length;
+  document.getElementById('helped').textContent = `${helped} / ${T.length}`;
+}
+function header() {
+  totals();
   document.getElementById('mode').innerHTML = `<span class="badge ${S.mode ? 'ext' : 'tok'}">${MODES[S.mode]}</span>`;
   document.getElementById('settings').innerHTML = Object.entries(S.settings)
     .map(([k, v]) => `<code>${esc(k)}=${esc(v)}</code>`).join('');
@@ -78,14 +82,15 @@ function sentence() {
 }
 
 let mode = 'delta';
-function colour(t) {
+function colour(i) {
+  const t = T[i];
   if (mode === 'off') return '';
   if (mode === 'share') return `rgba(212,118,28,${(0.8 * Math.min(1, t.share || 0)).toFixed(3)})`;
-  const d = (t.lp === null ? -20 : t.lp) - (t.lp0 === null ? -20 : t.lp0), a = Math.min(1, Math.abs(d) / 2) * 0.8;
+  const d = (LP[i] === null ? -20 : LP[i]) - (t.lp0 === null ? -20 : t.lp0), a = Math.min(1, Math.abs(d) / 2) * 0.8;
   return d >= 0 ? `rgba(46,160,67,${a.toFixed(3)})` : `rgba(207,34,46,${a.toFixed(3)})`;
 }
 function paint() {
-  for (const el of document.querySelectorAll('#tgt .t')) el.style.background = colour(T[+el.dataset.i]);
+  for (const el of document.querySelectorAll('#tgt .t')) el.style.background = colour(+el.dataset.i);
   document.getElementById('legend-delta').style.display = mode === 'delta' ? '' : 'none';
   document.getElementById('legend-share').style.display = mode === 'share' ? '' : 'none';
   for (const b of document.querySelectorAll('.seg button')) b.classList.toggle('on', b.dataset.mode === mode);
@@ -106,21 +111,23 @@ function neighbours(t) {
   const sim = S.metric === 'l2' ? 'distance' : 'similarity';
   let h = `<h2>The ${t.nb.length} nearest datastore entries</h2>`;
   if (!S.mode) { box.innerHTML = h + '<div class="empty">No datastore in this run: pass --dstore-filename, --indexfile and --use-interp (kNN-MT) or --use-external (TrimeMT).</div>'; return; }
-  const votes = t.nb.filter(e => e.v === t.tok).length;
+  const votes = t.nb.filter((e, j) => e.v === t.tok && j < K).length;
   h += `<div class="filter"><label><input type="checkbox" id="only" ${onlyVotes ? 'checked' : ''}> only the ${votes} that voted for \u201c${esc(tsym(t.tok))}\u201d</label></div>`;
+  if (K < t.nb.length) h += `<div class="filter">k = ${K}: the first ${K} count, the rest are greyed.</div>`;
+  if (!RUN) h += '<div class="filter">Their parts of p are at the run\u2019s k, \u03bb, T.</div>';
   h += `<table id="neighbours"><tr><th>#</th><th>token</th><th class="num">${sim}</th><th class="num">of p</th><th>training pair (source / target, the stored position highlighted)</th></tr>`;
   t.nb.forEach((e, j) => {
-    if (onlyVotes && e.v !== t.tok) return;
+    if (onlyVotes && (e.v !== t.tok || j >= K)) return;
     const a = e.a === null ? '\u2013' : (S.metric === 'l2' ? (-e.a).toFixed(2) : e.a.toFixed(2));
-    h += `<tr class="${e.v === t.tok ? 'vote' : ''}" data-v="${e.v}"><td class="num">${j + 1}</td><td class="val">${esc(tsym(e.v))}</td>
+    h += `<tr class="${j >= K ? 'beyond' : e.v === t.tok ? 'vote' : ''}" data-v="${e.v}"><td class="num">${j + 1}</td><td class="val">${esc(tsym(e.v))}</td>
       <td class="num a">${a}</td><td class="num w">${fmtp(e.w)}</td><td>${pair(e)}</td></tr>`;
   });
   box.innerHTML = h + '</table>';
   document.getElementById('only').onchange = ev => { onlyVotes = ev.target.checked; neighbours(t); };
 }
 function details(i) {
-  const t = T[i], p = t.lp === null ? 0 : Math.exp(t.lp), p0 = t.lp0 === null ? 0 : Math.exp(t.lp0);
-  const d = (t.lp === null || t.lp0 === null) ? NaN : t.lp - t.lp0;
+  const t = T[i], lp = LP[i], p = lp === null ? 0 : Math.exp(lp), p0 = t.lp0 === null ? 0 : Math.exp(t.lp0);
+  const d = (lp === null || t.lp0 === null) ? NaN : lp - t.lp0;
   const tot = (t.p_tok || 0) + (t.p_mem || 0) || 1;
   const seg = (w, c) => w > 0 ? `<span style="width:${(100 * w / tot).toFixed(2)}%;background:${c}"></span>` : '';
   const shareName = S.mode === 'knn' ? '\u03bb (weight of the kNN distribution)' : 'memory share of softmax';
@@ -131,15 +138,10 @@ function details(i) {
     <div>\u0394 log p</div><div id="dlp-tok" style="color:${d >= 0 ? 'var(--good)' : 'var(--bad)'}">${isNaN(d) ? '\u2013' : (d >= 0 ? '+' : '') + d.toFixed(3)} nats</div>
     ${S.mode ? `<div>${shareName}</div><div>${pct(t.share || 0)}</div>` : ''}
   </div>`;
+  if (S.mode && !RUN) h += '<div class="splitlab">The parts below and the competing tokens are at the run\u2019s k, \u03bb, T.</div>';
   if (S.mode) h += `<div class="split">${seg(t.p_tok || 0, 'var(--tok)')}${seg(t.p_mem || 0, 'var(--ext)')}</div>
     <div class="splitlab">where p comes from: <span style="color:var(--tok)">\u25a0</span> model ${pct((t.p_tok || 0) / tot)} &nbsp;<span style="color:var(--ext)">\u25a0</span> neighbours ${pct((t.p_mem || 0) / tot)}</div>`;
-  h += '<h2>Most likely tokens here</h2><table id="alts"><tr><th>token</th><th class="num">with memory</th><th class="num">without</th><th></th></tr>';
-  const top = Math.max(...t.alt.map(a => Math.max(a[1] || 0, a[2] || 0)), 1e-9);
-  for (const [tok, pa, pb] of t.alt) {
-    h += `<tr class="${tok === t.tok ? 'target' : ''}"><td class="snip">${esc(tsym(tok))}</td><td class="num">${fmtp(pa)}</td><td class="num">${fmtp(pb)}</td>
-      <td style="width:90px"><span class="tiny" style="width:${(80 * (pa || 0) / top).toFixed(1)}px"></span><br><span class="tiny off" style="width:${(80 * (pb || 0) / top).toFixed(1)}px"></span></td></tr>`;
-  }
-  document.getElementById('panel').innerHTML = h + '</table>';
+  document.getElementById('panel').innerHTML = h + altsTable(t, tsym);
   neighbours(t);
 }
 let current = null;
@@ -151,8 +153,31 @@ function select(i) {
   details(i);
 }
 
+function controls() {
+  const box = document.getElementById('controls');
+  if (!G) { box.style.display = 'none'; return; }
+  const sel = (id, name, vals, cur) => {
+    const j = vals.indexOf(cur) < 0 ? vals.length - 1 : vals.indexOf(cur);
+    return `<label>${name} <select id="${id}">${vals.map((v, i) => `<option value="${i}"${i === j ? ' selected' : ''}>${v}</option>`).join('')}</select></label>`;
+  };
+  box.innerHTML = 'Rescore with ' + sel('ctl-k', 'k', G.k, S.settings.k)
+    + (S.mode === 'knn' ? sel('ctl-l', '\u03bb', G.lmbda, S.settings.lmbda) : '') + sel('ctl-t', 'T', G.T, S.settings.T);
+  for (const s of box.querySelectorAll('select')) s.onchange = rescore;
+}
+function rescore() {
+  const ix = id => { const e = document.getElementById(id); return e ? +e.value : 0; };
+  const a = ix('ctl-k'), b = ix('ctl-l'), c = ix('ctl-t');
+  LP = G.lp[a][b][c];
+  K = G.k[a];
+  RUN = K === S.settings.k && G.T[c] === S.settings.T && (S.mode !== 'knn' || G.lmbda[b] === S.settings.lmbda);
+  totals();
+  paint();
+  if (current !== null) details(current);
+}
+
 header();
 sentence();
+controls();
 paint();
 document.getElementById('tgt').addEventListener('click', e => { const s = e.target.closest('.t'); if (s) select(+s.dataset.i); });
 document.addEventListener('keydown', e => {
@@ -160,38 +185,14 @@ document.addEventListener('keydown', e => {
   if (e.key === 'ArrowRight') select(current + 1);
   if (e.key === 'ArrowLeft') select(current - 1);
 });
-for (const b of document.querySelectorAll('.seg button')) b.onclick = () => { mode = b.dataset.mode; paint(); };
-document.body.dataset.ready = '1';
+ready();
 """
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-{generator}
-<title>{title}</title>
-<style>{css}</style></head>
-<body>
-<header>
-  <h1>How the datastore changed each target token <small>trime explain \u00b7 translation</small></h1>
-  <div class="sub">{sub}</div>
-  <div class="cards">
-    <div class="card"><div class="k">log p with memory</div><div class="v" id="lp"></div></div>
-    <div class="card"><div class="k">without memory</div><div class="v" id="lp0"></div></div>
-    <div class="card"><div class="k">change (nats)</div><div class="v" id="dlp"></div></div>
-    <div class="card"><div class="k">tokens memory helped</div><div class="v" id="helped"></div></div>
-    <div class="card"><div class="k">memory</div><div class="v" style="font-size:15px;padding-top:6px" id="mode"></div></div>
-  </div>
-  <div class="settings" id="settings"></div>
-  <div id="notes"></div>
-</header>
-<div class="bar">
-  <span>Colour by</span>
-  <span class="seg"><button data-mode="delta" class="on">\u0394 log p</button><button data-mode="share">memory share</button><button data-mode="off">off</button></span>
-  <span class="legend" id="legend-delta">memory hurt <span class="grad" style="background:linear-gradient(90deg,rgba(207,34,46,.8),rgba(207,34,46,0) 50%,rgba(46,160,67,0) 50%,rgba(46,160,67,.8))"></span> helped (\u00b12 nats)</span>
-  <span class="legend" id="legend-share" style="display:none">0% <span class="grad" style="background:linear-gradient(90deg,rgba(212,118,28,0),rgba(212,118,28,.8))"></span> 100%</span>
-  <span class="legend">Click a target token (then \u2190 \u2192) for its neighbours.</span>
-</div>
-<main class="mt">
+_CARDS = [("log p with memory", "lp"), ("without memory", "lp0"), ("change (nats)", "dlp"),
+          ("tokens memory helped", "helped"), ("memory", "mode")]  # fmt: skip
+_TAIL = """<span id="controls"></span>
+  <span class="legend">Click a target token (then \u2190 \u2192) for its neighbours.</span>"""
+_BODY = """<main class="mt">
   <section class="sent" id="sent"></section>
   <div class="detail">
     <div class="box" id="panel"><div class="empty">Click a target token above to see its probability with and
@@ -199,22 +200,13 @@ _PAGE = """<!DOCTYPE html>
     <div class="box" id="nbs"><div class="empty">Its nearest datastore entries appear here: each one's token,
     similarity, part of p and the training sentence pair it comes from.</div></div>
   </div>
-</main>
-<script type="application/json" id="report-data">{data}</script>
-<script>{js}</script>
-</body></html>
-"""
+</main>"""
 
 
 def render_translation(report: dict) -> str:
     """The HTML page of a translation report (trime.explain.translation.explain_translation)."""
     s = report["summary"]
-    data = json.dumps(report, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-    return _PAGE.format(
-        title=html.escape(f"trime explain: {s['source']}"),
-        sub=html.escape(f"{s['source']}, its {s['target']} \u00b7 model {s['model']}"),
-        generator=io.HTML_MARKER,  # how the next run recognises this page as ours (trime.io.output_file)
-        css=CSS + _MT_CSS,
-        js=_JS,
-        data=data,
-    )
+    h1 = "How the datastore changed each target token <small>trime explain \u00b7 translation</small>"
+    head = top(h1, f"{s['source']}, its {s['target']} \u00b7 model {s['model']}", _CARDS, share_colour="#d4761c",
+               tail=_TAIL)  # fmt: skip
+    return page(report, head + _BODY, css=CSS + _MT_CSS, js=_JS)

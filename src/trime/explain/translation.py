@@ -22,7 +22,7 @@ with ``--use-external`` TrimeMT's joint softmax over the model and the neighbour
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +173,11 @@ def explain_translation(cfg: ExplainConfig) -> dict:
     alt_p0 = rec.logp0.exp().gather(1, alt_tok)
     tokens, sentences = [], {}
     dsplit, note = _dstore_split(cfg, external) if external else (None, "")
+    grid = None
+    if search is not None:
+        neighbours = search.scores, search.values
+        grid = rescoring_grid(tcfg, lambda c, s: memory_combiner(c, model, model_cfg, fingerprint, search=s), rec.h,
+                              rec.logp0, y, *neighbours)  # fmt: skip
     for t in range(n):
         nb = []
         if search is not None:
@@ -225,9 +230,27 @@ def explain_translation(cfg: ExplainConfig) -> dict:
         "sentences": {str(k): v for k, v in sentences.items()},
         "src_vocab": {str(i): ss[i] for i in sorted(set(src_ids))},
         "tgt_vocab": {str(i): ts[i] for i in sorted(set(tgt_ids))},
+        "grid": grid,
         "notes": [note] if note else [],
         "config": asdict(cfg),
     }
+
+
+def rescoring_grid(tcfg: TranslateConfig, combiner_of, h, logp0, y, scores, values) -> dict:
+    """log p of each target token (T,) at other k, λ, T (the page's controls): {"k", "lmbda", "T": the values,
+    "lp": [k][λ][T] lists}. The decoding combiner (``combiner_of(config, search)``) on the same decoder outputs,
+    with the first k of the retrieved neighbours (a search for fewer returns the first of these, ties aside)."""
+    ks = sorted({max(1, scores.shape[1] >> i) for i in range(5)})
+    temps = sorted({round(tcfg.knn_temp * f, 6) for f in (0.1, 0.3, 1.0, 3.0, 10.0)})
+    lams = sorted({i / 10 for i in range(11)} | {tcfg.lmbda}) if tcfg.knn_mode == "knn" else [tcfg.lmbda]
+    lp = [[[None] * len(temps) for _ in lams] for _ in ks]
+    for a, k in enumerate(ks):
+        first = (scores[:, :k], values[:, :k])
+        for b, lam in enumerate(lams):
+            for c, t in enumerate(temps):
+                combiner = combiner_of(replace(tcfg, k=k, lmbda=lam, knn_temp=t), lambda q, first=first: first)
+                lp[a][b][c] = [_r(x, 5) for x in combiner(-1, h, logp0).gather(1, y[:, None])[:, 0].tolist()]
+    return {"k": ks, "lmbda": lams, "T": temps, "lp": lp}
 
 
 def _settings(tcfg: TranslateConfig, dim: int) -> dict:
