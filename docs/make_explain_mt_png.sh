@@ -2,13 +2,13 @@
 # The commands behind docs/explain_mt.png: `trime explain` on a translation model, the main translation job's
 # Transformer (CE) with its training-set datastore as kNN-MT memory (k, λ and T as the job tuned them on
 # valid), on one test sentence's beam hypothesis, and a headless-Chromium screenshot with a target token
-# clicked. Needs chromium, chromium-driver and selenium; runs `trime mt reproduce` first when RUN does not
-# hold one (about an hour on 2 CPU cores).
+# clicked (docs/screenshot.py). Needs chromium, chromium-driver and selenium; runs `trime mt reproduce`
+# first when RUN does not hold one (about an hour on 2 CPU cores).
 set -euo pipefail
 RUN=${1:-runs/mt-reproduce}
 OUT=${2:-/tmp/trime-explain-mt}
-SENTENCE=${3:-3}
-TOKEN=${4:-7}  # the target token clicked in the screenshot
+SENTENCE=${3:-363}  # the test pair explained
+TOKEN=${4:-5}  # the target token clicked in the screenshot
 mkdir -p "$OUT"
 [ -f "$RUN/results.json" ] || trime mt reproduce --out "$RUN"
 read -r K L T M < <(python3 -c "
@@ -18,29 +18,6 @@ print(c['knn_k'], s['lmbda'], s['knn_temp'], c['knn_metric'])")
 trime explain "$RUN/data-bin" --path "$RUN/models/vanilla/checkpoint_best" --gen-subset test --sentence "$SENTENCE" \
     --beam 5 --use-interp --dstore-filename "$RUN/dstore/vanilla" --indexfile "$RUN/dstore/vanilla/knn.index.$M" \
     --k "$K" --probe 32 --lmbda "$L" --interp-temp "$T" --out "$OUT/report.html" --json "$OUT/report.json"
-python3 - "$OUT/report.html" "$OUT/explain_mt.png" "$TOKEN" <<'PY'
-import sys, time
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
-
-page, png, token = sys.argv[1:]
-opts = webdriver.ChromeOptions()
-opts.binary_location = "/usr/bin/chromium"
-for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000", "--hide-scrollbars"):
-    opts.add_argument(a)
-d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-d.get("file://" + page)
-time.sleep(0.5)
-d.find_element(By.CSS_SELECTOR, f'#tgt .t[data-i="{token}"]').click()
-time.sleep(0.3)
-d.save_screenshot(png)
-d.quit()
-try:  # 128 colours: a third of the size, no visible difference
-    from PIL import Image
-
-    Image.open(png).convert("RGB").quantize(colors=128, dither=Image.Dither.NONE).save(png, optimize=True)
-except ImportError:
-    pass
-PY
+python3 "$(dirname "$0")/screenshot.py" "$OUT/report.html" "$OUT/explain_mt.png" "#tgt .t[data-i=\"$TOKEN\"]" \
+    --height 1000
 echo "screenshot in $OUT/explain_mt.png"
