@@ -15,7 +15,7 @@ from trime import config as C
 from trime.cli import main
 from trime.data.pairs import load_pair_split, prepare_pairs
 from trime.datastore_build import build_mt_datastore
-from trime.errors import ConfigError
+from trime.errors import ConfigError, DataError
 from trime.explain.report import explain
 from trime.memory.datastore import Datastore
 from trime.memory.index import build_index
@@ -48,9 +48,11 @@ def setup(tmp_path_factory):
 
 def _cfg(setup, out: Path, **kw) -> C.ExplainConfig:
     root, data, ds, index = setup
-    memory = dict(dstore=str(ds), indexfile=str(index), k=8) if kw.get("use_interp") or kw.get("use_external") else {}
-    return C.ExplainConfig(data=str(data), path=MODEL, gen_subset="test", sentence=SENTENCE, device="cpu",
-                           out=str(out / "mt.html"), json=str(out / "mt.json"), **memory, **kw)  # fmt: skip
+    base = dict(data=str(data), path=MODEL, gen_subset="test", sentence=SENTENCE, device="cpu",
+                out=str(out / "mt.html"), json=str(out / "mt.json"))  # fmt: skip
+    if kw.get("use_interp") or kw.get("use_external"):
+        base.update(dstore=str(ds), indexfile=str(index), k=8)
+    return C.ExplainConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +133,22 @@ def test_without_memory_and_user_errors(setup, tmp_path, capsys):
     assert "has 40 pairs" in capsys.readouterr().err
     assert main([*argv, str(tmp_path / "c.html"), "--use-local"]) == 2
     assert "--use-local" in capsys.readouterr().err
+    # DATA whose train split is not the datastore's: a note, or the datastore's pairs with --dstore-data
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = {x: (ASSETS / f"test.{x}").read_text().splitlines(keepends=True) for x in ("src", "tgt")}
+    for x in ("src", "tgt"):
+        (corpus / f"train.{x}").write_text("".join(lines[x][:20]))
+        (corpus / f"test.{x}").write_text("".join(lines[x]))
+    dicts = dict(src_dict=ASSETS / "dict.src.txt", tgt_dict=ASSETS / "dict.tgt.txt")
+    other = prepare_pairs(corpus, tmp_path / "other", **dicts)
+    memory = dict(data=str(other), use_interp=True, lmbda=0.2)
+    rep = explain(_cfg(setup, tmp_path, **memory))
+    assert "--dstore-data" in rep["notes"][0] and rep["sentences"] == {} and rep["tokens"][0]["nb"]
+    rep = explain(_cfg(setup, tmp_path, **memory, dstore_data=str(data)))
+    assert rep["notes"] == [] and rep["sentences"]
+    with pytest.raises(DataError, match="not the one the datastore"):
+        explain(_cfg(setup, tmp_path, **memory, dstore_data=str(other)))
     lm_data = make_data(tmp_path / "lm", n_lines=20)
     with pytest.raises(ConfigError, match="pairs directory"):
         explain(C.ExplainConfig(data=str(lm_data), path=MODEL, sentence=3, out=str(tmp_path / "d.html")))
