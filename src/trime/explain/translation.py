@@ -134,6 +134,26 @@ def _dstore_split(cfg: ExplainConfig, external: ExternalMemory) -> tuple[PairSpl
                   "directory as --dstore-data DIR to see each neighbour's sentence pair.")  # fmt: skip
 
 
+def _neighbours(search: _RecordingSearch, w: torch.Tensor, dsplit: PairSplit | None) -> tuple[list, dict]:
+    """(per target position its neighbours (the module docstring's ``nb``), {training pair: [source ids, target
+    ids]} of the pairs they name); without ``dsplit`` (the datastore's split) a neighbour names no pair."""
+    out, pairs = [], {}
+    for rows, a, v, ws in zip(*(x.tolist() for x in (search.rows, search.scores, search.values, w))):
+        nb = []
+        for row, at, vt, wt in zip(rows, a, v, ws):
+            if row < 0:
+                continue  # an index hole
+            e = {"row": row, "v": vt, "a": _r(at, 4), "w": _r(wt)}
+            if dsplit is not None:
+                sent = int(np.searchsorted(dsplit.tgt_offsets, row, side="right")) - 1
+                e.update(sent=sent, pos=row - int(dsplit.tgt_offsets[sent]))
+                if sent not in pairs:
+                    pairs[sent] = [dsplit.source(sent).tolist(), dsplit.target(sent).tolist()]
+            nb.append(e)
+        out.append(nb)
+    return out, pairs
+
+
 @torch.no_grad()
 def explain_translation(cfg: ExplainConfig) -> dict:
     """The report's data (module docstring) of pair ``cfg.sentence`` of ``cfg.gen_subset``."""
@@ -171,34 +191,18 @@ def explain_translation(cfg: ExplainConfig) -> dict:
         p_tok, share, p_mem = lp.exp(), torch.zeros(n), torch.zeros(n)
     alt_p, alt_tok = rec.logp.exp().topk(min(cfg.top, rec.logp.shape[1]), dim=1)  # (T, top)
     alt_p0 = rec.logp0.exp().gather(1, alt_tok)
-    tokens, sentences = [], {}
     dsplit, note = _dstore_split(cfg, external) if external else (None, "")
-    grid = None
+    nbs, sentences, grid = [[] for _ in range(n)], {}, None
     if search is not None:
-        neighbours = search.scores, search.values
+        nbs, sentences = _neighbours(search, w, dsplit)
         grid = rescoring_grid(tcfg, lambda c, s: memory_combiner(c, model, model_cfg, fingerprint, search=s), rec.h,
-                              rec.logp0, y, *neighbours)  # fmt: skip
-    for t in range(n):
-        nb = []
-        if search is not None:
-            rows, a, v, ws = (x[t].tolist() for x in (search.rows, search.scores, search.values, w))
-            for row, at, vt, wt in zip(rows, a, v, ws):
-                if row < 0:
-                    continue  # an index hole
-                e = {"row": row, "v": vt, "a": _r(at, 4), "w": _r(wt)}
-                if dsplit is not None:
-                    sent = int(np.searchsorted(dsplit.tgt_offsets, row, side="right")) - 1
-                    e.update(sent=sent, pos=row - int(dsplit.tgt_offsets[sent]))
-                    sentences.setdefault(sent, None)
-                nb.append(e)
-        tokens.append({
-            "tok": int(y[t]), "lp": _r(lp[t], 5), "lp0": _r(lp0[t], 5), "p_tok": _r(p_tok[t]),
-            "p_mem": _r(p_mem[t]), "share": _r(share[t], 4), "nb": nb,
-            "alt": [[int(k), _r(p, 5), _r(p0, 5)] for k, p, p0 in zip(alt_tok[t].tolist(), alt_p[t].tolist(),
-                                                                      alt_p0[t].tolist())],
-        })  # fmt: skip
-    for sent in sentences:
-        sentences[sent] = [dsplit.source(sent).tolist(), dsplit.target(sent).tolist()]
+                              rec.logp0, y, search.scores, search.values)  # fmt: skip
+    tokens = [{
+        "tok": int(y[t]), "lp": _r(lp[t], 5), "lp0": _r(lp0[t], 5), "p_tok": _r(p_tok[t]), "p_mem": _r(p_mem[t]),
+        "share": _r(share[t], 4), "nb": nbs[t],
+        "alt": [[int(k), _r(p, 5), _r(p0, 5)] for k, p, p0 in zip(alt_tok[t].tolist(), alt_p[t].tolist(),
+                                                                  alt_p0[t].tolist())],
+    } for t in range(n)]  # fmt: skip
     src_ids = split.source(cfg.sentence).tolist() + [i for s in sentences.values() for i in s[0]]
     tgt_ids = ref.tolist() + target.tolist() + (baseline or []) + [i for s in sentences.values() for i in s[1]]
     tgt_ids += [x["v"] for tk in tokens for x in tk["nb"]] + [a[0] for tk in tokens for a in tk["alt"]]
