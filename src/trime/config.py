@@ -518,6 +518,18 @@ class ExplainConfig(MemoryConfig, SplitScoringConfig, ScoringModelConfig):
     )
     top: int = opt(8, "memory entries and competing tokens shown per token", "--top", ge=1)
     snippet: int = opt(8, "tokens of text shown on each side of a memory entry", "--snippet", ge=0)
+    # a translation model (DATA a pairs directory): one sentence, its datastore as kNN-MT (--use-interp)
+    # or TrimeMT (--use-external) memory
+    sentence: int = opt(0, "translation: the pair of --gen-subset to explain (its index)", "--sentence", ge=0)
+    beam: int = opt(0, "translation: explain the beam search's hypothesis (this beam size; 0: the reference)", "--beam",
+                    ge=0)  # fmt: skip
+    released: bool = opt(
+        False, "translation with --use-external: TrimeMT as the released code decodes (MT spec 9.3)", "--released"
+    )
+
+    def check(self) -> None:
+        if self.released and not self.use_external:
+            raise ConfigError("--released is TrimeMT's released decoding: add --use-external")
 
 
 @dataclass

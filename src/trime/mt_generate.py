@@ -162,23 +162,26 @@ def valid_bleu(split: PairSplit, d: Dictionary, n: int, device) -> Callable[[Tra
     return bleu
 
 
-def _external(cfg: TranslateConfig, model_cfg: MTModelConfig, fingerprint: str) -> ExternalMemory:
+def open_external(cfg: TranslateConfig, model_cfg: MTModelConfig, fingerprint: str) -> ExternalMemory:
+    """The datastore and index ``cfg`` names, checked against the translation model (its decoder outputs h)."""
     return ExternalMemory.open(cfg.dstore, cfg.indexfile, k=cfg.k, probe=cfg.probe, dim=model_cfg.decoder_embed_dim,
                                vocab_size=model_cfg.tgt_vocab_size, keytype="final", fingerprint=fingerprint,
                                **backend_options(cfg))  # fmt: skip
 
 
-def memory_combiner(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTModelConfig, fingerprint: str):
-    """The kNN-MT / TrimeMT combiner of ``cfg`` over its datastore and index (trime.generate.memory)."""
+def memory_combiner(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTModelConfig, fingerprint: str,
+                    search=None):  # fmt: skip
+    """The kNN-MT / TrimeMT combiner of ``cfg`` over its datastore and index (trime.generate.memory);
+    ``search``: the datastore search to use instead of opening one (``trime explain`` records its rows)."""
     if not cfg.indexfile:
         raise ConfigError("--dstore-filename needs --indexfile (build it with `trime index build`)")
-    ext = _external(cfg, model_cfg, fingerprint)
+    search = search or open_external(cfg, model_cfg, fingerprint).search
     zeros = torch.zeros(1, dtype=torch.long)
 
     def log_z(h: torch.Tensor) -> torch.Tensor:
         return model.head.target_logp(h, zeros.expand(h.shape[0]).to(h.device))[1]
 
-    return MemoryCombiner(ext.search, log_z, mode=cfg.knn_mode, lmbda=cfg.lmbda, temp=cfg.knn_temp,
+    return MemoryCombiner(search, log_z, mode=cfg.knn_mode, lmbda=cfg.lmbda, temp=cfg.knn_temp,
                           dim=model_cfg.decoder_embed_dim)  # fmt: skip
 
 
@@ -190,7 +193,7 @@ def save_mt_neighbors(cfg: TranslateConfig, model: TransformerMT, model_cfg: MTM
     ``--interp-temp`` = T) at any k without the model, exactly, since references need no beam."""
     if not (cfg.dstore and cfg.indexfile):
         raise ConfigError("--save-neighbors needs --dstore-filename and --indexfile")
-    ext = _external(cfg, model_cfg, fingerprint)
+    ext = open_external(cfg, model_cfg, fingerprint)
     meta = {"translate_config": dataclasses.asdict(cfg), "task": "translation"}
     with NeighborCacheWriter(cfg.save_neighbors, dim=model_cfg.decoder_embed_dim, ext_in_joint=True, mem_top=None,
                              meta=meta, overwrite=True) as writer:  # fmt: skip

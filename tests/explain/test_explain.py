@@ -149,6 +149,23 @@ def _driver():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+def _open(page: Path):
+    """A headless Chromium showing ``page``, once its script has drawn it (body data-ready)."""
+    from selenium.webdriver.common.by import By
+
+    d = _driver()
+    try:
+        d.get(page.resolve().as_uri())
+        for _ in range(50):
+            if d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1":
+                break
+            time.sleep(0.1)
+    except Exception:
+        d.quit()
+        raise
+    return d
+
+
 def fmtp(p: float) -> str:
     """The page's number format (JS: toFixed(3) from 0.01 on, else toExponential(1))."""
     if p >= 0.01:
@@ -161,13 +178,8 @@ def test_page_in_headless_chromium(report, tmp_path):
     from selenium.webdriver.common.by import By
 
     rep, page = report
-    d = _driver()
+    d = _open(page)
     try:
-        d.get(page.resolve().as_uri())
-        for _ in range(50):
-            if d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1":
-                break
-            time.sleep(0.1)
         assert d.find_element(By.ID, "ppl").text == f"{rep['summary']['ppl']:.2f}"
         assert d.find_element(By.ID, "ppl0").text == f"{rep['summary']['ppl0']:.2f}"
         spans = d.find_elements(By.CSS_SELECTOR, "#text .t")

@@ -12,7 +12,7 @@ import json
 
 from trime import io
 
-_CSS = r"""
+CSS = r"""
 :root { --ink:#1f2328; --muted:#656d76; --line:#d8dee4; --bg:#f6f8fa; --card:#fff;
   --local:#2f81f7; --long:#8250df; --ext:#d4761c; --tok:#8c959f; --good:#1a7f37; --bad:#cf222e; }
 * { box-sizing:border-box; }
@@ -78,15 +78,32 @@ a.jump { color:#0969da; cursor:pointer; text-decoration:none; font-size:11.5px; 
 tr.target td { background:#dafbe1; }
 """
 
-_JS = r"""
+COMMON_JS = r"""
 const R = JSON.parse(document.getElementById('report-data').textContent);
+const esc = s => String(s).replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
+const fmtp = p => p === null ? '0' : (p >= 0.01 ? p.toFixed(3) : p.toExponential(1));
+const pct = p => (100 * p).toFixed(p >= 0.1 ? 0 : 1) + '%';
+// the tokens a position competed with: rows [token, p with, p without], the target's marked; shown(token) its text
+function altsTable(t, shown) {
+  let h = '<h2>Most likely tokens here</h2><table id="alts"><tr><th>token</th><th class="num">with memory</th><th class="num">without</th><th></th></tr>';
+  const top = Math.max(...t.alt.map(a => Math.max(a[1] || 0, a[2] || 0)), 1e-9);
+  for (const [tok, pa, pb] of t.alt) {
+    h += `<tr class="${tok === t.tok ? 'target' : ''}"><td class="snip">${esc(shown(tok))}</td><td class="num">${fmtp(pa)}</td><td class="num">${fmtp(pb)}</td>
+      <td style="width:90px"><span class="tiny" style="width:${(80 * (pa || 0) / top).toFixed(1)}px"></span><br><span class="tiny off" style="width:${(80 * (pb || 0) / top).toFixed(1)}px"></span></td></tr>`;
+  }
+  return h + '</table>';
+}
+function ready() {
+  for (const b of document.querySelectorAll('.seg button')) b.onclick = () => { mode = b.dataset.mode; paint(); };
+  document.body.dataset.ready = '1';
+}
+"""
+
+_JS = r"""
 const S = R.summary, T = R.tokens, V = R.vocab, TEXT = R.text;
 const nctx = TEXT.length - T.length;  // every position is scored; kept for safety
 const word = S.level !== 'char';
-const esc = s => String(s).replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
 const sym = t => (V[t] === undefined ? '#' + t : V[t]);
-const fmtp = p => p === null ? '0' : (p >= 0.01 ? p.toFixed(3) : p.toExponential(1));
-const pct = p => (100 * p).toFixed(p >= 0.1 ? 0 : 1) + '%';
 function shown(t) { const s = sym(t); return s === '\n' ? '\u21b5' : s; }
 
 // --- header ---------------------------------------------------------------------------------
@@ -192,13 +209,7 @@ function details(i) {
     }
     h += '</table>';
   }
-  h += '<h2>Most likely tokens here</h2><table id="alts"><tr><th>token</th><th class="num">with memory</th><th class="num">without</th><th></th></tr>';
-  const top = Math.max(...t.alt.map(a => Math.max(a[1] || 0, a[2] || 0)), 1e-9);
-  for (const [tok, pa, pb] of t.alt) {
-    h += `<tr class="${tok === t.tok ? 'target' : ''}"><td class="snip">${esc(shown(tok))}</td><td class="num">${fmtp(pa)}</td><td class="num">${fmtp(pb)}</td>
-      <td style="width:90px"><span class="tiny" style="width:${(80 * (pa || 0) / top).toFixed(1)}px"></span><br><span class="tiny off" style="width:${(80 * (pb || 0) / top).toFixed(1)}px"></span></td></tr>`;
-  }
-  h += '</table>';
+  h += altsTable(t, shown);
   const panel = document.getElementById('panel');
   panel.innerHTML = h;
   panel.dataset.i = i;
@@ -228,26 +239,26 @@ paint();
 const textEl = document.getElementById('text');
 textEl.addEventListener('mouseover', e => { const s = e.target.closest('.t'); if (s && pinned === null) details(+s.dataset.i); });
 textEl.addEventListener('click', e => { const s = e.target.closest('.t'); if (s) select(pinned === +s.dataset.i ? null : +s.dataset.i); });
-for (const b of document.querySelectorAll('.seg button')) b.onclick = () => { mode = b.dataset.mode; paint(); };
-document.body.dataset.ready = '1';
+ready();
 """
 
-_PAGE = """<!DOCTYPE html>
+_SHELL = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 {generator}
 <title>{title}</title>
 <style>{css}</style></head>
 <body>
-<header>
-  <h1>How memory changed each token <small>trime explain</small></h1>
+{body}
+<script type="application/json" id="report-data">{data}</script>
+<script>{js}</script>
+</body></html>
+"""
+
+_TOP = """<header>
+  <h1>{h1}</h1>
   <div class="sub">{sub}</div>
-  <div class="cards">
-    <div class="card"><div class="k">Perplexity with memory</div><div class="v" id="ppl"></div></div>
-    <div class="card"><div class="k">without memory</div><div class="v" id="ppl0"></div></div>
-    <div class="card"><div class="k">change</div><div class="v" id="dppl"></div></div>
-    <div class="card"><div class="k">tokens scored</div><div class="v" id="ntok"></div></div>
-    <div class="card"><div class="k">memories</div><div class="v" style="font-size:15px;padding-top:6px" id="mems"></div></div>
+  <div class="cards">{cards}
   </div>
   <div class="settings" id="settings"></div>
   <div id="notes"></div>
@@ -256,30 +267,52 @@ _PAGE = """<!DOCTYPE html>
   <span>Colour by</span>
   <span class="seg"><button data-mode="delta" class="on">\u0394 log p</button><button data-mode="share">memory share</button><button data-mode="off">off</button></span>
   <span class="legend" id="legend-delta">memory hurt <span class="grad" style="background:linear-gradient(90deg,rgba(207,34,46,.8),rgba(207,34,46,0) 50%,rgba(46,160,67,0) 50%,rgba(46,160,67,.8))"></span> helped (\u00b12 nats)</span>
-  <span class="legend" id="legend-share" style="display:none">0% <span class="grad" style="background:linear-gradient(90deg,rgba(130,80,223,0),rgba(130,80,223,.85))"></span> 100% of the softmax's mass on memory entries</span>
-  <span class="legend">Hover a token for details, click to pin it.</span>
+  <span class="legend" id="legend-share" style="display:none">0% <span class="grad" style="background:linear-gradient(90deg,{share_colour}00,{share_colour}cc)"></span> 100%{share_label}</span>
+  {tail}
 </div>
-<main>
+"""
+
+
+def top(h1: str, sub: str, cards: list[tuple[str, str]], *, share_colour: str, share_label: str = "", tail: str) -> str:
+    """A page's header (``h1`` HTML, the ``sub`` line, number cards (label, id) filled by the script, the last one
+    holding badges, the settings and notes) and its bar: colour by Δ log p | memory share (in ``share_colour``,
+    #rrggbb) | off, then ``tail`` (HTML)."""
+    big = '<div class="v" id="{}"></div>'
+    small = '<div class="v" style="font-size:15px;padding-top:6px" id="{}"></div>'
+    html_cards = "".join(
+        f'\n    <div class="card"><div class="k">{html.escape(k)}</div>{(small if j == len(cards) - 1 else big).format(i)}</div>'
+        for j, (k, i) in enumerate(cards)
+    )
+    return _TOP.format(h1=h1, sub=html.escape(sub), cards=html_cards, share_colour=share_colour,
+                       share_label=share_label, tail=tail)  # fmt: skip
+
+
+_CARDS = [("Perplexity with memory", "ppl"), ("without memory", "ppl0"), ("change", "dppl"), ("tokens scored", "ntok"),
+          ("memories", "mems")]  # fmt: skip
+_HINT = '<span class="legend">Hover a token for details, click to pin it.</span>'
+_BODY = """<main>
   <div id="text"></div>
   <aside id="panel"><div class="empty">Hover over a token to see its probability with and without memory,
   the memory entries that voted for it and the tokens it competed with.</div></aside>
-</main>
-<script type="application/json" id="report-data">{data}</script>
-<script>{js}</script>
-</body></html>
-"""
+</main>"""
+
+
+def page(report: dict, body: str, *, css: str, js: str) -> str:
+    """A self-contained page: ``body`` (HTML), the report as JSON data, ``css`` and ``js`` after COMMON_JS."""
+    data = json.dumps(report, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return _SHELL.format(
+        title=html.escape(f"trime explain: {report['summary']['source']}"),
+        generator=io.HTML_MARKER,  # how the next run recognises this page as ours (trime.io.output_file)
+        css=css,
+        js=COMMON_JS + js,
+        body=body,
+        data=data,
+    )
 
 
 def render(report: dict) -> str:
     """The HTML page of a report (trime.explain.report.explain_tokens)."""
     s = report["summary"]
-    data = json.dumps(report, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-    sub = f"{s['source']} · model {s['model']}"
-    return _PAGE.format(
-        title=html.escape(f"trime explain: {s['source']}"),
-        sub=html.escape(sub),
-        generator=io.HTML_MARKER,  # how the next run recognises this page as ours (trime.io.output_file)
-        css=_CSS,
-        js=_JS,
-        data=data,
-    )
+    head = top("How memory changed each token <small>trime explain</small>", f"{s['source']} · model {s['model']}",
+               _CARDS, share_colour="#8250df", share_label=" of the softmax's mass on memory entries", tail=_HINT)  # fmt: skip
+    return page(report, head + _BODY, css=CSS, js=_JS)

@@ -35,9 +35,11 @@ from trime.data.batching import make_batch
 from trime.data.dictionary import Dictionary
 from trime.data.prepare import load_split, read_data_meta
 from trime.device import autocast, autocast_dtype
-from trime.errors import DataError
+from trime.errors import ConfigError, DataError
 from trime.evaluate import Scorer
 from trime.explain.html import render
+from trime.explain.mt_html import render_translation
+from trime.explain.translation import explain_translation, is_pairs_dir
 from trime.generate.lm import codec_for, is_byte_dictionary
 from trime.jobs import Job, open_model
 from trime.memory.external import ExternalMemory
@@ -287,14 +289,20 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
 
 
 def explain(cfg: ExplainConfig) -> dict:
-    """Write the HTML report (and the JSON with ``cfg.json``); returns the report's data."""
+    """Write the HTML report (and the JSON with ``cfg.json``); returns the report's data. DATA a pairs
+    directory: a translation model's report on one sentence (trime.explain.translation)."""
     io.check_output_file(cfg.out, io.HTML_REPORT)  # both refused before the work if they are a user's
     if cfg.json:
         io.check_output_file(cfg.json, io.JSON_REPORT)
-    report = explain_tokens(cfg)
+    if is_pairs_dir(cfg.data):
+        report, page = explain_translation(cfg), render_translation
+    elif cfg.sentence or cfg.beam or cfg.released:
+        raise ConfigError("--sentence/--beam/--released explain a translation model: DATA must be a pairs directory")
+    else:
+        report, page = explain_tokens(cfg), render
     if cfg.json:
         with io.output_file(cfg.json, io.JSON_REPORT) as tmp:
             tmp.write_text(json.dumps({"generator": io.GENERATOR, **report}, indent=2, sort_keys=True) + "\n")
     with io.output_file(cfg.out, io.HTML_REPORT) as tmp:
-        tmp.write_text(render(report), encoding="utf-8")
+        tmp.write_text(page(report), encoding="utf-8")
     return report
