@@ -17,7 +17,7 @@ from trime.data.prepare import load_split
 from trime.datastore_build import build_datastore
 from trime.errors import DataError
 from trime.evaluate import evaluate
-from trime.explain.report import explain, token_strings
+from trime.explain.report import explain, explain_tokens, token_strings
 from trime.memory.datastore import Datastore
 from trime.memory.index import build_index
 
@@ -100,6 +100,20 @@ def test_json_numbers_are_evaluations(setup, report):
     page = report[1].read_text()  # one self-contained file: nothing is fetched
     assert "<link" not in page and "<script src" not in page and "http://" not in page and "https://" not in page
     assert rep["notes"] == [] and rep["snippets"]  # external rows map back to the datastore's split
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [dict(use_external=True, k=8), dict(use_interp=True, lmbda=0.25, k=8), dict(use_local=True),
+     dict(use_local=True, use_external=True, k=8)],
+    ids=["external", "interp", "local", "local+external"],
+)  # fmt: skip
+def test_every_memory_alone_is_its_evaluation(setup, memory):
+    """Each memory without the others (explain once failed with the external memory alone: it counted the
+    window's tokens as local entries)."""
+    rep = explain_tokens(C.ExplainConfig(data=str(setup[1]), **flags(setup, **memory)))
+    got = evaluate(C.EvalConfig(data=str(setup[1]), **flags(setup, **memory)))
+    np.testing.assert_allclose([t["lp"] for t in rep["tokens"]], got.log_probs, atol=2e-5)
 
 
 def test_text_mode_and_datastores_without_positions(setup, tmp_path):

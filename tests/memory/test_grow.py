@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from trime import config as C
 from trime.cli import main
 from trime.errors import DatastoreError
 from trime.evaluate import evaluate
@@ -154,6 +155,19 @@ def test_cli_add_then_evaluate_equals_a_rebuilt_memory(store, tmp_path, capsys):
     np.testing.assert_array_equal(grown.log_probs, rebuilt.log_probs)
     base = evaluate(ecfg(store, use_external=True))
     assert not np.array_equal(grown.log_probs, base.log_probs)  # the added rows are found
+    # trime explain shows an added row's text from the split it came from
+    from trime.explain.report import explain_tokens
+
+    rows = Datastore.open(dstore).rows
+    report = explain_tokens(C.build(C.ExplainConfig, {"data": str(data), "path": str(ckpt), "device": "cpu",
+                                                      "gen_subset": "valid", "max_eval_tokens": 64, "k": 8,
+                                                      "use_external": True, "dstore": str(ds), "snippet": 2,
+                                                      "indexfile": str(ds / "knn.index.ip"),
+                                                      "dstore_data": str(data)}))  # fmt: skip
+    added = {int(r): sn for r, sn in report["snippets"].items() if int(r) >= rows + 2}
+    assert added, "no neighbour among the added rows"
+    for row, (start, toks) in added.items():
+        assert start == row - 2 and toks == np.load(data / "valid.npy")[row - rows - 2 : row - rows + 3].tolist()
 
 
 @pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes

@@ -42,6 +42,7 @@ from trime.explain.mt_html import render_translation
 from trime.explain.translation import explain_translation, is_pairs_dir
 from trime.generate.lm import codec_for, is_byte_dictionary
 from trime.jobs import Job, open_model
+from trime.memory.datastore import sources
 from trime.memory.external import ExternalMemory
 from trime.memory.joint import memory_logits, score_scale
 from trime.memory.mix import joint_breakdown, knn_weights
@@ -101,29 +102,32 @@ def _settings(cfg: ExplainConfig) -> dict:
 
 
 def _dstore_text(cfg: ExplainConfig, external: ExternalMemory | None) -> tuple[np.ndarray | None, str]:
-    """(the datastore split's tokens, "") or (None, why the snippet column is empty and how to fill it)."""
+    """(the tokens the datastore's rows come from, "") or (None, why the snippet column is empty and how to
+    fill it). A grown datastore (trime datastore add) is the concatenation of its sources' splits."""
     if external is None:
         return None, ""
-    meta = external.meta
-    split, fp = meta.get("split"), meta.get("split_fingerprint")
-    if not split or not fp:
+    texts = [(s.get("split"), s.get("split_fingerprint")) for s in sources(external.meta)]
+    if not all(split and fp for split, fp in texts):
         return None, (
             f"The datastore {cfg.dstore} does not record which split its rows come from, so external "
             "neighbours are shown without their text. Rebuild it with `trime datastore build` (which records "
             "the split and its fingerprint) and pass --dstore-data DIR."
         )
+    names = " + ".join(repr(split) for split, _ in texts)
     if not cfg.dstore_data:
         return None, (
             f"External neighbours are shown without their text: pass --dstore-data DIR, the prepared data "
-            f"directory of the datastore's {split!r} split, to see the text around each one."
+            f"directory of the datastore's {names} split{'s' if len(texts) > 1 else ''}, to see the text around each one."
         )
-    have = read_data_meta(cfg.dstore_data).get("splits", {}).get(split, {}).get("fingerprint")
-    if have != fp:
-        raise DataError(
-            f"--dstore-data {cfg.dstore_data}: its {split!r} split (fingerprint {have}) is not the one the datastore "
-            f"{cfg.dstore} was built from ({fp}); pass the data directory the datastore was built from"
-        )
-    return load_split(cfg.dstore_data, split), ""
+    splits = read_data_meta(cfg.dstore_data).get("splits", {})
+    for split, fp in texts:
+        have = splits.get(split, {}).get("fingerprint")
+        if have != fp:
+            raise DataError(
+                f"--dstore-data {cfg.dstore_data}: its {split!r} split (fingerprint {have}) is not the one the "
+                f"datastore {cfg.dstore} was built from ({fp}); pass the data directory the datastore was built from"
+            )
+    return np.concatenate([load_split(cfg.dstore_data, split) for split, _ in texts]), ""
 
 
 def _load_tokens(cfg: ExplainConfig, job: Job) -> tuple[np.ndarray, str]:
@@ -174,7 +178,7 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
         if memory:
             r = scorer.window_rows(keys[0], labels, rows, tok_logp, log_z)
             lp = log_probs(r, [setting], dim)[0]
-            T = int((labels != pad).sum())
+            T = int((labels != pad).sum()) if cfg.use_local else 0  # local entries: the window's tokens
             mem_values = labels[:T]
             kinds = torch.zeros(T, dtype=torch.long)
             pos = torch.arange(s - c, s - c + T)
@@ -272,7 +276,7 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
         "level": "char" if is_byte_dictionary(dictionary) else "word",
         "settings": _settings(cfg),
         "memories": [m for m, on in zip(KINDS, (cfg.use_local, cfg.use_long, external is not None)) if on],
-        "datastore_split": external.meta.get("split") if external is not None else None,
+        "datastore_split": " + ".join(str(s["split"]) for s in sources(external.meta)) if external else None,
     }
     summary["line"] = (
         f"Perplexity with memory: {summary['ppl'] or math.inf:.2f}, without: {summary['ppl0'] or math.inf:.2f}"

@@ -119,6 +119,9 @@ def _r(x: float, n: int = 6) -> float | None:
 def _dstore_split(cfg: ExplainConfig, external: ExternalMemory) -> tuple[PairSplit | None, str]:
     """(the pairs split the datastore's rows come from, "") or (None, why neighbours have no text and the fix)."""
     split, fp = external.meta.get("split"), external.meta.get("split_fingerprint")
+    if external.meta.get("grown_from"):
+        return None, (f"The datastore {cfg.dstore} grew by trime mt datastore --add: its neighbours are shown "
+                      "without their training pairs")  # fmt: skip
     if not split or not fp:
         return None, (f"The datastore {cfg.dstore} does not record which split its rows come from: rebuild it with "
                       "`trime mt datastore` to see each neighbour's sentence pair.")  # fmt: skip
