@@ -9,7 +9,9 @@ greedy generation without memory equals the model's own ``generate``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -362,3 +364,43 @@ def test_train_saves_the_tokenizer_and_resumes(setup, capsys):
     assert not list((root / "run").glob("checkpoint_*/tokenizer.json"))  # a source without one: none saved
     assert main(["generate", "--path", str(run), "--prompt", "w1 w2", "--max-new-tokens", "4", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("w1 w2")
+
+
+def test_the_pages_commands_run_as_written(setup, tmp_path, monkeypatch, capsys):
+    """docs/hugging-face.md's first block, run in order as written, with three changes: MODEL is a tiny
+    random Llama shipping its tokenizer, `trime data fetch` (the network) is replaced by a small corpus,
+    and training stops after 2 updates."""
+    from tests.test_docs import ROOT, page_commands
+
+    page = ROOT / "docs" / "hugging-face.md"
+    first = min(int(c.where.split(":")[1]) for c in page_commands(page))
+    block = [c for c in page_commands(page) if int(c.where.split(":")[1]) < first + 40]
+    doc_model = next(m.group(1) for m in [re.search(r"^MODEL=(\S+)", page.read_text(), re.M)] if m)
+    cfg = transformers.LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
+    transformers.AutoTokenizer.from_pretrained(setup / "tok").save_pretrained(model)
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for c in block:
+        args = [str(model) if a == doc_model else a for a in c.args]
+        if args[:2] == ["data", "fetch"]:
+            make_corpus(Path(args[args.index("--out") + 1]), n_lines=300)
+            continue
+        if "--max-update" in args:
+            args[args.index("--max-update") + 1] = "2"
+        assert main(args) == 0, f"{c.where}: trime {' '.join(args)}\n{capsys.readouterr().err[-2000:]}"
+        ran.append(" ".join(args[:2]) if args[0] in ("data", "datastore", "index") else args[0])
+    assert set(ran) == {
+        "data prepare",
+        "eval",
+        "sweep",
+        "datastore build",
+        "index build",
+        "generate",
+        "explain",
+        "train",
+    }
+    assert ran.count("eval") == 4 and ran.count("generate") == 2, ran

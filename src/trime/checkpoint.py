@@ -13,7 +13,7 @@ through ``trime.model.fairseq_import`` / ``fairseq_mt_import`` and need ``--trus
 payloads beyond its allow-list. ``load_model`` routes every kind and refuses one of the wrong task.
 
 A Hugging Face backbone (trime.model.hf) is saved in the save_pretrained layout instead (config.json,
-safetensors weights, trainer.pt, meta.json with ``"backbone": "hf"``); ``load_model`` tells the two
+safetensors weights, the source's tokenizer, trainer.pt, meta.json with ``"backbone": "hf"``); ``load_model`` tells the two
 apart by that meta.json and also loads a plain transformers model (``hf_model``: directory, hub name
 or GGUF file).
 """
