@@ -79,7 +79,8 @@ def save_checkpoint(
     if isinstance(model, HFBackbone):
         source = getattr(train_cfg, "hf_model", "")
         tokenizer = source_tokenizer(source, getattr(train_cfg, "gguf_file", "")) if source else None
-        return save_hf_checkpoint(path, model, tokenizer, train_cfg=train_cfg, trainer_state=trainer_state, **meta)
+        hf = {"tokenizer": tokenizer, "train_cfg": train_cfg, "trainer_state": trainer_state}
+        return save_hf_checkpoint(path, model, **hf, **meta)
     if not isinstance(dictionaries, dict):
         dictionaries = {DICT: Path(dictionaries)}
     with io.atomic_dir(path, overwrite=True, kind="checkpoint") as tmp:

@@ -156,7 +156,7 @@ def build_mt_datastore(cfg: MTDatastoreConfig) -> Path:
     meta = {
         "key_type": "final", "vocab_size": model_cfg.tgt_vocab_size, "model_fingerprint": model_fingerprint(ckpt_dir),
         "split_fingerprint": read_pairs_meta(cfg.data)["splits"][cfg.subset][langs["target"]]["fingerprint"],
-        "split": cfg.subset, "task": "translation",
+        "split": cfg.subset, "task": "translation", "precision": PRECISIONS[amp],
     }  # fmt: skip
     return stream_datastore(cfg.out, rows, dim=model_cfg.decoder_embed_dim, n_rows=int(split.tgt_offsets[-1]),
                             meta=meta, key_dtype=cfg.key_dtype)  # fmt: skip
