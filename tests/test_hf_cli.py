@@ -282,7 +282,8 @@ def test_one_precision_for_keys_and_queries(setup, capsys):
     common = ["--hf-model", str(root / "model"), "--tokens-per-sample", str(L), "--device", "cpu"]
     assert main(["datastore", "build", str(root / "data"), *common, "--out", str(ds), "--gen-subset", "valid",
                  "--amp", "bf16"]) == 0  # fmt: skip
-    assert read_meta(ds)["precision"] == "bf16"
+    assert read_meta(ds)["precision"] == "bf16"  # and the model is named as eval's neighbour cache names it
+    assert read_meta(ds)["model_fingerprint"] == source_fingerprint(hf_model=str(root / "model"))
     assert main(["index", "build", str(ds), "--dist", "l2"]) == 0
     capsys.readouterr()
     ext = ["--use-interp", "--lmbda", "0.25", "--k", "8", "--dstore-filename", str(ds), "--indexfile",
