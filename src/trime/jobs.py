@@ -4,11 +4,11 @@
 same way: load the model a config names (a trime checkpoint, a fairseq ``.pt`` or a Hugging Face
 backbone), refuse a checkpoint of another kind, check the data's vocabulary against the model's,
 read a split and cut it into the evaluation windows, open the external memory checked against the
-model's fingerprint. :func:`open_model` does the first three; a :class:`Job` then hands out the
-rest, so that no command can skip a check another one makes.
+model's fingerprint and against the precision its queries are computed in. :func:`open_model` does the
+first three; a :class:`Job` then hands out the rest, so that no command can skip a check another one makes.
 
 A config is anything with the evaluation-style fields it uses: ``path``, ``device``,
-``trust_checkpoint``, and when present ``hf_model``, ``gguf_file``, ``knn_keytype``, ``data``,
+``trust_checkpoint``, and when present ``hf_model``, ``gguf_file``, ``amp``, ``knn_keytype``, ``data``,
 ``tokens_per_sample``, ``context_window``, ``dstore``/``indexfile``/``k``/``probe``.
 """
 

@@ -424,7 +424,7 @@ class Generation:
     hypotheses: list[Hypothesis]
 
 
-def open_decoder(cfg: GenerateConfig) -> tuple[LMDecoder, WordCodec | ByteCodec]:
+def open_decoder(cfg: GenerateConfig) -> tuple[LMDecoder, WordCodec | ByteCodec | HFCodec]:
     """Load the checkpoint, its vocabulary (:func:`job_codec`) and the external memory of ``cfg``."""
     job = open_model(cfg, data=cfg.data)
     codec = job_codec(job, cfg.data)
