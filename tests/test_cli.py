@@ -334,13 +334,15 @@ def test_readme_commands_build_the_same_configs(command, expected):
 
 
 def test_generate_and_explain_show_only_their_own_fields():
-    """Composed of the pieces of evaluation (no skip-list): generation has no split, explain no eval outputs."""
+    """Composed of the pieces of evaluation (no skip-list): generation has no split, explain no eval outputs;
+    all three take a Hugging Face model as they take a checkpoint."""
     from trime import config as C
 
     gen = {f.name for f in dataclasses.fields(C.GenerateConfig)}
-    assert gen.isdisjoint({"gen_subset", "batch_size", "output_word_probs", "save_neighbors", "hf_model"})
+    assert gen.isdisjoint({"gen_subset", "batch_size", "output_word_probs", "save_neighbors"})
     assert {f.name for f in dataclasses.fields(C.MemoryConfig)} <= gen
     explain = {f.name for f in dataclasses.fields(C.ExplainConfig)}
-    assert explain.isdisjoint({"output_word_probs", "save_neighbors", "neighbors_top", "hf_model", "gguf_file"})
+    assert explain.isdisjoint({"output_word_probs", "save_neighbors", "neighbors_top"})
     eval_ = {f.name for f in dataclasses.fields(C.EvalConfig)}
-    assert eval_ - explain == {"output_word_probs", "save_neighbors", "neighbors_top", "hf_model", "gguf_file"}
+    assert eval_ - explain == {"output_word_probs", "save_neighbors", "neighbors_top"}
+    assert all({"path", "hf_model", "gguf_file"} <= fields for fields in (gen, explain, eval_))

@@ -1,22 +1,32 @@
-"""`--hf-model` / `--hf-tokenizer` through the CLI on a tiny random Llama: prepare, eval, datastore, index, train.
+"""`--hf-model` / `--hf-tokenizer` through the CLI on a tiny random Llama: every command that takes a trime
+checkpoint takes `--hf-model` too (prepare, eval, eval --save-neighbors + sweep, datastore, index, generate,
+explain, train and resume), and the commands of docs/hugging-face.md run as written.
 
-The perplexity trime evaluates equals the loss the model itself returns (``labels=``) on the same windows.
+The perplexity trime evaluates equals the loss the model itself returns (``labels=``) on the same windows;
+greedy generation without memory equals the model's own ``generate``.
 """
 
 from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from trime import config as C
+from trime.checkpoint import source_fingerprint
 from trime.cli import main
 from trime.data.blocks import eval_windows
 from trime.data.prepare import load_split, special_ids
 from trime.evaluate import evaluate
+from trime.generate.lm import generate
 from trime.io import read_meta
 from trime.memory.datastore import Datastore
-from trime.model.hf import load_hf
+from trime.model.hf import hf_fingerprint, hub_revision, load_hf
 
 from tests.fixtures import make_corpus, synthetic_text
 
@@ -50,6 +60,8 @@ def setup(tmp_path_factory):
     )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
+    shutil.copytree(root / "model", root / "model_tok")  # the same model shipping its tokenizer, as hub models do
+    fast.save_pretrained(root / "model_tok")
     assert main(["data", "prepare", str(corpus), "--out", str(root / "data"), "--hf-tokenizer", str(root / "tok")]) == 0
     return root
 
@@ -232,7 +244,167 @@ def test_one_line_errors(setup, capsys):
             ["data", "prepare", str(root / "corpus"), "--out", str(root / "d2"), "--hf-tokenizer", str(root / "no")],
             "no such tokenizer",
         ),
+        (["generate", "--prompt", "w1"], "needs --path CHECKPOINT or --hf-model"),
+        (["explain", str(root / "data"), "--gguf-file", "x.gguf"], "--gguf-file needs --hf-model"),
+        (["generate", "--hf-model", str(root / "model"), "--prompt", "w1", "--device", "cpu"], "no tokenizer"),
     ):
         assert main(argv) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("trime: error:") and words in err[0], err
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+        assert len(err) == 1 and err[0].startswith("trime: error:") and words in err[0], err  # transformers' bar aside
+
+
+def _window(root, *extra) -> list[str]:
+    return [str(root / "data"), "--tokens-per-sample", str(L), "--context-window", str(CTX), "--device", "cpu", *extra]
+
+
+def test_eval_save_neighbors_then_sweep(setup, capsys):
+    """The neighbour cache of an --hf-model evaluation is labelled with that model, and sweep re-scores it exactly."""
+    root = setup
+    cache = root / "nb"
+    argv = ["eval", *_window(root, "--max-eval-tokens", "64", "--use-local", "--softmax-temp", "2")]
+    assert main([*argv, "--hf-model", str(root / "model"), "--save-neighbors", str(cache), "--neighbors-top", "0"]) == 0
+    ppl = capsys.readouterr().out.strip().splitlines()[-1].split("Perplexity: ")[1]
+    meta = read_meta(cache, kind="neighbor_cache")
+    assert meta["inputs"]["model"] == source_fingerprint(hf_model=str(root / "model")) and meta["rows"] == 64
+    assert "hf_model" not in meta["inputs"]["settings"]  # the model is named by content, never by path
+    assert main(["sweep", str(cache), "--softmax-temp", "1,2"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("|") and r.split("|")[1].strip() == "2"]
+    assert rows and rows[0].split("|")[-2].strip() == ppl
+
+
+def test_one_precision_for_keys_and_queries(setup, capsys):
+    """Every scoring command defaults to float32; a datastore records its precision and a search in another
+    is one line naming the flag to pass."""
+    defaults = {cls: cls().amp for cls in (C.EvalConfig, C.DatastoreConfig, C.GenerateConfig, C.ExplainConfig)}
+    assert set(defaults.values()) == {"none"}, defaults
+    root = setup
+    ds = root / "dstore-bf16"
+    common = ["--hf-model", str(root / "model"), "--tokens-per-sample", str(L), "--device", "cpu"]
+    assert main(["datastore", "build", str(root / "data"), *common, "--out", str(ds), "--gen-subset", "valid",
+                 "--amp", "bf16"]) == 0  # fmt: skip
+    assert read_meta(ds)["precision"] == "bf16"  # and the model is named as eval's neighbour cache names it
+    assert read_meta(ds)["model_fingerprint"] == source_fingerprint(hf_model=str(root / "model"))
+    assert main(["index", "build", str(ds), "--dist", "l2"]) == 0
+    capsys.readouterr()
+    ext = ["--use-interp", "--lmbda", "0.25", "--k", "8", "--dstore-filename", str(ds), "--indexfile",
+           str(ds / "knn.index.l2")]  # fmt: skip
+    argv = ["eval", str(root / "data"), *common, "--max-eval-tokens", "32", *ext]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trime: error:")]
+    assert len(err) == 1 and "computed in bf16" in err[0] and "pass --amp bf16" in err[0], err
+    assert main([*argv, "--amp", "bf16"]) == 0
+    # resuming or reusing the build in another precision is refused, not mixed
+    assert main(["datastore", "build", str(root / "data"), *common, "--out", str(ds), "--gen-subset", "valid"]) == 2
+    assert "precision" in capsys.readouterr().err
+
+
+def test_hub_fingerprint_is_pinned_to_the_cached_revision(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    unpinned = hf_fingerprint("org/tiny")  # not in the cache: its name only
+    repo = tmp_path / "models--org--tiny"
+    prints = []
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        assert hub_revision("org/tiny") == commit
+        prints.append(hf_fingerprint("org/tiny"))
+    assert len({unpinned, *prints}) == 3
+    assert source_fingerprint(hf_model="org/tiny") == prints[-1]
+
+
+def _greedy_reference(model_dir, ids: list[int], eos: int, n: int) -> list[int]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    x = torch.tensor([[eos, *ids]])  # trime's stream starts after an eos, as every prepared split does
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    return out[0, x.shape[1] :].tolist()
+
+
+def test_generate_greedy_equals_the_models_own_generate(setup, capsys):
+    root = setup
+    prompt = "w1 w2 w3 w1 w2"
+    for model, data in ((root / "model", str(root / "data")), (root / "model_tok", "")):  # tokenizer: data's, model's
+        cfg = C.GenerateConfig(hf_model=str(model), data=data, prompt=prompt, max_new_tokens=12, device="cpu")
+        gen = generate(cfg)
+        tok = transformers.AutoTokenizer.from_pretrained(root / "tok")
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert gen.hypotheses[0].tokens.tolist() == _greedy_reference(model, ids, 2, 12)
+    argv = ["generate", "--hf-model", str(root / "model_tok"), "--prompt", prompt, "--device", "cpu"]
+    assert main([*argv, "--max-new-tokens", "6", "--use-local", "--beam", "2"]) == 0
+    assert capsys.readouterr().out.startswith(prompt)
+
+
+def test_explain(setup, capsys):
+    root = setup
+    out = root / "report.html"
+    argv = ["explain", *_window(root, "--max-eval-tokens", "24", "--use-local", "--out", str(out))]
+    assert main([*argv, "--hf-model", str(root / "model"), "--json", str(root / "report.json")]) == 0
+    report = json.loads((root / "report.json").read_text())
+    assert report["summary"]["n_tokens"] == 24 and report["summary"]["level"] == "hf" and out.is_file()
+    assert all(report["vocab"][str(t)] for t in report["text"])
+    text = ["explain", "--text", "w1 w2 w3 w1 w2 w3", "--hf-model", str(root / "model_tok"), "--use-local"]
+    assert main([*text, "--device", "cpu", "--out", str(out)]) == 0
+    assert "tokens explained" in capsys.readouterr().out
+
+
+def test_train_saves_the_tokenizer_and_resumes(setup, capsys):
+    """A run from a model that ships its tokenizer saves it in every checkpoint: the checkpoint is a whole
+    save_pretrained model, `trime generate --path RUN` needs no data, and the run resumes."""
+    root = setup
+    run = root / "run-tok"
+    argv = ["train", str(root / "data"), "--hf-model", str(root / "model_tok"), "--tokens-per-sample", str(L),
+            "--max-tokens", str(2 * L), "--save-dir", str(run), "--device", "cpu", "--lr", "1e-3",
+            "--max-valid-tokens", str(2 * L)]  # fmt: skip
+    assert main([*argv, "--max-update", "1"]) == 0
+    assert (run / "checkpoint_last" / "tokenizer.json").is_file()
+    assert transformers.AutoTokenizer.from_pretrained(run / "checkpoint_last")("w1 w2")["input_ids"]
+    assert main([*argv, "--max-update", "2"]) == 0
+    assert "resuming" in capsys.readouterr().out and read_meta(run / "checkpoint_last")["updates"] == 2
+    assert all((c / "tokenizer.json").is_file() for c in run.glob("checkpoint_*"))
+    assert not list((root / "run").glob("checkpoint_*/tokenizer.json"))  # a source without one: none saved
+    assert main(["generate", "--path", str(run), "--prompt", "w1 w2", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("w1 w2")
+
+
+def test_the_pages_commands_run_as_written(setup, tmp_path, monkeypatch, capsys):
+    """docs/hugging-face.md's first block, run in order as written, with three changes: MODEL is a tiny
+    random Llama shipping its tokenizer, `trime data fetch` (the network) is replaced by a small corpus,
+    and training stops after 2 updates."""
+    from tests.test_docs import ROOT, page_commands
+
+    page = ROOT / "docs" / "hugging-face.md"
+    first = min(int(c.where.split(":")[1]) for c in page_commands(page))
+    block = [c for c in page_commands(page) if int(c.where.split(":")[1]) < first + 40]
+    doc_model = next(m.group(1) for m in [re.search(r"^MODEL=(\S+)", page.read_text(), re.M)] if m)
+    cfg = transformers.LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
+    transformers.AutoTokenizer.from_pretrained(setup / "tok").save_pretrained(model)
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for c in block:
+        args = [str(model) if a == doc_model else a for a in c.args]
+        if args[:2] == ["data", "fetch"]:
+            make_corpus(Path(args[args.index("--out") + 1]), n_lines=300)
+            continue
+        if "--max-update" in args:
+            args[args.index("--max-update") + 1] = "2"
+        assert main(args) == 0, f"{c.where}: trime {' '.join(args)}\n{capsys.readouterr().err[-2000:]}"
+        ran.append(" ".join(args[:2]) if args[0] in ("data", "datastore", "index") else args[0])
+    assert set(ran) == {
+        "data prepare",
+        "eval",
+        "sweep",
+        "datastore build",
+        "index build",
+        "generate",
+        "explain",
+        "train",
+    }
+    assert ran.count("eval") == 4 and ran.count("generate") == 2, ran

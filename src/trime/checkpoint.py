@@ -13,7 +13,7 @@ through ``trime.model.fairseq_import`` / ``fairseq_mt_import`` and need ``--trus
 payloads beyond its allow-list. ``load_model`` routes every kind and refuses one of the wrong task.
 
 A Hugging Face backbone (trime.model.hf) is saved in the save_pretrained layout instead (config.json,
-safetensors weights, trainer.pt, meta.json with ``"backbone": "hf"``); ``load_model`` tells the two
+safetensors weights, the source's tokenizer, trainer.pt, meta.json with ``"backbone": "hf"``); ``load_model`` tells the two
 apart by that meta.json and also loads a plain transformers model (``hf_model``: directory, hub name
 or GGUF file).
 """
@@ -21,6 +21,7 @@ or GGUF file).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -32,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from trime import io
 from trime.config import ModelConfig, build
 from trime.data.dictionary import Dictionary
-from trime.errors import CheckpointError
+from trime.data.hf_text import load_tokenizer
+from trime.errors import CheckpointError, DataError
 from trime.model.encoder_decoder import MTModelConfig, build_mt_model
 from trime.model.fairseq_import import load_fairseq_checkpoint, read_checkpoint
 from trime.model.fairseq_mt_import import load_fairseq_mt_checkpoint
@@ -71,11 +73,14 @@ def save_checkpoint(
     ``dictionaries``: the dict.txt of a language model, or {file name: path} (a translation model's
     dict.SRC.txt and dict.TGT.txt); they are copied in. ``model_cfg`` is a ModelConfig or MTModelConfig.
     A Hugging Face backbone is written by trime.model.hf.save_hf_checkpoint (``dictionaries`` unused:
-    its data has the tokenizer's ids).
+    its data has the tokenizer's ids; the tokenizer of ``train_cfg.hf_model`` is saved with it, when it has one).
     """
     path = Path(path)
     if isinstance(model, HFBackbone):
-        return save_hf_checkpoint(path, model, train_cfg=train_cfg, trainer_state=trainer_state, **meta)
+        source = getattr(train_cfg, "hf_model", "")
+        tokenizer = source_tokenizer(source, getattr(train_cfg, "gguf_file", "")) if source else None
+        hf = {"tokenizer": tokenizer, "train_cfg": train_cfg, "trainer_state": trainer_state}
+        return save_hf_checkpoint(path, model, **hf, **meta)
     if not isinstance(dictionaries, dict):
         dictionaries = {DICT: Path(dictionaries)}
     with io.atomic_dir(path, overwrite=True, kind="checkpoint") as tmp:
@@ -94,6 +99,16 @@ def save_checkpoint(
         weights = io.sha256_file(tmp / WEIGHTS)
         io.write_meta(tmp, "checkpoint", vocab_size=vocab, weights_sha256=weights, **meta)
     return path
+
+
+@functools.lru_cache(maxsize=4)
+def source_tokenizer(hf_model: str, gguf_file: str = ""):
+    """The tokenizer a Hugging Face model source ships (saved next to its fine-tuned weights, so that the
+    checkpoint is a whole save_pretrained model), or None when it has none; loaded once per source."""
+    try:
+        return load_tokenizer(hf_model, gguf_file=gguf_file or None)
+    except DataError:
+        return None
 
 
 def _asdict(cfg: Any) -> dict:
@@ -249,6 +264,17 @@ def model_fingerprint(path: str | Path) -> str:
     if (path / WEIGHTS).is_file():
         return io.sha256_file(path / WEIGHTS)[:16]
     return hf_fingerprint(path)
+
+
+def source_fingerprint(path: str | Path = "", *, hf_model: str = "", gguf_file: str = "") -> str:
+    """The weights fingerprint of a config's model without loading it: a local ``hf_model`` (its GGUF file)
+    or the checkpoint ``path`` names by :func:`model_fingerprint`; a hub name by
+    trime.model.hf.hf_fingerprint (pinned to the revision in the hub cache)."""
+    if hf_model:
+        local = Path(hf_model) / gguf_file if gguf_file else Path(hf_model)
+        return model_fingerprint(local) if local.exists() else hf_fingerprint(hf_model, gguf_file or None)
+    path = Path(path)
+    return model_fingerprint(path if path.is_file() else resolve(path))
 
 
 def load_weights(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -5,8 +5,8 @@ library function; a user's mistake (TrimeError) prints one line and exits 2.
     trime data prepare SRC --out D   dictionary + int32 token arrays (or --hf-tokenizer T: a model's own ids)
     trime train DATA [--preset P]    train with CE or a TRIME objective (torchrun for many GPUs; --hf-model M)
     trime eval DATA --path CKPT      sliding-window evaluation with local / long / external memory (or --hf-model M)
-    trime generate --path CKPT       continue a prompt with the memories of evaluation
-    trime explain DATA --path CKPT   an HTML report of which memory entries moved each token's probability
+    trime generate --path CKPT       continue a prompt with the memories of evaluation (or --hf-model M)
+    trime explain DATA --path CKPT   an HTML report of which memory entries moved each token's probability (or --hf-model M)
     trime mt train|bm25|datastore|generate|reproduce
                                      translation: encoder-decoder, TrimeMT, kNN-MT, beam search, sacreBLEU
     trime reproduce                  the main job: the whole pipeline on the offline default corpus
@@ -115,10 +115,15 @@ def cmd_train(ns: argparse.Namespace) -> None:
     print(f"| run directory {run_dir}")
 
 
+def _need_model(cfg, command: str) -> None:
+    """Every command that runs a language model takes a trime checkpoint or a Hugging Face model."""
+    if not (cfg.path or cfg.hf_model):
+        raise TrimeError(f"trime {command} needs --path CHECKPOINT or --hf-model NAME_OR_DIR")
+
+
 def cmd_eval(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.EvalConfig, _preset_layers(ns, "eval"))
-    if not (cfg.path or cfg.hf_model):
-        raise TrimeError("trime eval needs --path CHECKPOINT or --hf-model NAME_OR_DIR")
+    _need_model(cfg, "eval")
     result = evaluate(cfg)
     print(f"| {cfg.gen_subset}: {result.n_tokens} tokens scored")
     print(result.line())
@@ -126,16 +131,14 @@ def cmd_eval(ns: argparse.Namespace) -> None:
 
 def cmd_generate(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.GenerateConfig)
-    if not cfg.path:
-        raise TrimeError("trime generate needs --path CHECKPOINT")
+    _need_model(cfg, "generate")
     generate(cfg, out=sys.stdout, echo=True)  # the prompt is echoed once the model has loaded: an error is its own line
     print()
 
 
 def cmd_explain(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.ExplainConfig, _preset_layers(ns, "eval"))
-    if not cfg.path:
-        raise TrimeError("trime explain needs --path CHECKPOINT")
+    _need_model(cfg, "explain")
     if bool(cfg.data) == bool(cfg.text):
         raise TrimeError("trime explain needs a data directory or --text TEXT (one of them)")
     report = explain(cfg)
@@ -145,8 +148,9 @@ def cmd_explain(ns: argparse.Namespace) -> None:
 
 def cmd_datastore(ns: argparse.Namespace) -> None:
     cfg = _config(ns, C.DatastoreConfig)
-    if not ((cfg.path or cfg.hf_model) and cfg.out):
-        raise TrimeError("trime datastore build needs --path CHECKPOINT (or --hf-model NAME_OR_DIR) and --out DIR")
+    _need_model(cfg, "datastore build")
+    if not cfg.out:
+        raise TrimeError("trime datastore build needs --out DIR")
     print(f"| datastore in {build_datastore(cfg)}")
 
 

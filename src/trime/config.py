@@ -25,6 +25,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # presets ship inside 
 CRITERIA = ("ce", "trime", "trime_long", "trime_ext")
 KEYTYPES = ("last_ffn_input", "final")
 POST_PROCESS = ("subword_nmt", "@@", "sentencepiece", "wordpiece", "letter", "_EOW", "silence", "none")  # fairseq's
+AMPS = ("auto", "none", "bf16", "fp16")
 
 
 HF_MODEL_HELP = (
@@ -398,9 +399,12 @@ class ScoringModelConfig(Config):
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
+    hf_model: str = opt("", HF_MODEL_HELP, "--hf-model")
+    gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
 
     def check(self) -> None:
         check_device(self.device)
+        check_hf(self.path, self.hf_model, self.gguf_file)
 
 
 @dataclass
@@ -465,11 +469,6 @@ class EvalConfig(MemoryConfig, SplitScoringConfig, ScoringModelConfig):
     neighbors_top: int = opt(
         256, "local/long entries cached per token (0: all; exact re-scoring)", "--neighbors-top", ge=0
     )
-    hf_model: str = opt("", HF_MODEL_HELP, "--hf-model")
-    gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
-
-    def check(self) -> None:
-        check_hf(self.path, self.hf_model, self.gguf_file)
 
 
 @dataclass
@@ -545,7 +544,7 @@ class DatastoreConfig(Config):
     batch_size: int = opt(8, "windows per forward pass", "--max-sentences", ge=1)
     key_dtype: str = opt("float16", "key precision on disk", "--key-dtype", ("float16", "float32"))
     knn_keytype: str = opt("last_ffn_input", "memory key", "--knn-keytype", KEYTYPES)
-    amp: str = opt("auto", "autocast dtype", "--amp", ("auto", "none", "bf16", "fp16"))
+    amp: str = opt("none", "autocast dtype (recorded: the queries searching it must share it)", "--amp", AMPS)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", "--device")
     trust_checkpoint: bool = opt(False, "allow pickled code in a legacy fairseq checkpoint", "--trust-checkpoint")
     hf_model: str = opt("", HF_MODEL_HELP, "--hf-model")

@@ -29,7 +29,7 @@ from trime.data.prepare import read_data_meta
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import DataError, DatastoreError
 from trime.io import read_meta
-from trime.jobs import open_model
+from trime.jobs import PRECISIONS, open_model
 from trime.memory.datastore import build_datastore as write_datastore
 from trime.memory.datastore import build_mismatch, check_growable, grow, part_name, resume_from
 from trime.model.base import select_keys
@@ -81,12 +81,15 @@ def stream_datastore(out: str | Path, rows: Rows, *, dim: int, n_rows: int, meta
 # Language model
 
 
-def datastore_meta(cfg: DatastoreConfig, model_cfg, ckpt_dir) -> dict:
-    """What makes a datastore's rows (recorded in its meta.json and compared by a resume or a reuse)."""
+def datastore_meta(cfg: DatastoreConfig, model_cfg, fingerprint: str, precision: str) -> dict:
+    """What makes a datastore's rows (recorded in its meta.json and compared by a resume or a reuse):
+    ``precision`` is the one its keys were computed in (trime.jobs.PRECISIONS), which the queries of
+    every job that searches it must share (trime.jobs.Job.external)."""
     return {
         "key_type": cfg.knn_keytype,
         "vocab_size": model_cfg.vocab_size,
-        "model_fingerprint": model_fingerprint(ckpt_dir),
+        "model_fingerprint": fingerprint,
+        "precision": precision,
         "split_fingerprint": read_data_meta(cfg.data)["splits"][cfg.subset]["fingerprint"],
         "split": cfg.subset,
         "context_window": cfg.context_window,
@@ -98,18 +101,18 @@ def datastore_key(cfg: DatastoreConfig) -> dict:
     """:func:`datastore_meta` of a trime checkpoint without loading its weights (for a pipeline's reuse check)."""
     ckpt_dir = resolve(cfg.path)
     model_cfg = build(ModelConfig, read_config(ckpt_dir)["model"], source=str(ckpt_dir))
-    return datastore_meta(cfg, model_cfg, ckpt_dir)
+    precision = PRECISIONS[autocast_dtype(cfg.amp, pick_device(cfg.device))]
+    return datastore_meta(cfg, model_cfg, model_fingerprint(ckpt_dir), precision)
 
 
 def build_datastore(cfg: DatastoreConfig, *, add: bool = False) -> Path:
     """Write the datastore of ``cfg.path``'s memory keys over ``cfg.subset`` to ``cfg.out``; resumable.
     ``add``: append them to the complete datastore in ``cfg.out`` instead (``trime datastore add``)."""
     job = open_model(cfg, data=cfg.data)  # the data's vocabulary must be the model's
-    model, model_cfg, ckpt_dir, device = job.model, job.model_cfg, job.ckpt_dir, job.device
+    model, model_cfg, device, amp = job.model, job.model_cfg, job.device, job.amp
     tokens = job.split(cfg.subset)
     pad, eos = job.pad_eos
     windows = job.windows(tokens)
-    amp = autocast_dtype(cfg.amp, device)
 
     def rows(start: int) -> Iterator[Block]:
         todo = windows[windows[:, 0] >= start]  # windows start on row boundaries of earlier blocks
@@ -124,7 +127,7 @@ def build_datastore(cfg: DatastoreConfig, *, add: bool = False) -> Path:
                 torch.cat([batch.targets[w, s] for w, s in enumerate(spans)]).cpu(),  # (n,)
             )
 
-    meta = datastore_meta(cfg, model_cfg, ckpt_dir)
+    meta = datastore_meta(cfg, model_cfg, job.fingerprint, job.precision)
     return stream_datastore(cfg.out, rows, dim=model_cfg.d_model, n_rows=len(tokens), meta=meta,
                             key_dtype=cfg.key_dtype, add=add)  # fmt: skip
 
@@ -170,7 +173,7 @@ def build_mt_datastore(cfg: MTDatastoreConfig) -> Path:
     meta = {
         "key_type": "final", "vocab_size": model_cfg.tgt_vocab_size, "model_fingerprint": model_fingerprint(ckpt_dir),
         "split_fingerprint": read_pairs_meta(cfg.data)["splits"][cfg.subset][langs["target"]]["fingerprint"],
-        "split": cfg.subset, "task": "translation",
+        "split": cfg.subset, "task": "translation", "precision": PRECISIONS[amp],
     }  # fmt: skip
     return stream_datastore(cfg.out, rows, dim=model_cfg.decoder_embed_dim, n_rows=int(split.tgt_offsets[-1]),
                             meta=meta, key_dtype=cfg.key_dtype, add=cfg.add)  # fmt: skip

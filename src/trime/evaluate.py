@@ -34,12 +34,11 @@ import torch
 from tqdm import tqdm
 
 from trime import io
-from trime.checkpoint import model_fingerprint, resolve
 from trime.config import EvalConfig
 from trime.data.batching import Batch, make_batch
 from trime.data.prepare import data_fingerprint, read_data_meta
-from trime.device import autocast, autocast_dtype
-from trime.jobs import open_model
+from trime.device import autocast
+from trime.jobs import config_fingerprint, open_model
 from trime.memory import masks
 from trime.memory.cache import MemoryFIFO
 from trime.memory.external import ExternalMemory
@@ -143,17 +142,17 @@ class Scorer:
 
 
 BACKEND_FIELDS = ("memory_backend", "ray_address", "memory_mmap", "ray_shard_cpus")  # where it is searched, not what
-PATH_FIELDS = ("data", "path", "dstore", "indexfile", "save_neighbors", "output_word_probs", "trust_checkpoint")
+PATH_FIELDS = ("data", "path", "hf_model", "gguf_file", "dstore", "indexfile", "save_neighbors", "output_word_probs")
+PATH_FIELDS = PATH_FIELDS + ("trust_checkpoint",)
 PATH_FIELDS = PATH_FIELDS + BACKEND_FIELDS  # left out of a result's key
 
 
-def eval_inputs(cfg: EvalConfig) -> dict:
+def eval_inputs(cfg: EvalConfig, fingerprint: str | None = None) -> dict:
     """What a result of ``cfg`` is made from, by content (never paths), from the inputs' meta.json
-    files (nothing re-hashed): the model's weights, the split, the datastore and index, the settings."""
-    path = Path(cfg.path)
-    ckpt = path if path.is_file() else resolve(path)
+    files (nothing re-hashed): the model's weights (``fingerprint``, else trime.jobs.config_fingerprint:
+    a trime checkpoint or ``--hf-model``), the split, the datastore and index, the settings."""
     key = {
-        "model": model_fingerprint(ckpt),
+        "model": fingerprint or config_fingerprint(cfg),
         "data": data_fingerprint(cfg.data, [cfg.gen_subset]),
         "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PATH_FIELDS},
     }
@@ -165,11 +164,11 @@ def eval_inputs(cfg: EvalConfig) -> dict:
 
 
 @contextlib.contextmanager
-def _neighbor_writer(cfg: EvalConfig, dim: int):
+def _neighbor_writer(cfg: EvalConfig, dim: int, fingerprint: str):
     if not cfg.save_neighbors:
         yield None
         return
-    meta = {"eval_config": dataclasses.asdict(cfg), "inputs": eval_inputs(cfg)}
+    meta = {"eval_config": dataclasses.asdict(cfg), "inputs": eval_inputs(cfg, fingerprint)}
     with NeighborCacheWriter(
         cfg.save_neighbors,
         dim=dim,
@@ -191,10 +190,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     tokens = job.split(cfg.gen_subset, cfg.max_eval_tokens)
     windows = job.windows(tokens, cfg.sample_break_mode)
     batch_size = 1 if cfg.use_long else cfg.batch_size
-    external = job.external()
-    amp = autocast_dtype(cfg.amp, device)
+    external, amp = job.external(), job.amp
     out = []
-    with _neighbor_writer(cfg, model_cfg.d_model) as writer:
+    with _neighbor_writer(cfg, model_cfg.d_model, job.fingerprint) as writer:
         scorer = Scorer(model, cfg, dim=model_cfg.d_model, pad=pad, external=external, writer=writer)
         bar = tqdm(
             total=len(tokens),

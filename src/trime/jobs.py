@@ -4,11 +4,11 @@
 same way: load the model a config names (a trime checkpoint, a fairseq ``.pt`` or a Hugging Face
 backbone), refuse a checkpoint of another kind, check the data's vocabulary against the model's,
 read a split and cut it into the evaluation windows, open the external memory checked against the
-model's fingerprint. :func:`open_model` does the first three; a :class:`Job` then hands out the
-rest, so that no command can skip a check another one makes.
+model's fingerprint and against the precision its queries are computed in. :func:`open_model` does the
+first three; a :class:`Job` then hands out the rest, so that no command can skip a check another one makes.
 
 A config is anything with the evaluation-style fields it uses: ``path``, ``device``,
-``trust_checkpoint``, and when present ``hf_model``, ``gguf_file``, ``knn_keytype``, ``data``,
+``trust_checkpoint``, and when present ``hf_model``, ``gguf_file``, ``amp``, ``knn_keytype``, ``data``,
 ``tokens_per_sample``, ``context_window``, ``dstore``/``indexfile``/``k``/``probe``.
 """
 
@@ -21,13 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trime.checkpoint import checkpoint_dictionary, load_model, model_fingerprint
+from trime.checkpoint import checkpoint_dictionary, load_model, source_fingerprint
 from trime.data.blocks import eval_windows
 from trime.data.dictionary import Dictionary
 from trime.data.prepare import check_vocabulary, load_split, special_ids
-from trime.device import pick_device
-from trime.errors import DataError
+from trime.device import autocast_dtype, pick_device
+from trime.errors import DataError, DatastoreError
 from trime.memory.external import ExternalMemory
+
+PRECISIONS = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtype -> its name
+AMP_FLAGS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}  # the --amp that gives each precision
 
 
 @dataclass
@@ -41,11 +44,22 @@ class Job:
     device: torch.device
     dictionary: Dictionary | None  # None for a Hugging Face tokenizer's ids
     data: str = ""  # the prepared data directory whose vocabulary was checked ("" when none)
+    specials: tuple[int, int] | None = None  # (pad, eos) of a text the job tokenised itself, without data
 
     @cached_property
     def fingerprint(self) -> str:
         """The model's weights fingerprint (what datastores and caches are labelled with)."""
-        return model_fingerprint(self.ckpt_dir)
+        return config_fingerprint(self.cfg)
+
+    @property
+    def amp(self) -> torch.dtype | None:
+        """The autocast dtype of the job's ``--amp`` on its device (None: float32)."""
+        return autocast_dtype(getattr(self.cfg, "amp", "none"), self.device)
+
+    @property
+    def precision(self) -> str:
+        """The precision the job's model computes keys and queries in: fp32, bf16 or fp16."""
+        return PRECISIONS[self.amp]
 
     @property
     def dim(self) -> int:
@@ -53,7 +67,9 @@ class Job:
 
     @property
     def pad_eos(self) -> tuple[int, int]:
-        """(pad, eos) of the job's data, else of the model's dictionary."""
+        """(pad, eos) of the job's data, else of the text it tokenised, else of the model's dictionary."""
+        if self.specials is not None:
+            return self.specials
         if self.data:
             return special_ids(self.data)
         d = self.need_dictionary()
@@ -87,7 +103,14 @@ class Job:
         cfg = self.cfg
         if not (getattr(cfg, "use_external", False) or getattr(cfg, "use_interp", False)):
             return None
-        return ExternalMemory.of(cfg, self.model_cfg, self.fingerprint)
+        external = ExternalMemory.of(cfg, self.model_cfg, self.fingerprint)
+        built = external.meta.get("precision")  # None: a datastore from before it was recorded
+        if built is not None and built != self.precision:
+            raise DatastoreError(
+                f"{cfg.dstore}: its keys were computed in {built} and this job's queries would be in "
+                f"{self.precision}: pass --amp {AMP_FLAGS[built]} (or rebuild it with --amp {AMP_FLAGS[self.precision]})"
+            )
+        return external
 
 
 def open_model(cfg, *, data: str = "") -> Job:
@@ -107,3 +130,10 @@ def open_model(cfg, *, data: str = "") -> Job:
     if data:
         check_vocabulary(data, model_cfg.vocab_size, dictionary)
     return Job(cfg, model, model_cfg, Path(ckpt_dir), device, dictionary, data)
+
+
+def config_fingerprint(cfg) -> str:
+    """The weights fingerprint of the model ``cfg`` names (``path``, or ``hf_model`` + ``gguf_file``),
+    without loading it (trime.checkpoint.source_fingerprint)."""
+    hf = {"hf_model": getattr(cfg, "hf_model", ""), "gguf_file": getattr(cfg, "gguf_file", "")}
+    return source_fingerprint(cfg.path, **hf)

@@ -33,6 +33,7 @@ from trime import io
 from trime.config import ExplainConfig
 from trime.data.batching import make_batch
 from trime.data.dictionary import Dictionary
+from trime.data.hf_text import choose_pad
 from trime.data.prepare import load_split, read_data_meta
 from trime.device import autocast, autocast_dtype
 from trime.errors import ConfigError, DataError
@@ -40,7 +41,7 @@ from trime.evaluate import Scorer
 from trime.explain.html import render
 from trime.explain.mt_html import render_translation
 from trime.explain.translation import explain_translation, is_pairs_dir
-from trime.generate.lm import codec_for, is_byte_dictionary
+from trime.generate.lm import HFCodec, is_byte_dictionary, job_codec
 from trime.jobs import Job, open_model
 from trime.memory.datastore import sources
 from trime.memory.external import ExternalMemory
@@ -130,9 +131,8 @@ def _dstore_text(cfg: ExplainConfig, external: ExternalMemory | None) -> tuple[n
     return np.concatenate([load_split(cfg.dstore_data, split) for split, _ in texts]), ""
 
 
-def _load_tokens(cfg: ExplainConfig, job: Job) -> tuple[np.ndarray, str]:
+def _load_tokens(cfg: ExplainConfig, job: Job, codec) -> tuple[np.ndarray, str]:
     if cfg.text:
-        codec = codec_for(job.need_dictionary())
         text = cfg.text if cfg.text.endswith("\n") else cfg.text + "\n"  # every line ends with </s>, as in data
         return np.asarray(codec.encode(text), dtype=np.int32), "--text"
     return np.asarray(job.split(cfg.gen_subset, cfg.max_eval_tokens)), f"{cfg.data} ({cfg.gen_subset})"
@@ -146,12 +146,14 @@ def _round(x: float, n: int = 5) -> float | None:
 def explain_tokens(cfg: ExplainConfig) -> dict:
     """The report's data (module docstring): {"summary", "tokens", "vocab", "notes", "dstore_snippets"}."""
     job = open_model(cfg, data=cfg.data)
-    model, model_cfg, device, dictionary = job.model, job.model_cfg, job.device, job.need_dictionary()
-    pad, eos = job.pad_eos
-    tokens, source = _load_tokens(cfg, job)
+    model, model_cfg, device, codec = job.model, job.model_cfg, job.device, job_codec(job, cfg.data)
+    tokens, source = _load_tokens(cfg, job, codec)
     if len(tokens) == 0:
         raise DataError(f"{source}: nothing to score")
     dim, V = model_cfg.d_model, model_cfg.vocab_size
+    if isinstance(codec, HFCodec) and not cfg.data:  # a tokenizer's ids have no pad: one the text never uses
+        job.specials = choose_pad(None, np.bincount(tokens, minlength=V)), codec.eos
+    pad, eos = job.pad_eos
     windows = job.windows(tokens, cfg.sample_break_mode)
     external = job.external()
     recorder = _RecordingExternal(external) if external is not None else None
@@ -256,7 +258,7 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
             fifo_pos = torch.cat([fifo_pos, torch.arange(s, e)])[-cfg.mem_size :]
     lp = np.array([t["lp"] if t["lp"] is not None else -np.inf for t in out_tokens], dtype=np.float64)
     lp0 = np.array([t["lp0"] if t["lp0"] is not None else -np.inf for t in out_tokens], dtype=np.float64)
-    strings = token_strings(dictionary)
+    symbol = codec.symbol if isinstance(codec, HFCodec) else token_strings(codec.d).__getitem__
     snippets = {}
     if dstore_tokens is not None:
         for row in sorted(ext_rows):
@@ -273,7 +275,7 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
         "ppl0": _round(float(np.exp(-lp0.mean())), 4),
         "model": str(cfg.path),
         "source": source,
-        "level": "char" if is_byte_dictionary(dictionary) else "word",
+        "level": "hf" if isinstance(codec, HFCodec) else "char" if is_byte_dictionary(codec.d) else "word",
         "settings": _settings(cfg),
         "memories": [m for m, on in zip(KINDS, (cfg.use_local, cfg.use_long, external is not None)) if on],
         "datastore_split": " + ".join(str(s["split"]) for s in sources(external.meta)) if external else None,
@@ -285,7 +287,7 @@ def explain_tokens(cfg: ExplainConfig) -> dict:
         "summary": summary,
         "tokens": out_tokens,
         "text": tokens.tolist(),
-        "vocab": {str(t): strings[t] for t in used},
+        "vocab": {str(t): symbol(t) for t in used},
         "snippets": snippets,
         "notes": notes,
         "config": asdict(cfg),

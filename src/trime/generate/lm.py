@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from trime.checkpoint import source_tokenizer
 from trime.config import GenerateConfig
 from trime.data.dictionary import SPECIALS, Dictionary
 from trime.data.prepare import read_data_meta
@@ -44,13 +45,14 @@ from trime.device import autocast, autocast_dtype
 from trime.errors import ConfigError, DataError
 from trime.evaluate import setting_of
 from trime.generate.search import Hypothesis, SearchSpec, search, search_steps
-from trime.jobs import open_model
+from trime.jobs import Job, open_model
 from trime.memory.cache import MemoryFIFO
 from trime.memory.external import ExternalMemory
 from trime.memory.joint import memory_logits
 from trime.memory.knn import NEG_INF
 from trime.memory.scoring import StepRows, vocab_log_probs
 from trime.model.base import select_keys
+from trime.model.hf import HFModelConfig
 
 # ------------------------------------------------------------------------------------------------
 # Incremental decoding state
@@ -97,7 +99,7 @@ class LMDecoder:
         cfg: GenerateConfig,
         *,
         dim: int,
-        pad: int,
+        pad: int | None,
         eos: int,
         window: int,
         external: ExternalMemory | None = None,
@@ -194,9 +196,11 @@ class LMDecoder:
         return DecodeState(state.tokens.index_select(0, index), w, fifos, rows, state.h.index_select(0, index))
 
     def log_probs(self, state: DecodeState) -> Tensor:
-        """(B, V) log p of the next position under the memories; ``<pad>`` at −inf (never generated)."""
+        """(B, V) log p of the next position under the memories; ``<pad>`` at −inf (never generated; a
+        Hugging Face tokenizer's ids have no pad: ``pad`` None)."""
         lp = vocab_log_probs(state.rows, self.setting, self.dim)
-        lp[:, self.pad] = NEG_INF
+        if self.pad is not None:
+            lp[:, self.pad] = NEG_INF
         return lp
 
     # -- memories --------------------------------------------------------------------------------
@@ -278,7 +282,7 @@ class WordCodec:
     """Word-level text: whitespace tokens, a newline is </s>; output joins words with spaces."""
 
     def __init__(self, dictionary: Dictionary):
-        self.d = dictionary
+        self.d, self.pad, self.eos = dictionary, dictionary.pad, dictionary.eos
         self._at_line_start = True
 
     def encode(self, text: str) -> list[int]:
@@ -311,7 +315,7 @@ class ByteCodec:
     """Character-level (byte) data: each byte b is the symbol ``str(b)``, byte 10 is </s>."""
 
     def __init__(self, dictionary: Dictionary):
-        self.d = dictionary
+        self.d, self.pad, self.eos = dictionary, dictionary.pad, dictionary.eos
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def encode(self, text: str) -> list[int]:
@@ -331,6 +335,52 @@ class ByteCodec:
         return "".join(self.piece(t) for t in tokens) + self._dec.decode(b"", final=True)
 
 
+class HFCodec:
+    """A Hugging Face tokenizer's ids, as ``trime data prepare --hf-tokenizer`` writes them: each line's
+    tokens (no special tokens), then eos. Streamed text is the decoded line so far, piece by piece (a token
+    that ends inside a UTF-8 character waits for the next)."""
+
+    pad = None  # the tokenizer's ids have no padding token to keep out of generation
+
+    def __init__(self, tokenizer, eos: int):
+        self.tok, self.eos = tokenizer, int(eos)
+        self._line: list[int] = []  # the ids of the current line, and its text shown so far
+        self._shown = ""
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        lines = text.split("\n")
+        for i, line in enumerate(lines):
+            ids += self.tok(line, add_special_tokens=False)["input_ids"] if line else []
+            if i + 1 < len(lines):
+                ids.append(self.eos)
+        return ids
+
+    def reset(self, text: str = "") -> None:
+        """Start streaming after ``text`` (its last line spaces the first piece)."""
+        self._line = self.encode(text.rpartition("\n")[2])
+        self._shown = self.tok.decode(self._line)
+
+    def piece(self, token: int) -> str:
+        if token == self.eos:
+            self._line, self._shown = [], ""
+            return "\n"
+        self._line.append(int(token))
+        text = self.tok.decode(self._line)
+        if text.endswith("\ufffd"):
+            return ""
+        out, self._shown = text[len(self._shown) :], text
+        return out
+
+    def decode(self, tokens: list[int]) -> str:
+        self.reset()
+        return "".join(self.piece(t) for t in tokens)
+
+    def symbol(self, token: int) -> str:
+        """How one token is shown on its own."""
+        return "\n" if token == self.eos else self.tok.decode([int(token)])
+
+
 def is_byte_dictionary(d: Dictionary) -> bool:
     """True for a character-level (byte) dictionary: every real symbol is a number 0..255."""
     syms = [s for s in d.symbols if s not in SPECIALS and not s.startswith("madeupword")]
@@ -346,6 +396,23 @@ def codec_for(dictionary: Dictionary, data: str = ""):
     return ByteCodec(dictionary) if char else WordCodec(dictionary)
 
 
+def job_codec(job: Job, data: str = ""):
+    """The codec of a job's model: its dictionary's (word or byte level, :func:`codec_for`), or for a Hugging
+    Face model the tokenizer its source ships, else the one ``data`` was prepared with (:class:`HFCodec`)."""
+    if job.dictionary is not None or not isinstance(job.model_cfg, HFModelConfig):
+        return codec_for(job.need_dictionary(), data)
+    hf = getattr(job.cfg, "hf_model", "")
+    sources = [(hf, getattr(job.cfg, "gguf_file", ""))] if hf else [(str(job.ckpt_dir), "")]
+    if data and read_data_meta(data).get("tokenizer"):
+        sources.append((read_data_meta(data)["tokenizer"]["source"], ""))
+    tokenizer = next((t for t in (source_tokenizer(*s) for s in sources) if t is not None), None)
+    if tokenizer is None:
+        raise DataError(
+            f"{sources[0][0]}: no tokenizer to turn text into ids; give --data, prepared with --hf-tokenizer"
+        )
+    return HFCodec(tokenizer, job.pad_eos[1] if data else tokenizer.eos_token_id)
+
+
 # ------------------------------------------------------------------------------------------------
 # The command
 
@@ -357,20 +424,13 @@ class Generation:
     hypotheses: list[Hypothesis]
 
 
-def open_decoder(cfg: GenerateConfig) -> tuple[LMDecoder, WordCodec | ByteCodec]:
-    """Load the checkpoint, its dictionary and the external memory of ``cfg``."""
+def open_decoder(cfg: GenerateConfig) -> tuple[LMDecoder, WordCodec | ByteCodec | HFCodec]:
+    """Load the checkpoint, its vocabulary (:func:`job_codec`) and the external memory of ``cfg``."""
     job = open_model(cfg, data=cfg.data)
-    dictionary, model, model_cfg, external = job.need_dictionary(), job.model, job.model_cfg, job.external()
-    decoder = LMDecoder(
-        model,
-        cfg,
-        dim=model_cfg.d_model,
-        pad=dictionary.pad,
-        eos=dictionary.eos,
-        window=job.window,
-        external=external,
-    )
-    return decoder, codec_for(dictionary, cfg.data)
+    codec = job_codec(job, cfg.data)
+    decoder = LMDecoder(job.model, cfg, dim=job.model_cfg.d_model, pad=codec.pad, eos=codec.eos,
+                        window=job.window, external=job.external())  # fmt: skip
+    return decoder, codec
 
 
 def read_prompt(cfg: GenerateConfig) -> str:

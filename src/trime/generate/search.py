@@ -9,7 +9,7 @@ beam search, K when sampling), V vocabulary, N = B·K rows, T = ``spec.last`` (t
 
 The rules, as fairseq 0.12's ``SequenceGenerator`` applies them (restated; no fairseq code is used):
 
-- Step t = 0..T: every live row's log-probabilities get NaN → −inf, pad → −inf, unk −= unk_penalty;
+- Step t = 0..T: every live row's log-probabilities get NaN → −inf, pad (if any) → −inf, unk −= unk_penalty;
   at t = T with ``force_eos`` every token but eos → −inf; at t < min_len eos → −inf.
 - Candidates: at t = 0 only row 0 of each sentence (all rows are equal), later cumulative score +
   log-prob; the top C = min(2K, n − 1) per sentence (torch.topk; n = V at t = 0, K·V later). Sampling
@@ -69,7 +69,7 @@ class SearchSpec:
     """How to search (module docstring). ``last`` is the last step T: a hypothesis has at most T + 1 tokens."""
 
     last: int
-    pad: int
+    pad: int | None  # None: the vocabulary has no padding token (a Hugging Face model's)
     eos: int
     beam: int = 1
     nbest: int = 1
@@ -110,7 +110,8 @@ def search(decoder: Decoder, inputs: Any, spec: SearchSpec) -> list[list[Hypothe
 
 def _mask(lprobs: Tensor, step: int, spec: SearchSpec) -> None:
     lprobs.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN -> -inf in one pass
-    lprobs[:, spec.pad] = -math.inf
+    if spec.pad is not None:
+        lprobs[:, spec.pad] = -math.inf
     if spec.unk_penalty:
         lprobs[:, spec.unk] -= spec.unk_penalty
     if step >= spec.last and spec.force_eos:
@@ -167,7 +168,7 @@ def search_steps(decoder: Decoder, inputs: Any, spec: SearchSpec, finished: list
         gen.manual_seed(spec.seed)
     B0 = lprobs.shape[0] // K
     finished.extend([] for _ in range(B0))
-    tokens = torch.full((B0 * K, T + 2), spec.pad, dtype=torch.long, device=dev)  # (N, T+2) start, y_0 .. y_T
+    tokens = torch.full((B0 * K, T + 2), spec.eos, dtype=torch.long, device=dev)  # (N, T+2) start, y_0 .. y_T
     tokens[:, 0] = spec.eos
     scores = torch.zeros(B0 * K, T + 1, device=dev)  # (N, T+1) cumulative log-score after each token
     ignored = torch.zeros(B0, K, dtype=torch.bool, device=dev)  # (B, K) candidate slots not to finalise

@@ -51,7 +51,7 @@ PROGRESS = "progress.json"
 # meta fields the caller is expected to give (stored as None when missing)
 CALLER_FIELDS = ("key_type", "vocab_size", "model_fingerprint", "split_fingerprint")
 # what made the rows besides the caller fields: a resumed or reused build must agree on all of them
-BUILD_FIELDS = CALLER_FIELDS + ("split", "context_window", "tokens_per_sample")
+BUILD_FIELDS = CALLER_FIELDS + ("split", "context_window", "tokens_per_sample", "precision")
 
 
 def _empty_dir(path: Path) -> bool:

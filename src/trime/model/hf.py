@@ -539,14 +539,30 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None, device="cpu", chu
     return backbone.eval(), meta
 
 
+def hub_revision(repo_id: str, filename: str | None = None) -> str | None:
+    """The commit of the hub cache's snapshot of ``repo_id`` (its ``main``) holding ``filename`` (default
+    config.json), or None when it is not cached. Reads the local cache only."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, filename or "config.json")
+    if not isinstance(found, str):
+        return None
+    parts = Path(found).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
 def hf_fingerprint(name_or_dir: str | os.PathLike, gguf_file: str | None = None) -> str:
     """A short hash of a local model's weight files (the GGUF file, or every *.safetensors / *.bin in the
-    directory, by name and content); for a hub name, a hash of the name."""
+    directory, by name and content); for a hub name, a hash of the name and the revision in the hub cache
+    (:func:`hub_revision`; the name alone when it is not cached)."""
     source, gguf = _resolve_source(name_or_dir, gguf_file)
     path = Path(source)
     h = hashlib.sha256()
     if not path.is_dir():
-        h.update(source.encode())
+        revision = hub_revision(source, gguf)
+        h.update(source.encode() if revision is None else f"{source}@{revision}:{gguf or ''}".encode())
         return h.hexdigest()[:16]
     files = [path / gguf] if gguf else sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
     for f in files:
