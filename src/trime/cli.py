@@ -29,7 +29,7 @@ from trime.data.fetch import fetch
 from trime.data.hf_text import prepare_hf, prepare_hf_corpus
 from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
 from trime.data.pairs import CORPUS_KIND as PAIR_CORPUS_KIND
-from trime.data.pairs import prepare_pairs
+from trime.data.pairs import prepare_pairs, read_pairs_meta
 from trime.data.prepare import load_dictionary, load_split, prepare, prepare_corpus
 from trime.datastore_build import build_datastore, build_mt_datastore
 from trime.errors import TrimeError
@@ -256,7 +256,7 @@ def cmd_mt_datastore(ns: argparse.Namespace) -> None:
 
 def cmd_mt_bm25(ns: argparse.Namespace) -> None:
     cfg = C.build(C.MTBm25Config, C.overrides_from_args(ns, C.MTBm25Config))
-    io.read_meta(cfg.data, "pairs")  # refused before its work directory is made
+    read_pairs_meta(cfg.data)  # refused before its work directory is made
     bm25_pair_order(cfg.data, cfg.out, work_dir=cfg.work_dir or None, seed=cfg.seed, top_k=cfg.top_k,
                     num_shards=cfg.num_shards, n_threads=cfg.threads)  # fmt: skip
 

@@ -261,11 +261,23 @@ class TrainConfig(RunConfig):
 
 
 @dataclass
-class MTTrainConfig(RunConfig):
+class PairLangsConfig(Config):
+    """Which language pair of a fairseq data-bin to read (trime.data.fairseq_bin), when it holds several."""
+
+    source_lang: str = opt("", "a fairseq data-bin's source language (default: from its file names)", "--source-lang")
+    target_lang: str = opt("", "a fairseq data-bin's target language (default: from its file names)", "--target-lang")
+
+
+@dataclass
+class MTTrainConfig(RunConfig, PairLangsConfig):
     """Training a translation model (MT spec §6): RunConfig plus sentence-pair batches of at most
     ``--max-tokens`` (max(source, target) tokens, padded) and the translation objectives."""
 
-    data: str = opt("", "prepared pairs directory (trime data prepare --source-lang/--target-lang)", positional=True)
+    data: str = opt(
+        "",
+        "prepared pairs directory (trime data prepare --source-lang/--target-lang) or fairseq data-bin",
+        positional=True,
+    )
     save_dir: str = opt("runs/mt", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
     max_tokens: int = opt(4096, "tokens per batch per process: sentences × longest side, padded", "--max-tokens", ge=1)
     predefined_batches: str = opt(
@@ -309,10 +321,10 @@ def backend_fields(cfg: BackendConfig) -> dict[str, Any]:
 
 
 @dataclass
-class TranslateConfig(BackendConfig):
+class TranslateConfig(BackendConfig, PairLangsConfig):
     """Decoding a split of a pairs directory with beam search, and its BLEU (MT spec §9, §10)."""
 
-    data: str = opt("", "prepared pairs directory", positional=True)
+    data: str = opt("", "prepared pairs directory or fairseq data-bin", positional=True)
     path: str = opt("", "translation checkpoint (a trime run or checkpoint directory)", "--path")
     gen_subset: str = opt("test", "split to translate", "--gen-subset")
     max_tokens: int = opt(4096, "source tokens per batch", "--max-tokens", ge=1)
@@ -348,10 +360,10 @@ class TranslateConfig(BackendConfig):
 
 
 @dataclass
-class MTDatastoreConfig(Config):
+class MTDatastoreConfig(PairLangsConfig):
     """The decoder states of a translation model over a split's targets (MT spec §7), teacher-forced."""
 
-    data: str = opt("", "prepared pairs directory", positional=True)
+    data: str = opt("", "prepared pairs directory or fairseq data-bin", positional=True)
     path: str = opt("", "translation checkpoint whose decoder outputs h are stored", "--path")
     out: str = opt("", "datastore directory to write", "--out")
     subset: str = opt("train", "split to store", "--gen-subset")

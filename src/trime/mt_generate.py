@@ -25,7 +25,7 @@ from trime.checkpoint import load_model, model_fingerprint
 from trime.config import TranslateConfig
 from trime.data.dictionary import Dictionary
 from trime.data.pair_batching import batch_by_size, collate
-from trime.data.pairs import PairSplit, check_pair_vocabulary, load_pair_dictionaries, load_pair_split
+from trime.data.pairs import PairSplit, check_pair_vocabulary, chosen_langs, load_pair_dictionaries, load_pair_split
 from trime.datastore_build import target_states
 from trime.device import pick_device
 from trime.errors import ConfigError
@@ -187,11 +187,12 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
     if cfg.results_path:
         io.check_output_file(cfg.results_path, io.HYPOTHESES)  # before decoding, and again when written
     device = pick_device(cfg.device)
-    load_pair_dictionaries(cfg.data)  # a pairs directory, before the model loads
+    langs = chosen_langs(cfg)
+    load_pair_dictionaries(cfg.data, **langs)  # a pairs directory, before the model loads
     model, model_cfg, ckpt_dir = load_model(cfg.path, task="mt", device=device, trust=cfg.trust_checkpoint)
     fingerprint = model_fingerprint(ckpt_dir)
-    src_dict, tgt_dict = check_pair_vocabulary(cfg.data, model_cfg.src_vocab_size, model_cfg.tgt_vocab_size)
-    split = load_pair_split(cfg.data, cfg.gen_subset)
+    src_dict, tgt_dict = check_pair_vocabulary(cfg.data, model_cfg.src_vocab_size, model_cfg.tgt_vocab_size, **langs)
+    split = load_pair_split(cfg.data, cfg.gen_subset, **langs)
     n = len(split) if not cfg.max_sentences_total else min(cfg.max_sentences_total, len(split))
     t0 = time.perf_counter()
     if cfg.save_neighbors:

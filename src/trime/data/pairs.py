@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from trime.data.dictionary import Dictionary
+from trime.data.fairseq_bin import FORMAT as FAIRSEQ_BIN
+from trime.data.fairseq_bin import databin_kind, pair_split_files, pairs_meta
 from trime.data.prepare import check_out_dir
 from trime.errors import DataError
 from trime.io import atomic_dir, fingerprint_array, load_npy, read_json, read_meta, save_npy, sha256_file, write_meta
@@ -349,9 +351,9 @@ def prepare_pairs(
 class PairSplit:
     """One binarised split: token streams and sentence offsets of both sides (memory-mapped)."""
 
-    src: np.ndarray  # (n_src_tokens,) int32
+    src: np.ndarray  # (n_src_tokens,) int32 (a fairseq data-bin's: its own integer dtype, e.g. uint16)
     src_offsets: np.ndarray  # (n + 1,) int64
-    tgt: np.ndarray  # (n_tgt_tokens,) int32
+    tgt: np.ndarray  # (n_tgt_tokens,) int32 (or the data-bin's dtype)
     tgt_offsets: np.ndarray  # (n + 1,) int64
 
     def __len__(self) -> int:
@@ -374,30 +376,53 @@ class PairSplit:
         return self.tgt[self.tgt_offsets[i] : self.tgt_offsets[i + 1]]
 
 
-def read_pairs_meta(data_dir: str | os.PathLike) -> dict:
-    """The meta.json of a complete pairs data directory (DataError with a hint otherwise)."""
+def chosen_langs(cfg) -> dict:
+    """{"source_lang", "target_lang"} a command's config chose with --source-lang/--target-lang (None: the data's)."""
+    return {k: getattr(cfg, k, "") or None for k in ("source_lang", "target_lang")}
+
+
+def read_pairs_meta(
+    data_dir: str | os.PathLike, source_lang: str | None = None, target_lang: str | None = None
+) -> dict:
+    """The meta.json of a complete pairs data directory, or the same made from a fairseq data-bin's files
+    (trime.data.fairseq_bin; ``source_lang``/``target_lang`` choose among its pairs); DataError with a hint otherwise."""
+    kind = databin_kind(data_dir)
+    if kind == "pairs":
+        return pairs_meta(data_dir, source_lang, target_lang)
+    if kind == "lm":
+        raise DataError(
+            f"{data_dir}: a fairseq language-model data-bin (dict.txt, no dict.SRC.txt), not translation pairs"
+        )
     try:
-        return read_meta(data_dir, kind=KIND)
+        meta = read_meta(data_dir, kind=KIND)
     except DataError as e:
         raise DataError(f"{e}; {_HINT}") from None
+    langs = meta["langs"]
+    if (source_lang or langs["source"], target_lang or langs["target"]) != (langs["source"], langs["target"]):
+        raise DataError(
+            f"{data_dir}: prepared for {langs['source']}->{langs['target']}, not "
+            f"{source_lang or langs['source']}->{target_lang or langs['target']}"
+        )
+    return meta
 
 
-def pair_dictionary_files(data_dir: str | os.PathLike) -> dict[str, Path]:
+def pair_dictionary_files(data_dir: str | os.PathLike, **langs) -> dict[str, Path]:
     """{dict.SRC.txt: path, dict.TGT.txt: path} of a pairs directory (what a checkpoint copies)."""
-    langs = read_pairs_meta(data_dir)["langs"]
+    langs = read_pairs_meta(data_dir, **langs)["langs"]
     return {f"dict.{lang}.txt": Path(data_dir) / f"dict.{lang}.txt" for lang in (langs["source"], langs["target"])}
 
 
-def load_pair_dictionaries(data_dir: str | os.PathLike) -> tuple[Dictionary, Dictionary]:
-    """(source, target) dictionaries of a pairs data directory."""
-    langs = read_pairs_meta(data_dir)["langs"]
-    return tuple(Dictionary.load(Path(data_dir) / f"dict.{langs[k]}.txt") for k in ("source", "target"))
+def load_pair_dictionaries(data_dir: str | os.PathLike, **langs) -> tuple[Dictionary, Dictionary]:
+    """(source, target) dictionaries of a pairs data directory (``langs``: :func:`read_pairs_meta`'s)."""
+    return tuple(Dictionary.load(p) for p in pair_dictionary_files(data_dir, **langs).values())
 
 
-def check_pair_vocabulary(data_dir: str | os.PathLike, src_size: int, tgt_size: int) -> tuple[Dictionary, Dictionary]:
+def check_pair_vocabulary(
+    data_dir: str | os.PathLike, src_size: int, tgt_size: int, **langs
+) -> tuple[Dictionary, Dictionary]:
     """The (source, target) dictionaries of a pairs directory, refused (one DataError line) when their
     sizes are not a translation model's: data prepared with other dictionaries labels rows in other ids."""
-    src, tgt = load_pair_dictionaries(data_dir)
+    src, tgt = load_pair_dictionaries(data_dir, **langs)
     if (len(src), len(tgt)) != (src_size, tgt_size):
         raise DataError(
             f"{data_dir}: dictionaries of {len(src)}/{len(tgt)} types, the model expects {src_size}/{tgt_size}: "
@@ -406,12 +431,16 @@ def check_pair_vocabulary(data_dir: str | os.PathLike, src_size: int, tgt_size: 
     return src, tgt
 
 
-def load_pair_split(data_dir: str | os.PathLike, split: str) -> PairSplit:
-    """The binarised ``split`` of a pairs data directory, memory-mapped read-only and checked against meta.json."""
-    meta = read_pairs_meta(data_dir)
+def load_pair_split(data_dir: str | os.PathLike, split: str, **langs) -> PairSplit:
+    """The binarised ``split`` of a pairs data directory (or data-bin), memory-mapped read-only and checked
+    against its meta.json (``langs``: :func:`read_pairs_meta`'s)."""
+    meta = read_pairs_meta(data_dir, **langs)
     splits = meta["splits"]
     if split not in splits:
-        raise DataError(f"{data_dir}: no {split!r} split (has: {', '.join(sorted(splits))})")
+        raise DataError(f"{data_dir}: no {split!r} split (has: {', '.join(sorted(splits)) or 'none'})")
+    if meta.get("format") == FAIRSEQ_BIN:
+        src, tgt = pair_split_files(data_dir, meta, split)
+        return PairSplit(src.tokens, src.offsets, tgt.tokens, tgt.offsets)
     arrays = []
     for lang in (meta["langs"]["source"], meta["langs"]["target"]):
         ids = load_npy(Path(data_dir) / f"{split}.{lang}.npy")

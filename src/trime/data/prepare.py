@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from trime.data.dictionary import Dictionary
+from trime.data.fairseq_bin import FORMAT as FAIRSEQ_BIN
+from trime.data.fairseq_bin import databin_kind, lm_meta, read_indexed
 from trime.errors import DataError
 from trime.io import (
     atomic_dir,
@@ -347,7 +349,13 @@ def prepare_corpus(
 
 
 def read_data_meta(data_dir: str | os.PathLike) -> dict:
-    """The meta.json of a complete data directory (DataError with a hint otherwise)."""
+    """The meta.json of a complete data directory, or the same made from a fairseq LM data-bin's files
+    (trime.data.fairseq_bin); DataError with a hint otherwise."""
+    kind = databin_kind(data_dir)
+    if kind == "lm":
+        return lm_meta(data_dir)
+    if kind == "pairs":
+        raise DataError(f"{data_dir}: a fairseq data-bin of translation pairs, not language-model data (dict.txt)")
     try:
         return read_meta(data_dir, kind="data")
     except DataError as e:
@@ -379,12 +387,14 @@ def load_dictionary(data_dir: str | os.PathLike) -> Dictionary:
 
 
 def load_split(data_dir: str | os.PathLike, split: str) -> np.ndarray:
-    """(n_tokens,) int32 token stream of ``split``, memory-mapped read-only."""
+    """(n_tokens,) int32 token stream of ``split``, memory-mapped read-only (a data-bin's: in its own dtype)."""
     meta = read_data_meta(data_dir)
     splits = meta.get("splits", {})
     if split not in splits:
         have = ", ".join(sorted(splits)) or "none"
         raise DataError(f"{data_dir}: no {split!r} split (has: {have}); {_HINT} with a {split} file")
+    if meta.get("format") == FAIRSEQ_BIN:
+        return read_indexed(Path(data_dir) / split).tokens
     ids = load_npy(Path(data_dir) / f"{split}.npy", mmap=True)
     if ids.dtype != np.int32 or ids.ndim != 1 or len(ids) != splits[split]["tokens"]:
         raise DataError(f"{data_dir}/{split}.npy: does not match meta.json; rerun `trime data prepare --overwrite`")
