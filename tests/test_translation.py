@@ -118,9 +118,8 @@ def test_generate_a_fairseq_checkpoint_equals_fairseq_generate(tmp_path, capsys)
     assets = Path(__file__).parent / "assets" / "fairseq_mt"
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for split in ("train", "test"):  # the test set twice: prepare_pairs needs a train split
-        shutil.copy(assets / "test.src", corpus / f"{split}.src")
-        shutil.copy(assets / "test.tgt", corpus / f"{split}.tgt")
+    for side in ("src", "tgt"):  # a test split alone: the model's dictionaries are given
+        shutil.copy(assets / f"test.{side}", corpus / f"test.{side}")
     data = prepare_pairs(corpus, tmp_path / "data", src_dict=assets / "dict.src.txt", tgt_dict=assets / "dict.tgt.txt")
     args = ["mt", "generate", str(data), "--path", str(assets / "post_tied.pt"), "--beam", "5"]
     assert main(args) == 0

@@ -680,11 +680,22 @@ class PrepareConfig(Config):
         "--hf-tokenizer",
     )
     gguf_file: str = opt("", "the GGUF file inside --hf-tokenizer's directory", "--gguf-file")
+    sentencepiece_model: str = opt(
+        "", "encode the text with this sentencepiece model first (e.g. a released model's)", "--sentencepiece-model"
+    )
+    sentencepiece_vocab: int = opt(
+        0, "train a sentencepiece model of this many pieces on train and encode with it (0: none)",
+        "--sentencepiece-vocab", ge=0,
+    )  # fmt: skip
     overwrite: bool = opt(False, "replace an earlier data directory of trime's", "--overwrite")
 
     def check(self) -> None:
         if self.hf_tokenizer and (self.char_level or self.dict):
             raise ConfigError("--hf-tokenizer replaces --dict and --char-level: give one of them")
+        if self.sentencepiece_model and self.sentencepiece_vocab:
+            raise ConfigError("give --sentencepiece-model (apply one) or --sentencepiece-vocab (train one), not both")
+        if (self.sentencepiece_model or self.sentencepiece_vocab) and (self.hf_tokenizer or self.char_level):
+            raise ConfigError("--sentencepiece-* tokenise words; not with --hf-tokenizer or --char-level")
         if self.gguf_file and not self.hf_tokenizer:
             raise ConfigError("--gguf-file needs --hf-tokenizer (the directory holding it)")
 

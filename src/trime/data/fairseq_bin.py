@@ -246,6 +246,14 @@ def lm_meta(data_dir: str | os.PathLike) -> dict:
     }
 
 
+def databin_meta(data_dir: str | os.PathLike, source_lang: str | None = None, target_lang: str | None = None):
+    """:func:`pairs_meta` or :func:`lm_meta` of a data-bin; None when ``data_dir`` is not one."""
+    kind = databin_kind(data_dir)
+    if kind == "pairs":
+        return pairs_meta(data_dir, source_lang, target_lang)
+    return lm_meta(data_dir) if kind == "lm" else None
+
+
 def refuse_as_input(data_dir: str | os.PathLike) -> None:
     """``trime data prepare`` takes text: a data-bin is already binarised, and every command reads it as it is."""
     kind = databin_kind(data_dir)

@@ -43,8 +43,9 @@ import numpy as np
 
 from trime.data.dictionary import Dictionary
 from trime.data.fairseq_bin import FORMAT as FAIRSEQ_BIN
-from trime.data.fairseq_bin import databin_kind, pair_split_files, pairs_meta
+from trime.data.fairseq_bin import databin_kind, pair_split_files, pairs_meta, refuse_as_input
 from trime.data.prepare import check_out_dir
+from trime.data.spm import Pieces
 from trime.errors import DataError
 from trime.io import atomic_dir, fingerprint_array, load_npy, read_json, read_meta, save_npy, sha256_file, write_meta
 
@@ -76,16 +77,18 @@ def read_lines(path: str | os.PathLike) -> list[str]:
 
 
 def corpus_files(
-    corpus_dir: str | os.PathLike, source_lang: str | None = None, target_lang: str | None = None
+    corpus_dir: str | os.PathLike, source_lang: str | None = None, target_lang: str | None = None, need_train=True
 ) -> tuple[str, str, dict[str, tuple[Path, Path]]]:
     """(source lang, target lang, {split: (source file, target file)}) of a pair corpus directory.
 
     The languages come from the arguments, else from the corpus meta.json, else ``src``/``tgt``.
-    A split is present when its source file is; its target file must then exist too. ``train`` is required.
+    A split is present when its source file is; its target file must then exist too. ``train`` is required
+    when ``need_train`` (to build a dictionary or learn subwords), else any one split.
     """
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise DataError(f"{corpus_dir}: no such corpus directory (run `trime data fetch` first)")
+    refuse_as_input(corpus_dir)
     meta = read_json(corpus_dir / "meta.json") if (corpus_dir / "meta.json").is_file() else {}
     langs = meta.get("langs", {})
     src = source_lang or langs.get("source") or "src"
@@ -102,13 +105,17 @@ def corpus_files(
                     f"{t.name if s.is_file() else s.name}"
                 )
             files[split] = (s, t)
-    if "train" not in files:
-        have = ", ".join(sorted(p.name for p in corpus_dir.iterdir() if p.is_file())) or "nothing"
-        raise DataError(
-            f"{corpus_dir}: no train.{src} / train.{tgt} (has: {have}); "
-            "pass --source-lang/--target-lang to name the file suffixes"
-        )
-    return src, tgt, files
+    if files and ("train" in files or not need_train):
+        return src, tgt, files
+    have = ", ".join(sorted(p.name for p in corpus_dir.iterdir() if p.is_file())) or "nothing"
+    if not files:
+        named = "" if source_lang and target_lang else "; pass --source-lang/--target-lang to name the file suffixes"
+        raise DataError(f"{corpus_dir}: no {{train,valid,test}}.{src} / .{tgt} files (has: {have}){named}")
+    raise DataError(
+        f"{corpus_dir}: no train.{src} / train.{tgt} (has: {have}); the dictionaries are built from train: "
+        "add it, or give --src-dict and --tgt-dict (and --bpe-codes or --sentencepiece-model, not a number of merges "
+        "or pieces to learn)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,18 +211,23 @@ def encode_lines(lines: list[str], d: Dictionary) -> tuple[np.ndarray, np.ndarra
     return np.asarray(ids, dtype=np.int32), offsets, replaced
 
 
+def _dicts_given(joined: bool, src_dict, tgt_dict) -> bool:
+    """Whether the dictionaries are all given (nothing to count on a train split)."""
+    return src_dict is not None or tgt_dict is not None if joined else src_dict is not None and tgt_dict is not None
+
+
 def _resolve_dicts(
-    train: tuple[list[str], list[str]], joined: bool, src_dict, tgt_dict
+    train: tuple[list[str], list[str]] | None, joined: bool, src_dict, tgt_dict
 ) -> tuple[Dictionary, Dictionary]:
-    src_counts, tgt_counts = count_tokens(train[0]), count_tokens(train[1])
+    """(source, target) dictionaries: the given ones, the rest built from ``train`` (None when all are given)."""
     if joined:
         if src_dict is not None or tgt_dict is not None:
             given = Dictionary.load(src_dict if src_dict is not None else tgt_dict)
             return given, given
-        d = Dictionary.build(src_counts + tgt_counts)
+        d = Dictionary.build(count_tokens(train[0]) + count_tokens(train[1]))
         return d, d
-    s = Dictionary.load(src_dict) if src_dict is not None else Dictionary.build(src_counts)
-    t = Dictionary.load(tgt_dict) if tgt_dict is not None else Dictionary.build(tgt_counts)
+    s = Dictionary.load(src_dict) if src_dict is not None else Dictionary.build(count_tokens(train[0]))
+    t = Dictionary.load(tgt_dict) if tgt_dict is not None else Dictionary.build(count_tokens(train[1]))
     return s, t
 
 
@@ -248,21 +260,32 @@ def prepare_pairs(
     joined_dictionary: bool = False,
     src_dict: str | os.PathLike | None = None,
     tgt_dict: str | os.PathLike | None = None,
+    sentencepiece_model: str | os.PathLike | None = None,
+    sentencepiece_vocab: int | None = None,
     allow_empty: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Binarise the pair corpus ``corpus_dir`` into the pairs data directory ``out_dir`` (module docstring).
 
     ``bpe_merges`` learns a joint BPE on the (tokenised) train split; ``bpe_codes`` applies given codes
-    instead (at most one of them). ``src_dict`` / ``tgt_dict`` (dict.txt files, e.g. a released model's)
-    replace the dictionaries built from train. Moses tokenisation takes the file suffixes as its language codes
+    instead (at most one of them). ``sentencepiece_model`` encodes both sides with a given sentencepiece model
+    instead of BPE, ``sentencepiece_vocab`` trains one of that many pieces on train (trime.data.spm; saved with
+    the data). ``src_dict`` / ``tgt_dict`` (dict.txt files, e.g. a released model's) replace the dictionaries
+    built from train; with both (or one and ``joined_dictionary``) and nothing to learn, no train split is needed. Moses tokenisation takes the file suffixes as its language codes
     (de, en, es, ...; ``src``/``tgt`` get its language-neutral rules). Any bad input is a one-line DataError and
     leaves nothing behind.
     """
     t0 = time.perf_counter()
     if bpe_merges is not None and bpe_codes is not None:
         raise DataError("give either --bpe-merges (learn BPE) or --bpe-codes (apply given codes), not both")
-    src, tgt, files = corpus_files(corpus_dir, source_lang, target_lang)
+    spm_given = sentencepiece_model is not None or sentencepiece_vocab is not None
+    if spm_given and (bpe_merges is not None or bpe_codes is not None):
+        raise DataError("give BPE (--bpe-merges/--bpe-codes) or sentencepiece (--sentencepiece-*), not both")
+    if sentencepiece_model is not None and sentencepiece_vocab is not None:
+        raise DataError("give --sentencepiece-model (apply one) or --sentencepiece-vocab (train one), not both")
+    learns = bpe_merges is not None or sentencepiece_vocab is not None
+    need_train = learns or not _dicts_given(joined_dictionary, src_dict, tgt_dict)
+    src, tgt, files = corpus_files(corpus_dir, source_lang, target_lang, need_train)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, KIND, overwrite)
     codes = None
@@ -272,6 +295,7 @@ def prepare_pairs(
             raise DataError(f"{path}: no such BPE codes file")
         codes = path.read_text(encoding="utf-8")
         apply_bpe([], codes, str(path))  # validate before the long steps
+    pieces = Pieces.load(sentencepiece_model) if sentencepiece_model is not None else None
 
     texts: dict[str, tuple[list[str], list[str]]] = {}
     for split, (sp, tp) in files.items():
@@ -287,13 +311,20 @@ def prepare_pairs(
     if codes is not None:
         _progress("applying BPE")
         texts = {k: (apply_bpe(s, codes), apply_bpe(t, codes)) for k, (s, t) in texts.items()}
-    sd, td = _resolve_dicts(texts["train"], joined_dictionary, src_dict, tgt_dict)
+    if sentencepiece_vocab is not None:
+        _progress(f"training a sentencepiece model of {sentencepiece_vocab} pieces on train.{src} + train.{tgt}")
+        pieces = Pieces.train(texts["train"][0] + texts["train"][1], sentencepiece_vocab)
+    if pieces is not None:
+        _progress("applying sentencepiece")
+        texts = {k: (pieces.encode(s), pieces.encode(t)) for k, (s, t) in texts.items()}
+    sd, td = _resolve_dicts(texts.get("train"), joined_dictionary, src_dict, tgt_dict)
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         sd.save(tmp / f"dict.{src}.txt")
         td.save(tmp / f"dict.{tgt}.txt")
         if codes is not None:
             (tmp / CODES).write_text(codes, encoding="utf-8")
+        spm_meta = pieces.save(tmp) if pieces is not None else None
         splits = {}
         for split, (s_lines, t_lines) in texts.items():
             entry = {"pairs": len(s_lines)}
@@ -334,6 +365,7 @@ def prepare_pairs(
                     "codes": "learned" if bpe_merges is not None else str(Path(bpe_codes).resolve()),
                     "sha256": sha256_file(tmp / CODES),
                 },
+                "sentencepiece": spm_meta,
                 "allow_empty": bool(allow_empty),
             },
             corpus=read_json(corpus_meta) if corpus_meta.is_file() else None,
