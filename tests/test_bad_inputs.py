@@ -759,20 +759,12 @@ def fairseq_pt() -> Path:
     return Path(__file__).parent / "assets" / "fairseq" / "wt103_style.pt"
 
 
-@pytest.fixture(scope="module")
-def fairseq_mt_pt() -> Path:
-    return Path(__file__).parent / "assets" / "fairseq_mt" / "post_tied.pt"
-
-
-@pytest.fixture(scope="module")
-def databin() -> Path:
-    """fairseq-preprocess's test split of tests/assets/fairseq_mt with its dictionaries (src-tgt)."""
-    return Path(__file__).parent / "assets" / "fairseq_databin" / "mt"
-
-
-@pytest.fixture(scope="module")
-def lm_databin() -> Path:
-    return Path(__file__).parent / "assets" / "fairseq_databin" / "lm"
+# committed inputs the catalogue names, read in place (tests/assets)
+ASSET_INPUTS = {
+    "fairseq_mt_pt": "fairseq_mt/post_tied.pt",
+    "databin": "fairseq_databin/mt",  # fairseq-preprocess's test split of fairseq_mt with its dictionaries
+    "lm_databin": "fairseq_databin/lm",
+}
 
 
 @pytest.fixture(scope="module")
@@ -871,8 +863,10 @@ def _broken(name: str, request, inputs: Path) -> Path:
         (inputs / "half.pt").write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
         shutil.copy(pt.parent / "word" / "dict.txt", inputs / "dict.txt")
         return inputs / "half.pt"
+    if name in ASSET_INPUTS:
+        return Path(__file__).parent / "assets" / ASSET_INPUTS[name]
     if name == "databin_cut":  # a data-bin whose source .bin lost its end
-        out = Path(shutil.copytree(request.getfixturevalue("databin"), inputs / "databin"))
+        out = Path(shutil.copytree(Path(__file__).parent / "assets" / ASSET_INPUTS["databin"], inputs / "databin"))
         b = out / "test.src-tgt.src.bin"
         b.write_bytes(b.read_bytes()[:100])
         return out

@@ -8,6 +8,7 @@ fairseq/word/test.ids.npy, fairseq_databin/spm/ids.json (fairseq's reader on the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -147,31 +148,40 @@ def test_index_layout_and_damage(tmp_path):
             read_indexed(prefix)
 
 
-def _hyps(capsys) -> dict[int, tuple[str, float]]:
+def _hyps(lines: list[str]) -> dict[int, tuple[str, float]]:
     out = {}
-    for line in capsys.readouterr().out.splitlines():
+    for line in lines:
         if line.startswith("H-"):
             key, score, text = line.split("\t")
             out[int(key[2:])] = (text, float(score))
     return out
 
 
-def test_generate_and_score_reference_on_a_data_bin_equal_fairseq(capsys):
-    """`trime mt generate DATA-BIN --path X.pt`: fairseq-generate's hypotheses and scores (beam 5), and with
-    --score-reference fairseq's teacher-forced scores; a test split and the dictionaries are all it needs."""
-    want = json.loads((ASSETS / "fairseq_mt" / "generate.json").read_text())["post_tied"]
-    args = ["mt", "generate", str(BIN / "mt"), "--path", str(ASSETS / "fairseq_mt" / "post_tied.pt"), "--device", "cpu"]
-    assert main([*args, "--beam", "5"]) == 0
-    got = _hyps(capsys)
-    symbols = load_pair_dictionaries(BIN / "mt")[1].symbols
-    assert len(got) == 40
-    for i, nbest in want["beam5"]["hypos"].items():
-        assert got[int(i)][0] == " ".join(symbols[t] for t in nbest[0]["tokens"][:-1]), i
-        assert got[int(i)][1] == pytest.approx(nbest[0]["score"], abs=1e-4), i
-    assert main([*args, "--score-reference"]) == 0
-    got = _hyps(capsys)
-    for i, nbest in want["score_reference"]["hypos"].items():
-        assert got[int(i)][1] == pytest.approx(nbest[0]["score"], abs=1e-4), i
+def test_generate_and_score_reference_on_a_data_bin_equal_fairseq(tmp_path, capsys):
+    """`trime mt generate DATA-BIN --path X.pt` prints what it prints on trime's own prepare of the same test
+    text (S/T/H/D lines, BLEU): fairseq-generate's hypotheses and scores (beam 5); with --score-reference,
+    fairseq's teacher-forced scores. A test split and the dictionaries are all it needs."""
+    mt = ASSETS / "fairseq_mt"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for side in ("src", "tgt"):
+        shutil.copy(mt / f"test.{side}", corpus)
+    own = prepare_pairs(corpus, tmp_path / "own", src_dict=mt / "dict.src.txt", tgt_dict=mt / "dict.tgt.txt")
+    want = json.loads((mt / "generate.json").read_text())["post_tied"]
+    for flags, setting in ((["--beam", "5"], "beam5"), (["--score-reference"], "score_reference")):
+        outs = []
+        for data in (BIN / "mt", own):
+            assert (
+                main(["mt", "generate", str(data), "--path", str(mt / "post_tied.pt"), "--device", "cpu", *flags]) == 0
+            )
+            outs.append([re.sub(r" in [0-9.]+ s", "", ln) for ln in capsys.readouterr().out.splitlines()])
+        assert outs[0] == outs[1]
+        got = _hyps(outs[0])
+        symbols = load_pair_dictionaries(BIN / "mt")[1].symbols
+        assert len(got) == 40
+        for i, nbest in want[setting]["hypos"].items():
+            assert got[int(i)][0] == " ".join(symbols[t] for t in nbest[0]["tokens"][:-1]), i
+            assert got[int(i)][1] == pytest.approx(nbest[0]["score"], abs=1e-4), i
 
 
 def test_mt_datastore_and_training_take_a_data_bin(tmp_path):

@@ -23,6 +23,11 @@ with ``bpe_merges`` merges on train.L1 followed by train.L2, min frequency 2 as 
 given with ``bpe_codes``, so a released model's codes apply), then binarisation exactly as fairseq: whitespace
 tokens, unknown ones -> ``<unk>``, eos appended.
 
+A fairseq data-bin (fairseq-preprocess's own .bin/.idx output) is read wherever a pairs data directory is
+(:func:`read_pairs_meta`, :func:`load_pair_split`; trime.data.fairseq_bin), its languages chosen with
+``source_lang``/``target_lang`` when it holds several pairs. sentencepiece (``sentencepiece_model`` /
+``sentencepiece_vocab``, trime.data.spm) takes BPE's place in the text pipeline.
+
 Empty lines: fairseq-preprocess keeps them (an empty sentence is just ``</s>``). Here an empty or whitespace-only
 line on either side (after tokenisation) is a DataError naming the file and line, unless ``allow_empty=True``,
 which keeps them as fairseq does. Files are read as fairseq reads them: UTF-8, universal newlines.

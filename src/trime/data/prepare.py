@@ -10,6 +10,10 @@ as numpy instead of fairseq's .bin/.idx::
                             "splits": {split: {"tokens", "lines", "unk", "replaced", "fingerprint",
                                                "source", "source_sha256", "source_bytes"}}}
 
+With sentencepiece (trime.data.spm) the text is encoded into pieces first and ``sentencepiece.model``
+is saved next to dict.txt. A fairseq LM data-bin (``dict.txt``, ``{split}.bin/.idx``) is read wherever
+a data directory is (:func:`read_data_meta`, :func:`load_split`; trime.data.fairseq_bin).
+
 ``unk`` counts the ids equal to unk in the split; ``replaced`` is fairseq's "replaced by <unk>"
 count (out-of-dictionary tokens, not literal ``<unk>`` ones).
 
