@@ -81,8 +81,9 @@ def _is_pair_corpus(cfg: C.PrepareConfig, pairs: C.PairPrepareConfig) -> bool:
     flags = [f"--{k.replace('_', '-')}" for k, v in C.to_dict(pairs).items() if v != default[k]]
     lm_files = [f"{s}.txt" for s in ("train", "valid", "test") if (Path(cfg.src) / f"{s}.txt").is_file()]
     if flags and lm_files and not (pairs.source_lang or pairs.target_lang):
+        verb = "is" if len(flags) == 1 else "are"
         raise TrimeError(
-            f"{cfg.src} is a language-model corpus ({', '.join(lm_files)}), but {', '.join(flags)} {'is' if len(flags) == 1 else 'are'} for "
+            f"{cfg.src} is a language-model corpus ({', '.join(lm_files)}), but {', '.join(flags)} {verb} for "
             "translation pairs: give --source-lang/--target-lang for a pair corpus, or --dict for a language model"
         )
     return bool(flags or kind == PAIR_CORPUS_KIND)

@@ -111,15 +111,16 @@ def stream_stats(tokens: np.ndarray, unk: int) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _stats(prefix: str, unk: int, stamp: tuple) -> dict:
-    """Counts of one dataset, cached per (path, size, mtime) ``stamp`` of its .bin."""
+    """Counts of one dataset, cached per ``stamp``: the (size, mtime) of its .bin and .idx."""
     ds = read_indexed(prefix)
     return {"lines": len(ds.offsets) - 1, **stream_stats(ds.tokens, unk)}
 
 
 def split_stats(prefix: Path, d: Dictionary, dict_path: Path) -> dict:
     """meta.json-style counts of the dataset ``prefix`` encoded with ``d``; ids outside ``d`` are refused."""
-    st = Path(f"{prefix}.bin").stat() if Path(f"{prefix}.bin").is_file() else None
-    stats = dict(_stats(str(prefix), d.unk, (st.st_size, st.st_mtime_ns) if st else None))
+    files = [Path(f"{prefix}.{ext}") for ext in ("bin", "idx")]
+    stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in files)
+    stats = dict(_stats(str(prefix), d.unk, stamp))
     top = stats.pop("max_id")
     if top >= len(d):
         raise DataError(

@@ -264,8 +264,8 @@ class PairData:
             batches = pair_batches(train.src_sizes, train.tgt_sizes, seed=cfg.seed, **limits)
         valid_fixed = pair_batches(valid.src_sizes, valid.tgt_sizes, shuffle=False, skip_invalid=False, **limits)
         return cls(
-            train, valid, batches, valid_fixed, cfg.seed, pair_dictionary_files(cfg.data, **langs), device, rank, world_size,
-            predefined=bool(cfg.predefined_batches),
+            train, valid, batches, valid_fixed, cfg.seed, pair_dictionary_files(cfg.data, **langs), device, rank,
+            world_size, predefined=bool(cfg.predefined_batches),
         )  # fmt: skip
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:

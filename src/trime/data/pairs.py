@@ -276,7 +276,8 @@ def prepare_pairs(
     instead (at most one of them). ``sentencepiece_model`` encodes both sides with a given sentencepiece model
     instead of BPE, ``sentencepiece_vocab`` trains one of that many pieces on train (trime.data.spm; saved with
     the data). ``src_dict`` / ``tgt_dict`` (dict.txt files, e.g. a released model's) replace the dictionaries
-    built from train; with both (or one and ``joined_dictionary``) and nothing to learn, no train split is needed. Moses tokenisation takes the file suffixes as its language codes
+    built from train; with both (or one and ``joined_dictionary``) and nothing to learn, no train split is needed.
+    Moses tokenisation takes the file suffixes as its language codes
     (de, en, es, ...; ``src``/``tgt`` get its language-neutral rules). Any bad input is a one-line DataError and
     leaves nothing behind.
     """

@@ -335,7 +335,7 @@ def _prepare(
             level="char" if char_level else "word",
             vocab_size=len(d),
             dictionary={"source": origin, "sha256": sha256_file(tmp / DICT)},
-            sentencepiece=spm_meta,
+            **({"sentencepiece": spm_meta} if spm_meta else {}),  # what encoded the text, when not just words
             corpus=corpus,
             splits=split_meta,
         )
