@@ -586,6 +586,8 @@ OUTSIDE_THE_DOMAIN = [
     ("train-not-an-int", ("train", "{data}", *MICRO_RUN, "--max-update", "ten"), "invalid int value: 'ten'"),
     ("train-unknown-flag", ("train", "{data}", *MICRO_RUN, "--learning-rate", "1"), "unrecognized arguments"),
     ("hf-eval-tokens-per-sample", ("eval", "{data}", "--hf-model", "{hf}", "--tokens-per-sample", "-1"), "--tokens-per-sample must be >= 0"),
+    ("prepare-sentencepiece-vocab", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--sentencepiece-vocab", "-1"), "--sentencepiece-vocab must be >= 0"),
+    ("prepare-sentencepiece-vocab-too-high", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--sentencepiece-vocab", "100000"), "Vocabulary size too high (100000)"),
 ]  # fmt: skip
 
 MISSING_FILE = [
@@ -620,7 +622,7 @@ MISSING_FILE = [
     ("mt-generate-data", ("mt", "generate", "{tmp}/nodata", "--path", "{mt_ckpt}", *CPU), "nodata"),
     ("mt-generate-path", ("mt", "generate", "{pairs}", "--path", "{tmp}/nockpt", *CPU), "nockpt"),
     ("mt-generate-dstore", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", *CPU, "--dstore-filename", "{tmp}/nods", "--indexfile", "{tmp}/noidx"), "nods"),
-    pytest.param("mt-generate-ja-without-mecab", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", *CPU, "--target-lang", "ja"), 'pip install "sacrebleu[ja]"',
+    pytest.param("mt-generate-ja-without-mecab", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt}", *CPU, "--moses-target-lang", "ja"), 'pip install "sacrebleu[ja]"',
                  marks=pytest.mark.skipif(has_mecab(), reason="MeCab is installed: ja-mecab works")),  # a missing package
     ("mt-datastore-data", ("mt", "datastore", "{tmp}/nodata", "--path", "{mt_ckpt}", "--out", "{tmp}/d", *CPU), "nodata"),
     ("mt-bm25-data", ("mt", "bm25", "{tmp}/nodata", "--out", "{tmp}/o.json"), "nodata"),
@@ -630,6 +632,14 @@ MISSING_FILE = [
     ("hf-datastore-model", ("datastore", "build", "{data}", "--hf-model", "{tmp}/nohf", "--out", "{tmp}/d", *CPU), "nohf"),
     ("hf-train-model", ("train", "{data}", *MICRO_RUN, "--hf-model", "{tmp}/nohf", *CPU), "nohf"),
     ("hf-prepare-tokenizer", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--hf-tokenizer", "{tmp}/notok"), "notok"),
+    ("prepare-sentencepiece-model", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--sentencepiece-model", "{tmp}/no.model"), "no.model"),
+    ("prepare-pairs-without-train", ("data", "prepare", "{pairs_test_only}", "--out", "{tmp}/d", "--source-lang", "es", "--target-lang", "en"), "no train.es / train.en (has: test.en, test.es); the dictionaries are built from train"),
+    ("prepare-pairs-learn-without-train", ("data", "prepare", "{pairs_test_only}", "--out", "{tmp}/d", "--source-lang", "es", "--target-lang", "en", "--src-dict", "{pairs}/dict.es.txt", "--tgt-dict", "{pairs}/dict.en.txt", "--bpe-merges", "10"), "no train.es / train.en"),
+    ("prepare-pairs-other-langs", ("data", "prepare", "{pairs_raw}", "--out", "{tmp}/d", "--source-lang", "de", "--target-lang", "fr"), "no {train,valid,test}.de / .fr files (has: test.en, test.es"),
+    ("prepare-pairs-dicts-without-langs", ("data", "prepare", "{pairs_raw}", "--out", "{tmp}/d", "--src-dict", "{pairs}/dict.es.txt", "--tgt-dict", "{pairs}/dict.en.txt"), "pass --source-lang/--target-lang to name the file suffixes"),
+    ("mt-generate-data-bin-split", ("mt", "generate", "{databin}", "--path", "{fairseq_mt_pt}", "--gen-subset", "valid", *CPU), "no 'valid' split (has: test)"),
+    ("mt-generate-data-bin-langs", ("mt", "generate", "{databin}", "--path", "{fairseq_mt_pt}", "--source-lang", "de", "--target-lang", "en", *CPU), "no de-en files in this fairseq data-bin (its pairs: src-tgt)"),
+    ("eval-lm-data-bin-split", ("eval", "{lm_databin}", "--path", "{fairseq_pt}", "--gen-subset", "valid", *CPU), "no 'valid' split (has: test)"),
 ]  # fmt: skip
 
 WRONG_KIND_OF_ARTIFACT = [
@@ -657,6 +667,11 @@ WRONG_KIND_OF_ARTIFACT = [
     ("mt-train-lm-preset", ("mt", "train", "{pairs}", "--preset", "micro", "--save-dir", "{tmp}/r"), "a language-model recipe"),
     ("train-mt-preset", ("train", "{data}", "--preset", "mt_micro", "--save-dir", "{tmp}/r"), "a translation recipe"),
     ("hf-eval-trime-checkpoint", ("eval", "{data}", "--hf-model", "{ckpt}", *CPU), "cannot load a causal LM"),
+    ("prepare-a-data-bin", ("data", "prepare", "{databin}", "--out", "{tmp}/d", "--source-lang", "src", "--target-lang", "tgt"), "already binarised (fairseq-preprocess output); nothing to prepare"),
+    ("prepare-an-lm-data-bin", ("data", "prepare", "{lm_databin}", "--out", "{tmp}/d"), "pass it to `trime eval/train/datastore build` as it is"),
+    ("mt-generate-lm-data-bin", ("mt", "generate", "{lm_databin}", "--path", "{fairseq_mt_pt}", *CPU), "a fairseq language-model data-bin"),
+    ("eval-pairs-data-bin", ("eval", "{databin}", "--path", "{fairseq_pt}", *CPU), "a fairseq data-bin of translation pairs"),
+    ("prepare-sentencepiece-not-a-model", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--sentencepiece-model", "{data}/dict.txt"), "not a sentencepiece model"),
 ]  # fmt: skip
 
 MISMATCHED_VOCABULARY = [
@@ -668,6 +683,7 @@ MISMATCHED_VOCABULARY = [
     ("train-resume", ("train", "{other}", "--preset", "micro", "--save-dir", "{trained}"), "a run of another model"),
     ("mt-generate", ("mt", "generate", "{other_pairs}", "--path", "{mt_ckpt}", *CPU), "the model expects"),
     ("mt-datastore", ("mt", "datastore", "{other_pairs}", "--path", "{mt_ckpt}", "--out", "{tmp}/d", *CPU), "the model expects"),
+    ("mt-generate-data-bin", ("mt", "generate", "{databin}", "--path", "{mt_ckpt}", *CPU), "the model expects"),
     ("hf-eval", ("eval", "{data}", "--hf-model", "{hf}", *CPU), "the vocabulary has"),
 ]  # fmt: skip
 
@@ -698,6 +714,10 @@ CONFLICTING_FLAGS = [
     ("bm25-search-shard-id", ("bm25", "search", "{bm25}/index", "{bm25}/segments.jsonl", "--out", "{tmp}/r", "--shard-id", "3", "--num-shards", "2"), "--shard-id 3"),
     ("train-max-tokens", ("train", "{data}", *MICRO_RUN, "--max-tokens", "100"), "--max-tokens"),
     ("sweep-empty-grid", ("sweep", "{nb}", "--lmbda", ","), "--lmbda needs at least one value"),
+    ("prepare-sentencepiece-model-and-vocab", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--sentencepiece-model", "m", "--sentencepiece-vocab", "8"), "not both"),
+    ("prepare-sentencepiece-and-char-level", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--char-level", "--sentencepiece-vocab", "8"), "not with --hf-tokenizer or --char-level"),
+    ("prepare-sentencepiece-and-bpe", ("data", "prepare", "{pairs_raw}", "--out", "{tmp}/d", "--source-lang", "es", "--target-lang", "en", "--bpe-merges", "10", "--sentencepiece-vocab", "8"), "BPE (--bpe-merges/--bpe-codes) or sentencepiece"),
+    ("prepare-pair-flags-on-an-lm-corpus", ("data", "prepare", "{corpus}", "--out", "{tmp}/d", "--src-dict", "{data}/dict.txt", "--tgt-dict", "{data}/dict.txt"), "is a language-model corpus (train.txt, valid.txt, test.txt), but --src-dict, --tgt-dict are for translation pairs"),
 ]  # fmt: skip
 
 INTERRUPTED_ARTIFACT = [
@@ -712,6 +732,7 @@ INTERRUPTED_ARTIFACT = [
     ("mt-generate-checkpoint", ("mt", "generate", "{pairs}", "--path", "{mt_ckpt~}", *CPU), "mt_ckpt"),
     ("mt-generate-data", ("mt", "generate", "{pairs~}", "--path", "{mt_ckpt}", *CPU), "pairs"),
     ("mt-train-data", ("mt", "train", "{pairs~}", *MT_RUN), "pairs"),
+    ("mt-generate-truncated-data-bin", ("mt", "generate", "{databin_cut}", "--path", "{fairseq_mt_pt}", *CPU), "its .idx describes 312 tokens"),
     ("index-datastore", ("index", "build", "{dstore~}", "--out", "{tmp}/i"), "dstore"),
     ("eval-datastore", ("eval", "{data}", "--path", "{ckpt}", *CPU, *EXT, "{dstore~}", "--indexfile", "{index}"), "dstore"),
     ("eval-index-without-sidecar", ("eval", "{data}", "--path", "{ckpt}", *CPU, *EXT, "{dstore}", "--indexfile", "{index_alone}"), "index"),
@@ -753,6 +774,24 @@ def pairs_raw() -> Path:
 @pytest.fixture(scope="module")
 def fairseq_pt() -> Path:
     return Path(__file__).parent / "assets" / "fairseq" / "wt103_style.pt"
+
+
+# committed inputs the catalogue names, read in place (tests/assets)
+ASSET_INPUTS = {
+    "fairseq_mt_pt": "fairseq_mt/post_tied.pt",
+    "databin": "fairseq_databin/mt",  # fairseq-preprocess's test split of fairseq_mt with its dictionaries
+    "lm_databin": "fairseq_databin/lm",
+}
+
+
+@pytest.fixture(scope="module")
+def pairs_test_only(pairs_raw, tmp_path_factory) -> Path:
+    """A pair corpus of a test split alone."""
+    out = tmp_path_factory.mktemp("test_only") / "corpus"
+    out.mkdir()
+    for lang in ("es", "en"):
+        shutil.copy(pairs_raw / f"test.{lang}", out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -841,6 +880,13 @@ def _broken(name: str, request, inputs: Path) -> Path:
         (inputs / "half.pt").write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
         shutil.copy(pt.parent / "word" / "dict.txt", inputs / "dict.txt")
         return inputs / "half.pt"
+    if name in ASSET_INPUTS:
+        return Path(__file__).parent / "assets" / ASSET_INPUTS[name]
+    if name == "databin_cut":  # a data-bin whose source .bin lost its end
+        out = Path(shutil.copytree(Path(__file__).parent / "assets" / ASSET_INPUTS["databin"], inputs / "databin"))
+        b = out / "test.src-tgt.src.bin"
+        b.write_bytes(b.read_bytes()[:100])
+        return out
     if name == "index_alone":  # an index file whose sidecar is gone
         return Path(shutil.copy(request.getfixturevalue("index"), inputs / "knn.index"))
     if name == "bm25_half_results":  # `bm25 search` killed after the first of two shards

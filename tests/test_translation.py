@@ -127,9 +127,8 @@ def fairseq_data(tmp_path_factory):
 
     corpus = tmp_path_factory.mktemp("fsq") / "corpus"
     corpus.mkdir()
-    for split in ("train", "test"):  # the test set twice: prepare_pairs needs a train split
-        shutil.copy(FAIRSEQ_MT / "test.src", corpus / f"{split}.src")
-        shutil.copy(FAIRSEQ_MT / "test.tgt", corpus / f"{split}.tgt")
+    shutil.copy(FAIRSEQ_MT / "test.src", corpus / "test.src")  # no train split: the dictionaries are given
+    shutil.copy(FAIRSEQ_MT / "test.tgt", corpus / "test.tgt")
     return prepare_pairs(
         corpus, corpus.parent / "data", src_dict=FAIRSEQ_MT / "dict.src.txt", tgt_dict=FAIRSEQ_MT / "dict.tgt.txt"
     )
@@ -150,29 +149,8 @@ def _generate(capsys, data, *flags) -> tuple[dict[str, dict[int, str]], list[str
     return lines, summary
 
 
-def test_generate_a_fairseq_checkpoint_equals_fairseq_generate(fairseq_data, capsys):
-    """`trime mt generate --path X.pt` on a real fairseq translation model: each best hypothesis equals
-    fairseq-generate's (beam 5, tests/assets/fairseq_mt from tools/make_fairseq_mt_fixtures.sh)."""
-    import json
-
-    args = ["mt", "generate", str(fairseq_data), "--path", str(FAIRSEQ_MT / "post_tied.pt"), "--beam", "5"]
-    assert main(args) == 0
-    hyps, scores = {}, {}
-    for line in capsys.readouterr().out.splitlines():
-        if line.startswith("H-"):
-            key, score, text = line.split("\t")
-            hyps[int(key[2:])], scores[int(key[2:])] = text, float(score)
-    want = json.loads((FAIRSEQ_MT / "generate.json").read_text())["post_tied"]["beam5"]["hypos"]
-    symbols = (FAIRSEQ_MT / "dict.tgt.txt").read_text().split("\n")
-    words = ["<s>", "<pad>", "</s>", "<unk>"] + [line.split(" ")[0] for line in symbols if line]
-    assert len(hyps) == len(want)
-    for i, nbest in want.items():
-        assert hyps[int(i)] == " ".join(words[t] for t in nbest[0]["tokens"][:-1]), i
-        assert scores[int(i)] == pytest.approx(nbest[0]["score"], abs=1e-4), i  # fairseq prints base-2 scores
-
-
 def test_d_lines_and_bleu_follow_the_target_language(fairseq_data, capsys):
-    """D- lines are Moses-detokenised with the target language's rules (--target-lang, else the data's
+    """D- lines are Moses-detokenised with the target language's rules (--moses-target-lang, else the data's
     "tgt", a code Moses has no rules for: left alone); sacreBLEU's tokeniser is the language's, shown in
     the signature; --scoring bleu is fairseq's BLEU4 over the H- and T- lines."""
     from sacremoses import MosesDetokenizer
@@ -182,11 +160,11 @@ def test_d_lines_and_bleu_follow_the_target_language(fairseq_data, capsys):
     few = ("--beam", "2", "--max-sentences-total", "12")
     lines, summary = _generate(capsys, fairseq_data, *few)
     assert lines["D"] == lines["H"] and "D- lines not detokenised" in summary[-2] and "|tok:13a|" in summary[-1]
-    lines, summary = _generate(capsys, fairseq_data, *few, "--target-lang", "de", "--sacrebleu-tokenize", "intl")
+    lines, summary = _generate(capsys, fairseq_data, *few, "--moses-target-lang", "de", "--sacrebleu-tokenize", "intl")
     md = MosesDetokenizer(lang="de")
     assert lines["D"] == {i: md.detokenize(h.split()) for i, h in lines["H"].items()}
     assert "Moses-detokenised with de rules" in summary[-2] and "|tok:intl|" in summary[-1]
-    lines, summary = _generate(capsys, fairseq_data, *few, "--target-lang", "zh", "--scoring", "bleu")
+    lines, summary = _generate(capsys, fairseq_data, *few, "--moses-target-lang", "zh", "--scoring", "bleu")
     assert lines["D"] == lines["H"] and "fairseq's BLEU4 on H- against T- words" in summary[-2]
     want = fairseq_bleu4([lines["H"][i] for i in range(12)], [lines["T"][i] for i in range(12)])
     assert summary[-1] == f"Generate test with beam=2: {want}" and str(want).startswith("BLEU4 = ")
@@ -203,7 +181,7 @@ def test_japanese_target_needs_mecab_or_another_tokeniser(fairseq_data, capsys):
     from trime.errors import ConfigError
     from trime.generate.text import sacrebleu_scorer
 
-    few = ("--beam", "2", "--max-sentences-total", "4", "--target-lang", "ja")
+    few = ("--beam", "2", "--max-sentences-total", "4", "--moses-target-lang", "ja")
     try:
         sacrebleu_scorer("ja-mecab")
         has_mecab = True

@@ -31,7 +31,7 @@ from trime.data.fetch import fetch
 from trime.data.hf_text import prepare_hf, prepare_hf_corpus
 from trime.data.pair_corpora import PAIR_CORPORA, fetch_pairs
 from trime.data.pairs import CORPUS_KIND as PAIR_CORPUS_KIND
-from trime.data.pairs import prepare_pairs
+from trime.data.pairs import prepare_pairs, read_pairs_meta
 from trime.data.prepare import load_dictionary, load_split, prepare, prepare_corpus
 from trime.datastore_build import build_datastore, build_mt_datastore
 from trime.errors import TrimeError
@@ -76,17 +76,31 @@ def cmd_fetch(ns: argparse.Namespace) -> None:
 
 
 def _is_pair_corpus(cfg: C.PrepareConfig, pairs: C.PairPrepareConfig) -> bool:
+    """A corpus of translation pairs: so says its meta.json, or a flag only pairs have is given."""
     meta = Path(cfg.src) / "meta.json"
     kind = io.read_json(meta).get("kind") if cfg.src and meta.is_file() else None
-    return bool(pairs.source_lang or pairs.target_lang or kind == PAIR_CORPUS_KIND)
+    default = C.to_dict(C.PairPrepareConfig())
+    flags = [f"--{k.replace('_', '-')}" for k, v in C.to_dict(pairs).items() if v != default[k]]
+    lm_files = [f"{s}.txt" for s in ("train", "valid", "test") if (Path(cfg.src) / f"{s}.txt").is_file()]
+    if flags and lm_files and not (pairs.source_lang or pairs.target_lang):
+        verb = "is" if len(flags) == 1 else "are"
+        raise TrimeError(
+            f"{cfg.src} is a language-model corpus ({', '.join(lm_files)}), but {', '.join(flags)} {verb} for "
+            "translation pairs: give --source-lang/--target-lang for a pair corpus, or --dict for a language model"
+        )
+    return bool(flags or kind == PAIR_CORPUS_KIND)
 
 
 def cmd_prepare(ns: argparse.Namespace) -> None:
     cfg, pairs = _config(ns, C.PrepareConfig), _config(ns, C.PairPrepareConfig)
     splits, src, out = cfg.splits(), cfg.src, cfg.out
+    spm = {
+        "sentencepiece_model": cfg.sentencepiece_model or None,
+        "sentencepiece_vocab": cfg.sentencepiece_vocab or None,
+    }
     if src and _is_pair_corpus(cfg, pairs):
         given = {k: v if isinstance(v, bool) else v or None for k, v in C.to_dict(pairs).items()}
-        out = prepare_pairs(src, out, **given, overwrite=cfg.overwrite)
+        out = prepare_pairs(src, out, **given, **spm, overwrite=cfg.overwrite)
     elif cfg.hf_tokenizer and (splits or src):  # the tokenizer's ids instead of a dictionary
         hf = {"gguf_file": cfg.gguf_file or None, "overwrite": cfg.overwrite}
         out = (
@@ -96,10 +110,12 @@ def cmd_prepare(ns: argparse.Namespace) -> None:
         )
     elif splits:
         out = prepare(
-            splits, out, char_level=bool(cfg.char_level), dictionary=cfg.dict or None, overwrite=cfg.overwrite
+            splits, out, char_level=bool(cfg.char_level), dictionary=cfg.dict or None, **spm, overwrite=cfg.overwrite
         )
     elif src:
-        out = prepare_corpus(src, out, char_level=cfg.char_level, dictionary=cfg.dict or None, overwrite=cfg.overwrite)
+        out = prepare_corpus(
+            src, out, char_level=cfg.char_level, dictionary=cfg.dict or None, **spm, overwrite=cfg.overwrite
+        )
     else:
         raise TrimeError("give a corpus directory (train.txt, valid.txt, test.txt) or --train/--valid/--test files")
     print(f"| prepared data in {out}")
@@ -291,7 +307,7 @@ def cmd_mt_datastore(ns: argparse.Namespace) -> None:
 
 def cmd_mt_bm25(ns: argparse.Namespace) -> None:
     cfg = C.build(C.MTBm25Config, C.overrides_from_args(ns, C.MTBm25Config))
-    io.read_meta(cfg.data, "pairs")  # refused before its work directory is made
+    read_pairs_meta(cfg.data)  # refused before its work directory is made
     bm25_pair_order(cfg.data, cfg.out, work_dir=cfg.work_dir or None, seed=cfg.seed, top_k=cfg.top_k,
                     num_shards=cfg.num_shards, n_threads=cfg.threads)  # fmt: skip
 

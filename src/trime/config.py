@@ -266,11 +266,23 @@ class TrainConfig(RunConfig):
 
 
 @dataclass
-class MTTrainConfig(RunConfig):
+class PairLangsConfig(Config):
+    """Which language pair of a fairseq data-bin to read (trime.data.fairseq_bin), when it holds several."""
+
+    source_lang: str = opt("", "a fairseq data-bin's source language (default: from its file names)", "--source-lang")
+    target_lang: str = opt("", "a fairseq data-bin's target language (default: from its file names)", "--target-lang")
+
+
+@dataclass
+class MTTrainConfig(RunConfig, PairLangsConfig):
     """Training a translation model (MT spec §6): RunConfig plus sentence-pair batches of at most
     ``--max-tokens`` (max(source, target) tokens, padded) and the translation objectives."""
 
-    data: str = opt("", "prepared pairs directory (trime data prepare --source-lang/--target-lang)", positional=True)
+    data: str = opt(
+        "",
+        "prepared pairs directory (trime data prepare --source-lang/--target-lang) or fairseq data-bin",
+        positional=True,
+    )
     save_dir: str = opt("runs/mt", "run directory: checkpoints, config.json, log.jsonl", "--save-dir")
     max_tokens: int = opt(4096, "tokens per batch per process: sentences × longest side, padded", "--max-tokens", ge=1)
     predefined_batches: str = opt(
@@ -314,10 +326,10 @@ def backend_fields(cfg: BackendConfig) -> dict[str, Any]:
 
 
 @dataclass
-class TranslateConfig(BackendConfig):
+class TranslateConfig(BackendConfig, PairLangsConfig):
     """Decoding a split of a pairs directory with beam search, and its BLEU (MT spec §9, §10)."""
 
-    data: str = opt("", "prepared pairs directory", positional=True)
+    data: str = opt("", "prepared pairs directory or fairseq data-bin", positional=True)
     path: str = opt("", "translation checkpoint: a trime run or checkpoint directory, or a fairseq .pt", "--path")
     gen_subset: str = opt("test", "split to translate", "--gen-subset")
     max_tokens: int = opt(4096, "source tokens per batch", "--max-tokens", ge=1)
@@ -326,10 +338,14 @@ class TranslateConfig(BackendConfig):
         0, "translate only the first N sentences of the split (0: all)", "--max-sentences-total", ge=0
     )
     post_process: str = opt(
-        "subword_nmt", "how pieces become words in H-/D- lines and for BLEU (fairseq's; --remove-bpe alone: "
-        "subword_nmt)", "--post-process", POST_PROCESS, aliases=("--remove-bpe",), const="subword_nmt", nargs="?"
+        "auto", "how pieces become words in H-/D- lines and for BLEU (fairseq's; auto: sentencepiece for data "
+        "prepared with it, else subword_nmt; --remove-bpe alone: subword_nmt)", "--post-process",
+        ("auto", *POST_PROCESS), aliases=("--remove-bpe",), const="subword_nmt", nargs="?"
     )  # fmt: skip
-    target_lang: str = opt("", "target language for detokenisation and BLEU (default: the data's)", "--target-lang")
+    moses_target_lang: str = opt(
+        "", "the language whose rules detokenise and score the translations (default: the target language)",
+        "--moses-target-lang",
+    )  # fmt: skip
     detok: str = opt(
         "auto", "D- lines: Moses-detokenised with the target language's rules (auto: where Moses has rules)",
         "--detok", ("auto", "moses", "none"),
@@ -370,10 +386,10 @@ class TranslateConfig(BackendConfig):
 
 
 @dataclass
-class MTDatastoreConfig(Config):
+class MTDatastoreConfig(PairLangsConfig):
     """The decoder states of a translation model over a split's targets (MT spec §7), teacher-forced."""
 
-    data: str = opt("", "prepared pairs directory", positional=True)
+    data: str = opt("", "prepared pairs directory or fairseq data-bin", positional=True)
     path: str = opt("", "translation checkpoint whose decoder outputs h are stored", "--path")
     out: str = opt("", "datastore directory to write", "--out")
     subset: str = opt("train", "split to store", "--gen-subset")
@@ -721,11 +737,22 @@ class PrepareConfig(Config):
         "--hf-tokenizer",
     )
     gguf_file: str = opt("", "the GGUF file inside --hf-tokenizer's directory", "--gguf-file")
+    sentencepiece_model: str = opt(
+        "", "encode the text with this sentencepiece model first (e.g. a released model's)", "--sentencepiece-model"
+    )
+    sentencepiece_vocab: int = opt(
+        0, "train a sentencepiece model of this many pieces on train and encode with it (0: none)",
+        "--sentencepiece-vocab", ge=0,
+    )  # fmt: skip
     overwrite: bool = opt(False, "replace an earlier data directory of trime's", "--overwrite")
 
     def check(self) -> None:
         if self.hf_tokenizer and (self.char_level or self.dict):
             raise ConfigError("--hf-tokenizer replaces --dict and --char-level: give one of them")
+        if self.sentencepiece_model and self.sentencepiece_vocab:
+            raise ConfigError("give --sentencepiece-model (apply one) or --sentencepiece-vocab (train one), not both")
+        if (self.sentencepiece_model or self.sentencepiece_vocab) and (self.hf_tokenizer or self.char_level):
+            raise ConfigError("--sentencepiece-* tokenise words; not with --hf-tokenizer or --char-level")
         if self.gguf_file and not self.hf_tokenizer:
             raise ConfigError("--gguf-file needs --hf-tokenizer (the directory holding it)")
 

@@ -24,7 +24,7 @@ from trime.config import DatastoreConfig, ModelConfig, MTDatastoreConfig, build
 from trime.data.batching import make_batch
 from trime.data.dictionary import Dictionary
 from trime.data.pair_batching import batch_by_size, collate
-from trime.data.pairs import PairSplit, check_pair_vocabulary, load_pair_split, read_pairs_meta
+from trime.data.pairs import PairSplit, check_pair_vocabulary, chosen_langs, load_pair_split, read_pairs_meta
 from trime.data.prepare import read_data_meta
 from trime.device import autocast, autocast_dtype, pick_device
 from trime.errors import DataError, DatastoreError
@@ -157,9 +157,11 @@ def build_mt_datastore(cfg: MTDatastoreConfig) -> Path:
     (longest side × count) per forward pass."""
     device = pick_device(cfg.device)
     model, model_cfg, ckpt_dir = load_model(cfg.path, device=device, task="mt")
-    check_pair_vocabulary(cfg.data, model_cfg.src_vocab_size, model_cfg.tgt_vocab_size)  # rows labelled in its ids
-    split = load_pair_split(cfg.data, cfg.subset)
-    langs = read_pairs_meta(cfg.data)["langs"]
+    chosen = chosen_langs(cfg)
+    check_pair_vocabulary(cfg.data, model_cfg.src_vocab_size, model_cfg.tgt_vocab_size, **chosen)  # rows in its ids
+    split = load_pair_split(cfg.data, cfg.subset, **chosen)
+    pairs_meta = read_pairs_meta(cfg.data, **chosen)
+    langs = pairs_meta["langs"]
     amp = autocast_dtype(cfg.amp, device)
     width = np.maximum(split.src_sizes, split.tgt_sizes)
 
@@ -172,7 +174,7 @@ def build_mt_datastore(cfg: MTDatastoreConfig) -> Path:
 
     meta = {
         "key_type": "final", "vocab_size": model_cfg.tgt_vocab_size, "model_fingerprint": model_fingerprint(ckpt_dir),
-        "split_fingerprint": read_pairs_meta(cfg.data)["splits"][cfg.subset][langs["target"]]["fingerprint"],
+        "split_fingerprint": pairs_meta["splits"][cfg.subset][langs["target"]]["fingerprint"],
         "split": cfg.subset, "task": "translation", "precision": PRECISIONS[amp],
     }  # fmt: skip
     return stream_datastore(cfg.out, rows, dim=model_cfg.decoder_embed_dim, n_rows=int(split.tgt_offsets[-1]),

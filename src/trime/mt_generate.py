@@ -30,6 +30,7 @@ from trime.data.pair_batching import batch_by_size, collate
 from trime.data.pairs import (
     PairSplit,
     check_pair_vocabulary,
+    chosen_langs,
     load_pair_dictionaries,
     load_pair_split,
     read_pairs_meta,
@@ -93,6 +94,9 @@ def to_text(ids, d: Dictionary, *, escape_unk: bool = False, post: str = "subwor
     return post_process(ids_to_string(ids, d.symbols, eos=d.eos, pad=d.pad, unk=d.unk, escape_unk=escape_unk), post)
 
 
+SPM = "sentencepiece"  # the --post-process of data prepared with sentencepiece (its meta.json says so)
+
+
 @dataclass(frozen=True)
 class OutputText:
     """How a target language's ids become H-/T- words, D- lines and a BLEU score: ``post`` (fairseq's
@@ -109,10 +113,18 @@ class OutputText:
 
     @classmethod
     def of(cls, cfg: TranslateConfig) -> OutputText:
-        """``cfg``'s choices for its target language (``--target-lang``, else the data's), checked before
+        """``cfg``'s choices for its target language (``--moses-target-lang``, else the data's), checked before
         decoding: a sacreBLEU tokeniser whose package is missing is refused here, in one line."""
-        lang = cfg.target_lang or read_pairs_meta(cfg.data)["langs"]["target"]
-        out = cls(lang, cfg.post_process, detok_scheme(cfg.detok, lang), cfg.scoring, cfg.sacrebleu_tokenize)
+        meta = read_pairs_meta(cfg.data, **chosen_langs(cfg))
+        lang = cfg.moses_target_lang or meta["langs"]["target"]
+        post = (
+            cfg.post_process
+            if cfg.post_process != "auto"
+            else SPM
+            if (meta.get("text") or {}).get(SPM)
+            else "subword_nmt"
+        )
+        out = cls(lang, post, detok_scheme(cfg.detok, lang), cfg.scoring, cfg.sacrebleu_tokenize)
         if out.scoring == "sacrebleu" and not cfg.score_reference:
             out.sacrebleu()
         return out
@@ -265,12 +277,13 @@ def translate(cfg: TranslateConfig, beam: BeamConfig | None = None) -> Translate
     if cfg.results_path:
         io.check_output_file(cfg.results_path, io.HYPOTHESES)  # before decoding, and again when written
     device = pick_device(cfg.device)
-    load_pair_dictionaries(cfg.data)  # a pairs directory, before the model loads
+    langs = chosen_langs(cfg)
+    load_pair_dictionaries(cfg.data, **langs)  # a pairs directory, before the model loads
     text = OutputText.of(cfg)
     model, model_cfg, ckpt_dir = load_model(cfg.path, task="mt", device=device, trust=cfg.trust_checkpoint)
     fingerprint = model_fingerprint(ckpt_dir)
-    src_dict, tgt_dict = check_pair_vocabulary(cfg.data, model_cfg.src_vocab_size, model_cfg.tgt_vocab_size)
-    split = load_pair_split(cfg.data, cfg.gen_subset)
+    src_dict, tgt_dict = check_pair_vocabulary(cfg.data, model_cfg.src_vocab_size, model_cfg.tgt_vocab_size, **langs)
+    split = load_pair_split(cfg.data, cfg.gen_subset, **langs)
     n = len(split) if not cfg.max_sentences_total else min(cfg.max_sentences_total, len(split))
     t0 = time.perf_counter()
     if cfg.save_neighbors:

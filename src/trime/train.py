@@ -35,6 +35,8 @@ from trime.checkpoint import DICT, load_trainer_state, load_weights, save_checkp
 from trime.config import ModelConfig, TrainConfig, to_dict
 from trime.data.batching import epoch_batches, load_batch_order, make_batch, valid_batches
 from trime.data.blocks import num_segments, segment_windows
+from trime.data.fairseq_bin import databin_meta
+from trime.data.pairs import chosen_langs
 from trime.data.prepare import (
     check_vocabulary,
     data_fingerprint,
@@ -220,10 +222,10 @@ FIXED_ON_RESUME = (
 PATH_FIELDS = ("data", "save_dir", "predefined_batches")
 
 
-def data_identity(data_dir, splits) -> dict:
-    """The content fingerprints of a prepared data directory, from its meta.json (nothing re-hashed):
-    per dictionary and split for language-model data, else one hash of the meta.json's content."""
-    meta = io.read_meta(data_dir)
+def data_identity(data_dir, splits, **langs) -> dict:
+    """The content fingerprints of a prepared data directory (or fairseq data-bin), from its meta.json (nothing
+    re-hashed): per dictionary and split for language-model data, else one hash of the meta.json's content."""
+    meta = databin_meta(data_dir, **langs) or io.read_meta(data_dir)
     if meta.get("kind") == "data":
         return data_fingerprint(data_dir, splits)
     stable = {k: v for k, v in meta.items() if k not in ("created", "trime_version", "files")}
@@ -234,7 +236,7 @@ def run_inputs(cfg: TrainConfig) -> dict:
     """Content fingerprints of what a run reads: the data (from its meta.json) and the batch order."""
     order = getattr(cfg, "predefined_batches", "")
     return {
-        "data": data_identity(cfg.data, ["train", cfg.valid_subset]),
+        "data": data_identity(cfg.data, ["train", cfg.valid_subset], **chosen_langs(cfg)),
         "batch_order": io.sha256_file(order)[:16] if order else None,
     }
 

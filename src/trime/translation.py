@@ -23,7 +23,7 @@ from trime.config import MTTrainConfig
 from trime.data import bm25
 from trime.data.bm25 import check_work_setup
 from trime.data.pair_batching import PairData
-from trime.data.pairs import load_pair_dictionaries, load_pair_split, read_pairs_meta
+from trime.data.pairs import chosen_langs, load_pair_dictionaries, load_pair_split, read_pairs_meta
 from trime.device import pick_device
 from trime.errors import DataError
 from trime.generate.text import detokenize
@@ -38,7 +38,7 @@ def fit_translation(model_cfg: MTModelConfig, cfg: MTTrainConfig, *, on_step=Non
     """Train (or resume) a translation model in ``cfg.save_dir``; returns the run directory."""
     dist.init()
     device = pick_device(cfg.device)
-    src_dict, tgt_dict = load_pair_dictionaries(cfg.data)
+    src_dict, tgt_dict = load_pair_dictionaries(cfg.data, **chosen_langs(cfg))
     sizes = {"src_vocab_size": len(src_dict), "tgt_vocab_size": len(tgt_dict)}
     for name, n in sizes.items():
         if getattr(model_cfg, name) not in (0, n):

@@ -110,7 +110,13 @@ def test_moses_and_lowercase_steps(tmp_path):
     )  # tokenizer.perl splits both sides of an apostrophe in German
     assert td.string(s.target(0)) == "he said : &quot; that &apos;s it ! &quot;"
     assert td.string(s.target(1)) == "good &amp; nice ."
-    assert read_pairs_meta(out)["text"] == {"moses": True, "lowercase": True, "bpe": None, "allow_empty": False}
+    assert read_pairs_meta(out)["text"] == {
+        "moses": True,
+        "lowercase": True,
+        "bpe": None,
+        "sentencepiece": None,
+        "allow_empty": False,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +289,11 @@ def test_bad_inputs(tmp_path):
     assert load_pair_split(out, "train").source(1).tolist() == [2]
     shutil.rmtree(out)
     c = _corpus(tmp_path / "c3", "a\n", "x\n", ("de", "en"))
-    _bad(lambda: prepare_pairs(c, out), r"no train.src / train.tgt .*--source-lang", out)
+    _bad(
+        lambda: prepare_pairs(c, out),
+        r"no \{train,valid,test\}.src / .tgt files \(has: train.de, train.en\); pass --source-lang",
+        out,
+    )
     assert prepare_pairs(c, out, source_lang="de", target_lang="en").is_dir()
     _bad(lambda: prepare_pairs(c, out, source_lang="de", target_lang="en"), "already exists")
     (c / "valid.de").write_text("a\n")

@@ -40,7 +40,7 @@ import torch
 from trime.config import MTTrainConfig
 from trime.data.batching import deal, deal_in_groups, load_batch_order
 from trime.data.dictionary import Dictionary
-from trime.data.pairs import PairSplit, load_pair_split, pair_dictionary_files
+from trime.data.pairs import PairSplit, chosen_langs, load_pair_split, pair_dictionary_files
 from trime.errors import ConfigError, DataError
 
 
@@ -248,7 +248,8 @@ class PairData:
         world_size: int = 1,
     ) -> PairData:  # fmt: skip
         """``max_positions``: the model's (max_source_positions, max_target_positions)."""
-        train, valid = load_pair_split(cfg.data, "train"), load_pair_split(cfg.data, cfg.valid_subset)
+        langs = chosen_langs(cfg)
+        train, valid = load_pair_split(cfg.data, "train", **langs), load_pair_split(cfg.data, cfg.valid_subset, **langs)
         max_src, max_tgt = max_positions
         limits = {"max_tokens": cfg.max_tokens, "max_sentences": cfg.max_sentences or None,
                   "max_source_positions": max_src, "max_target_positions": max_tgt}  # fmt: skip
@@ -263,8 +264,8 @@ class PairData:
             batches = pair_batches(train.src_sizes, train.tgt_sizes, seed=cfg.seed, **limits)
         valid_fixed = pair_batches(valid.src_sizes, valid.tgt_sizes, shuffle=False, skip_invalid=False, **limits)
         return cls(
-            train, valid, batches, valid_fixed, cfg.seed, pair_dictionary_files(cfg.data), device, rank, world_size,
-            predefined=bool(cfg.predefined_batches),
+            train, valid, batches, valid_fixed, cfg.seed, pair_dictionary_files(cfg.data, **langs), device, rank,
+            world_size, predefined=bool(cfg.predefined_batches),
         )  # fmt: skip
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:

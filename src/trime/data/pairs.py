@@ -23,6 +23,11 @@ with ``bpe_merges`` merges on train.L1 followed by train.L2, min frequency 2 as 
 given with ``bpe_codes``, so a released model's codes apply), then binarisation exactly as fairseq: whitespace
 tokens, unknown ones -> ``<unk>``, eos appended.
 
+A fairseq data-bin (fairseq-preprocess's own .bin/.idx output) is read wherever a pairs data directory is
+(:func:`read_pairs_meta`, :func:`load_pair_split`; trime.data.fairseq_bin), its languages chosen with
+``source_lang``/``target_lang`` when it holds several pairs. sentencepiece (``sentencepiece_model`` /
+``sentencepiece_vocab``, trime.data.spm) takes BPE's place in the text pipeline.
+
 Empty lines: fairseq-preprocess keeps them (an empty sentence is just ``</s>``). Here an empty or whitespace-only
 line on either side (after tokenisation) is a DataError naming the file and line, unless ``allow_empty=True``,
 which keeps them as fairseq does. Files are read as fairseq reads them: UTF-8, universal newlines.
@@ -42,7 +47,10 @@ from pathlib import Path
 import numpy as np
 
 from trime.data.dictionary import Dictionary
+from trime.data.fairseq_bin import FORMAT as FAIRSEQ_BIN
+from trime.data.fairseq_bin import databin_kind, pair_split_files, pairs_meta, refuse_as_input
 from trime.data.prepare import check_out_dir
+from trime.data.spm import Pieces
 from trime.errors import DataError
 from trime.io import atomic_dir, fingerprint_array, load_npy, read_json, read_meta, save_npy, sha256_file, write_meta
 
@@ -74,16 +82,18 @@ def read_lines(path: str | os.PathLike) -> list[str]:
 
 
 def corpus_files(
-    corpus_dir: str | os.PathLike, source_lang: str | None = None, target_lang: str | None = None
+    corpus_dir: str | os.PathLike, source_lang: str | None = None, target_lang: str | None = None, need_train=True
 ) -> tuple[str, str, dict[str, tuple[Path, Path]]]:
     """(source lang, target lang, {split: (source file, target file)}) of a pair corpus directory.
 
     The languages come from the arguments, else from the corpus meta.json, else ``src``/``tgt``.
-    A split is present when its source file is; its target file must then exist too. ``train`` is required.
+    A split is present when its source file is; its target file must then exist too. ``train`` is required
+    when ``need_train`` (to build a dictionary or learn subwords), else any one split.
     """
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise DataError(f"{corpus_dir}: no such corpus directory (run `trime data fetch` first)")
+    refuse_as_input(corpus_dir)
     meta = read_json(corpus_dir / "meta.json") if (corpus_dir / "meta.json").is_file() else {}
     langs = meta.get("langs", {})
     src = source_lang or langs.get("source") or "src"
@@ -100,13 +110,17 @@ def corpus_files(
                     f"{t.name if s.is_file() else s.name}"
                 )
             files[split] = (s, t)
-    if "train" not in files:
-        have = ", ".join(sorted(p.name for p in corpus_dir.iterdir() if p.is_file())) or "nothing"
-        raise DataError(
-            f"{corpus_dir}: no train.{src} / train.{tgt} (has: {have}); "
-            "pass --source-lang/--target-lang to name the file suffixes"
-        )
-    return src, tgt, files
+    if files and ("train" in files or not need_train):
+        return src, tgt, files
+    have = ", ".join(sorted(p.name for p in corpus_dir.iterdir() if p.is_file())) or "nothing"
+    if not files:
+        named = "" if source_lang and target_lang else "; pass --source-lang/--target-lang to name the file suffixes"
+        raise DataError(f"{corpus_dir}: no {{train,valid,test}}.{src} / .{tgt} files (has: {have}){named}")
+    raise DataError(
+        f"{corpus_dir}: no train.{src} / train.{tgt} (has: {have}); the dictionaries are built from train: "
+        "add it, or give --src-dict and --tgt-dict (and --bpe-codes or --sentencepiece-model, not a number of merges "
+        "or pieces to learn)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,18 +216,23 @@ def encode_lines(lines: list[str], d: Dictionary) -> tuple[np.ndarray, np.ndarra
     return np.asarray(ids, dtype=np.int32), offsets, replaced
 
 
+def _dicts_given(joined: bool, src_dict, tgt_dict) -> bool:
+    """Whether the dictionaries are all given (nothing to count on a train split)."""
+    return src_dict is not None or tgt_dict is not None if joined else src_dict is not None and tgt_dict is not None
+
+
 def _resolve_dicts(
-    train: tuple[list[str], list[str]], joined: bool, src_dict, tgt_dict
+    train: tuple[list[str], list[str]] | None, joined: bool, src_dict, tgt_dict
 ) -> tuple[Dictionary, Dictionary]:
-    src_counts, tgt_counts = count_tokens(train[0]), count_tokens(train[1])
+    """(source, target) dictionaries: the given ones, the rest built from ``train`` (None when all are given)."""
     if joined:
         if src_dict is not None or tgt_dict is not None:
             given = Dictionary.load(src_dict if src_dict is not None else tgt_dict)
             return given, given
-        d = Dictionary.build(src_counts + tgt_counts)
+        d = Dictionary.build(count_tokens(train[0]) + count_tokens(train[1]))
         return d, d
-    s = Dictionary.load(src_dict) if src_dict is not None else Dictionary.build(src_counts)
-    t = Dictionary.load(tgt_dict) if tgt_dict is not None else Dictionary.build(tgt_counts)
+    s = Dictionary.load(src_dict) if src_dict is not None else Dictionary.build(count_tokens(train[0]))
+    t = Dictionary.load(tgt_dict) if tgt_dict is not None else Dictionary.build(count_tokens(train[1]))
     return s, t
 
 
@@ -246,21 +265,33 @@ def prepare_pairs(
     joined_dictionary: bool = False,
     src_dict: str | os.PathLike | None = None,
     tgt_dict: str | os.PathLike | None = None,
+    sentencepiece_model: str | os.PathLike | None = None,
+    sentencepiece_vocab: int | None = None,
     allow_empty: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Binarise the pair corpus ``corpus_dir`` into the pairs data directory ``out_dir`` (module docstring).
 
     ``bpe_merges`` learns a joint BPE on the (tokenised) train split; ``bpe_codes`` applies given codes
-    instead (at most one of them). ``src_dict`` / ``tgt_dict`` (dict.txt files, e.g. a released model's)
-    replace the dictionaries built from train. Moses tokenisation takes the file suffixes as its language codes
+    instead (at most one of them). ``sentencepiece_model`` encodes both sides with a given sentencepiece model
+    instead of BPE, ``sentencepiece_vocab`` trains one of that many pieces on train (trime.data.spm; saved with
+    the data). ``src_dict`` / ``tgt_dict`` (dict.txt files, e.g. a released model's) replace the dictionaries
+    built from train; with both (or one and ``joined_dictionary``) and nothing to learn, no train split is needed.
+    Moses tokenisation takes the file suffixes as its language codes
     (de, en, es, ...; ``src``/``tgt`` get its language-neutral rules). Any bad input is a one-line DataError and
     leaves nothing behind.
     """
     t0 = time.perf_counter()
     if bpe_merges is not None and bpe_codes is not None:
         raise DataError("give either --bpe-merges (learn BPE) or --bpe-codes (apply given codes), not both")
-    src, tgt, files = corpus_files(corpus_dir, source_lang, target_lang)
+    spm_given = sentencepiece_model is not None or sentencepiece_vocab is not None
+    if spm_given and (bpe_merges is not None or bpe_codes is not None):
+        raise DataError("give BPE (--bpe-merges/--bpe-codes) or sentencepiece (--sentencepiece-*), not both")
+    if sentencepiece_model is not None and sentencepiece_vocab is not None:
+        raise DataError("give --sentencepiece-model (apply one) or --sentencepiece-vocab (train one), not both")
+    learns = bpe_merges is not None or sentencepiece_vocab is not None
+    need_train = learns or not _dicts_given(joined_dictionary, src_dict, tgt_dict)
+    src, tgt, files = corpus_files(corpus_dir, source_lang, target_lang, need_train)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, KIND, overwrite)
     codes = None
@@ -270,6 +301,7 @@ def prepare_pairs(
             raise DataError(f"{path}: no such BPE codes file")
         codes = path.read_text(encoding="utf-8")
         apply_bpe([], codes, str(path))  # validate before the long steps
+    pieces = Pieces.load(sentencepiece_model) if sentencepiece_model is not None else None
 
     texts: dict[str, tuple[list[str], list[str]]] = {}
     for split, (sp, tp) in files.items():
@@ -285,13 +317,20 @@ def prepare_pairs(
     if codes is not None:
         _progress("applying BPE")
         texts = {k: (apply_bpe(s, codes), apply_bpe(t, codes)) for k, (s, t) in texts.items()}
-    sd, td = _resolve_dicts(texts["train"], joined_dictionary, src_dict, tgt_dict)
+    if sentencepiece_vocab is not None:
+        _progress(f"training a sentencepiece model of {sentencepiece_vocab} pieces on train.{src} + train.{tgt}")
+        pieces = Pieces.train(texts["train"][0] + texts["train"][1], sentencepiece_vocab)
+    if pieces is not None:
+        _progress("applying sentencepiece")
+        texts = {k: (pieces.encode(s), pieces.encode(t)) for k, (s, t) in texts.items()}
+    sd, td = _resolve_dicts(texts.get("train"), joined_dictionary, src_dict, tgt_dict)
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         sd.save(tmp / f"dict.{src}.txt")
         td.save(tmp / f"dict.{tgt}.txt")
         if codes is not None:
             (tmp / CODES).write_text(codes, encoding="utf-8")
+        spm_meta = pieces.save(tmp) if pieces is not None else None
         splits = {}
         for split, (s_lines, t_lines) in texts.items():
             entry = {"pairs": len(s_lines)}
@@ -332,6 +371,7 @@ def prepare_pairs(
                     "codes": "learned" if bpe_merges is not None else str(Path(bpe_codes).resolve()),
                     "sha256": sha256_file(tmp / CODES),
                 },
+                "sentencepiece": spm_meta,
                 "allow_empty": bool(allow_empty),
             },
             corpus=read_json(corpus_meta) if corpus_meta.is_file() else None,
@@ -349,9 +389,9 @@ def prepare_pairs(
 class PairSplit:
     """One binarised split: token streams and sentence offsets of both sides (memory-mapped)."""
 
-    src: np.ndarray  # (n_src_tokens,) int32
+    src: np.ndarray  # (n_src_tokens,) int32 (a fairseq data-bin's: its own integer dtype, e.g. uint16)
     src_offsets: np.ndarray  # (n + 1,) int64
-    tgt: np.ndarray  # (n_tgt_tokens,) int32
+    tgt: np.ndarray  # (n_tgt_tokens,) int32 (or the data-bin's dtype)
     tgt_offsets: np.ndarray  # (n + 1,) int64
 
     def __len__(self) -> int:
@@ -374,30 +414,53 @@ class PairSplit:
         return self.tgt[self.tgt_offsets[i] : self.tgt_offsets[i + 1]]
 
 
-def read_pairs_meta(data_dir: str | os.PathLike) -> dict:
-    """The meta.json of a complete pairs data directory (DataError with a hint otherwise)."""
+def chosen_langs(cfg) -> dict:
+    """{"source_lang", "target_lang"} a command's config chose with --source-lang/--target-lang (None: the data's)."""
+    return {k: getattr(cfg, k, "") or None for k in ("source_lang", "target_lang")}
+
+
+def read_pairs_meta(
+    data_dir: str | os.PathLike, source_lang: str | None = None, target_lang: str | None = None
+) -> dict:
+    """The meta.json of a complete pairs data directory, or the same made from a fairseq data-bin's files
+    (trime.data.fairseq_bin; ``source_lang``/``target_lang`` choose among its pairs); DataError with a hint otherwise."""
+    kind = databin_kind(data_dir)
+    if kind == "pairs":
+        return pairs_meta(data_dir, source_lang, target_lang)
+    if kind == "lm":
+        raise DataError(
+            f"{data_dir}: a fairseq language-model data-bin (dict.txt, no dict.SRC.txt), not translation pairs"
+        )
     try:
-        return read_meta(data_dir, kind=KIND)
+        meta = read_meta(data_dir, kind=KIND)
     except DataError as e:
         raise DataError(f"{e}; {_HINT}") from None
+    langs = meta["langs"]
+    if (source_lang or langs["source"], target_lang or langs["target"]) != (langs["source"], langs["target"]):
+        raise DataError(
+            f"{data_dir}: prepared for {langs['source']}->{langs['target']}, not "
+            f"{source_lang or langs['source']}->{target_lang or langs['target']}"
+        )
+    return meta
 
 
-def pair_dictionary_files(data_dir: str | os.PathLike) -> dict[str, Path]:
+def pair_dictionary_files(data_dir: str | os.PathLike, **langs) -> dict[str, Path]:
     """{dict.SRC.txt: path, dict.TGT.txt: path} of a pairs directory (what a checkpoint copies)."""
-    langs = read_pairs_meta(data_dir)["langs"]
+    langs = read_pairs_meta(data_dir, **langs)["langs"]
     return {f"dict.{lang}.txt": Path(data_dir) / f"dict.{lang}.txt" for lang in (langs["source"], langs["target"])}
 
 
-def load_pair_dictionaries(data_dir: str | os.PathLike) -> tuple[Dictionary, Dictionary]:
-    """(source, target) dictionaries of a pairs data directory."""
-    langs = read_pairs_meta(data_dir)["langs"]
-    return tuple(Dictionary.load(Path(data_dir) / f"dict.{langs[k]}.txt") for k in ("source", "target"))
+def load_pair_dictionaries(data_dir: str | os.PathLike, **langs) -> tuple[Dictionary, Dictionary]:
+    """(source, target) dictionaries of a pairs data directory (``langs``: :func:`read_pairs_meta`'s)."""
+    return tuple(Dictionary.load(p) for p in pair_dictionary_files(data_dir, **langs).values())
 
 
-def check_pair_vocabulary(data_dir: str | os.PathLike, src_size: int, tgt_size: int) -> tuple[Dictionary, Dictionary]:
+def check_pair_vocabulary(
+    data_dir: str | os.PathLike, src_size: int, tgt_size: int, **langs
+) -> tuple[Dictionary, Dictionary]:
     """The (source, target) dictionaries of a pairs directory, refused (one DataError line) when their
     sizes are not a translation model's: data prepared with other dictionaries labels rows in other ids."""
-    src, tgt = load_pair_dictionaries(data_dir)
+    src, tgt = load_pair_dictionaries(data_dir, **langs)
     if (len(src), len(tgt)) != (src_size, tgt_size):
         raise DataError(
             f"{data_dir}: dictionaries of {len(src)}/{len(tgt)} types, the model expects {src_size}/{tgt_size}: "
@@ -406,12 +469,16 @@ def check_pair_vocabulary(data_dir: str | os.PathLike, src_size: int, tgt_size: 
     return src, tgt
 
 
-def load_pair_split(data_dir: str | os.PathLike, split: str) -> PairSplit:
-    """The binarised ``split`` of a pairs data directory, memory-mapped read-only and checked against meta.json."""
-    meta = read_pairs_meta(data_dir)
+def load_pair_split(data_dir: str | os.PathLike, split: str, **langs) -> PairSplit:
+    """The binarised ``split`` of a pairs data directory (or data-bin), memory-mapped read-only and checked
+    against its meta.json (``langs``: :func:`read_pairs_meta`'s)."""
+    meta = read_pairs_meta(data_dir, **langs)
     splits = meta["splits"]
     if split not in splits:
-        raise DataError(f"{data_dir}: no {split!r} split (has: {', '.join(sorted(splits))})")
+        raise DataError(f"{data_dir}: no {split!r} split (has: {', '.join(sorted(splits)) or 'none'})")
+    if meta.get("format") == FAIRSEQ_BIN:
+        src, tgt = pair_split_files(data_dir, meta, split)
+        return PairSplit(src.tokens, src.offsets, tgt.tokens, tgt.offsets)
     arrays = []
     for lang in (meta["langs"]["source"], meta["langs"]["target"]):
         ids = load_npy(Path(data_dir) / f"{split}.{lang}.npy")

@@ -10,6 +10,10 @@ as numpy instead of fairseq's .bin/.idx::
                             "splits": {split: {"tokens", "lines", "unk", "replaced", "fingerprint",
                                                "source", "source_sha256", "source_bytes"}}}
 
+With sentencepiece (trime.data.spm) the text is encoded into pieces first and ``sentencepiece.model``
+is saved next to dict.txt. A fairseq LM data-bin (``dict.txt``, ``{split}.bin/.idx``) is read wherever
+a data directory is (:func:`read_data_meta`, :func:`load_split`; trime.data.fairseq_bin).
+
 ``unk`` counts the ids equal to unk in the split; ``replaced`` is fairseq's "replaced by <unk>"
 count (out-of-dictionary tokens, not literal ``<unk>`` ones).
 
@@ -35,6 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from trime.data.dictionary import Dictionary
+from trime.data.fairseq_bin import FORMAT as FAIRSEQ_BIN
+from trime.data.fairseq_bin import databin_kind, lm_meta, read_indexed, refuse_as_input
+from trime.data.spm import Pieces
 from trime.errors import DataError
 from trime.io import (
     atomic_dir,
@@ -110,14 +117,22 @@ def _lines(text: str) -> list[str]:
 # Counting (pass 1, train only)
 
 
-def count_words(path: str | os.PathLike) -> Counter:
+def _word_lines(path: Path, desc: str, pieces: Pieces | None) -> Iterator[list[str]]:
+    """The lines of a text file, chunk by chunk, encoded by ``pieces`` (a sentencepiece model) when given."""
+    for text in _text_chunks(path, desc):
+        lines = _lines(text)
+        yield pieces.encode(lines) if pieces is not None else lines
+
+
+def count_words(path: str | os.PathLike, pieces: Pieces | None = None) -> Counter:
     """Whitespace-token counts of a text file, plus one ``</s>`` per line (as fairseq counts)."""
     path = Path(path)
     counts: Counter = Counter()
     n_lines = 0
-    for text in _text_chunks(path, f"count {path.name}"):
-        counts.update(text.split())
-        n_lines += len(_lines(text))
+    for lines in _word_lines(path, f"count {path.name}", pieces):
+        for line in lines:
+            counts.update(line.split())
+        n_lines += len(lines)
     counts["</s>"] += n_lines
     return counts
 
@@ -160,16 +175,18 @@ class _Lookup(dict):
         return self.unk
 
 
-def encode_words(path: str | os.PathLike, dictionary: Dictionary) -> tuple[np.ndarray, dict]:
-    """(n_tokens,) int32 ids of a text file (each line's tokens then eos) and {lines, replaced}."""
+def encode_words(
+    path: str | os.PathLike, dictionary: Dictionary, pieces: Pieces | None = None
+) -> tuple[np.ndarray, dict]:
+    """(n_tokens,) int32 ids of a text file (each line's tokens then eos) and {lines, replaced};
+    ``pieces``: the lines' sentencepiece pieces instead of their words."""
     path = Path(path)
     lookup = _Lookup(dictionary)
     get, eos = lookup.__getitem__, dictionary.eos
     out = array("i")
     assert out.itemsize == 4
     n_lines = 0
-    for text in _text_chunks(path, f"encode {path.name}"):
-        lines = _lines(text)
+    for lines in _word_lines(path, f"encode {path.name}", pieces):
         n_lines += len(lines)
         for line in lines:
             out.extend(map(get, line.split()))
@@ -210,7 +227,10 @@ def _check_sources(splits: dict, need_train: bool) -> dict[str, Path]:
     if not splits:
         raise DataError("no splits to prepare (expected at least a 'train' file)")
     if need_train and "train" not in splits:
-        raise DataError("a 'train' split is needed to build the dictionary (or pass an existing dict.txt)")
+        raise DataError(
+            "a 'train' split is needed to build the dictionary or train --sentencepiece-vocab "
+            "(or pass an existing dict.txt with --dict, and --sentencepiece-model)"
+        )
     sources = {}
     for name, path in splits.items():
         if not _SPLIT_NAME.match(str(name)):
@@ -224,20 +244,22 @@ def _check_sources(splits: dict, need_train: bool) -> dict[str, Path]:
     return sources
 
 
-def _resolve_dictionary(sources: dict[str, Path], char_level: bool, given) -> tuple[Dictionary, str]:
+def _resolve_dictionary(
+    sources: dict[str, Path], char_level: bool, given, pieces: Pieces | None
+) -> tuple[Dictionary, str]:
     """The dictionary to encode with and where it came from ('train' or the given path)."""
     if given is not None:
         path = Path(given)
         if path.is_dir():
             path = path / DICT
         return Dictionary.load(path), str(path.resolve())
-    counts = count_bytes(sources["train"]) if char_level else count_words(sources["train"])
+    counts = count_bytes(sources["train"]) if char_level else count_words(sources["train"], pieces)
     return Dictionary.build(counts), "train"
 
 
-def _binarize(name: str, path: Path, d: Dictionary, char_level: bool, out: Path) -> dict:
+def _binarize(name: str, path: Path, d: Dictionary, char_level: bool, out: Path, pieces: Pieces | None) -> dict:
     """Encode one split into ``out/{name}.npy``; return its meta.json entry."""
-    ids, stats = encode_bytes(path, d) if char_level else encode_words(path, d)
+    ids, stats = encode_bytes(path, d) if char_level else encode_words(path, d, pieces)
     save_npy(out / f"{name}.npy", ids)
     return {
         "tokens": len(ids),
@@ -282,20 +304,38 @@ def warn_data(meta: dict, where) -> None:
         print(f"trime: warning: {where}: {line}", file=sys.stderr, flush=True)
 
 
-def _prepare(splits, out_dir, *, char_level: bool, dictionary, overwrite: bool, corpus: dict | None) -> Path:
-    sources = _check_sources(splits, need_train=dictionary is None)
+def _pieces(sources: dict[str, Path], char_level: bool, model, vocab: int | None) -> Pieces | None:
+    """The sentencepiece model to encode with: the given one, or one trained on the train split."""
+    if model is None and vocab is None:
+        return None
+    if char_level or (model is not None and vocab is not None):
+        raise DataError("--sentencepiece-model or --sentencepiece-vocab: one of them, and not with --char-level")
+    if model is not None:
+        return Pieces.load(model)
+    lines = (ln for chunk in _word_lines(sources["train"], "read train", None) for ln in chunk)
+    return Pieces.train(lines, vocab)
+
+
+def _prepare(
+    splits, out_dir, *, char_level: bool, dictionary, overwrite: bool, corpus: dict | None, spm_model=None,
+    spm_vocab: int | None = None,
+) -> Path:  # fmt: skip
+    sources = _check_sources(splits, need_train=dictionary is None or spm_vocab is not None)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "data", overwrite)
-    d, origin = _resolve_dictionary(sources, char_level, dictionary)
+    pieces = _pieces(sources, char_level, spm_model, spm_vocab)
+    d, origin = _resolve_dictionary(sources, char_level, dictionary, pieces)
     with atomic_dir(out_dir, overwrite=overwrite, kind="data") as tmp:
         d.save(tmp / DICT)
-        split_meta = {name: _binarize(name, path, d, char_level, tmp) for name, path in sources.items()}
+        spm_meta = pieces.save(tmp) if pieces is not None else None
+        split_meta = {name: _binarize(name, path, d, char_level, tmp, pieces) for name, path in sources.items()}
         meta = write_meta(
             tmp,
             "data",
             level="char" if char_level else "word",
             vocab_size=len(d),
             dictionary={"source": origin, "sha256": sha256_file(tmp / DICT)},
+            **({"sentencepiece": spm_meta} if spm_meta else {}),  # what encoded the text, when not just words
             corpus=corpus,
             splits=split_meta,
         )
@@ -309,16 +349,23 @@ def prepare(
     *,
     char_level: bool = False,
     dictionary: str | os.PathLike | None = None,
+    sentencepiece_model: str | os.PathLike | None = None,
+    sentencepiece_vocab: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Binarise ``{split: file}`` into ``out_dir`` (module docstring); return ``out_dir``.
 
     The dictionary is built from the ``train`` split unless ``dictionary`` (a dict.txt, or a data
     directory holding one) is given, e.g. a checkpoint's vocabulary; other splits are encoded with
-    it, unknown tokens becoming unk. The directory is built under a temporary name and appears
-    complete (with meta.json) only at the end.
+    it, unknown tokens becoming unk. ``sentencepiece_model`` encodes the text with that model first,
+    ``sentencepiece_vocab`` with one of that many pieces trained on train (trime.data.spm; either is
+    saved in the directory). The directory is built under a temporary name and appears complete
+    (with meta.json) only at the end.
     """
-    return _prepare(splits, out_dir, char_level=char_level, dictionary=dictionary, overwrite=overwrite, corpus=None)
+    return _prepare(
+        splits, out_dir, char_level=char_level, dictionary=dictionary, overwrite=overwrite, corpus=None,
+        spm_model=sentencepiece_model, spm_vocab=sentencepiece_vocab,
+    )  # fmt: skip
 
 
 def prepare_corpus(
@@ -327,9 +374,12 @@ def prepare_corpus(
     *,
     char_level: bool | None = None,
     dictionary: str | os.PathLike | None = None,
+    sentencepiece_model: str | os.PathLike | None = None,
+    sentencepiece_vocab: int | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Binarise a corpus directory (train.txt required; valid.txt, test.txt optional).
+    """Binarise a corpus directory (train.txt, valid.txt, test.txt; train.txt is required unless
+    ``dictionary`` is given and nothing is trained). Options as :func:`prepare`.
 
     When ``char_level`` is None it is taken from the corpus meta.json's ``level`` written by
     :func:`trime.data.fetch.fetch` (word level when there is none).
@@ -337,17 +387,31 @@ def prepare_corpus(
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise DataError(f"{corpus_dir}: no such corpus directory (run `trime data fetch` first)")
-    if not (corpus_dir / "train.txt").is_file():
-        raise DataError(f"{corpus_dir}: no train.txt in the corpus directory")
+    refuse_as_input(corpus_dir)
+    splits = {s: corpus_dir / f"{s}.txt" for s in ("train", "valid", "test") if (corpus_dir / f"{s}.txt").exists()}
+    if "train" not in splits and (dictionary is None or sentencepiece_vocab is not None or not splits):
+        have = ", ".join(sorted(p.name for p in corpus_dir.iterdir() if p.is_file())) or "nothing"
+        raise DataError(
+            f"{corpus_dir}: no train.txt (has: {have}); a corpus is train.txt, valid.txt, test.txt "
+            "(train.txt may be left out when --dict gives the dictionary; translation pairs: --source-lang/--target-lang)"
+        )
     corpus = read_json(corpus_dir / "meta.json") if (corpus_dir / "meta.json").is_file() else None
     if char_level is None:
         char_level = bool(corpus and corpus.get("level") == "char")
-    splits = {s: corpus_dir / f"{s}.txt" for s in ("train", "valid", "test") if (corpus_dir / f"{s}.txt").exists()}
-    return _prepare(splits, out_dir, char_level=char_level, dictionary=dictionary, overwrite=overwrite, corpus=corpus)
+    return _prepare(
+        splits, out_dir, char_level=char_level, dictionary=dictionary, overwrite=overwrite, corpus=corpus,
+        spm_model=sentencepiece_model, spm_vocab=sentencepiece_vocab,
+    )  # fmt: skip
 
 
 def read_data_meta(data_dir: str | os.PathLike) -> dict:
-    """The meta.json of a complete data directory (DataError with a hint otherwise)."""
+    """The meta.json of a complete data directory, or the same made from a fairseq LM data-bin's files
+    (trime.data.fairseq_bin); DataError with a hint otherwise."""
+    kind = databin_kind(data_dir)
+    if kind == "lm":
+        return lm_meta(data_dir)
+    if kind == "pairs":
+        raise DataError(f"{data_dir}: a fairseq data-bin of translation pairs, not language-model data (dict.txt)")
     try:
         return read_meta(data_dir, kind="data")
     except DataError as e:
@@ -379,12 +443,15 @@ def load_dictionary(data_dir: str | os.PathLike) -> Dictionary:
 
 
 def load_split(data_dir: str | os.PathLike, split: str) -> np.ndarray:
-    """(n_tokens,) int32 token stream of ``split``, memory-mapped read-only."""
+    """(n_tokens,) int32 token stream of ``split``, memory-mapped read-only (a data-bin's: in its own dtype)."""
     meta = read_data_meta(data_dir)
     splits = meta.get("splits", {})
     if split not in splits:
         have = ", ".join(sorted(splits)) or "none"
-        raise DataError(f"{data_dir}: no {split!r} split (has: {have}); {_HINT} with a {split} file")
+        hint = "" if meta.get("format") == FAIRSEQ_BIN else f"; {_HINT} with a {split} file"
+        raise DataError(f"{data_dir}: no {split!r} split (has: {have}){hint}")
+    if meta.get("format") == FAIRSEQ_BIN:
+        return read_indexed(Path(data_dir) / split).tokens
     ids = load_npy(Path(data_dir) / f"{split}.npy", mmap=True)
     if ids.dtype != np.int32 or ids.ndim != 1 or len(ids) != splits[split]["tokens"]:
         raise DataError(f"{data_dir}/{split}.npy: does not match meta.json; rerun `trime data prepare --overwrite`")
