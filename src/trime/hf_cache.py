@@ -108,7 +108,9 @@ def problem(entry: Path, fp: str) -> str | None:
         return "unreadable meta.json"
     if not isinstance(meta, dict) or meta.get("kind") != KIND or meta.get("fingerprint") != fp:
         return "not the cache entry of this file"
-    files = meta.get("sha256") or {}
+    files = meta.get("sha256")
+    if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
+        return "unreadable meta.json"
     for name, (size, digest) in files.items():
         path = entry / name
         if not path.is_file() or path.stat().st_size != size:
@@ -144,9 +146,13 @@ def ensure(gguf: str | os.PathLike, convert) -> Path | None:
         if entry.exists():
             why = problem(entry, fp)
             if why is None:
+                if verbose():
+                    _say(f"| {gguf.name}: read from the cache entry {entry}")
                 return entry
             _say(f"| GGUF cache entry {entry}: {why}; converting {gguf.name} again")
             shutil.rmtree(entry)
+        if verbose():
+            _say(f"| {gguf.name}: converting it once into the cache entry {entry}")
         return _build(entry, gguf, fp, convert)
     except OSError as e:
         where = e.filename if e.filename is not None else root
