@@ -130,3 +130,20 @@ def test_unwritable_cache_falls_back_to_the_file(gguf_file, tmp_path, monkeypatc
     assert err.count("\n") == 1 and "cannot write the GGUF cache" in err
     assert bb.ffn_name == "model.layers.1.mlp"
     assert os.listdir(tmp_path) == ["file"]
+
+
+def test_commands_print_no_loader_output_unless_verbose(gguf_file, cache, tmp_path, monkeypatch, capfd):
+    from trime.cli import main
+
+    from tests.fixtures import make_corpus
+
+    gguf = str(gguf_file[1])
+    corpus = make_corpus(tmp_path / "corpus", n_lines=30)
+    assert main(["data", "prepare", str(corpus), "--out", str(tmp_path / "data"), "--hf-tokenizer", gguf]) == 0
+    monkeypatch.setenv(hf_cache.VERBOSE_ENV, "")  # restored after the test: main(--verbose) sets it
+    argv = ["eval", str(tmp_path / "data"), "--hf-model", gguf, "--tokens-per-sample", "16", "--max-eval-tokens", "32"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    out, err = capfd.readouterr()
+    assert err == "" and "Perplexity" in out
+    assert main([*argv, "--device", "cpu", "--verbose"]) == 0
+    assert "read from the cache entry" in capfd.readouterr().err
