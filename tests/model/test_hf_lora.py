@@ -11,8 +11,8 @@ from trime import hf_cache, train
 from trime.checkpoint import load_model
 from trime.data.hf_text import prepare_hf_corpus
 from trime.data.prepare import load_split, special_ids
-from trime.errors import ConfigError
-from trime.io import read_meta
+from trime.errors import CheckpointError, ConfigError
+from trime.io import read_meta, write_json
 from trime.losses import LossSettings, compute_loss
 from trime.model.hf import load_hf
 
@@ -98,6 +98,14 @@ def test_lora_trains_only_adapters_and_reloads(setup, monkeypatch, capsys):
     capsys.readouterr()
     train.fit(C.ModelConfig(), _cfg(root, gguf, data, max_update=4))
     assert "resuming" in capsys.readouterr().out and read_meta(ckpt)["updates"] == 4
+
+    # a base model that is not the one trained is one line
+    meta = read_meta(ckpt)
+    meta["base"]["fingerprint"] = "0" * 16
+    write_json(ckpt / "meta.json", meta)
+    with pytest.raises(CheckpointError, match="has changed since the adapter was trained") as e:
+        load_model(ckpt)
+    assert "\n" not in str(e.value)
 
 
 def test_lora_errors_are_one_line(setup, tmp_path):

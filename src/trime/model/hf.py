@@ -546,13 +546,16 @@ def save_hf_checkpoint(
 def _lora_meta(backbone: HFBackbone, weights: Path) -> dict:
     """What a LoRA checkpoint's meta.json records to reload it: the base model, its fingerprint, and a
     weights fingerprint of base and adapter together (what datastores made with it are labelled with)."""
-    name, gguf = backbone.source
-    local = Path(name).exists()
-    base = {
-        "source": str(Path(name).resolve()) if local else name,
-        "gguf_file": gguf,
-        "fingerprint": hf_fingerprint(name, gguf),
-    }
+    base = getattr(backbone, "_lora_base", None)
+    if base is None:  # hashed once per run, not at every checkpoint
+        name, gguf = backbone.source
+        local = Path(name).exists()
+        base = {
+            "source": str(Path(name).resolve()) if local else name,
+            "gguf_file": gguf,
+            "fingerprint": hf_fingerprint(name, gguf),
+        }
+        backbone._lora_base = base
     adapter = io.sha256_file(weights)
     both = hashlib.sha256(f"{base['fingerprint']} {adapter}".encode()).hexdigest()
     return {"lora": {"adapter_sha256": adapter}, "base": base, "weights_sha256": both}
