@@ -46,14 +46,12 @@ def verbose() -> bool:
 
 
 @contextlib.contextmanager
-def quiet(enabled: bool | None = None) -> Iterator[None]:
-    """Hide the loaders' output for the block (nothing is hidden when ``enabled`` is False; None: not
-    :func:`verbose`): tqdm bars and anything else written to sys.stderr, Python warnings, and records
-    of the libraries' loggers below ERROR. Exceptions pass through unchanged. Import transformers before
-    the block: a library that sets up its logging inside it would keep the hidden stream."""
-    if enabled is None:
-        enabled = not verbose()
-    if not enabled:
+def quiet() -> Iterator[None]:
+    """Hide the loaders' output for the block unless :func:`verbose`: tqdm bars and anything else written
+    to sys.stderr, Python warnings, and records of the libraries' loggers below ERROR. Exceptions pass
+    through unchanged. Import transformers before the block: a library that sets up its logging inside
+    it would keep the hidden stream."""
+    if verbose():
         yield
         return
     loggers = [logging.getLogger(name) for name in _LOGGERS]  # transformers' verbosity is its logger's level
