@@ -69,22 +69,27 @@ def save_adapter(wrapped: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def load_adapter_weights(wrapped: nn.Module, directory: str | os.PathLike) -> None:
-    """Load a checkpoint's adapter weights into the PeftModel of a run (resuming it)."""
+    """Load a checkpoint's adapter weights into a PeftModel (resuming a run, or before merging)."""
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {ADAPTER_WEIGHTS}; it is not a LoRA checkpoint")
     state = load_file(str(path), device=str(next(wrapped.parameters()).device))
     result = _peft().set_peft_model_state_dict(wrapped, state)
     unexpected = list(getattr(result, "unexpected_keys", []))
-    if unexpected:
-        raise CheckpointError(f"{path}: adapter weights do not fit this run's adapters (unexpected {unexpected[:3]})")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{path}: adapter weights do not fit the adapters (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def merged(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """``model`` with the adapter of ``directory`` merged into its weights (a plain transformers model again)."""
     peft = _peft()
     try:
-        wrapped = peft.PeftModel.from_pretrained(model, str(directory), strict_adapter_check="error")
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{directory}: cannot load the LoRA adapter ({' '.join(str(e).split())[:300]})") from None
+        config = peft.LoraConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{directory}: unreadable {ADAPTER_CONFIG} ({' '.join(str(e).split())[:300]})") from None
+    wrapped = peft.get_peft_model(model, config)
+    load_adapter_weights(wrapped, directory)
     return wrapped.merge_and_unload()
