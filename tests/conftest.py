@@ -14,6 +14,13 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _gguf_cache(tmp_path_factory):
+    """GGUF cache entries (trime.hf_cache) go to a temporary directory, never the user's ~/.cache."""
+    if "TRIME_CACHE" not in os.environ:
+        os.environ["TRIME_CACHE"] = str(tmp_path_factory.mktemp("trime-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _clean_torch_state():
     """Each test starts from the default dtype and no process group (STYLE §7.6)."""

@@ -292,3 +292,67 @@ def test_two_real_ranks_equal_two_simulated_ranks(tmp_path):
 @pytest.mark.slow  # > 3 s on 2 cores: a whole job or several processes
 def test_four_real_ranks_equal_four_simulated_ranks(tmp_path):
     _check_simulation(_run(_sim_worker, 4, tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# A Hugging Face backbone (a tiny random Llama) trained with TRIME as trime.train does it on 2 ranks: the
+# Objective in DDP, each rank with its half of the global batch. The ranks' losses sum to the loss of one
+# process over the whole batch, and the gradient DDP leaves on every rank, times the world size, is that
+# process's gradient: of the same loss for trime (memories within a segment), of the loss with the other
+# rank's keys as constants (simulate_ranks) for trime_long, whose memory is both ranks' batches.
+
+HF_B, HF_L = 4, 6
+HF_CASES = {"trime": 1, "trime_long": 0}  # criterion: ranks per memory group (0: all)
+
+
+def _hf_setup():
+    import transformers
+
+    from trime.model.hf import HFBackbone
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=SIM_V, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    backbone = HFBackbone(transformers.AutoModelForCausalLM.from_config(cfg)).train()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(4, SIM_V, (HF_B, HF_L), generator=g)  # the global batch, rank order
+    targets = torch.randint(4, SIM_V, (HF_B, HF_L), generator=g)
+    targets[1, 3] = PAD
+    return backbone, tokens, targets
+
+
+def _hf_worker(rank, world, port, path):
+    from trime.train import Objective
+
+    _join(rank, world, port)
+    result = {}
+    for crit, group in HF_CASES.items():
+        backbone, tokens, targets = _hf_setup()  # a fresh model per DDP wrapper
+        gather = D.make_group_gather(group or world) if group != 1 else None
+        wrapped = D.wrap_ddp(Objective(backbone, LossSettings(crit, pad=PAD), seed=0, gather=gather))
+        rows = slice(rank * HF_B // world, (rank + 1) * HF_B // world)
+        loss, n, *_ = wrapped(tokens[rows], targets[rows])
+        loss.backward()  # DDP averages the gradient over the ranks
+        result[crit] = (loss.item(), n.item(), [p.grad.clone() for p in backbone.parameters()])
+    D.barrier()
+    torch.save(result, f"{path}/rank{rank}.pt")
+    D.cleanup()
+
+
+def test_two_ranks_train_a_hugging_face_backbone_like_one_process(tmp_path):
+    pytest.importorskip("transformers")
+    ranks = _run(_hf_worker, 2, tmp_path)
+    for crit, group in HF_CASES.items():
+        backbone, tokens, targets = _hf_setup()
+        settings = LossSettings(crit, pad=PAD, simulate_ranks=2 if crit != "trime" else 1, simulate_group=group)
+        whole = compute_loss(settings, backbone(tokens), targets, backbone.head)
+        want = torch.autograd.grad(whole.loss, list(backbone.parameters()))
+        assert sum(r[crit][0] for r in ranks) == pytest.approx(whole.loss.item(), rel=1e-5), crit
+        assert sum(r[crit][1] for r in ranks) == whole.n_targets.item() == HF_B * HF_L - 1
+        for i, w in enumerate(want):
+            for r in ranks:  # every rank holds the same averaged gradient
+                torch.testing.assert_close(
+                    2 * r[crit][2][i], w, rtol=1e-4, atol=1e-6, msg=lambda m, c=crit, i=i: f"{c} #{i}: {m}"
+                )

@@ -15,6 +15,7 @@ LEVELS = {
     "trime.errors": 0,
     "trime.config": 0,
     "trime.io": 0,
+    "trime.hf_cache": 0,
     "trime.device": 0,
     "trime.distributed": 0,
     "trime.optim": 0,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import NoReturn
 
 from trime import config as C
 from trime import distributed as dist
-from trime import io
+from trime import hf_cache, io
 from trime.checkpoint import convert
 from trime.data import bm25
 from trime.data.fetch import fetch
@@ -405,6 +406,9 @@ PRESETS = {  # commands that read a preset: --preset's help, and whether --print
 }
 
 
+VERBOSE_HELP = "show what the model loaders print: progress bars, warnings, transformers / accelerate / gguf logs"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's own refusals (an unknown flag, a value of the wrong type) as every other: one line, exit 2."""
 
@@ -425,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         c = (groups[group] if group else sub).add_parser(step, help=help)
         for cls in configs:
             C.add_arguments(c, cls, skip=FROM_DATA)
+        c.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         if command in PRESETS:
             c.add_argument("--preset", help=PRESETS[command][0])
             if PRESETS[command][1]:
@@ -440,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         ns = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0), or a flag argparse refused (2, one line: _Parser.error)
         return int(e.code or 0)
+    if ns.verbose:  # read by trime.hf_cache.quiet, and inherited by the processes a command starts
+        os.environ[hf_cache.VERBOSE_ENV] = "1"
     try:
         ns.func(ns)
     except TrimeError as e:

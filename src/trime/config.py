@@ -247,9 +247,16 @@ class TrainConfig(RunConfig):
 
     hf_model: str = opt("", HF_MODEL_HELP + " to fine-tune (the model flags are then unused)", "--hf-model")
     gguf_file: str = opt("", GGUF_HELP, "--gguf-file")
+    lora_rank: int = opt(
+        0, "--hf-model: train LoRA adapters of this rank (peft), the model frozen (0: every weight)", ge=0
+    )
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: the adapters' update is alpha / rank x B A", gt=0)
+    lora_targets: list[str] = opt([], "modules LoRA adapts, by name (default: every linear layer but the LM head)")
 
     def check(self) -> None:
         check_hf("", self.hf_model, self.gguf_file)
+        if self.lora_rank and not self.hf_model:
+            raise ConfigError("--lora-rank adapts a Hugging Face model: add --hf-model")
         if self.max_tokens % self.tokens_per_sample:
             raise ConfigError(
                 f"--max-tokens {self.max_tokens} must be a positive multiple of --tokens-per-sample {self.tokens_per_sample}"

@@ -217,7 +217,7 @@ def _group_size(cfg: TrainConfig) -> int:
 # the data and the batch order are compared by content (run_inputs), never by path
 FIXED_ON_RESUME = (
     "tokens_per_sample", "max_tokens", "criterion", "seed", "keep_order", "shuffle_groups", "optimizer", "update_freq",
-    "simulate_ranks",
+    "simulate_ranks", "lora_rank", "lora_alpha", "lora_targets",
 )  # fmt: skip
 PATH_FIELDS = ("data", "save_dir", "predefined_batches")
 
@@ -383,14 +383,22 @@ def run_training(
 
 
 def _hf_backbone(cfg: TrainConfig, device: torch.device) -> HFBackbone:
-    """The transformers causal LM of ``--hf-model`` to fine-tune (trime.model.hf), checked against L."""
+    """The transformers causal LM of ``--hf-model`` to fine-tune (trime.model.hf), checked against L; with
+    ``--lora-rank``, its LoRA adapters (initialised from the run's seed) are what trains."""
     key = "final" if cfg.knn_keytype == "final" else "last_ffn_input"
+    if not dist.is_main():  # the main process converts a GGUF file into its cache entry first (trime.hf_cache)
+        dist.barrier()
     model = load_hf(cfg.hf_model, gguf_file=cfg.gguf_file or None, device=device, key=key)
+    if dist.is_main():
+        dist.barrier()
     if 0 < model.cfg.max_positions < cfg.tokens_per_sample:
         raise ConfigError(
             f"--tokens-per-sample {cfg.tokens_per_sample} exceeds {cfg.hf_model}'s context of "
             f"{model.cfg.max_positions} positions"
         )
+    if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     return model
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trime import hf_cache
 from trime.data.prepare import _check_sources, _lines, _text_chunks, check_out_dir
 from trime.errors import ConfigError, DataError
 from trime.io import atomic_dir, fingerprint_array, read_json, save_npy, sha256_file, write_meta
@@ -144,8 +145,12 @@ def load_tokenizer(name_or_dir: str | os.PathLike, *, gguf_file: str | None = No
     if gguf_file is not None and not (path / gguf_file).is_file():
         raise DataError(f"{path / gguf_file}: no such GGUF file")
     source = str(path) if path.exists() else str(name_or_dir)
+    entry = hf_cache.lookup(path / gguf_file) if gguf_file is not None else None
+    if entry is not None and (entry / "tokenizer_config.json").is_file():  # the GGUF's converted copy
+        source, gguf_file = str(entry), None
     try:
-        return transformers.AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+        with hf_cache.quiet():
+            return transformers.AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
     except ImportError as e:
         raise ConfigError(f"the tokenizer of {source} needs a missing package ({e}): pip install trime[hf]") from None
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from trime import io
+from trime import hf_cache, io
 from trime.errors import CheckpointError, ConfigError
+from trime.model import hf_lora
 from trime.model.adaptive import OutputHead
 from trime.model.base import LMOutput
 
@@ -257,7 +258,9 @@ class HFBackbone(nn.Module):
     """A ``transformers`` causal LM returning LMOutput(h (B, T, d), q (B, T, d)); see the module docstring.
 
     Attributes: ``model`` (the causal LM), ``head`` (HFHead), ``cfg`` (HFModelConfig), ``dim`` (key
-    width), ``vocab_size``, ``ffn_name`` (qualified name of the hooked FFN, None with key 'final').
+    width), ``vocab_size``, ``ffn_name`` (qualified name of the hooked FFN, None with key 'final'),
+    ``source`` ((name or directory, GGUF file name or None) it was loaded from, when :func:`load_hf` loaded it),
+    ``lora`` (the PeftModel around ``model`` after :meth:`add_lora`, else None).
     """
 
     def __init__(self, model: nn.Module, key: str = "last_ffn_input", name: str = "", chunk_rows: int | None = None):
@@ -278,6 +281,8 @@ class HFBackbone(nn.Module):
         self._head = (HFHead(lm_head, getattr(config, "final_logit_softcapping", None), chunk_rows),)
         self._captured: Tensor | None = None
         self._hook = None
+        self._lora: tuple = ()
+        self.source: tuple[str, str | None] = (name, None)
         self.ffn_name: str | None = None
         self.dim = self._probe(key)
         self.vocab_size = self.head.vocab_size
@@ -291,6 +296,14 @@ class HFBackbone(nn.Module):
     @property
     def head(self) -> HFHead:
         return self._head[0]
+
+    @property
+    def lora(self) -> nn.Module | None:
+        return self._lora[0] if self._lora else None
+
+    def add_lora(self, rank: int, alpha: float, targets=()) -> None:
+        """Train LoRA adapters (trime.model.hf_lora) instead of the model's weights, which are frozen."""
+        self._lora = (hf_lora.add_lora(self.model, rank, alpha, targets),)  # not a submodule: the same parameters
 
     def _probe(self, key: str) -> int:
         """Find the FFN (rule 1-2), hook it, and check h and the head (rule 3); return the key width."""
@@ -405,22 +418,46 @@ def load_hf_model(name_or_dir, *, gguf_file: str | None = None, dtype=None, devi
     """The ``transformers`` causal LM (eval mode) of a save_pretrained directory, a hub name or a GGUF file.
 
     dtype None loads float32 (trime's training and evaluation lower precision through autocast);
-    "auto" keeps the checkpoint's dtype. ``safetensors_only`` refuses pickled weights.
+    "auto" keeps the checkpoint's dtype (a GGUF's: float32, what its cache entry holds). ``safetensors_only``
+    refuses pickled weights. A local GGUF file is read from its cache entry (trime.hf_cache), converted
+    there on its first load. The loaders print nothing unless TRIME_VERBOSE is set (trime --verbose).
     """
     tf = _transformers()
     source, gguf = _resolve_source(name_or_dir, gguf_file)
+    if gguf is not None and (Path(source) / gguf).is_file():
+        entry = hf_cache.ensure(Path(source) / gguf, lambda out: _convert_gguf(tf, source, gguf, out))
+        if entry is not None:
+            source, gguf, safetensors_only = str(entry), None, True
     kwargs: dict = {"dtype": _dtype(dtype)}
     if gguf is not None:
         kwargs["gguf_file"] = gguf
     if safetensors_only:
         kwargs["use_safetensors"] = True
+    return _from_pretrained(tf, source, **kwargs).to(device).eval()
+
+
+def _from_pretrained(tf, source: str, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained``, quiet, its errors as one line."""
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with hf_cache.quiet():
+            return tf.AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ImportError as e:  # e.g. gguf or accelerate missing
         raise ConfigError(f"loading {source} needs a missing package ({_one_line(e)}): {_INSTALL}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot load a causal LM from {source}: {_one_line(e)}") from None
-    return model.to(device).eval()
+
+
+def _convert_gguf(tf, directory: str, gguf: str, out: Path) -> None:
+    """Write the de-quantised model of a GGUF file, and its tokenizer when it has one, into ``out``."""
+    model = _from_pretrained(tf, directory, gguf_file=gguf, dtype=torch.float32)
+    with _as_plain_model(model), hf_cache.quiet():
+        model.save_pretrained(out, safe_serialization=True)
+    del model
+    try:
+        with hf_cache.quiet():
+            tf.AutoTokenizer.from_pretrained(directory, gguf_file=gguf).save_pretrained(out)
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError):
+        pass  # no tokenizer in the file: the entry holds the model
 
 
 def _one_line(e: BaseException) -> str:
@@ -440,7 +477,9 @@ def load_hf(
     """An :class:`HFBackbone` (eval mode) around ``load_hf_model(name_or_dir, ...)``."""
     model = load_hf_model(name_or_dir, gguf_file=gguf_file, dtype=dtype, device=device)
     name = str(name_or_dir) if gguf_file is None else f"{name_or_dir}:{gguf_file}"
-    return HFBackbone(model, key=key, name=name, chunk_rows=chunk_rows).eval()
+    backbone = HFBackbone(model, key=key, name=name, chunk_rows=chunk_rows)
+    backbone.source = (str(name_or_dir), gguf_file)
+    return backbone.eval()
 
 
 HF_META = {"backbone": "hf"}
@@ -476,11 +515,15 @@ def save_hf_checkpoint(
 ) -> Path:
     """Write a backbone as a trime checkpoint directory: save_pretrained layout (config.json, safetensors
     weights, the tokenizer when given), ``trainer.pt`` for resuming when given (tensors and plain
-    containers only), then meta.json (with the train config), written last; replaces an older one."""
+    containers only), then meta.json (with the train config), written last; replaces an older one.
+    A backbone with LoRA adapters writes only the adapter and names its base model (trime.model.hf_lora)."""
     path = Path(path)
     with io.atomic_dir(path, overwrite=True) as tmp:
-        with _as_plain_model(backbone.model):
-            backbone.model.save_pretrained(tmp, safe_serialization=True)
+        if backbone.lora is not None:
+            meta.update(_lora_meta(backbone, hf_lora.save_adapter(backbone.lora, tmp)))
+        else:
+            with _as_plain_model(backbone.model), hf_cache.quiet():
+                backbone.model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if trainer_state is not None:
@@ -500,8 +543,30 @@ def save_hf_checkpoint(
     return path
 
 
+def _lora_meta(backbone: HFBackbone, weights: Path) -> dict:
+    """What a LoRA checkpoint's meta.json records to reload it: the base model, its fingerprint, and a
+    weights fingerprint of base and adapter together (what datastores made with it are labelled with)."""
+    base = getattr(backbone, "_lora_base", None)
+    if base is None:  # hashed once per run, not at every checkpoint
+        name, gguf = backbone.source
+        local = Path(name).exists()
+        base = {
+            "source": str(Path(name).resolve()) if local else name,
+            "gguf_file": gguf,
+            "fingerprint": hf_fingerprint(name, gguf),
+        }
+        backbone._lora_base = base
+    adapter = io.sha256_file(weights)
+    both = hashlib.sha256(f"{base['fingerprint']} {adapter}".encode()).hexdigest()
+    return {"lora": {"adapter_sha256": adapter}, "base": base, "weights_sha256": both}
+
+
 def load_hf_weights(backbone: HFBackbone, directory: str | os.PathLike) -> None:
-    """Load the safetensors weights of a save_pretrained directory into ``backbone.model`` (resuming a run)."""
+    """Load the safetensors weights of a save_pretrained directory into ``backbone.model`` (resuming a run);
+    of a LoRA checkpoint, into the backbone's adapters."""
+    if backbone.lora is not None:
+        hf_lora.load_adapter_weights(backbone.lora, directory)
+        return
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no safetensors weights")
@@ -534,7 +599,10 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=None, device="cpu", chu
     meta = io.read_json(path / io.META)
     if meta.get("backbone") != "hf":
         raise CheckpointError(f"{path}: not a Hugging Face trime checkpoint")
-    model = load_hf_model(path, dtype=dtype, device=device, safetensors_only=True)
+    if "lora" in meta:
+        model = _load_lora_base(path, meta, dtype, device)
+    else:
+        model = load_hf_model(path, dtype=dtype, device=device, safetensors_only=True)
     backbone = HFBackbone(model, key=meta.get("key", "last_ffn_input"), name=str(path), chunk_rows=chunk_rows)
     return backbone.eval(), meta
 
@@ -551,6 +619,26 @@ def hub_revision(repo_id: str, filename: str | None = None) -> str | None:
         return None
     parts = Path(found).parts
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def _load_lora_base(path: Path, meta: dict, dtype, device) -> nn.Module:
+    """The base model of a LoRA checkpoint with its adapter merged in, after checking both are the ones trained."""
+    base = meta.get("base") or {}
+    name, gguf = base.get("source", ""), base.get("gguf_file")
+    adapter = path / hf_lora.ADAPTER_WEIGHTS
+    if not adapter.is_file() or io.sha256_file(adapter) != meta["lora"].get("adapter_sha256"):
+        raise CheckpointError(
+            f"{adapter}: missing, damaged or replaced (its sha256 is not the one the checkpoint recorded)"
+        )
+    try:
+        found = hf_fingerprint(name, gguf)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: its base model is not available ({e})") from None
+    if found != base.get("fingerprint"):
+        raise CheckpointError(f"{path}: its base model {name} has changed since the adapter was trained")
+    model = load_hf_model(name, gguf_file=gguf, dtype=dtype, device=device)
+    with hf_cache.quiet():
+        return hf_lora.merged(model, path).eval()
 
 
 def hf_fingerprint(name_or_dir: str | os.PathLike, gguf_file: str | None = None) -> str:
