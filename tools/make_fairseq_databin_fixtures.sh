@@ -17,6 +17,8 @@
 #                                           with it (spm.encode as pieces, space-separated): dictionaries from train
 #          ids.json                         the valid and test ids as fairseq's own reader returns them
 #                                           (data_utils.load_indexed_dataset, mmap)
+#          model.pt, generate.*.txt         not made here: tools/make_fairseq_spm_mt_fixtures.sh (this script
+#                                           removes them: run that one after it)
 #
 # Time: < 1 min once the venv exists (building it: ≈ 5 min). Needs the PyPI registry for the venv only.
 # Deterministic.

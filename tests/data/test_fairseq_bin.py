@@ -2,7 +2,9 @@
 
 The data-bins under tests/assets/fairseq_databin were written by the real fairseq-preprocess
 (tools/make_fairseq_databin_fixtures.sh); the ids they must read as are fairseq's own: fairseq_mt/test.ids.json,
-fairseq/word/test.ids.npy, fairseq_databin/spm/ids.json (fairseq's reader on the very files).
+fairseq/word/test.ids.npy, fairseq_databin/spm/ids.json (fairseq's reader on the very files); the lines
+fairseq-generate printed with a model trained on the spm data-bin are fairseq_databin/spm/generate.*.txt
+(tools/make_fairseq_spm_mt_fixtures.sh).
 """
 
 from __future__ import annotations
@@ -183,6 +185,57 @@ def test_generate_and_score_reference_on_a_data_bin_equal_fairseq(tmp_path, caps
         for i, nbest in want[setting]["hypos"].items():
             assert got[int(i)][0] == " ".join(symbols[t] for t in nbest[0]["tokens"][:-1]), i
             assert got[int(i)][1] == pytest.approx(nbest[0]["score"], abs=1e-4), i
+
+
+def _tagged(lines) -> dict[tuple[str, int], list[str]]:
+    """fairseq-generate's S-/T-/H-/D-/P- lines by (letter, sentence id), each the text after the first tab."""
+    out: dict[tuple[str, int], list[str]] = {}
+    for line in lines:
+        m = re.fullmatch(r"([STHDP])-(\d+)\t(.*)", line)
+        if m:
+            out.setdefault((m[1], int(m[2])), []).append(m[3])
+    return out
+
+
+@pytest.mark.parametrize("setting", ["beam5", "score_reference"])
+def test_sentencepiece_data_bin_generate_equals_fairseq_on_a_greek_target(setting, capsys):
+    """A fairseq model trained on the en->el data-bin (tools/make_fairseq_spm_mt_fixtures.sh) and what
+    fairseq-generate printed with it (--post-process sentencepiece --tokenizer moses, target el; --beam 5
+    --nbest 2, or --score-reference): `trime mt generate` on the same data-bin and .pt gives the same H- lines
+    (text; score within 1e-4), D- lines (Moses with el's rules: the same text), P- lines (as
+    tests/generate/test_beam.py's: 4 decimals, within 1e-4, nearly all identical).
+
+    S- and T- lines: fairseq-generate's --tokenizer moses also detokenises the source and the reference
+    (decode_fn on both, with the target language's rules), trime prints them as words, as H- lines are; so
+    fairseq's are trime's Moses-detokenised with el rules."""
+    from trime.generate.text import detokenize
+
+    flags = ["--beam", "5", "--nbest", "2"] if setting == "beam5" else ["--score-reference"]
+    argv = ["mt", "generate", str(SPM / "bin"), "--path", str(SPM / "model.pt"), "--device", "cpu"]
+    assert main([*argv, "--post-process", "sentencepiece", *flags]) == 0
+    out = capsys.readouterr().out
+    about = "target el: pieces joined by sentencepiece, D- lines Moses-detokenised with el rules"
+    assert (about in out) == (setting == "beam5")  # the summary of --score-reference is eval_lm's
+    got = _tagged(out.splitlines())
+    want = _tagged((SPM / f"generate.{setting}.txt").read_text(encoding="utf-8").splitlines())
+    assert sorted(got) == sorted(want) and len({i for _, i in want}) == 20
+    same = total = 0
+    for (tag, i), lines in want.items():
+        mine = got[tag, i]
+        assert len(mine) == len(lines) == (2 if tag in "HDP" and setting == "beam5" else 1), (tag, i)
+        for a, b in zip(mine, lines):
+            if tag in "ST":
+                assert detokenize([a], "el") == [b], (tag, i)
+            elif tag in "HD":
+                (score_a, text_a), (score_b, text_b) = a.split("\t"), b.split("\t")
+                assert text_a == text_b and float(score_a) == pytest.approx(float(score_b), abs=1e-4), (tag, i)
+            else:
+                pa, pb = a.split(" "), b.split(" ")
+                assert all(re.fullmatch(r"-?\d+\.\d{4}", x) for x in pa) and len(pa) == len(pb), i
+                assert max(abs(float(x) - float(y)) for x, y in zip(pa, pb)) < 1e-4 + 1e-6, i
+                same += sum(x == y for x, y in zip(pa, pb))
+                total += len(pa)
+    assert same >= 0.97 * total, (same, total)  # measured: 567/573 (beam5), 405/406 (score_reference)
 
 
 def test_mt_datastore_and_training_take_a_data_bin(tmp_path, capsys):
