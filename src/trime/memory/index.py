@@ -470,6 +470,9 @@ class Index:
     def _exact_search(self, x: torch.Tensor, k: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k similarities of queries x (n, d) against every key, ``chunk`` queries at a time."""
         keys = self._vectors  # (R, d)
+        if torch.is_autocast_enabled("cpu"):  # float32 like faiss, in any thread
+            with torch.autocast("cpu", enabled=False):
+                return self._exact_search(x, k, chunk)
         sq = (keys * keys).sum(1) if self.metric == "l2" else None  # (R,)
         scores, ids = [], []
         for a in range(0, x.shape[0], chunk):
