@@ -154,8 +154,8 @@ def lm_setup(root: Path, n_train: int, n_valid: int) -> dict:
     return {"data": data, "ckpt": ckpt, "L": L, "root": root, "flat": flat, "ivfpq": ivf}
 
 
-def eval_job(env: dict, tokens: int, memory: str | None, neighbors: bool = False):
-    from trime.evaluate import evaluate
+def eval_job(env: dict, tokens: int, memory: str | None, neighbors: bool = False, overlap: bool = True):
+    import trime.evaluate as ev
 
     base = {"data": str(env["data"]), "path": str(env["ckpt"]), "device": "cpu", "amp": "none",
             "context_window": env["L"] // 2, "batch_size": 8, "max_eval_tokens": tokens}  # fmt: skip
@@ -164,7 +164,15 @@ def eval_job(env: dict, tokens: int, memory: str | None, neighbors: bool = False
     if neighbors:
         base |= {"save_neighbors": str(env["root"] / "nb")}
     cfg = C.build(C.EvalConfig, base)
-    return lambda: evaluate(cfg).n_tokens
+
+    def run():
+        ev.OVERLAP_SEARCH = overlap
+        try:
+            return ev.evaluate(cfg).n_tokens
+        finally:
+            ev.OVERLAP_SEARCH = True
+
+    return run
 
 
 def generate_job(env: dict, new_tokens: int, memory: str | None):
@@ -253,6 +261,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run")
     ap.add_argument("--pairs", type=int, default=3000, help="MT training pairs (datastore)")
     ap.add_argument("--sentences", type=int, default=32, help="sentences decoded per MT run")
+    ap.add_argument("--indexes", default="flat,ivfpq", help="the indexes eval and generate search")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -269,17 +278,18 @@ def main(argv=None) -> list[dict]:
             if "eval" in want or "neighbors" in want:
                 free = measure(seams, eval_job(env, a.tokens, None), a.repeats)
                 results.append(("eval, memory-free", free, free))
-                for kind in ("flat", "ivfpq"):
-                    if "eval" in want:
-                        results.append((f"eval, external {kind}", measure(seams, eval_job(env, a.tokens, kind),
-                                                                          a.repeats), free))  # fmt: skip
+                for kind in a.indexes.split(",") if "eval" in want else ():
+                    for overlap in (False, True):
+                        job = eval_job(env, a.tokens, kind, overlap=overlap)
+                        name = f"eval, external {kind}, {'overlapped' if overlap else 'sequential'}"
+                        results.append((name, measure(seams, job, a.repeats), free))
                 if "neighbors" in want:
                     job = eval_job(env, a.tokens, "ivfpq", neighbors=True)
                     results.append(("eval --save-neighbors, ivfpq", measure(seams, job, a.repeats), free))
             if "generate" in want:
                 free = measure(seams, generate_job(env, a.new_tokens, None), a.repeats)
                 results.append(("generate, memory-free (KV cache)", free, free))
-                for kind in ("flat", "ivfpq"):
+                for kind in a.indexes.split(","):
                     job = generate_job(env, a.new_tokens, kind)
                     results.append((f"generate, external {kind}", measure(seams, job, a.repeats), free))
             if "mt" in want:

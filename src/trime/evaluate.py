@@ -44,12 +44,14 @@ from trime.jobs import open_model
 from trime.memory import masks
 from trime.memory.cache import MemoryFIFO
 from trime.memory.external import ExternalMemory
+from trime.memory.index import one_search_thread
 from trime.memory.joint import memory_logits
 from trime.memory.neighbors import NeighborCacheWriter
 from trime.memory.scoring import MemoryRows, Setting, log_probs
 from trime.model.base import select_keys
 
 LN2 = math.log(2)
+OVERLAP_SEARCH = True  # bench/profile_memory.py turns it off to measure the sequential order
 
 
 @dataclass
@@ -102,7 +104,8 @@ def score_batches(scorer: Scorer, batches, *, overlap: bool = True):
     """Yield ``(batch, log p)`` for each batch in order. With ``overlap`` and an external memory, batch
     i + 1's forward pass runs while batch i's external search runs in a thread; the numbers are the
     same either way (tests/test_evaluate.py)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="trime-search") if overlap and scorer.external else None
+    overlap = overlap and scorer.external is not None and OVERLAP_SEARCH
+    pool = ThreadPoolExecutor(1, thread_name_prefix="trime-search", initializer=one_search_thread) if overlap else None
     pending = None
     try:
         for batch in batches:

@@ -387,6 +387,17 @@ def _trained_from(path: Path, plan: dict):
     return index
 
 
+def one_search_thread() -> None:
+    """Make faiss search on one OpenMP thread *in the calling thread* (OpenMP's thread count is per
+    thread): for a thread that searches while the model runs on the other cores, where two spinning
+    OpenMP pools on the same cores slow both down."""
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(1)
+
+
 class Index:
     """A built index, ready to search (spec §6.3). Open with :meth:`Index.open`."""
 
