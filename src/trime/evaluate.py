@@ -85,6 +85,7 @@ class _Pending:
     batch: Batch
     keys: torch.Tensor  # (b, T, d)
     spans: list[torch.Tensor]  # each window's scored positions
+    targets: torch.Tensor  # (n_all,) their targets
     tok_logp: torch.Tensor  # (n_all,)
     log_z: torch.Tensor  # (n_all,)
     found: Future | _Done | None  # the external search of every scored position: (scores, values) (n_all, k)
@@ -165,7 +166,7 @@ class Scorer:
         if self.external is not None:
             queries = keys[w_idx, p_idx].float()  # (n_all, d)
             found = pool.submit(self.external.search, queries) if pool else _Done(self.external.search(queries))
-        return _Pending(batch, keys, spans, tok_logp, log_z, found)
+        return _Pending(batch, keys, spans, targets, tok_logp, log_z, found)
 
     @torch.no_grad()
     def finish(self, p: _Pending) -> torch.Tensor:
@@ -173,6 +174,11 @@ class Scorer:
         if not (self.cfg.use_local or self.external is not None or self.writer is not None):
             return p.tok_logp
         ext_scores, ext_values = p.found.result() if p.found is not None else (None, None)
+        if not self.cfg.use_local and self.fifo is None:  # the rows of every window at once
+            r = MemoryRows.build(p.tok_logp, p.log_z, p.targets, None, None, ext_scores, ext_values)
+            if self.writer is not None:
+                self.writer.add_rows(r)
+            return log_probs(r, [self.setting], self.dim)[0]
         results, a = [], 0
         for w, rows in enumerate(p.spans):
             b = a + len(rows)
