@@ -478,9 +478,12 @@ class Index:
             ids = ids.masked_fill(~valid, 0)
         return scores.to(device), ids.to(device), valid.to(device)
 
-    def _exact_search(self, x: torch.Tensor, k: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k similarities of queries x (n, d) against every key, ``chunk`` queries at a time."""
+    def _exact_search(self, x: torch.Tensor, k: int, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k similarities of queries x (n, d) against every key, ``chunk`` queries at a time
+        (0: as many as keep the (chunk, R) similarities within 128 MiB, at least 64: fewer, larger
+        matmuls are faster)."""
         keys = self._vectors  # (R, d)
+        chunk = chunk or max(64, (1 << 25) // max(len(keys), 1))
         if torch.is_autocast_enabled("cpu"):  # float32 like faiss, in any thread
             with torch.autocast("cpu", enabled=False):
                 return self._exact_search(x, k, chunk)
