@@ -170,7 +170,7 @@ def eval_job(env: dict, tokens: int, memory: str | None, neighbors: bool = False
         try:
             return ev.evaluate(cfg).n_tokens
         finally:
-            ev.OVERLAP_SEARCH = True
+            ev.OVERLAP_SEARCH = None
 
     return run
 

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,14 +45,14 @@ from trime.jobs import open_model
 from trime.memory import masks
 from trime.memory.cache import MemoryFIFO
 from trime.memory.external import ExternalMemory
-from trime.memory.index import one_search_thread
+from trime.memory.index import search_threads
 from trime.memory.joint import memory_logits
 from trime.memory.neighbors import NeighborCacheWriter
 from trime.memory.scoring import MemoryRows, Setting, log_probs
 from trime.model.base import select_keys
 
 LN2 = math.log(2)
-OVERLAP_SEARCH = True  # bench/profile_memory.py turns it off to measure the sequential order
+OVERLAP_SEARCH: bool | None = None  # None: when it pays (overlap_pays); bench/profile_memory.py forces it
 
 
 @dataclass
@@ -101,12 +102,28 @@ class _Done:
         return self.value
 
 
+def spare_cores(device: torch.device) -> int:
+    """CPU cores a forward pass on ``device`` leaves to a search thread (all of them on a GPU)."""
+    cores = os.cpu_count() or 1
+    return cores if device.type != "cpu" else max(1, cores - torch.get_num_threads())
+
+
+def overlap_pays(device: torch.device) -> bool:
+    """A search thread beside the forward pass pays when the forward leaves CPU cores idle: on a GPU,
+    or when torch runs on fewer threads than there are cores. (On 2 cores shared by both, measured
+    by bench/profile_memory.py, overlapping made IVF-PQ evaluation 0.29× memory-free against 0.52×
+    in order: two thread pools on the same cores slow each other down.)"""
+    return device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
+
+
 def score_batches(scorer: Scorer, batches, *, overlap: bool = True):
     """Yield ``(batch, log p)`` for each batch in order. With ``overlap`` and an external memory, batch
     i + 1's forward pass runs while batch i's external search runs in a thread; the numbers are the
     same either way (tests/test_evaluate.py)."""
-    overlap = overlap and scorer.external is not None and OVERLAP_SEARCH
-    pool = ThreadPoolExecutor(1, thread_name_prefix="trime-search", initializer=one_search_thread) if overlap else None
+    pool = None
+    if overlap and scorer.external is not None:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="trime-search", initializer=search_threads,
+                                  initargs=(spare_cores(next(scorer.model.parameters()).device),))  # fmt: skip
     pending = None
     try:
         for batch in batches:
@@ -277,7 +294,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             for i in range(0, len(windows), batch_size)
         )
         with autocast(device, amp):  # autocast is per thread: the search thread runs without it
-            for batch, logp in score_batches(scorer, batches):
+            overlap = overlap_pays(device) if OVERLAP_SEARCH is None else OVERLAP_SEARCH
+            for batch, logp in score_batches(scorer, batches, overlap=overlap):
                 out.append(logp.float().cpu())
                 bar.update(sum(batch.n_score))
         bar.close()

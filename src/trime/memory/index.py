@@ -387,15 +387,14 @@ def _trained_from(path: Path, plan: dict):
     return index
 
 
-def one_search_thread() -> None:
-    """Make faiss search on one OpenMP thread *in the calling thread* (OpenMP's thread count is per
-    thread): for a thread that searches while the model runs on the other cores, where two spinning
-    OpenMP pools on the same cores slow both down."""
+def search_threads(n: int) -> None:
+    """Make faiss search on ``n`` OpenMP threads *in the calling thread* (OpenMP's thread count is per
+    thread), e.g. in a thread that searches while the model runs on the other cores."""
     try:
         import faiss
     except ImportError:
         return
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(n)
 
 
 class Index:
