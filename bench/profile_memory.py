@@ -189,7 +189,7 @@ def generate_job(env: dict, new_tokens: int, memory: str | None):
     return lambda: generate_tokens(cfg, prompt)
 
 
-def mt_jobs(root: Path, pairs: int, sentences: int) -> tuple:
+def mt_jobs(root: Path, pairs: int, sentences: int, lists: int = 64) -> tuple:
     """(vanilla decode, kNN-MT decode): beam 5 over ``sentences`` valid sentences."""
     from bench_mt_memory import checkpoint, corpus
 
@@ -205,7 +205,7 @@ def mt_jobs(root: Path, pairs: int, sentences: int) -> tuple:
     model, mcfg, _ = load_model(ckpt, task="mt")
     ds = build_mt_datastore(C.MTDatastoreConfig(data=str(data), path=str(ckpt), out=str(root / "ds")))
     n_rows = int(np.load(Path(ds) / "vals.npy", mmap_mode="r").shape[0])
-    index = build_index(ds, root / "ds" / "knn.index.l2", metric="l2", n_lists=64, train_size=n_rows)
+    index = build_index(ds, root / "ds" / "knn.index.l2", metric="l2", n_lists=lists, train_size=n_rows)
     valid, ids = load_pair_split(data, "valid"), np.arange(sentences)
     beam = BeamConfig(beam=5, max_len_a=1.2, max_len_b=10)
     cfg = C.TranslateConfig(data=str(data), path=str(ckpt), dstore=str(ds), indexfile=str(index), knn_mode="knn",
@@ -261,12 +261,18 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run")
     ap.add_argument("--pairs", type=int, default=3000, help="MT training pairs (datastore)")
     ap.add_argument("--sentences", type=int, default=32, help="sentences decoded per MT run")
+    ap.add_argument("--mt-lists", type=int, default=64, help="IVF lists of the MT index (bench_mt_memory's 64)")
     ap.add_argument("--indexes", default="flat,ivfpq", help="the indexes eval and generate search")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--faiss-threads", type=int, default=0, help="faiss OpenMP threads (0: faiss's default)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.faiss_threads:
+        from trime.memory.index import search_threads
+
+        search_threads(a.faiss_threads)
     want = set(a.consumers.split(","))
     seams = Seams()
     results = []
@@ -294,10 +300,10 @@ def main(argv=None) -> list[dict]:
                     results.append((f"generate, external {kind}", measure(seams, job, a.repeats), free))
             if "mt" in want:
                 (root / "mt").mkdir()
-                vanilla, knn = mt_jobs(root / "mt", a.pairs, a.sentences)
+                vanilla, knn = mt_jobs(root / "mt", a.pairs, a.sentences, a.mt_lists)
                 free = measure(seams, vanilla, a.repeats)
                 results.append(("mt beam 5, vanilla", free, free))
-                results.append(("mt beam 5, kNN-MT ivf", measure(seams, knn, a.repeats), free))
+                results.append((f"mt beam 5, kNN-MT ivf {a.mt_lists}", measure(seams, knn, a.repeats), free))
         finally:
             seams.undo()
     rows = [

@@ -51,7 +51,8 @@ class MemoryCombiner:
         if scores.shape[1] == 0:
             return logp
         empty = ~torch.isfinite(scores).any(1, keepdim=True)  # (N, 1): no neighbour at all (index holes)
-        return torch.where(empty, logp, self._mix(h, logp, scores.float(), values))
+        mixed = self._mix(h, logp, scores.float(), values)
+        return torch.where(empty, logp, mixed) if bool(empty.any()) else mixed
 
     def _mix(self, h: Tensor, logp: Tensor, scores: Tensor, values: Tensor) -> Tensor:
         """memory.mix's (N, V) forms computed where the neighbours' tokens are: every other token keeps
