@@ -209,9 +209,10 @@ class Scorer:
             a = b
         return torch.cat(results)
 
-    def window_rows(self, keys, labels, rows, tok_logp, log_z, ext=(None, None)) -> MemoryRows:
+    def window_rows(self, keys, labels, rows, tok_logp, log_z, ext=None) -> MemoryRows:
         """The memories' rows for one window's scored positions ``rows`` (n,): keys (T, d), labels (T,);
-        ``ext`` the external neighbours of those positions (scores (n, k), values (n, k)) or Nones."""
+        ``ext`` the external neighbours of those positions (scores (n, k), values (n, k)), searched here
+        when None."""
         queries = keys[rows].float()  # (n, d)
         mem_scores = mem_values = None
         if self.cfg.use_local:
@@ -224,6 +225,8 @@ class Scorer:
                 parts.append(memory_logits(queries @ mem_keys.float().T, self.dim))  # (n, M_long): all visible
                 values.append(mem_vals.to(labels.device))
             mem_scores, mem_values = torch.cat(parts, 1), torch.cat(values)
+        if ext is None:
+            ext = self.external.search(queries) if self.external is not None else (None, None)
         return MemoryRows.build(tok_logp, log_z, labels[rows], mem_scores, mem_values, *ext)
 
 
