@@ -8,7 +8,8 @@ window and half of it as context (so the window slides every L/2 tokens), measur
 1. memory-free with the KV cache: the baseline; memory-free without the cache (recomputes the window
    every step) for comparison;
 2. local + long-term memory (M = 4 windows), ratio to the baseline;
-3. external memory (k = 64 from a flat index over the training tokens), ratio to the baseline;
+3. external memory (k = 64 from a flat index over the training tokens, then from an IVF-PQ index of
+   256 lists), ratio to the baseline;
 4. all three with kNN-LM interpolation, ratio to the baseline.
 
 Decoding one token at a time is a chain of small operations: by default the benchmark runs torch
@@ -91,6 +92,7 @@ def main(argv=None) -> list[dict]:
             )
         )
         index = build_index(root / "dstore", root / "dstore" / "knn.index.ip", metric="ip")
+        ivf = build_index(root / "dstore", root / "dstore" / "ivfpq.index.ip", metric="ip", n_lists=256)
         ext = {"dstore": str(root / "dstore"), "indexfile": str(index), "k": 64}
         generate_tokens(C.build(C.GenerateConfig, base, {"max_new_tokens": 16}), prompt)  # warm-up
         n, t_base = timed(generate_tokens, C.build(C.GenerateConfig, base), prompt)
@@ -99,7 +101,8 @@ def main(argv=None) -> list[dict]:
         rows.append(row("generate", "memory-free tok/s without KV cache (ratio)", n / t, n / t_base, unit="tok/s"))
         for name, flags in (
             ("local + long (M = 4 windows)", {"use_local": True, "use_long": True, "mem_size": 4 * L}),
-            ("external (k = 64)", {"use_external": True, **ext}),
+            ("external (exact, k = 64)", {"use_external": True, **ext}),
+            ("external (IVF-PQ, k = 64)", {"use_external": True, **ext, "indexfile": str(ivf)}),
             (
                 "local + long + external + interp",
                 {"use_local": True, "use_long": True, "mem_size": 4 * L, "use_external": True, "use_interp": True}

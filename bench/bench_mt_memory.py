@@ -31,11 +31,12 @@ from common import emit, row
 from trime import config as C
 from trime.checkpoint import model_fingerprint, save_checkpoint
 from trime.data.pair_batching import collate
-from trime.data.pairs import load_pair_dictionaries, load_pair_split, prepare_pairs
+from trime.data.pairs import load_pair_dictionaries, load_pair_split, pair_dictionary_files, prepare_pairs
+from trime.datastore_build import build_mt_datastore
 from trime.generate.beam import BeamConfig
 from trime.memory.index import build_index
 from trime.model.encoder_decoder import build_mt_model, mt_preset
-from trime.translation import build_mt_datastore, decode, memory_combiner, pair_dictionary_files
+from trime.mt_generate import decode, memory_combiner
 
 
 def corpus(root: Path, n_pairs: int, seed: int = 0) -> Path:
@@ -97,7 +98,7 @@ def main(argv=None) -> list[dict]:
         root = Path(tmp)
         data = corpus(root, a.pairs)
         ckpt = checkpoint(root, data, a.preset)
-        model, mcfg, _ = load_model(ckpt)
+        model, mcfg, _ = load_model(ckpt, task="mt")
         split = load_pair_split(data, "train")
         bare_pass(model, load_pair_split(data, "valid"), 4096)  # warm-up
         t = time.perf_counter()

@@ -15,6 +15,7 @@ from trime.evaluate import evaluate
 from reference import window
 from tests.fixtures import make_data, micro_checkpoint
 from tests.reference import joint_log_prob as ref_joint
+from tests.test_external import store  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +109,28 @@ def test_wrong_dictionary_is_a_clear_error(setup, tmp_path):
     other = prepare_corpus(corpus, tmp_path / "other")
     with pytest.raises(DataError, match="dictionary"):
         evaluate(eval_cfg(other, ckpt))
+
+
+@pytest.mark.parametrize("flags", [{"batch_size": 3}, {"use_local": True, "use_long": True, "mem_size": 40}])
+def test_overlapped_search_gives_the_sequential_log_probs(store, flags):  # noqa: F811
+    """The external search of batch i in a thread while batch i + 1's forward runs changes nothing."""
+    from trime.data.batching import make_batch
+    from trime.evaluate import Scorer, score_batches
+    from trime.jobs import open_model
+
+    data, ckpt, dstore, index, _ = store
+    cfg = C.build(C.EvalConfig, {"data": str(data), "path": str(ckpt), "device": "cpu", "context_window": 16,
+                                 "dstore": str(dstore), "indexfile": str(index), "k": 8, "use_external": True,
+                                 "use_interp": True, "lmbda": 0.25}, flags)  # fmt: skip
+    job = open_model(cfg, data=cfg.data)
+    tokens = job.split(cfg.gen_subset, cfg.max_eval_tokens)
+    windows = job.windows(tokens, cfg.sample_break_mode)
+    size = 1 if cfg.use_long else cfg.batch_size
+    pad, eos = job.pad_eos
+    got = {}
+    for overlap in (False, True):
+        scorer = Scorer(job.model, cfg, dim=job.model_cfg.d_model, pad=pad, external=job.external())
+        batches = (make_batch(tokens, windows[i : i + size], pad=pad, eos=eos) for i in range(0, len(windows), size))
+        got[overlap] = torch.cat([lp for _, lp in score_batches(scorer, batches, overlap=overlap)])
+    assert len(got[True]) == len(tokens) and torch.equal(got[True], got[False])
+    assert torch.equal(got[True], torch.from_numpy(evaluate(cfg).log_probs))

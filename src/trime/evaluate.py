@@ -25,7 +25,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,12 +44,14 @@ from trime.jobs import config_fingerprint, open_model
 from trime.memory import masks
 from trime.memory.cache import MemoryFIFO
 from trime.memory.external import ExternalMemory
+from trime.memory.index import search_threads
 from trime.memory.joint import memory_logits
 from trime.memory.neighbors import NeighborCacheWriter
 from trime.memory.scoring import MemoryRows, Setting, log_probs
 from trime.model.base import select_keys
 
 LN2 = math.log(2)
+OVERLAP_SEARCH: bool | None = None  # None: when it pays (overlap_pays); bench/profile_memory.py forces it
 
 
 @dataclass
@@ -74,6 +78,65 @@ def setting_of(cfg: EvalConfig) -> Setting:
     )
 
 
+@dataclass
+class _Pending:
+    """A batch between :meth:`Scorer.prepare` and :meth:`Scorer.finish`."""
+
+    batch: Batch
+    keys: torch.Tensor  # (b, T, d)
+    spans: list[torch.Tensor]  # each window's scored positions
+    targets: torch.Tensor  # (n_all,) their targets
+    tok_logp: torch.Tensor  # (n_all,)
+    log_z: torch.Tensor  # (n_all,)
+    found: Future | _Done | None  # the external search of every scored position: (scores, values) (n_all, k)
+
+
+class _Done:
+    """A search already made, read like a Future."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def spare_cores(device: torch.device) -> int:
+    """CPU cores a forward pass on ``device`` leaves to a search thread (all of them on a GPU)."""
+    cores = os.cpu_count() or 1
+    return cores if device.type != "cpu" else max(1, cores - torch.get_num_threads())
+
+
+def overlap_pays(device: torch.device) -> bool:
+    """A search thread beside the forward pass pays when the forward leaves CPU cores idle: on a GPU,
+    or when torch runs on fewer threads than there are cores. (On 2 cores shared by both, measured
+    by bench/profile_memory.py, overlapping made IVF-PQ evaluation 0.29× memory-free against 0.52×
+    in order: two thread pools on the same cores slow each other down.)"""
+    return device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
+
+
+def score_batches(scorer: Scorer, batches, *, overlap: bool = True):
+    """Yield ``(batch, log p)`` for each batch in order. With ``overlap`` and an external memory, batch
+    i + 1's forward pass runs while batch i's external search runs in a thread; the numbers are the
+    same either way (tests/test_evaluate.py)."""
+    pool = None
+    if overlap and scorer.external is not None:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="trime-search", initializer=search_threads,
+                                  initargs=(spare_cores(next(scorer.model.parameters()).device),))  # fmt: skip
+    pending = None
+    try:
+        for batch in batches:
+            nxt = scorer.prepare(batch, pool)
+            if pending is not None:
+                yield pending.batch, scorer.finish(pending)
+            pending = nxt
+        if pending is not None:
+            yield pending.batch, scorer.finish(pending)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Scorer:
     """Scores batches of windows in order, keeping the long-term FIFO between windows.
 
@@ -96,9 +159,15 @@ class Scorer:
         self.fifo = MemoryFIFO(cfg.mem_size) if cfg.use_long else None
         self.setting = setting_of(cfg)
 
-    @torch.no_grad()
     def score(self, batch: Batch) -> torch.Tensor:
         """Natural-log probabilities of the scored targets of a batch of windows, in order."""
+        return self.finish(self.prepare(batch))
+
+    @torch.no_grad()
+    def prepare(self, batch: Batch, pool: ThreadPoolExecutor | None = None) -> _Pending:
+        """The model's part of :meth:`score`: the forward pass, the output layer's terms and one external
+        search for every scored position of the batch, run by ``pool`` (a thread: faiss and torch release
+        the GIL, so the next batch's forward runs meanwhile) or here."""
         out = self.model(batch.inputs)
         keys = select_keys(out, self.cfg.knn_keytype)  # (b, T, d)
         device = batch.inputs.device
@@ -109,22 +178,40 @@ class Scorer:
         tok_logp, log_z = self.model.head.target_logp(
             out.h[w_idx, p_idx], targets, tail_quirk=self.cfg.original_tail_quirk
         )
+        found = None
+        if self.external is not None:
+            queries = keys[w_idx, p_idx].float()  # (n_all, d)
+            found = pool.submit(self.external.search, queries) if pool else _Done(self.external.search(queries))
+        return _Pending(batch, keys, spans, targets, tok_logp, log_z, found)
+
+    @torch.no_grad()
+    def finish(self, p: _Pending) -> torch.Tensor:
+        """The memories' part of :meth:`score`, in batch order (the long-term FIFO moves here)."""
         if not (self.cfg.use_local or self.external is not None or self.writer is not None):
-            return tok_logp
+            return p.tok_logp
+        ext_scores, ext_values = p.found.result() if p.found is not None else (None, None)
+        if not self.cfg.use_local and self.fifo is None:  # the rows of every window at once
+            r = MemoryRows.build(p.tok_logp, p.log_z, p.targets, None, None, ext_scores, ext_values)
+            if self.writer is not None:
+                self.writer.add_rows(r)
+            return log_probs(r, [self.setting], self.dim)[0]
         results, a = [], 0
-        for w, rows in enumerate(spans):
+        for w, rows in enumerate(p.spans):
             b = a + len(rows)
-            r = self.window_rows(keys[w], batch.targets[w], rows, tok_logp[a:b], log_z[a:b])
+            ext = (ext_scores[a:b], ext_values[a:b]) if ext_scores is not None else (None, None)
+            r = self.window_rows(p.keys[w], p.batch.targets[w], rows, p.tok_logp[a:b], p.log_z[a:b], ext)
             results.append(log_probs(r, [self.setting], self.dim)[0])
             if self.writer is not None:
                 self.writer.add_rows(r)
             if self.fifo is not None:  # the scored positions join the long-term memory after scoring
-                self.fifo.append(keys[w, rows].detach(), r.targets)
+                self.fifo.append(p.keys[w, rows].detach(), r.targets)
             a = b
         return torch.cat(results)
 
-    def window_rows(self, keys, labels, rows, tok_logp, log_z) -> MemoryRows:
-        """The memories' rows for one window's scored positions ``rows`` (n,): keys (T, d), labels (T,)."""
+    def window_rows(self, keys, labels, rows, tok_logp, log_z, ext=None) -> MemoryRows:
+        """The memories' rows for one window's scored positions ``rows`` (n,): keys (T, d), labels (T,);
+        ``ext`` the external neighbours of those positions (scores (n, k), values (n, k)), searched here
+        when None."""
         queries = keys[rows].float()  # (n, d)
         mem_scores = mem_values = None
         if self.cfg.use_local:
@@ -137,7 +224,8 @@ class Scorer:
                 parts.append(memory_logits(queries @ mem_keys.float().T, self.dim))  # (n, M_long): all visible
                 values.append(mem_vals.to(labels.device))
             mem_scores, mem_values = torch.cat(parts, 1), torch.cat(values)
-        ext = self.external.search(queries) if self.external is not None else (None, None)
+        if ext is None:
+            ext = self.external.search(queries) if self.external is not None else (None, None)
         return MemoryRows.build(tok_logp, log_z, labels[rows], mem_scores, mem_values, *ext)
 
 
@@ -202,11 +290,15 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             leave=False,
             disable=not sys.stderr.isatty(),
         )
-        for i in range(0, len(windows), batch_size):
-            batch = make_batch(tokens, windows[i : i + batch_size], pad=pad, eos=eos, device=device)
-            with autocast(device, amp):
-                out.append(scorer.score(batch).float().cpu())
-            bar.update(sum(batch.n_score))
+        batches = (
+            make_batch(tokens, windows[i : i + batch_size], pad=pad, eos=eos, device=device)
+            for i in range(0, len(windows), batch_size)
+        )
+        with autocast(device, amp):  # autocast is per thread: the search thread runs without it
+            overlap = overlap_pays(device) if OVERLAP_SEARCH is None else OVERLAP_SEARCH
+            for batch, logp in score_batches(scorer, batches, overlap=overlap):
+                out.append(logp.float().cpu())
+                bar.update(sum(batch.n_score))
         bar.close()
         if writer is not None:
             writer.finalize()

@@ -128,3 +128,27 @@ def test_trime_released_is_one_minus_lambda_p_vocab_plus_p_knn():
         want = (1 - lam) * tok_logp[i].exp().double() + ref[i]
         torch.testing.assert_close(got[i].exp().double(), want, atol=1e-6, rtol=1e-5)
         assert got[i].exp().sum().item() == pytest.approx(2 - lam if zc else 1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["knn", "trime"])
+def test_the_decoding_combiner_mixes_only_at_the_neighbours_tokens_as_the_vocabulary_forms_do(mode):
+    """generate.memory's combiner computes (N, k) terms and keeps the model's term elsewhere: the same
+    numbers as memory.mix's (N, V) forms (holes and repeated tokens included)."""
+    from trime.generate.memory import MemoryCombiner
+    from trime.memory.joint import memory_logits
+
+    g = torch.Generator().manual_seed(3)
+    n, v, k, d = 6, 500, 16, 4
+    logp = torch.randn(n, v, generator=g).log_softmax(1)
+    log_z = torch.randn(n, generator=g)
+    scores = torch.randn(n, k, generator=g) * 4
+    scores[1, 10:] = -INF  # holes (token 0)
+    values = torch.randint(0, 20, (n, k), generator=g)  # repeats within a row
+    values[1, 10:] = 0
+    comb = MemoryCombiner(lambda h: (scores, values), lambda h: log_z, mode=mode, lmbda=0.3, temp=2.0, dim=d)
+    got = comb(0, torch.zeros(n, d), logp)
+    if mode == "knn":
+        want = interpolate(logp, knn_vocab_log_probs(memory_logits(scores, None, 2.0), values, v), 0.3)
+    else:
+        want = joint_vocab_log_probs(logp, log_z, memory_logits(scores, d, 2.0), values)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # bitwise equal on the dev machine

@@ -17,15 +17,16 @@ memory.knn.interpolate. Letters: N hypotheses, k neighbours, V target vocabulary
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from trime.errors import ConfigError
-from trime.memory.joint import memory_logits
-from trime.memory.knn import interpolate
-from trime.memory.mix import joint_vocab_log_probs, knn_vocab_log_probs, trime_released_log_probs
+from trime.memory.joint import joint_denominator, memory_logits
+from trime.memory.knn import NEG_INF, scaled_logsumexp, shifted
+from trime.memory.mix import trime_released_log_probs
 
 MODES = ("knn", "trime", "trime_released")
 Search = Callable[[Tensor], tuple[Tensor, Tensor]]  # h (N, d) -> (similarities (N, k), −inf holes; tokens (N, k))
@@ -50,16 +51,37 @@ class MemoryCombiner:
         if scores.shape[1] == 0:
             return logp
         empty = ~torch.isfinite(scores).any(1, keepdim=True)  # (N, 1): no neighbour at all (index holes)
-        return torch.where(empty, logp, self._mix(h, logp, scores.float(), values))
+        mixed = self._mix(h, logp, scores.float(), values)
+        return torch.where(empty, logp, mixed) if bool(empty.any()) else mixed
 
     def _mix(self, h: Tensor, logp: Tensor, scores: Tensor, values: Tensor) -> Tensor:
+        """memory.mix's (N, V) forms computed where the neighbours' tokens are: every other token keeps
+        the model's term alone (its memory sum is 0), so the log / exp passes run over (N, k), not (N, V)."""
         if self.mode == "knn":
             if self.lmbda == 0.0:
                 return logp
-            knn = knn_vocab_log_probs(memory_logits(scores, None, self.temp), values, logp.shape[1])  # a / T
-            return interpolate(logp, knn, self.lmbda)
+            s = memory_logits(scores, None, self.temp)  # a / T
+            norm = scaled_logsumexp(shifted(s), 1.0)  # (N,)
+            knn = (token_logsumexp(s, values, logp.shape[1]) - norm[:, None]).masked_fill(
+                torch.isneginf(norm)[:, None], NEG_INF
+            )  # (N, k): log p_knn of each neighbour's token (knn_vocab_log_probs)
+            out = logp.float() + math.log1p(-self.lmbda)  # memory.knn.interpolate, term by term
+            return out.scatter_(1, values, torch.logaddexp(out.gather(1, values), knn + math.log(self.lmbda)))
         s = memory_logits(scores, self.dim, self.temp)  # a / (√d·T)
         log_zt = self.log_z(h).float()  # (N,)
-        if self.mode == "trime":
-            return joint_vocab_log_probs(logp, log_zt, s, values)
+        if self.mode == "trime":  # joint_vocab_log_probs, term by term
+            N, V = logp.shape
+            token_share, log_den = joint_denominator(log_zt, scaled_logsumexp(shifted(s), 1.0))  # (N,), (N,)
+            out = logp.float() + token_share[:, None]
+            pos = token_logsumexp(s, values, V) - log_den[:, None]  # (N, k)
+            return out.scatter_(1, values, torch.logaddexp(out.gather(1, values), pos))
         return trime_released_log_probs(logp, log_zt, s, values)
+
+
+def token_logsumexp(scores: Tensor, values: Tensor, V: int) -> Tensor:
+    """(N, k): for each entry j, log Σ_{j': v_j' = v_j} exp(scores_j') (memory.mix.scatter_logsumexp read
+    at the entries' own tokens; the same sums, added in the same order)."""
+    mx = scores.amax(1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    sums = scores.new_zeros(scores.shape[0], V).scatter_add_(1, values, (scores - mx).exp())
+    return sums.gather(1, values).log() + mx

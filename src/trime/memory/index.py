@@ -474,6 +474,16 @@ def _trained_from(path: Path, plan: dict):
     return index
 
 
+def search_threads(n: int) -> None:
+    """Make faiss search on ``n`` OpenMP threads *in the calling thread* (OpenMP's thread count is per
+    thread), e.g. in a thread that searches while the model runs on the other cores."""
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(n)
+
+
 class Index:
     """A built index, ready to search (spec §6.3). Open with :meth:`Index.open`."""
 
@@ -554,9 +564,15 @@ class Index:
             ids = ids.masked_fill(~valid, 0)
         return scores.to(device), ids.to(device), valid.to(device)
 
-    def _exact_search(self, x: torch.Tensor, k: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k similarities of queries x (n, d) against every key, ``chunk`` queries at a time."""
+    def _exact_search(self, x: torch.Tensor, k: int, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k similarities of queries x (n, d) against every key, ``chunk`` queries at a time
+        (0: as many as keep the (chunk, R) similarities within 128 MiB, at least 64: fewer, larger
+        matmuls are faster)."""
         keys = self._vectors  # (R, d)
+        chunk = chunk or max(64, (1 << 25) // max(len(keys), 1))
+        if torch.is_autocast_enabled("cpu"):  # float32 like faiss, in any thread
+            with torch.autocast("cpu", enabled=False):
+                return self._exact_search(x, k, chunk)
         sq = (keys * keys).sum(1) if self.metric == "l2" else None  # (R,)
         scores, ids = [], []
         for a in range(0, x.shape[0], chunk):
