@@ -130,8 +130,8 @@ def test_trime_released_is_one_minus_lambda_p_vocab_plus_p_knn():
         assert got[i].exp().sum().item() == pytest.approx(2 - lam if zc else 1.0, rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["knn", "trime"])
-def test_the_decoding_combiner_mixes_only_at_the_neighbours_tokens_as_the_vocabulary_forms_do(mode):
+@pytest.mark.parametrize(("mode", "lmbda"), [("knn", 0.3), ("knn", 1.0), ("trime", 0.3)])
+def test_the_decoding_combiner_mixes_only_at_the_neighbours_tokens_as_the_vocabulary_forms_do(mode, lmbda):
     """generate.memory's combiner computes (N, k) terms and keeps the model's term elsewhere: the same
     numbers as memory.mix's (N, V) forms (holes and repeated tokens included)."""
     from trime.generate.memory import MemoryCombiner
@@ -145,10 +145,10 @@ def test_the_decoding_combiner_mixes_only_at_the_neighbours_tokens_as_the_vocabu
     scores[1, 10:] = -INF  # holes (token 0)
     values = torch.randint(0, 20, (n, k), generator=g)  # repeats within a row
     values[1, 10:] = 0
-    comb = MemoryCombiner(lambda h: (scores, values), lambda h: log_z, mode=mode, lmbda=0.3, temp=2.0, dim=d)
+    comb = MemoryCombiner(lambda h: (scores, values), lambda h: log_z, mode=mode, lmbda=lmbda, temp=2.0, dim=d)
     got = comb(0, torch.zeros(n, d), logp)
-    if mode == "knn":
-        want = interpolate(logp, knn_vocab_log_probs(memory_logits(scores, None, 2.0), values, v), 0.3)
+    if mode == "knn":  # λ = 1: p_knn alone (the model's term is gone)
+        want = interpolate(logp, knn_vocab_log_probs(memory_logits(scores, None, 2.0), values, v), lmbda)
     else:
         want = joint_vocab_log_probs(logp, log_z, memory_logits(scores, d, 2.0), values)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # bitwise equal on the dev machine

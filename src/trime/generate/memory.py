@@ -65,6 +65,8 @@ class MemoryCombiner:
             knn = (token_logsumexp(s, values, logp.shape[1]) - norm[:, None]).masked_fill(
                 torch.isneginf(norm)[:, None], NEG_INF
             )  # (N, k): log p_knn of each neighbour's token (knn_vocab_log_probs)
+            if self.lmbda == 1.0:  # p_knn alone, exactly (memory.knn.interpolate)
+                return torch.full_like(logp, NEG_INF).scatter_(1, values, knn)
             out = logp.float() + math.log1p(-self.lmbda)  # memory.knn.interpolate, term by term
             return out.scatter_(1, values, torch.logaddexp(out.gather(1, values), knn + math.log(self.lmbda)))
         s = memory_logits(scores, self.dim, self.temp)  # a / (√d·T)
