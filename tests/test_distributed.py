@@ -106,11 +106,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(worker, world, path):
-    """Run ``worker(rank, world, port, path)`` in ``world`` gloo processes; each rank's saved result."""
-    # fork: the children reuse the imported torch instead of importing it again (seconds on 2 cores)
+def _run(worker, world, path, start_method="fork"):
+    """Run ``worker(rank, world, port, path)`` in ``world`` gloo processes; each rank's saved result.
+    fork: the children reuse the imported torch instead of importing it again (seconds on 2 cores);
+    spawn where the parent may hold other libraries' threads (a forked child can inherit their locks)."""
     ctx = mp.start_processes(
-        worker, args=(world, _free_port(), str(path)), nprocs=world, join=False, start_method="fork"
+        worker, args=(world, _free_port(), str(path)), nprocs=world, join=False, start_method=start_method
     )
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
@@ -343,7 +344,7 @@ def _hf_worker(rank, world, port, path):
 
 def test_two_ranks_train_a_hugging_face_backbone_like_one_process(tmp_path):
     pytest.importorskip("transformers")
-    ranks = _run(_hf_worker, 2, tmp_path)
+    ranks = _run(_hf_worker, 2, tmp_path, "spawn")  # transformers' and tqdm's threads: no fork
     for crit, group in HF_CASES.items():
         backbone, tokens, targets = _hf_setup()
         settings = LossSettings(crit, pad=PAD, simulate_ranks=2 if crit != "trime" else 1, simulate_group=group)
