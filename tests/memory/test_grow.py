@@ -73,6 +73,9 @@ def test_growth_refuses_other_models_and_text_it_holds(grown, tmp_path):
     meta = dsm.read_meta(ds_dir, "datastore")
     with pytest.raises(DatastoreError, match="another vocab_size 50"):
         dsm.check_growable(meta, ds_dir, {"vocab_size": 50, "split_fingerprint": "new"})
+    with pytest.raises(DatastoreError, match="another precision bf16"):  # keys of one precision only
+        dsm.check_growable({**meta, "precision": "fp32"}, ds_dir, {"precision": "bf16", "split_fingerprint": "new"})
+    dsm.check_growable(meta, ds_dir, {"precision": "bf16", "split_fingerprint": "new"})  # made before it was recorded
 
 
 def test_killed_growth_leaves_the_old_datastore_readable(tmp_path, monkeypatch):

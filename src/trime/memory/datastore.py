@@ -448,7 +448,7 @@ def check_fits(meta: dict, where, dim: int, vocab_size: int, keytype: str, model
 # ---------------------------------------------------------------------------------------------
 # Growing a datastore
 
-GROW_SAME = ("dim", "key_dtype", "key_type", "vocab_size", "model_fingerprint")  # a new part must agree on these
+GROW_SAME = ("dim", "key_dtype", "key_type", "vocab_size", "model_fingerprint", "precision")  # a new part must agree
 PER_BUILD = ("kind", "trime_version", "created", "files", "rows", "row_offset", "shards", "values_fingerprint",
              "fingerprint", "split", "split_fingerprint", "sources", "grown_from")  # fmt: skip
 
@@ -472,7 +472,8 @@ def check_growable(meta: dict, where, new: dict) -> None:
     """Raise DatastoreError (one line) unless rows made with ``new`` (a datastore's build fields) may be
     added to the datastore of ``meta``: the same key width, dtype, key type, vocabulary and model, and
     text it does not hold yet."""
-    diff = [f"{k} {new.get(k)} (it has {meta.get(k)})" for k in GROW_SAME if k in new and new[k] != meta.get(k)]
+    diff = [f"{k} {new.get(k)} (it has {meta.get(k)})" for k in GROW_SAME
+            if k in new and new[k] != meta.get(k) and not (k == "precision" and k not in meta)]  # fmt: skip
     if diff:
         raise DatastoreError(f"{where}: cannot take rows with another {', '.join(diff)}; build a new datastore")
     held = [s for s in sources(meta) if s.get("split_fingerprint") == new.get("split_fingerprint")]
