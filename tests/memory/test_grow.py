@@ -15,6 +15,7 @@ from trime.evaluate import evaluate
 from trime.memory import datastore as dsm
 from trime.memory.backends import ShardsMemory, shard_specs
 from trime.memory.datastore import Datastore, build_datastore, grow
+from trime.memory.external import ExternalMemory
 from trime.memory.index import Index, build_index, grow_index
 
 from tests.memory.test_index import _clustered, _one_faiss_thread  # noqa: F401  (autouse)
@@ -129,7 +130,11 @@ def test_grown_shard_set_gains_a_shard_and_equals_one_index(grown, tmp_path):
 
 
 def test_index_of_another_datastore_is_refused(grown, tmp_path):
-    ds_dir, *_ = grown
+    ds_dir, *_, paths = grown
+    for backend in ("local", "shards"):  # an index of the datastore before it grew: catch it up
+        with pytest.raises(DatastoreError, match="grew since this index was built; run `trime index add"):
+            ExternalMemory.open(ds_dir, paths["flat" if backend == "local" else "shards"], k=K, probe=4, dim=D,
+                                vocab_size=VOCAB, keytype="last_ffn_input", backend=backend)  # fmt: skip
     other = _build(tmp_path / "other", *_rows(_clustered(500, D, seed=4), 5), "other")
     index = build_index(other, tmp_path / "other.index")
     with pytest.raises(DatastoreError, match="did not grow from"):

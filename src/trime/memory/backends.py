@@ -33,7 +33,7 @@ import torch
 from trime.errors import ConfigError, DataError, DatastoreError
 from trime.io import read_json, read_meta
 from trime.memory.datastore import Datastore, check_fits
-from trime.memory.index import Index
+from trime.memory.index import Index, stale_index
 from trime.memory.shard import ShardServer, faiss_module, finish, merge_topk
 
 BACKENDS = ("local", "shards", "ray")
@@ -196,8 +196,7 @@ def open_backend(backend: str, dstore, indexfile, *, probe: int, dim: int, vocab
     check_fits(meta, dstore, dim, vocab_size, keytype, fingerprint)
     info, specs = shard_specs(indexfile, dstore)
     if info["datastore_fingerprint"] != meta["fingerprint"]:
-        raise DatastoreError(f"{indexfile}: built from datastore {info['datastore_fingerprint']}, "
-                             f"not from {dstore} ({meta['fingerprint']}); rebuild the index")  # fmt: skip
+        raise DatastoreError(stale_index(indexfile, info, dstore, meta))
     kw = {"probe": probe, "mmap": mmap, "vocab_size": vocab_size}
     if backend == "shards":
         return ShardsMemory(specs, **kw), meta

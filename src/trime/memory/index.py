@@ -396,6 +396,15 @@ def build_index_ranks(datastore_dir, out_path, settings: IndexSettings, *, say=N
     return out
 
 
+def stale_index(path, info: dict, dstore, meta: dict) -> str:
+    """The line that refuses an index not built from the datastore ``meta``: grown since (trime index
+    add catches it up) or another one (rebuild)."""
+    if rows_since(meta, info["datastore_fingerprint"]) is not None:
+        return f"{path}: the datastore {dstore} grew since this index was built; run `trime index add {dstore}`"
+    return (f"{path}: built from datastore {info['datastore_fingerprint']}, not from {dstore} "
+            f"({meta['fingerprint']}); rebuild the index")  # fmt: skip
+
+
 def grow_index(datastore_dir, out_path, *, chunk: int = 500_000, use_gpu="auto",
                save_every: int = 10_000_000) -> tuple[Path, int]:  # fmt: skip
     """Add the rows a datastore gained (``trime datastore add``) since ``out_path``, a plain index or a
@@ -524,10 +533,7 @@ class Index:
     def check_datastore(self, ds: Datastore) -> None:
         """Raise DatastoreError when this index was not built from ``ds``."""
         if self.info["datastore_fingerprint"] != ds.fingerprint:
-            raise DatastoreError(
-                f"{self.path}: built from datastore {self.info['datastore_fingerprint']}, "
-                f"not from {ds.dir} ({ds.fingerprint}); rebuild the index"
-            )
+            raise DatastoreError(stale_index(self.path, self.info, ds.dir, ds.meta))
 
     def search(self, queries, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k neighbours of queries (n, d) (tensor on any device, or array).
