@@ -456,9 +456,8 @@ def _empty_copy(out: Path, info: dict):
     """An empty index with a shard set's trained quantizers: ``OUT.trained`` (checked against the
     manifest's fingerprint of it) for IVF-PQ, a new exact index with row ids for flat."""
     faiss = faiss_module()
-    if info["kind"] == "flat":
-        flat = faiss.IndexFlatIP(info["dim"]) if info["metric"] == "ip" else faiss.IndexFlatL2(info["dim"])
-        return faiss.IndexIDMap2(flat)
+    if info["kind"] == "flat":  # ids = datastore rows, as in the set's other flat shards
+        return faiss.IndexIDMap2(_new_index(info, seed=0))
     trained = out.with_name(out.name + ".trained")
     if not trained.is_file() or sha256_file(trained) != info.get("trained_fingerprint"):
         raise DatastoreError(f"{trained}: missing or not the trained quantizers this shard set was built with; "
