@@ -259,8 +259,8 @@ def model_fingerprint(path: str | Path) -> str:
         recorded = io.read_json(path / "meta.json").get("weights_sha256")
         if recorded:
             return recorded[:16]
-    if path.is_file():
-        return io.sha256_file(path)[:16]
+    if path.is_file():  # a GGUF file is hashed once per process (its cache entry is keyed by the same hash)
+        return io.sha256_file(path, remember=True)[:16]
     if (path / WEIGHTS).is_file():
         return io.sha256_file(path / WEIGHTS)[:16]
     return hf_fingerprint(path)

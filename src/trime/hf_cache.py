@@ -84,7 +84,7 @@ def cache_root() -> Path | None:
 
 def fingerprint(gguf: str | os.PathLike) -> str:
     """The content fingerprint of a GGUF file: the one trime.checkpoint.model_fingerprint gives it."""
-    return io.sha256_file(gguf)[:16]
+    return io.sha256_file(gguf, remember=True)[:16]
 
 
 def _files(directory: Path) -> dict[str, list]:

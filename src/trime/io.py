@@ -359,7 +359,18 @@ def read_meta(directory: str | os.PathLike, kind: str | None = None) -> dict:
     return meta
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+_HASHED: dict[tuple, str] = {}  # sha256_file(remember=True): (real path, inode, size, mtime) -> digest
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, *, remember: bool = False) -> str:
+    """The sha256 of a file's bytes. ``remember``: hash a file once per process while its inode, size and
+    modification time stay the same (a large model file that several steps of one command fingerprint)."""
+    if remember:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _HASHED:
+            _HASHED[key] = sha256_file(path, chunk)
+        return _HASHED[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -147,3 +147,26 @@ def test_commands_print_no_loader_output_unless_verbose(gguf_file, cache, tmp_pa
     assert err == "" and "Perplexity" in out
     assert main([*argv, "--device", "cpu", "--verbose"]) == 0
     assert "read from the cache entry" in capfd.readouterr().err
+
+
+def test_a_gguf_file_is_hashed_once_per_command(gguf_file, cache, tmp_path, monkeypatch):
+    """The cache key and the model's fingerprint are one sha256 of the GGUF file, read once per process while the
+    file stays the same; a changed file is hashed again."""
+    import hashlib
+
+    from trime import io
+    from trime.checkpoint import model_fingerprint
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(gguf_file[1].read_bytes())
+    monkeypatch.setattr(io, "_HASHED", {})
+    reads = []
+    real = hashlib.sha256
+    monkeypatch.setattr(io.hashlib, "sha256", lambda *a: reads.append(1) or real(*a))
+    load_hf(str(f))
+    assert hf_cache.fingerprint(f) == model_fingerprint(f) == real(f.read_bytes()).hexdigest()[:16]
+    entry = [p for p in (cache / hf_cache.fingerprint(f)).iterdir() if p.name != "meta.json"]
+    assert len(reads) == 1 + len(entry)  # the GGUF file once, and each file of its entry checked when loaded
+    with open(f, "ab") as fh:
+        fh.write(b"\0")
+    assert model_fingerprint(f) == real(f.read_bytes()).hexdigest()[:16]
