@@ -346,9 +346,24 @@ def test_explain(setup, capsys):
     report = json.loads((root / "report.json").read_text())
     assert report["summary"]["n_tokens"] == 24 and report["summary"]["level"] == "hf" and out.is_file()
     assert all(report["vocab"][str(t)] for t in report["text"])
+    _page_shows_the_text(out, [report["vocab"][str(t)] for t in report["text"]])
     text = ["explain", "--text", "w1 w2 w3 w1 w2 w3", "--hf-model", str(root / "model_tok"), "--use-local"]
     assert main([*text, "--device", "cpu", "--out", str(out)]) == 0
     assert "tokens explained" in capsys.readouterr().out
+
+
+def _page_shows_the_text(page, pieces):
+    """The page shows a Hugging Face model's tokens as the text they decode to (each piece carries its own
+    spaces), not as words joined by spaces; an end of line is its mark and a line break."""
+    from tests.explain.test_explain import _driver
+
+    d = _driver()
+    try:
+        d.get(page.resolve().as_uri())
+        shown = d.execute_script("return document.getElementById('text').innerText")
+    finally:
+        d.quit()
+    assert shown.rstrip() == "".join("\u21b5\n" if p == "\n" else p for p in pieces).rstrip()
 
 
 def test_train_saves_the_tokenizer_and_resumes(setup, capsys):

@@ -47,6 +47,7 @@ main { display:grid; grid-template-columns:minmax(0,1fr) 440px; gap:20px; paddin
   max-height:calc(100vh - 76px); overflow-y:auto;
   font:15px/2.0 Georgia,"Times New Roman",serif; white-space:normal; word-wrap:break-word; }
 #text.char { font:14px/1.9 ui-monospace,SFMono-Regular,Menlo,monospace; }
+#text.hf { white-space:pre-wrap; }
 .t { border-radius:3px; padding:1px 1px; cursor:pointer; }
 .t:hover { outline:2px solid #0969da88; }
 .t.sel { outline:2px solid #0969da; }
@@ -102,7 +103,7 @@ function ready() {
 _JS = r"""
 const S = R.summary, T = R.tokens, V = R.vocab, TEXT = R.text;
 const nctx = TEXT.length - T.length;  // every position is scored; kept for safety
-const word = S.level !== 'char';
+const word = S.level === 'word';  // words are joined by spaces; characters and tokenizer pieces (hf) carry their own
 const sym = t => (V[t] === undefined ? '#' + t : V[t]);
 function shown(t) { const s = sym(t); return s === '\n' ? '\u21b5' : s; }
 
@@ -134,7 +135,7 @@ function drawText() {
     if (word) parts.push(' ');
   }
   const el = document.getElementById('text');
-  el.className = word ? '' : 'char';
+  el.className = S.level;
   el.innerHTML = parts.join('');
 }
 let mode = 'delta';
