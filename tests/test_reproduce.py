@@ -14,7 +14,7 @@ from trime import io
 from trime.checkpoint import model_fingerprint
 from trime.data.prepare import data_fingerprint, read_data_meta
 from trime.errors import ConfigError
-from trime.pipelines.reproduce import SYSTEMS, VARIANTS, Pipeline, plan_warnings, reproduce, slug
+from trime.pipelines.reproduce import SYSTEMS, VARIANTS, Pipeline, StageClock, plan_warnings, reproduce, slug
 
 from tests.fixtures import make_corpus
 
@@ -44,6 +44,11 @@ def test_micro_pipeline(tmp_path):
     for s in saved["systems"]:
         assert len(np.load(out / s["test"]["word_probs"])) == s["test"]["n_tokens"]
     _check_golden(out, saved)
+    stages = saved["stage_minutes"]  # the job's time per stage, printed at its end too
+    for model in ("ce", "trime", "trime_long", "trime_ext"):
+        assert f"train {model}" in stages
+    assert {"prepare data", "BM25 batches", "datastore + index of ce", "evaluate valid + test", "report"} <= set(stages)
+    assert 0 < sum(stages.values()) <= saved["minutes"] + 1e-6
 
     stamp = (out / "models" / "ce" / "checkpoint_last" / "meta.json").stat().st_mtime
     again = reproduce(preset="micro", out=out, corpus=str(corpus))  # everything is done: nothing reruns
@@ -221,3 +226,20 @@ def _cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.machine()
+
+
+def test_stage_clock_counts_nested_stages_once(monkeypatch):
+    """A stage entered inside another is charged to the inner one only; the stages add up."""
+    now = [0.0]
+    monkeypatch.setattr("trime.pipelines.reproduce.time.time", lambda: now[0])
+    clock = StageClock()
+    with clock("tune"):
+        now[0] += 10
+        with clock("datastore"):
+            now[0] += 100
+        now[0] += 5
+    now[0] += 1000  # outside every stage: not charged
+    with clock("tune"):
+        now[0] += 2
+    assert clock.seconds == {"tune": 17.0, "datastore": 100.0}
+    assert clock.lines(1117.0)[-1].strip() == "18.6 min  total"

@@ -28,6 +28,7 @@ an explanation of a result (VARIANTS), each one more row at every budget.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -141,6 +142,37 @@ VARIANTS = {
 BUDGET_FREE = ("inverse_sqrt", "fixed")
 
 
+class StageClock:
+    """Wall-clock seconds per stage of the job. A stage entered inside another (a datastore built while
+    tuning) is counted in the inner one only, so the stages add up to the time spent in any of them."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._open: list[str] = []
+        self._since = time.time()
+
+    def _charge(self) -> None:
+        now = time.time()
+        if self._open:
+            self.seconds[self._open[-1]] = self.seconds.get(self._open[-1], 0.0) + now - self._since
+        self._since = now
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        self._charge()
+        self._open.append(stage)
+        try:
+            yield
+        finally:
+            self._charge()
+            self._open.pop()
+
+    def lines(self, total_s: float) -> list[str]:
+        """The table printed at the end of the job: each stage's minutes and share, then the total."""
+        rows = [f"{m / 60:7.1f} min  {100 * m / max(total_s, 1e-9):5.1f}%  {k}" for k, m in self.seconds.items()]
+        return ["time per stage:", *rows, f"{total_s / 60:7.1f} min  total"]
+
+
 class Pipeline:
     """The stages of the job. One instance serves every budget of a study: ``set_budget`` points the
     datastores, evaluations and results at that budget's directory (the run's own with one budget)."""
@@ -176,6 +208,7 @@ class Pipeline:
         self.continues = train.lr_scheduler in BUDGET_FREE  # a larger budget resumes a smaller one
         self.data = out / "data-bin"
         self.t0 = time.time()
+        self.clock = StageClock()
         self.set_budget(self.budgets[0])
 
     def set_budget(self, budget: int) -> None:
@@ -248,7 +281,8 @@ class Pipeline:
     def train_cfg(self, name: str) -> C.TrainConfig:
         extra = dict(self.models[name])
         if extra.get("predefined_batches") == "bm25":
-            extra["predefined_batches"] = str(self.bm25_order())
+            with self.clock("BM25 batches"):
+                extra["predefined_batches"] = str(self.bm25_order())
         if extra.get("criterion", "ce") != "ce" and self.rc.ce_warmup_updates:
             extra["ce_warmup_updates"] = self.rc.ce_warmup_updates
         if extra.get("criterion") == "trime_ext" and self.rc.ext_memory_segments:
@@ -313,8 +347,12 @@ class Pipeline:
 
     # 3. datastores -------------------------------------------------------------------------
     def datastore(self, name: str) -> tuple[Path, Path]:
-        if name in self.stores:
-            return self.stores[name]
+        if name not in self.stores:
+            with self.clock(f"datastore + index of {name}"):
+                self.stores[name] = self._datastore(name)
+        return self.stores[name]
+
+    def _datastore(self, name: str) -> tuple[Path, Path]:
         d = self.stage / "dstore" / name
         cfg = C.DatastoreConfig(
             data=str(self.data),
@@ -342,7 +380,6 @@ class Pipeline:
             train_size=self.rc.index_train_size,
             overwrite=True,
         )
-        self.stores[name] = d, index
         return d, index
 
     # 4. evaluation -------------------------------------------------------------------------
@@ -521,7 +558,8 @@ def plan_warnings(p: Pipeline) -> list[str]:
 def run_budget(p: Pipeline, preset: str, corpus: str) -> dict:
     """Train every model to ``p``'s current budget, evaluate every system, write the report."""
     for name in p.models:
-        p.train(name)
+        with p.clock(f"train {name}"):
+            p.train(name)
     results: dict = {
         "preset": preset,
         "corpus": corpus,
@@ -534,9 +572,11 @@ def run_budget(p: Pipeline, preset: str, corpus: str) -> dict:
     best_of: dict[str, dict] = {}
     for system in p.systems:
         p.say(f"evaluating {system.name}")
-        best = p.tune(system)
+        with p.clock("tune on valid (neighbour caches + sweeps)"):
+            best = p.tune(system)
         best_of[system.name] = best
-        valid, test = p.score(system, "valid", best), p.score(system, "test", best)
+        with p.clock("evaluate valid + test"):
+            valid, test = p.score(system, "valid", best), p.score(system, "test", best)
         results["systems"].append(
             {
                 "name": system.name,
@@ -547,10 +587,15 @@ def run_budget(p: Pipeline, preset: str, corpus: str) -> dict:
                 "test": test,
             }
         )
-    results["memory_curve"] = p.curve(best_of)
+    with p.clock("memory-size curve"):
+        results["memory_curve"] = p.curve(best_of)
     results["training"] = p.training_curves()
-    results["minutes"] = (time.time() - p.t0) / 60
-    write_report(results, p.stage)
+    with p.clock("report"):
+        results["minutes"] = (time.time() - p.t0) / 60
+        results["stage_minutes"] = {k: v / 60 for k, v in p.clock.seconds.items()}
+        write_report(results, p.stage)
+    for line in p.clock.lines(time.time() - p.t0):
+        p.say(line)
     return results
 
 
@@ -575,7 +620,8 @@ def reproduce(
     perplexity against budget) is written after each. Returns the largest budget's results."""
 
     p = Pipeline(preset, Path(out), corpus, char_level, max_update, variants, seed, backend)
-    p.prepare_data()
+    with p.clock("prepare data"):
+        p.prepare_data()
     budgets = ", ".join(map(str, p.budgets))
     stores = len({s.dstore for s in p.systems if s.dstore})
     p.say(
