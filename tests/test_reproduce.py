@@ -47,7 +47,7 @@ def test_micro_pipeline(tmp_path):
     stages = saved["stage_minutes"]  # the job's time per stage, printed at its end too
     for model in ("ce", "trime", "trime_long", "trime_ext"):
         assert f"train {model}" in stages
-    assert {"prepare data", "BM25 batches", "datastore + index of ce", "evaluate valid + test", "report"} <= set(stages)
+    assert {"prepare data", "BM25 batches", "datastore + index of ce", "evaluate valid + test"} <= set(stages)
     assert 0 < sum(stages.values()) <= saved["minutes"] + 1e-6
 
     stamp = (out / "models" / "ce" / "checkpoint_last" / "meta.json").stat().st_mtime

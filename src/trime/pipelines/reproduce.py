@@ -590,10 +590,9 @@ def run_budget(p: Pipeline, preset: str, corpus: str) -> dict:
     with p.clock("memory-size curve"):
         results["memory_curve"] = p.curve(best_of)
     results["training"] = p.training_curves()
-    with p.clock("report"):
-        results["minutes"] = (time.time() - p.t0) / 60
-        results["stage_minutes"] = {k: v / 60 for k, v in p.clock.seconds.items()}
-        write_report(results, p.stage)
+    results["minutes"] = (time.time() - p.t0) / 60
+    results["stage_minutes"] = {k: v / 60 for k, v in p.clock.seconds.items()}
+    write_report(results, p.stage)
     for line in p.clock.lines(time.time() - p.t0):
         p.say(line)
     return results
