@@ -48,6 +48,7 @@ main { display:grid; grid-template-columns:minmax(0,1fr) 440px; gap:20px; paddin
   font:15px/2.0 Georgia,"Times New Roman",serif; white-space:normal; word-wrap:break-word; }
 #text.char { font:14px/1.9 ui-monospace,SFMono-Regular,Menlo,monospace; }
 #text.hf { white-space:pre-wrap; }
+#text.hf .t { padding:1px 0; }  /* pieces of one word sit together */
 .t { border-radius:3px; padding:1px 1px; cursor:pointer; }
 .t:hover { outline:2px solid #0969da88; }
 .t.sel { outline:2px solid #0969da; }
