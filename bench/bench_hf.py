@@ -1,4 +1,4 @@
-"""Cost of TRIME on a Hugging Face causal LM: evaluation with local memory, generation, the training step, the token part's memory.
+"""Cost of TRIME on a Hugging Face causal LM: eval with local memory, generation, training step, token part memory.
 
     python bench/bench_hf.py [--json]        # about a minute on 2 CPU cores; uses CUDA when present
 

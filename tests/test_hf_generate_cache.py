@@ -22,6 +22,9 @@ CONFIGS = {
                                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gemma2": lambda: transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                max_position_embeddings=64, sliding_window=6),
 }  # fmt: skip
 
 
@@ -38,7 +41,8 @@ def llama():
 @pytest.mark.parametrize("family", CONFIGS)
 def test_cached_forward_equals_the_full_forward(family):
     """Pieces run through one cache give h and q of the whole prefix at every position (rotary and learned
-    positions), and reordering the cache's rows follows the rows of the batch."""
+    positions; Gemma 2's sliding-window layers cache only the last 6 positions), and reordering the cache's
+    rows follows the rows of the batch."""
     model = backbone(family)
     tokens = torch.randint(3, V, (2, 30))
     with torch.no_grad():

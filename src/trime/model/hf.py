@@ -22,7 +22,8 @@ layer names, by one probe forward on 2 × 3 tokens when the backbone is built:
    head that does more is a ConfigError, never a silent mismatch).
 
 A model where rule 1 or 2 finds nothing raises a one-line ConfigError; ``key="final"`` then still works
-(q = h). Generation decodes position by position with the model's own KV cache (:class:`HFCache`). ``transformers`` is an optional extra (``pip install trime[hf]``), imported inside functions.
+(q = h). Generation decodes position by position with the model's own KV cache (:class:`HFCache`).
+``transformers`` is an optional extra (``pip install trime[hf]``), imported inside functions.
 """
 
 from __future__ import annotations
