@@ -25,12 +25,14 @@ CONFIGS = {
     "gemma2": lambda: transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                                 max_position_embeddings=64, sliding_window=6),
+    "bloom": lambda: transformers.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4),
 }  # fmt: skip
 
 
 def backbone(family: str) -> HFBackbone:
     torch.manual_seed(0)
-    return HFBackbone(transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval())
+    key = "final" if family == "bloom" else "last_ffn_input"  # Bloom's FFN input is not a child's input
+    return HFBackbone(transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval(), key=key)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,8 @@ def llama():
 @pytest.mark.parametrize("family", CONFIGS)
 def test_cached_forward_equals_the_full_forward(family):
     """Pieces run through one cache give h and q of the whole prefix at every position (rotary and learned
-    positions; Gemma 2's sliding-window layers cache only the last 6 positions), and reordering the cache's
-    rows follows the rows of the batch."""
+    positions; Gemma 2's sliding-window layers cache only the last 6 positions; Bloom's ALiBi takes no
+    position ids), and reordering the cache's rows follows the rows of the batch."""
     model = backbone(family)
     tokens = torch.randint(3, V, (2, 30))
     with torch.no_grad():

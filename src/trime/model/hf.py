@@ -362,7 +362,7 @@ class HFBackbone(nn.Module):
 
     def new_cache(self) -> HFCache:
         """An empty incremental-decoding state for ``forward(inputs, cache)``."""
-        return HFCache(_cache_argument(self._base[0]))
+        return HFCache(inspect.signature(self._base[0].forward).parameters)
 
     def forward(self, inputs: Tensor, cache: HFCache | None = None) -> LMOutput:
         """inputs (B, T) int64 -> LMOutput(h (B, T, d) after the final norm, q (B, T, d) memory key).
@@ -386,14 +386,19 @@ class HFBackbone(nn.Module):
 class HFCache:
     """Incremental decoding state of an :class:`HFBackbone`: the transformers model's own KV cache (the one
     its first forward with ``use_cache=True`` makes: a ``DynamicCache`` with the model's sliding-window
-    layers, if any) and the number t of positions run. New positions are given explicitly, as position ids
-    t, t+1, ... and an all-ones attention mask over the t + T positions, so a model's rotary or learned
-    positions and its mask equal those of one uncached forward of the whole prefix."""
+    layers, if any) and the number t of positions run. The new positions are given as position ids t, t+1,
+    ... (to models whose forward takes them; ALiBi models count keys) with an all-ones attention mask over
+    the t + T positions, so their positions and mask are those of one uncached forward of the whole prefix.
 
-    def __init__(self, argument: str = "cache") -> None:
+    ``parameters``: the names the base model's forward takes; its cache argument (and output) is ``cache``
+    in recent transformers, ``past_key_values`` before.
+    """
+
+    def __init__(self, parameters=("cache", "position_ids")) -> None:
         self.kv = None  # the model's Cache, made by the first run
         self._len = 0
-        self._arg = argument  # the base model's name for its cache argument and output
+        self._arg = "cache" if "cache" in parameters else "past_key_values"
+        self._positions = "position_ids" in parameters
 
     def length(self, layer: int = 0) -> int:
         """Positions cached (the same in every layer)."""
@@ -403,11 +408,11 @@ class HFCache:
         """Run ``inputs`` (B, T) after the cached positions; returns the base model's last_hidden_state (B, T, d)."""
         B, T = inputs.shape
         t = self._len
-        positions = torch.arange(t, t + T, device=inputs.device).expand(B, T)  # (B, T)
+        kwargs = {self._arg: self.kv}
+        if self._positions:
+            kwargs["position_ids"] = torch.arange(t, t + T, device=inputs.device).expand(B, T)  # (B, T)
         mask = torch.ones(B, t + T, dtype=torch.long, device=inputs.device)  # (B, t + T)
-        out = base(
-            input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True, **{self._arg: self.kv}
-        )
+        out = base(input_ids=inputs, attention_mask=mask, use_cache=True, **kwargs)
         self.kv, self._len = getattr(out, self._arg), t + T
         return out.last_hidden_state
 
@@ -415,12 +420,6 @@ class HFCache:
         """Keep rows ``index`` (N',) of the N rows, in that order (beam search); N' may differ from N."""
         if self.kv is not None:
             self.kv.reorder_cache(index)
-
-
-def _cache_argument(base: nn.Module) -> str:
-    """The name of a base model's cache argument and output: ``cache`` in recent transformers, else
-    ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 # ---------------------------------------------------------------------------------------------
