@@ -8,7 +8,9 @@ One tiny random Llama-architecture model (4 layers, d = 256, V = 32k, built from
    (``model(input_ids).logits``) over the same windows (goal ≥ 0.9×);
 2. new tokens/s of greedy generation without memory (trime.generate.lm.LMDecoder, windows of L with
    context CTX, so the window slides every L − CTX tokens) with the model's own KV cache against
-   re-running the window for every token (``--no-kv-cache``); best of the rounds, the order alternating;
+   re-running the window for every token (``--no-kv-cache``); best of the rounds, the order alternating.
+   With V = 32k the LM head (run twice per step by LMDecoder._rows: for log p and for log Z) is most of
+   a cached step on CPU, which keeps the ratio near 2 at this size;
 3. one training step (forward + backward) with the TRIME loss against the CE loss, both through
    trime.losses on the same HFBackbone and batch (goal ≤ 1.05×); the model's own ``labels=`` loss step
    is shown as a second baseline. Rounds alternate the order; ratio = median over rounds. On CPU the
