@@ -1,4 +1,4 @@
-"""Cost of TRIME on a Hugging Face causal LM: evaluation with local memory, the training step, the token part's memory.
+"""Cost of TRIME on a Hugging Face causal LM: eval with local memory, generation, training step, token part memory.
 
     python bench/bench_hf.py [--json]        # about a minute on 2 CPU cores; uses CUDA when present
 
@@ -6,12 +6,17 @@ One tiny random Llama-architecture model (4 layers, d = 256, V = 32k, built from
 1. scored tokens/s of evaluation with local memory (trime.evaluate.Scorer on an HFBackbone: base model,
    chunked LM-head token part on the scored rows, local memory) against the model's plain forward
    (``model(input_ids).logits``) over the same windows (goal ≥ 0.9×);
-2. one training step (forward + backward) with the TRIME loss against the CE loss, both through
+2. new tokens/s of greedy generation without memory (trime.generate.lm.LMDecoder, windows of L with
+   context CTX, so the window slides every L − CTX tokens) with the model's own KV cache against
+   re-running the window for every token (``--no-kv-cache``); best of the rounds, the order alternating.
+   With V = 32k the LM head (run twice per step by LMDecoder._rows: for log p and for log Z) is most of
+   a cached step on CPU, which keeps the ratio near 2 at this size;
+3. one training step (forward + backward) with the TRIME loss against the CE loss, both through
    trime.losses on the same HFBackbone and batch (goal ≤ 1.05×); the model's own ``labels=`` loss step
    is shown as a second baseline. Rounds alternate the order; ratio = median over rounds. On CPU the
    clock is process CPU time with one thread (wall time on a shared machine mostly measures the
    neighbours); on CUDA wall time after a synchronize;
-3. peak memory of the chunked token part (HFHead.target_logp, recomputing chunks in backward) against
+4. peak memory of the chunked token part (HFHead.target_logp, recomputing chunks in backward) against
    the full-logits one (a single chunk) for 2,048 rows on a 50k vocabulary, forward + backward into h
    and the head weight, each in a fresh subprocess: growth of the peak resident set (VmHWM) on CPU,
    of torch.cuda.max_memory_allocated on CUDA.
@@ -95,6 +100,29 @@ def eval_speed(bb, device, n_tokens: int, reps: int) -> tuple[float, float]:
     return n_scored / best["local"], n_scored / best["forward"]
 
 
+def generate_speed(bb, device, n_new: int, reps: int) -> tuple[float, float]:
+    """(new tok/s with the KV cache, new tok/s re-running the window) of greedy generation without memory
+    after a prompt of L / 4 tokens; best of reps (a round 0 of 8 tokens warms up)."""
+    from trime import config as C
+    from trime.generate.lm import LMDecoder, stream
+
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, V, (L // 4,), generator=g).tolist()
+    best = {True: float("inf"), False: float("inf")}
+    for r in range(reps + 1):
+        for cached in (True, False) if r % 2 else (False, True):
+            cfg = C.GenerateConfig(path="unused", context_window=CTX, device=str(device), amp="none",
+                                   stop_at_eos=False, max_new_tokens=n_new if r else 8, kv_cache=cached)  # fmt: skip
+            decoder = LMDecoder(bb.eval(), cfg, dim=bb.dim, pad=None, eos=2, window=L)
+            _sync(device)
+            t0 = _clock(device)
+            n = sum(1 for _ in stream(decoder, prompt))
+            _sync(device)
+            if r:
+                best[cached] = min(best[cached], (_clock(device) - t0) / n)
+    return 1 / best[True], 1 / best[False]
+
+
 def step_times(bb, device, reps: int, B: int = 4) -> dict[str, list[float]]:
     """Forward + backward seconds of each criterion for ``reps`` rounds on one batch of B × L tokens."""
     from trime.losses import LossSettings, compute_loss
@@ -158,7 +186,7 @@ def memory(device: torch.device) -> dict[str, dict[str, float]]:
     return memory_children(__file__, ("chunked", "full"), device, torch.get_num_threads())
 
 
-def rows(device: torch.device, reps: int, n_tokens: int) -> list[dict]:
+def rows(device: torch.device, reps: int, n_tokens: int, n_new: int) -> list[dict]:
     bb = build(device)
     local, forward = eval_speed(bb, device, n_tokens, reps)
     out = [
@@ -171,6 +199,17 @@ def rows(device: torch.device, reps: int, n_tokens: int) -> list[dict]:
             "tok/s",
         )
     ]
+    cached, rerun = generate_speed(bb, device, n_new, reps)
+    out.append(
+        row(
+            "hf",
+            "greedy generation new tok/s with the KV cache (baseline: re-running the window)",
+            cached,
+            rerun,
+            "",
+            "tok/s",
+        )
+    )
     t = step_times(bb, device, reps)
     ratio = statistics.median(a / b for a, b in zip(t["trime"], t["ce"]))
     out.append(
@@ -214,6 +253,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=5, help="timed rounds")
     p.add_argument("--tokens", type=int, default=4096, help="scored tokens per evaluation pass")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per generation round")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the CPU clock is process time)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -233,7 +273,7 @@ def main() -> None:
             f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
             f"Llama-architecture {LAYERS} layers, d = {D}, V = {V}, windows of {L} (context {CTX})"
         )
-    emit(rows(device, args.reps, args.tokens), args.json)
+    emit(rows(device, args.reps, args.tokens, args.new_tokens), args.json)
 
 
 if __name__ == "__main__":

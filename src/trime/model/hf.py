@@ -22,7 +22,8 @@ layer names, by one probe forward on 2 × 3 tokens when the backbone is built:
    head that does more is a ConfigError, never a silent mismatch).
 
 A model where rule 1 or 2 finds nothing raises a one-line ConfigError; ``key="final"`` then still works
-(q = h). ``transformers`` is an optional extra (``pip install trime[hf]``), imported inside functions.
+(q = h). Generation decodes position by position with the model's own KV cache (:class:`HFCache`).
+``transformers`` is an optional extra (``pip install trime[hf]``), imported inside functions.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,16 +360,66 @@ class HFBackbone(nn.Module):
     def _capture(self, module, args, kwargs) -> None:
         self._captured = _first_tensor(args, kwargs)[0]
 
-    def forward(self, inputs: Tensor) -> LMOutput:
-        """inputs (B, T) int64 -> LMOutput(h (B, T, d) after the final norm, q (B, T, d) memory key)."""
+    def new_cache(self) -> HFCache:
+        """An empty incremental-decoding state for ``forward(inputs, cache)``."""
+        return HFCache(inspect.signature(self._base[0].forward).parameters)
+
+    def forward(self, inputs: Tensor, cache: HFCache | None = None) -> LMOutput:
+        """inputs (B, T) int64 -> LMOutput(h (B, T, d) after the final norm, q (B, T, d) memory key).
+
+        With a ``cache`` (``new_cache()``), ``inputs`` continue the t cached positions: they get positions
+        t, t+1, ... and their keys/values join the model's own cache (:class:`HFCache`).
+        """
         self._captured = None
-        h = self._base[0](input_ids=inputs, use_cache=False).last_hidden_state  # (B, T, d)
+        if cache is None:
+            h = self._base[0](input_ids=inputs, use_cache=False).last_hidden_state  # (B, T, d)
+        else:
+            h = cache.run(self._base[0], inputs)
         if self.key == "final":
             return LMOutput(h=h, q=h)
         q, self._captured = self._captured, None
         if q is None:
             raise RuntimeError(f"the hook on {self.ffn_name} did not fire")
         return LMOutput(h=h, q=q)
+
+
+class HFCache:
+    """Incremental decoding state of an :class:`HFBackbone`: the transformers model's own KV cache (the one
+    its first forward with ``use_cache=True`` makes: a ``DynamicCache`` with the model's sliding-window
+    layers, if any) and the number t of positions run. The new positions are given as position ids t, t+1,
+    ... (to models whose forward takes them; ALiBi models count keys) with an all-ones attention mask over
+    the t + T positions, so their positions and mask are those of one uncached forward of the whole prefix.
+
+    ``parameters``: the names the base model's forward takes; its cache argument (and output) is ``cache``
+    in recent transformers, ``past_key_values`` before.
+    """
+
+    def __init__(self, parameters=("cache", "position_ids")) -> None:
+        self.kv = None  # the model's Cache, made by the first run
+        self._len = 0
+        self._arg = "cache" if "cache" in parameters else "past_key_values"
+        self._positions = "position_ids" in parameters
+
+    def length(self, layer: int = 0) -> int:
+        """Positions cached (the same in every layer)."""
+        return self._len
+
+    def run(self, base: nn.Module, inputs: Tensor) -> Tensor:
+        """Run ``inputs`` (B, T) after the cached positions; returns the base model's last_hidden_state (B, T, d)."""
+        B, T = inputs.shape
+        t = self._len
+        kwargs = {self._arg: self.kv}
+        if self._positions:
+            kwargs["position_ids"] = torch.arange(t, t + T, device=inputs.device).expand(B, T)  # (B, T)
+        mask = torch.ones(B, t + T, dtype=torch.long, device=inputs.device)  # (B, t + T)
+        out = base(input_ids=inputs, attention_mask=mask, use_cache=True, **kwargs)
+        self.kv, self._len = getattr(out, self._arg), t + T
+        return out.last_hidden_state
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` (N',) of the N rows, in that order (beam search); N' may differ from N."""
+        if self.kv is not None:
+            self.kv.reorder_cache(index)
 
 
 # ---------------------------------------------------------------------------------------------
