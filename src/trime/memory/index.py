@@ -508,7 +508,8 @@ def threads_for(n_queries: int):
 
 def search_threads(n: int) -> None:
     """Make faiss search on ``n`` OpenMP threads *in the calling thread* (OpenMP's thread count is per
-    thread), e.g. in a thread that searches while the model runs on the other cores."""
+    thread), e.g. in a thread that searches while the model runs on the other cores. Torch's ops in that
+    thread get ``n`` too when the two share torch's libgomp (:func:`threads_for`)."""
     try:
         import faiss
     except ImportError:
