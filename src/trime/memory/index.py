@@ -483,8 +483,10 @@ def _trained_from(path: Path, plan: dict):
     return index
 
 
-# A faiss search of fewer queries than this runs on one OpenMP thread (measured: bench/profile_memory.py
-# --consumers mt on 2 cores; beam decoding sends batch × beam queries a step).
+# A faiss search of fewer queries than this runs on one OpenMP thread. Measured on the shared 2-core
+# machine (IVF-PQ 64 and 512 lists, 50k keys, probe 8, k 16): with the other core busy a two-thread search
+# of 2–20 queries sometimes waited ~10 ms for its second thread (4–10× one thread's time); from 40 queries
+# two threads took 0.6–0.95× one thread's time. Beam decoding sends batch × beam queries a step.
 ONE_THREAD_BELOW = 32
 
 
