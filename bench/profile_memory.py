@@ -6,7 +6,7 @@ Consumers (random weights of the tiny / mt_cpu presets, a synthetic Zipf corpus,
 - ``eval``: ``trime eval --use-external`` over a flat (exact) index and over an IVF-PQ index;
 - ``neighbors``: the same with ``--save-neighbors`` (the rows ``trime sweep`` reads);
 - ``generate``: greedy LM generation with the KV cache and the external memory;
-- ``mt``: beam-5 kNN-MT decoding over an IVF index.
+- ``mt``: beam-5 kNN-MT and TrimeMT decoding over an IVF-PQ index (``--mt-modes``).
 
 Each is run once to warm up, then ``--repeats`` times with and without the memory; the table gives
 the medians. Buckets are *exclusive* wall-clock times of the seams they name, measured by wrapping
@@ -111,7 +111,7 @@ def instrument(seams: Seams) -> None:
     for cls, names in (
         (transformer.TransformerLM, ("forward",)),
         (adaptive.AdaptiveSoftmax, ("target_logp", "log_probs")),
-        (adaptive.PlainSoftmax, ("target_logp", "log_probs")),
+        (adaptive.PlainSoftmax, ("target_logp", "log_probs", "log_probs_and_log_z")),
         (encoder_decoder.TransformerMT, ("encode", "decode_step")),
     ):
         for name in names:
@@ -189,8 +189,8 @@ def generate_job(env: dict, new_tokens: int, memory: str | None):
     return lambda: generate_tokens(cfg, prompt)
 
 
-def mt_jobs(root: Path, pairs: int, sentences: int, lists: int = 64) -> tuple:
-    """(vanilla decode, kNN-MT decode): beam 5 over ``sentences`` valid sentences."""
+def mt_jobs(root: Path, pairs: int, sentences: int, lists: int = 64, modes=("knn",)) -> tuple:
+    """(vanilla decode, {mode: decode with that memory mode}): beam 5 over ``sentences`` valid sentences."""
     from bench_mt_memory import checkpoint, corpus
 
     from trime.checkpoint import load_model, model_fingerprint
@@ -208,19 +208,21 @@ def mt_jobs(root: Path, pairs: int, sentences: int, lists: int = 64) -> tuple:
     index = build_index(ds, root / "ds" / "knn.index.l2", metric="l2", n_lists=lists, train_size=n_rows)
     valid, ids = load_pair_split(data, "valid"), np.arange(sentences)
     beam = BeamConfig(beam=5, max_len_a=1.2, max_len_b=10)
-    cfg = C.TranslateConfig(data=str(data), path=str(ckpt), dstore=str(ds), indexfile=str(index), knn_mode="knn",
-                            k=16, lmbda=0.3, knn_temp=10.0, probe=8)  # fmt: skip
-    combiner = memory_combiner(cfg, model, mcfg, model_fingerprint(ckpt))
 
-    def vanilla():
-        decode(model, valid, ids, beam)
-        return sentences
+    def job(mode: str | None):
+        kw = {}
+        if mode:
+            cfg = C.TranslateConfig(data=str(data), path=str(ckpt), dstore=str(ds), indexfile=str(index),
+                                    knn_mode=mode, k=16, lmbda=0.3, knn_temp=10.0, probe=8)  # fmt: skip
+            kw["combiner"] = memory_combiner(cfg, model, mcfg, model_fingerprint(ckpt))
 
-    def knn():
-        decode(model, valid, ids, beam, combiner=combiner)
-        return sentences
+        def run():
+            decode(model, valid, ids, beam, **kw)
+            return sentences
 
-    return vanilla, knn
+        return run
+
+    return job(None), {mode: job(mode) for mode in modes}
 
 
 def measure(seams: Seams, job, repeats: int) -> dict:
@@ -262,9 +264,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--pairs", type=int, default=3000, help="MT training pairs (datastore)")
     ap.add_argument("--sentences", type=int, default=32, help="sentences decoded per MT run")
     ap.add_argument("--mt-lists", type=int, default=64, help="IVF lists of the MT index (bench_mt_memory's 64)")
+    ap.add_argument("--mt-modes", default="knn,trime", help="memory decoding modes of the mt consumer")
     ap.add_argument("--indexes", default="flat,ivfpq", help="the indexes eval and generate search")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--faiss-threads", type=int, default=0, help="faiss OpenMP threads (0: faiss's default)")
+    ap.add_argument("--faiss-threads", type=int, default=0,
+                    help="faiss OpenMP threads (0: faiss's default); torch's too, when they share one libgomp")  # fmt: skip
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.threads:
@@ -301,10 +305,11 @@ def main(argv=None) -> list[dict]:
                     results.append((f"generate, external {kind}", measure(seams, job, a.repeats), free))
             if "mt" in want:
                 (root / "mt").mkdir()
-                vanilla, knn = mt_jobs(root / "mt", a.pairs, a.sentences, a.mt_lists)
+                vanilla, jobs = mt_jobs(root / "mt", a.pairs, a.sentences, a.mt_lists, a.mt_modes.split(","))
                 free = measure(seams, vanilla, a.repeats)
                 results.append(("mt beam 5, vanilla", free, free))
-                results.append((f"mt beam 5, kNN-MT ivf {a.mt_lists}", measure(seams, knn, a.repeats), free))
+                for mode, job in jobs.items():
+                    results.append((f"mt beam 5, {mode} ivf {a.mt_lists}", measure(seams, job, a.repeats), free))
         finally:
             seams.undo()
     rows = [

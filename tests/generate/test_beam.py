@@ -280,6 +280,38 @@ def test_length_rules_and_scores():
         BeamConfig(beam=2, nbest=3)
 
 
+@pytest.mark.parametrize("mode", ["knn", "trime", "trime_released"])
+def test_memory_decoding_with_log_z_from_the_logits_is_unchanged(mode):
+    """TrimeMT takes log Z_t from the logits of the step's log-probabilities (one output projection): the
+    hypotheses, scores and positional scores equal the combiner computing log Z_t itself, bit for bit."""
+    from trime.generate.memory import MemoryCombiner
+
+    model = _random_model(V=30, seed=8)
+    g = torch.Generator().manual_seed(0)
+    keys, vals = torch.randn(60, 16, generator=g) * 2, torch.randint(4, 30, (60,), generator=g)
+
+    def search(h):  # exact L2 top-5 over 60 keys: (similarities, tokens)
+        top = torch.cdist(h, keys).square().neg().topk(5, dim=1)
+        return top.values, vals[top.indices]
+
+    own = []
+
+    def log_z(h):
+        own.append(len(h))
+        return model.head.target_logp(h, torch.zeros(len(h), dtype=torch.long))[1]
+
+    comb = MemoryCombiner(search, log_z, mode=mode, lmbda=0.4, temp=3.0, dim=16)
+    src = torch.tensor([[1, 4, 5, 6, EOS], [7, 8, 9, 10, EOS]])
+    cfg = BeamConfig(beam=4, lenpen=0.6, max_len_a=1.2, max_len_b=3, nbest=4)
+    fast = beam_search(model, src, cfg, comb)
+    assert not own  # no second output projection
+    slow = beam_search(model, src, cfg, lambda step, h, logp: comb(step, h, logp))
+    assert bool(own) == (mode != "knn")
+    for a, b in zip(fast, slow):
+        assert [(h.tokens.tolist(), h.score) for h in a] == [(h.tokens.tolist(), h.score) for h in b]
+        assert all(torch.equal(x.positional_scores, y.positional_scores) for x, y in zip(a, b))
+
+
 def test_vanilla_is_the_identity():
     logp = torch.randn(3, 7).log_softmax(-1)
     assert vanilla(0, torch.zeros(3, 4), logp) is logp

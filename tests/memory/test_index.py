@@ -179,3 +179,25 @@ def test_no_gpu_asked_without_gpu_faiss(big):
     with pytest.raises(ConfigError, match="GPU"):
         Index.open(big[2], use_gpu=True)
     assert index_mod._gpu_wanted("auto") is False
+
+
+def test_a_small_search_runs_on_one_thread_and_restores_the_count(tmp_path):
+    """Fewer queries than ONE_THREAD_BELOW search on one OpenMP thread, and the count found is restored
+    after (faiss's OpenMP setting is torch's too when torch loaded its libgomp first)."""
+    import faiss
+
+    keys = _clustered(3000, 16)
+    index = Index.open(build_index(_datastore(tmp_path / "ds", keys), tmp_path / "ivf", flat_below=0, n_lists=16,
+                                   code_size=4, n_bits=4))  # fmt: skip
+    seen, search = [], index.index.search
+    index.index = type("Spy", (), {"ntotal": index.index.ntotal, "search": lambda self, x, k: (
+        seen.append(faiss.omp_get_max_threads()) or search(x, k))})()  # fmt: skip
+    torch_threads = torch.get_num_threads()  # (after torch's own first-use setting of the count)
+    faiss.omp_set_num_threads(2)
+    try:
+        index.search(torch.from_numpy(keys[:3]), 4)
+        index.search(torch.from_numpy(keys[: index_mod.ONE_THREAD_BELOW]), 4)
+        assert seen == [1, 2] and faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(1)  # this module's setting (_one_faiss_thread)
+        torch.set_num_threads(torch_threads)

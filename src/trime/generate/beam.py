@@ -65,7 +65,11 @@ class MTDecoder:
         return MTState(cache, self.model.decode_step(first, cache), 0)  # (N,) eos: fairseq's bos
 
     def log_probs(self, state: MTState) -> Tensor:
-        return self.combiner(state.step, state.h, self.model.head.log_probs(state.h)).float()  # (N, V)
+        head = self.model.head
+        if getattr(self.combiner, "uses_log_z", False) and hasattr(head, "log_probs_and_log_z"):
+            logp, log_z = head.log_probs_and_log_z(state.h)  # (N, V), (N,): one output projection, not two
+            return self.combiner(state.step, state.h, logp, log_z).float()
+        return self.combiner(state.step, state.h, head.log_probs(state.h)).float()  # (N, V)
 
     def reorder(self, state: MTState, index: Tensor) -> MTState:
         state.cache.reorder(index)

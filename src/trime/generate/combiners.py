@@ -8,6 +8,8 @@ A combiner is any callable ``combiner(step, h, logp) -> logp``:
 - ``h`` (N, d): the decoder output of each row at this step (the model's ``MTOutput.h``; also the
   TrimeMT memory query, MT spec §1).
 - ``logp`` (N, V) float32: the model's normalised log-probabilities ``log_softmax(E h)``.
+- a combiner whose ``uses_log_z`` is true (TrimeMT) is also given ``log_z`` (N,), the log partition
+  function of the logits behind ``logp``, when the decoder has it (one output projection, not two).
 - returns (N, V) log-scores. They need not be normalised (the TRIME release's combination sums to
   2 − λ, MT spec §9.3); the search uses them as they are.
 

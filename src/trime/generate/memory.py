@@ -44,17 +44,23 @@ class MemoryCombiner:
         self.search, self.log_z, self.mode, self.lmbda, self.temp, self.dim = search, log_z, mode, lmbda, temp, dim
         self.searches = 0  # queries sent to the index (one per hypothesis and step)
 
-    def __call__(self, step: int, h: Tensor, logp: Tensor) -> Tensor:
+    @property
+    def uses_log_z(self) -> bool:
+        """Whether the mode needs log Z_t: a decoder that has it from the logits of ``logp`` passes it."""
+        return self.mode != "knn"
+
+    def __call__(self, step: int, h: Tensor, logp: Tensor, log_z: Tensor | None = None) -> Tensor:
+        """``log_z`` (N,): log Z_t of the rows when the caller has it (else ``self.log_z(h)`` computes it)."""
         scores, values = self.search(h)  # (N, k), (N, k)
         self.searches += h.shape[0]
         logp = logp.float()
         if scores.shape[1] == 0:
             return logp
         empty = ~torch.isfinite(scores).any(1, keepdim=True)  # (N, 1): no neighbour at all (index holes)
-        mixed = self._mix(h, logp, scores.float(), values)
+        mixed = self._mix(h, logp, scores.float(), values, log_z)
         return torch.where(empty, logp, mixed) if bool(empty.any()) else mixed
 
-    def _mix(self, h: Tensor, logp: Tensor, scores: Tensor, values: Tensor) -> Tensor:
+    def _mix(self, h: Tensor, logp: Tensor, scores: Tensor, values: Tensor, log_z: Tensor | None = None) -> Tensor:
         """memory.mix's (N, V) forms computed where the neighbours' tokens are: every other token keeps
         the model's term alone (its memory sum is 0), so the log / exp passes run over (N, k), not (N, V)."""
         if self.mode == "knn":
@@ -70,7 +76,7 @@ class MemoryCombiner:
             out = logp.float() + math.log1p(-self.lmbda)  # memory.knn.interpolate, term by term
             return out.scatter_(1, values, torch.logaddexp(out.gather(1, values), knn + math.log(self.lmbda)))
         s = memory_logits(scores, self.dim, self.temp)  # a / (√d·T)
-        log_zt = self.log_z(h).float()  # (N,)
+        log_zt = (self.log_z(h) if log_z is None else log_z).float()  # (N,)
         if self.mode == "trime":  # joint_vocab_log_probs, term by term
             N, V = logp.shape
             token_share, log_den = joint_denominator(log_zt, scaled_logsumexp(shifted(s), 1.0))  # (N,), (N,)

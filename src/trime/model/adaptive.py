@@ -262,15 +262,21 @@ class PlainSoftmax(OutputHead):
     def output_weight(self) -> Tensor:
         return self._tied[0].weight if hasattr(self, "_tied") else self.weight
 
-    def log_probs(self, h: Tensor) -> Tensor:
+    def logits(self, h: Tensor) -> Tensor:
         w = self.output_weight()
-        logits = F.linear(self._rows(h, w), w).float()  # (N, V)
-        return logits.log_softmax(dim=-1)
+        return F.linear(self._rows(h, w), w).float()  # (N, V)
+
+    def log_probs(self, h: Tensor) -> Tensor:
+        return self.logits(h).log_softmax(dim=-1)
+
+    def log_probs_and_log_z(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(log_probs(h) (N, V), log Z_head (N,) as target_logp gives it) from one output projection."""
+        logits = self.logits(h)
+        return logits.log_softmax(dim=-1), torch.logsumexp(logits, dim=-1)
 
     def target_logp(self, h: Tensor, targets: Tensor, tail_quirk: bool = False) -> tuple[Tensor, Tensor]:
         """Z_head is the full partition function over V; ``tail_quirk`` has nothing to act on."""
-        w = self.output_weight()
-        logits = F.linear(self._rows(h, w), w).float()  # (N, V)
+        logits = self.logits(h)  # (N, V)
         log_z = torch.logsumexp(logits, dim=-1)  # (N,)
         logp = logits.gather(1, targets.reshape(-1, 1)).squeeze(1) - log_z  # (N,)
         return logp, log_z
