@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from trime import device
-from trime.model.ops import FP32_ATTENTION_BELOW, Dropout, attention, dropout
+from trime.model.ops import FP32_ATTENTION_BELOW, Dropout, attention, dropout, target_log_softmax
 
 
 def _qkv(L: int, dtype: torch.dtype, grad: bool = False):
@@ -30,6 +30,24 @@ def test_long_or_float32_attention_is_torch_sdpa():
     for L, dtype in ((FP32_ATTENTION_BELOW, torch.bfloat16), (12, torch.float32)):
         q, k, v = _qkv(L, dtype)
         assert torch.equal(attention(q, k, v, causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_log_softmax_equals_the_plain_expression_and_its_gradient_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (5 * torch.randn(50, 37, generator=g)).to(dtype).requires_grad_(True)
+    y = torch.randint(0, 37, (50,), generator=g)
+    a, b = torch.randn(50, generator=g), torch.randn(50, generator=g)
+    xf = x.float()
+    log_z = torch.logsumexp(xf, dim=-1)
+    logp = xf.gather(1, y.unsqueeze(1)).squeeze(1) - log_z
+    got_logp, got_log_z = target_log_softmax(x, y)
+    assert got_logp.dtype == got_log_z.dtype == torch.float32
+    assert torch.equal(got_logp, logp) and torch.equal(got_log_z, log_z)
+    for wa, wb in ((a, b), (a, 0 * b), (0 * a, b)):  # both outputs used, then each alone
+        (want,) = torch.autograd.grad((wa * logp + wb * log_z).sum(), x, retain_graph=True)
+        (got,) = torch.autograd.grad((wa * got_logp + wb * got_log_z).sum(), x, retain_graph=True)
+        assert got.dtype == dtype and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
