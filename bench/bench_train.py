@@ -87,7 +87,7 @@ def matmul_rate(a: torch.Tensor, b: torch.Tensor, seconds: float = 0.5) -> float
         for _ in range(reps):
             a @ b
         best = min(best, (time.perf_counter() - t) / reps)
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
+    return 2 * a.numel() * b.shape[-1] / best  # (…, i, k) @ (…, k, j): 2·…·i·k·j
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
@@ -155,7 +155,7 @@ def shape_ceiling(matmuls: Counter) -> float:
     flops = seconds = 0.0
     for (_, sa, sb, dtype), count in matmuls.items():
         a, b = torch.randn(sa, generator=g).to(dtype), torch.randn(sb, generator=g).to(dtype)
-        f = 2 * a.numel() * b.shape[-1]  # batched too: (n, i, k) @ (n, k, j) is n·i·k·j
+        f = 2 * a.numel() * b.shape[-1]
         flops += count * f
         seconds += count * f / matmul_rate(a, b, seconds=0.1)
     return flops / seconds
