@@ -39,9 +39,14 @@ def test_long_masked_or_float32_attention_is_torch_sdpa():
     assert torch.equal(attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_mid_length_reduced_precision_attention_is_matmuls_to_bf16_accuracy(causal, monkeypatch):
-    q, k, v = _qkv(FP32_ATTENTION_BELOW, torch.bfloat16, grad=True)
+@pytest.mark.parametrize(
+    "Lq, Lk, causal",
+    [(256, 256, True), (256, 256, False), (300, 300, True), (260, 300, True), (300, 260, True)],
+)  # causal ones run by blocks of queries, the last one short; Lq ≠ Lk: top-left causal, as SDPA
+def test_mid_length_reduced_precision_attention_is_matmuls_to_bf16_accuracy(Lq, Lk, causal, monkeypatch):
+    assert FP32_ATTENTION_BELOW <= Lk < FLASH_ATTENTION_FROM
+    q, k, v = _qkv(Lk, torch.bfloat16, grad=True)
+    q = q[:, :, :Lq].detach().requires_grad_(True) if Lq < Lk else _qkv(Lq, torch.bfloat16, grad=True)[0]
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     want = F.scaled_dot_product_attention(q32, k32, v32, is_causal=causal)
     with monkeypatch.context() as m, torch.autocast("cpu", dtype=torch.bfloat16):
