@@ -43,15 +43,17 @@ def bare_loop(model_cfg, cfg, data: Path, updates: int, warm: int) -> tuple[floa
     from trime.data.batching import epoch_batches, make_batch
     from trime.data.blocks import num_segments, segment_windows
     from trime.data.prepare import load_split
-    from trime.device import autocast, autocast_dtype
+    from trime.device import autocast, autocast_dtype, tune_cpu_allocator
     from trime.model.transformer import build_model
+    from trime.optim import build_optimizer
 
     device = torch.device("cpu")
+    tune_cpu_allocator()  # as trime's CPU jobs do (trime.device.pick_device)
     amp = autocast_dtype(cfg.amp, device)
     tokens = load_split(data, "train")
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    opt = build_optimizer(model.parameters(), cfg)
     L, B = cfg.tokens_per_sample, cfg.max_tokens // cfg.tokens_per_sample
     batches = epoch_batches(num_segments(len(tokens), L), B, 1, seed=cfg.seed)
     t0, n = 0.0, 0
