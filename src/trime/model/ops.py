@@ -8,12 +8,14 @@ Each keeps torch's semantics; only the CPU cost changes (measured on 2 cores of 
   256 keys it computes in float32: torch's reduced-precision flash-attention backward costs a near-fixed
   ~10 ms a call there (12 ms against fp32's 3 ms at 24 positions; equal at 256, bf16 ahead at 512).
   Translation sentences are short: an mt_cpu training step under bf16 autocast went from 4,188 to
-  5,276 target tokens/s with this (float32: 3,830). From 256 to 511 keys without a mask (the LM's
+  5,276 target tokens/s with this (float32: 3,830). From 256 to 1023 keys without a mask (the LM's
   causal self-attention) it runs as two bf16/fp16 matmuls around a softmax instead, causal ones by
   blocks of 128 queries: torch's flash kernel reaches a third of the matmul rate there (the tiny
   preset's (16, 4, 256, 64) heads, forward + backward on 1 thread of an AMD EPYC: 61 ms flash, 66 ms
-  flash in float32, 28 ms matmuls); the scores are rounded to bf16 before the softmax, as autocast's
-  own matmul would.
+  flash in float32, 28 ms matmuls; (4, 8, 512, 64): 112 ms flash, 63 ms matmuls; (2, 8, 1024, 64): 146
+  ms flash, 129 ms matmuls: too little for the memory, so flash from 1024 keys on). The scores are rounded to bf16 before the
+  softmax, as autocast's own matmul would, and the softmax is kept for backward: about tokens × heads ×
+  keys / 2 bf16 values per layer where flash keeps O(tokens × heads).
 - :func:`target_log_softmax` is ``x.gather(y) − logsumexp(x)`` and ``logsumexp(x)`` with autograd's own
   formulas, but its backward makes the (N, C) gradient in one buffer (sub, exp_, mul_, scatter_add_) where
   autograd chains seven (N, C) passes and four temporaries: the tiny preset's (4096, 2002) bf16 head
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 FP32_ATTENTION_BELOW = 256  # keys: shorter CPU attention in bf16/fp16 runs in float32 (module docstring)
-FLASH_ATTENTION_FROM = 512  # keys: from FP32_ATTENTION_BELOW to here, unmasked, it runs as matmuls
+FLASH_ATTENTION_FROM = 1024  # keys: from FP32_ATTENTION_BELOW to here, unmasked, it runs as matmuls
 CAUSAL_BLOCK = 128  # queries per block of causal matmul attention (_matmul_attention)
 
 
