@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trime.errors import ConfigError
-from trime.model.ops import Dropout, dropout
+from trime.model.ops import Dropout, dropout, target_log_softmax
 
 
 def full_cutoffs(cutoff: list[int], vocab_size: int, what: str = "cutoff") -> list[int]:
@@ -200,15 +200,13 @@ class AdaptiveSoftmax(OutputHead):
         log softmax_head(cluster c) + log softmax_tail_c(y); log Z_head = logsumexp(head logits)."""
         x = self._input(h)  # (N, d)
         y = targets.reshape(-1)  # (N,)
-        head = self.head(x).float()  # (N, C0 + K)
-        log_z = torch.logsumexp(head, dim=-1)  # (N,)
         head_idx = y
         in_cluster = []
         for c in range(self.n_clusters):
             m = (y >= self.cutoff[c]) & (y < self.cutoff[c + 1])  # (N,)
             head_idx = torch.where(m, self.cutoff[0] + c, head_idx)
             in_cluster.append(m)
-        logp = head.gather(1, head_idx.unsqueeze(1)).squeeze(1) - log_z  # (N,)
+        logp, log_z = target_log_softmax(self.head(x), head_idx)  # (N,), (N,) over the C0 + K head logits
         for c, m in enumerate(in_cluster):
             rows = m.nonzero().squeeze(1)  # (n_c,)
             within = y[rows] - self.cutoff[c]  # (n_c,)
@@ -276,7 +274,5 @@ class PlainSoftmax(OutputHead):
 
     def target_logp(self, h: Tensor, targets: Tensor, tail_quirk: bool = False) -> tuple[Tensor, Tensor]:
         """Z_head is the full partition function over V; ``tail_quirk`` has nothing to act on."""
-        logits = self.logits(h)  # (N, V)
-        log_z = torch.logsumexp(logits, dim=-1)  # (N,)
-        logp = logits.gather(1, targets.reshape(-1, 1)).squeeze(1) - log_z  # (N,)
-        return logp, log_z
+        w = self.output_weight()
+        return target_log_softmax(F.linear(self._rows(h, w), w), targets.reshape(-1))  # (N,), (N,)
