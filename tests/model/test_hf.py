@@ -162,6 +162,10 @@ def test_chunked_token_part_value_and_grad(kind):
     torch.testing.assert_close(
         head.log_probs(h).double().gather(1, y[:, None]).squeeze(1), rtlp.detach(), rtol=1e-5, atol=1e-5
     )
+    with torch.no_grad():  # decoding's one-matmul form: the same log-probs, and log Z as target_logp's
+        both, log_z = head.log_probs_and_log_z(h)
+        torch.testing.assert_close(both, head.log_probs(h), rtol=0, atol=0)
+        torch.testing.assert_close(log_z, head.target_logp(h, y)[1], rtol=1e-6, atol=1e-6)
 
 
 def test_chunked_token_part_under_autocast():

@@ -212,10 +212,12 @@ class LMDecoder:
         """The memories of position n for every hypothesis (evaluation's Scorer.window_rows, one row each)."""
         n, w = state.length, state.window
         head = self.model.head
-        tok_logp = head.log_probs(h)  # (B, V)
         B = h.shape[0]
         zeros = torch.zeros(B, dtype=torch.long, device=h.device)
-        tok_log_z = head.target_logp(h, zeros)[1]  # (B,)
+        if hasattr(head, "log_probs_and_log_z"):  # a full softmax: log Z from the same logits
+            tok_logp, tok_log_z = head.log_probs_and_log_z(h)  # (B, V), (B,)
+        else:  # an adaptive head: its log Z is the head cluster's, which target_logp gives
+            tok_logp, tok_log_z = head.log_probs(h), head.target_logp(h, zeros)[1]
         query = w.keys[:, n - w.lo].float()  # (B, d)
         parts, values, n_local = [], [], 0
         if self.cfg.use_local:

@@ -182,6 +182,11 @@ class HFHead(OutputHead):
     def log_probs(self, h: Tensor) -> Tensor:
         return self.logits(h).log_softmax(dim=-1)  # (N, V)
 
+    def log_probs_and_log_z(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(log_probs(h) (N, V), log Z (N,) as target_logp gives it) from one head matmul, not two (decoding)."""
+        logits = self.logits(h)  # (N, V)
+        return logits.log_softmax(dim=-1), torch.logsumexp(logits, dim=-1)
+
     def target_logp(self, h: Tensor, targets: Tensor, tail_quirk: bool = False) -> tuple[Tensor, Tensor]:
         """h (N, d), targets (N,) -> (log p_tok(y) (N,), log Z (N,)) float32; ``tail_quirk`` has nothing to act on.
 
