@@ -26,7 +26,7 @@ from torch import Tensor
 from trime.errors import ConfigError
 from trime.memory.joint import joint_denominator, memory_logits
 from trime.memory.knn import NEG_INF, scaled_logsumexp, shifted
-from trime.memory.mix import trime_released_log_probs
+from trime.memory.mix import entry_logsumexp, trime_released_log_probs
 
 MODES = ("knn", "trime", "trime_released")
 Search = Callable[[Tensor], tuple[Tensor, Tensor]]  # h (N, d) -> (similarities (N, k), −inf holes; tokens (N, k))
@@ -68,7 +68,7 @@ class MemoryCombiner:
                 return logp
             s = memory_logits(scores, None, self.temp)  # a / T
             norm = scaled_logsumexp(shifted(s), 1.0)  # (N,)
-            knn = (token_logsumexp(s, values, logp.shape[1]) - norm[:, None]).masked_fill(
+            knn = (entry_logsumexp(s, values, logp.shape[1]) - norm[:, None]).masked_fill(
                 torch.isneginf(norm)[:, None], NEG_INF
             )  # (N, k): log p_knn of each neighbour's token (knn_vocab_log_probs)
             if self.lmbda == 1.0:  # p_knn alone, exactly (memory.knn.interpolate)
@@ -81,15 +81,6 @@ class MemoryCombiner:
             N, V = logp.shape
             token_share, log_den = joint_denominator(log_zt, scaled_logsumexp(shifted(s), 1.0))  # (N,), (N,)
             out = logp.float() + token_share[:, None]
-            pos = token_logsumexp(s, values, V) - log_den[:, None]  # (N, k)
+            pos = entry_logsumexp(s, values, V) - log_den[:, None]  # (N, k)
             return out.scatter_(1, values, torch.logaddexp(out.gather(1, values), pos))
         return trime_released_log_probs(logp, log_zt, s, values)
-
-
-def token_logsumexp(scores: Tensor, values: Tensor, V: int) -> Tensor:
-    """(N, k): for each entry j, log Σ_{j': v_j' = v_j} exp(scores_j') (memory.mix.scatter_logsumexp read
-    at the entries' own tokens; the same sums, added in the same order)."""
-    mx = scores.amax(1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    sums = scores.new_zeros(scores.shape[0], V).scatter_add_(1, values, (scores - mx).exp())
-    return sums.gather(1, values).log() + mx

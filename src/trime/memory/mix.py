@@ -27,15 +27,28 @@ from trime.memory.joint import combine, joint_denominator, score_scale
 from trime.memory.knn import NEG_INF, scaled_logsumexp, shifted
 
 
-def scatter_logsumexp(scores: Tensor, values: Tensor, V: int) -> Tensor:
-    """(N, V): log Σ_{j: values_j = y} exp(scores_j) for every token y (−inf where no entry has y).
-
-    scores (N, m), values (N, m) int64."""
+def _token_sums(scores: Tensor, values: Tensor, V: int) -> tuple[Tensor, Tensor]:
+    """(sums (N, V), mx (N, 1)): Σ_{j: values_j = y} exp(scores_j − mx) per token y, mx each row's finite max."""
     mx = scores.amax(1, keepdim=True) if scores.shape[1] else scores.new_zeros(scores.shape[0], 1)
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     sums = torch.zeros(scores.shape[0], V, dtype=scores.dtype, device=scores.device)
     sums.scatter_add_(1, values, (scores - mx).exp())  # holes (−inf) add exactly 0
+    return sums, mx
+
+
+def scatter_logsumexp(scores: Tensor, values: Tensor, V: int) -> Tensor:
+    """(N, V): log Σ_{j: values_j = y} exp(scores_j) for every token y (−inf where no entry has y).
+
+    scores (N, m), values (N, m) int64."""
+    sums, mx = _token_sums(scores, values, V)
     return sums.log() + mx
+
+
+def entry_logsumexp(scores: Tensor, values: Tensor, V: int) -> Tensor:
+    """(N, m): :func:`scatter_logsumexp` read at each entry's own token (the same sums), with the log
+    taken over (N, m) instead of (N, V)."""
+    sums, mx = _token_sums(scores, values, V)
+    return sums.gather(1, values).log() + mx
 
 
 def _positive_part(scores: Tensor, positive: Tensor, compact: bool) -> Tensor:
