@@ -88,17 +88,14 @@ class _Pending:
     targets: torch.Tensor  # (n_all,) their targets
     tok_logp: torch.Tensor  # (n_all,)
     log_z: torch.Tensor  # (n_all,)
-    found: Future | _Done | None  # the external search of every scored position: (scores, values) (n_all, k)
+    found: Future | None  # the external search of every scored position: (scores, values) (n_all, k)
 
 
-class _Done:
-    """A search already made, read like a Future."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
+def _done(value) -> Future:
+    """A search already made, as a finished Future."""
+    f: Future = Future()
+    f.set_result(value)
+    return f
 
 
 def spare_cores(device: torch.device) -> int:
@@ -181,7 +178,7 @@ class Scorer:
         found = None
         if self.external is not None:
             queries = keys[w_idx, p_idx].float()  # (n_all, d)
-            found = pool.submit(self.external.search, queries) if pool else _Done(self.external.search(queries))
+            found = pool.submit(self.external.search, queries) if pool else _done(self.external.search(queries))
         return _Pending(batch, keys, spans, targets, tok_logp, log_z, found)
 
     @torch.no_grad()
